@@ -1,0 +1,193 @@
+"""Typed job files: YAML in, validated config objects out.
+
+Every section forbids unknown keys, so a typo is an error that names the key, never a
+silently ignored setting. `load_job(path, overrides)` applies `--set a.b=value` overrides
+(values parsed as YAML) before validation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A job file that cannot be used; the message names the file and the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RayConfig(Section):
+    address: str | None = None  # None: start (or join) a local cluster
+    num_cpus: int | None = 4  # logical CPUs for a local cluster (oversubscribe small boxes)
+    object_store_mb: int | None = None
+
+
+class ModelConfig(Section):
+    """The base model. `path` is a local directory or hub id, or `pypi:gemma3-270m`
+    (the GGUF shipped on PyPI, converted once into the cache)."""
+
+    id: str = Field(description="model id written into the tables, e.g. gemma-3-270m")
+    path: str
+    gguf_file: str | None = None
+    layer: int = Field(ge=0, description="residual stream after block `layer` (HF hidden_states[layer+1])")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(1.0, gt=0)
+    trust_remote_code: bool = False
+
+
+class SAEConfig(Section):
+    """An SAE loaded by sae-lens: from disk (`path`) or from a release (`release` + `sae_id`)."""
+
+    id: str = Field(description="SAE id written into the tables, e.g. 12-res-demo")
+    path: str | None = None
+    release: str | None = None
+    sae_id: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "SAEConfig":
+        if bool(self.path) == bool(self.release):
+            raise ValueError("give exactly one of sae.path or sae.release (+ sae.sae_id)")
+        if self.release and not self.sae_id:
+            raise ValueError("sae.release needs sae.sae_id")
+        return self
+
+
+class CorpusConfig(Section):
+    """Text files (.txt: one document per file; .jsonl / .parquet: one per row) or a HF
+    `datasets` name. Documents are tokenised, concatenated and cut into contexts of
+    `context_len` tokens, each starting with BOS when the tokenizer has one."""
+
+    paths: list[str] = Field(default_factory=list)  # files or glob patterns
+    hf_dataset: str | None = None
+    hf_config: str | None = None
+    hf_split: str = "train"
+    text_field: str = "text"
+    context_len: int = Field(128, ge=8)
+    skip_tokens: int = Field(0, ge=0, description="skip this many tokens first (held-out slices)")
+    max_tokens: int | None = Field(None, ge=1)
+    contexts_per_block: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "CorpusConfig":
+        if bool(self.paths) == bool(self.hf_dataset):
+            raise ValueError("give exactly one of corpus.paths or corpus.hf_dataset")
+        return self
+
+
+class CollectConfig(Section):
+    top_k: int = Field(20, ge=1)
+    window: int = Field(32, ge=1, description="tokens per example window")
+    window_left: int = Field(16, ge=0, description="tokens kept before the top token")
+    samples_per_decile: int = Field(2, ge=0)
+    reservoir: int = Field(40, ge=0, description="uniform sample of firing contexts per feature, binned into deciles at the end")
+    keep_residual: bool = False
+    residual_top_n: int = Field(5, ge=0, description="store the residual for this many top examples")
+    ignore_bos: bool = True
+    batch_size: int = Field(8, ge=1, description="contexts per forward pass")
+    num_actors: int = Field(1, ge=1)
+    features: int | None = Field(None, ge=1, description="keep only the first N features")
+
+    @model_validator(mode="after")
+    def _window(self) -> "CollectConfig":
+        if self.window_left >= self.window:
+            raise ValueError("collect.window_left must be smaller than collect.window")
+        return self
+
+
+class IngestConfig(Section):
+    path: str = Field(description="directory of a Neuronpedia bulk export (features/, activations/, explanations/)")
+    top_k: int = Field(20, ge=1)
+    model_id: str | None = None  # keep only this modelId
+    layer: str | None = None  # keep only this Neuronpedia layer/source id
+
+
+class JobSpec(Section):
+    job: Literal["collect", "ingest"]
+    name: str = "run"
+    seed: int = 0
+    out: str = "runs"
+    ray: RayConfig = RayConfig()
+    model: ModelConfig | None = None
+    sae: SAEConfig | None = None
+    corpus: CorpusConfig | None = None
+    collect: CollectConfig = CollectConfig()
+    ingest: IngestConfig | None = None
+
+    @model_validator(mode="after")
+    def _sections_for_job(self) -> "JobSpec":
+        need = {"collect": ("model", "sae", "corpus"), "ingest": ("ingest",)}[self.job]
+        missing = [s for s in need if getattr(self, s) is None]
+        if missing:
+            raise ValueError(f"job '{self.job}' needs section(s): {', '.join(missing)}")
+        return self
+
+
+def _set_path(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cur = data
+    for k in keys[:-1]:
+        nxt = cur.get(k)
+        if nxt is None:
+            nxt = cur[k] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {dotted}: '{k}' is not a section")
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        key, raw = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(raw) if raw != "" else None))
+    return out
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: invalid job file"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  key '{key}': {msg}")
+    return "\n".join(lines)
+
+
+def validate(data: Any, source: str = "<job>") -> JobSpec:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a job file must be a YAML mapping, got {type(data).__name__}")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(source, e)) from None
+
+
+def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such job file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        raise ConfigError(f"{path}: empty job file")
+    if isinstance(data, dict):
+        for key, value in parse_overrides(overrides or []):
+            _set_path(data, key, value)
+    return validate(data, str(path))

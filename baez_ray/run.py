@@ -1,0 +1,144 @@
+"""Run directories, manifests and the Ray session.
+
+A run directory holds the resolved job file, one folder per table (Parquet parts), a
+`manifest.json` and, for jobs that make one, `report/`. The manifest records what is
+needed to reproduce and account for the run: the job spec, package versions, git commit,
+seeds, per-stage timings and counts. It never holds secrets: the job spec has none (API
+keys come from the environment only) and environment variables are not recorded.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from baez_ray.config import JobSpec
+
+PACKAGES = ["baez_ray", "ray", "torch", "transformers", "sae-lens", "sentence-transformers", "pyarrow", "anthropic", "vllm"]
+
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        res = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if res.returncode != 0:
+        return None
+    dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    return res.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+class Run:
+    """A run directory and its manifest. Stages report into it with `stage()`."""
+
+    def __init__(self, spec: JobSpec, out: str | Path | None = None):
+        self.spec = spec
+        self.dir = Path(out) if out else Path(spec.out) / spec.name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.manifest_path = self.dir / "manifest.json"
+        previous = json.loads(self.manifest_path.read_text()) if self.manifest_path.exists() else {}
+        self.manifest: dict[str, Any] = {
+            "job": spec.job,
+            "name": spec.name,
+            "spec": spec.model_dump(mode="json"),
+            "seed": spec.seed,
+            "versions": package_versions(),
+            "git_commit": git_commit(),
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "finished": None,
+            "status": "running",
+            "attempts": previous.get("attempts", 0) + 1,
+            "stages": previous.get("stages", {}),
+        }
+        (self.dir / "job.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+        self.save()
+
+    def table_dir(self, name: str) -> Path:
+        return self.dir / name
+
+    def save(self) -> None:
+        tmp = self.manifest_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.manifest, indent=2, default=str))
+        os.replace(tmp, self.manifest_path)
+
+    @contextmanager
+    def stage(self, name: str):
+        """Time a stage; the body fills the yielded dict with its counts."""
+        info: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        log(f"[{name}] started")
+        try:
+            yield info
+        except BaseException as e:
+            info["error"] = f"{type(e).__name__}: {e}"
+            info["seconds"] = round(time.perf_counter() - t0, 3)
+            self.manifest["stages"][name] = info
+            self.manifest["status"] = "failed"
+            self.save()
+            raise
+        info["seconds"] = round(time.perf_counter() - t0, 3)
+        self.manifest["stages"][name] = info
+        self.save()
+        log(f"[{name}] done in {info['seconds']:.1f}s " + " ".join(f"{k}={v}" for k, v in info.items() if k != "seconds" and not isinstance(v, (dict, list))))
+
+    def finish(self) -> None:
+        self.manifest["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.manifest["status"] = "done"
+        self.save()
+
+
+def log(msg: str) -> None:
+    print(f"{datetime.now().strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
+
+
+def init_ray(spec: JobSpec) -> None:
+    """Join the cluster in `ray.address`, or start a local one (once per process)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if spec.ray.address:
+        ray.init(address=spec.ray.address, log_to_driver=True)
+    else:
+        kwargs: dict[str, Any] = {"num_cpus": spec.ray.num_cpus, "include_dashboard": False}
+        if spec.ray.object_store_mb:
+            kwargs["object_store_memory"] = spec.ray.object_store_mb * 2**20
+        ray.init(**kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = sys.stderr.isatty()
+
+
+def execute(spec: JobSpec, out: str | Path | None = None) -> Run:
+    """Run a job to completion and return its Run."""
+    from baez_ray.stages import JOBS
+
+    run = Run(spec, out)
+    log(f"run {spec.name} ({spec.job}) → {run.dir}")
+    JOBS[spec.job](spec, run)
+    run.finish()
+    log(f"run finished: {run.dir}")
+    return run

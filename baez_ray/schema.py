@@ -1,0 +1,201 @@
+"""Every table's columns, in one place.
+
+Stages name the columns they read and the columns they add against these schemas, so
+the path of the data through the system can be read off the stage list. All tables are
+Parquet; nested columns (the examples of a feature) are Arrow list<struct>.
+
+Tables
+------
+contexts    the corpus as token contexts (collect's input).
+features    one row per SAE feature: firing statistics and its activation examples
+            (written by `collect` and `ingest`).
+candidates  collect's intermediate rows, streamed from the base-model actors to the merge.
+routes      one row per feature: correlation scores, tier, kind            (route stage)
+labels      one row per (feature, method): the label and its provenance    (label stage)
+scores      one row per (feature, method, benchmark): metrics and counts   (score stage)
+rejects     one row per input record that could not be used, with the reason.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1"
+
+# One activation example: a window of tokens of one context, with the feature's activation
+# at every token. `top_index` is the position of the top-activating token inside the window.
+EXAMPLE = pa.struct(
+    [
+        pa.field("kind", pa.string(), nullable=False),  # "top" | "sample" (decile sample)
+        pa.field("rank", pa.int32(), nullable=False),  # 0-based rank within its kind
+        pa.field("decile", pa.int8()),  # 1..10 for samples: ceil(10*value/max_activation)
+        pa.field("context_id", pa.int64()),  # corpus context (collect); null for ingest
+        pa.field("position", pa.int32()),  # top token's position in its context
+        pa.field("value", pa.float32(), nullable=False),  # activation at the top token
+        pa.field("top_index", pa.int32(), nullable=False),
+        pa.field("tokens", pa.list_(pa.int32())),  # token ids (null when unknown: ingest)
+        pa.field("token_strs", pa.list_(pa.string()), nullable=False),
+        pa.field("acts", pa.list_(pa.float32()), nullable=False),
+        # layer-L residual vector at the top token (optional, collect only)
+        pa.field("residual", pa.list_(pa.float32())),
+    ]
+)
+
+FEATURES = pa.schema(
+    [
+        pa.field("sae_id", pa.string(), nullable=False),  # e.g. "gemma-3-270m/12-res-demo"
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("layer", pa.int32(), nullable=False),
+        pa.field("feature", pa.int64(), nullable=False),
+        pa.field("n_tokens", pa.int64(), nullable=False),  # tokens seen (0 when unknown)
+        pa.field("n_firing", pa.int64(), nullable=False),  # tokens with activation > 0
+        pa.field("max_activation", pa.float32(), nullable=False),
+        pa.field("examples", pa.list_(EXAMPLE), nullable=False),
+        # top logits of the decoder direction, when known (Neuronpedia pos_str/neg_str)
+        pa.field("pos_tokens", pa.list_(pa.string())),
+        pa.field("pos_values", pa.list_(pa.float32())),
+        pa.field("neg_tokens", pa.list_(pa.string())),
+        pa.field("neg_values", pa.list_(pa.float32())),
+        # labels that came with an export (Neuronpedia explanations), for comparison
+        pa.field("source_explanations", pa.list_(pa.string())),
+    ],
+    metadata={"table": "features", "schema_version": SCHEMA_VERSION},
+)
+
+# A corpus cut into contexts of equal length (each starts with BOS when the tokenizer has
+# one). `context_id` is the context's index in the corpus token stream.
+CONTEXTS = pa.schema(
+    [
+        pa.field("context_id", pa.int64(), nullable=False),
+        pa.field("tokens", pa.list_(pa.int32()), nullable=False),
+    ],
+    metadata={"table": "contexts", "schema_version": SCHEMA_VERSION},
+)
+
+# collect: what one base-model actor emits per batch. `kind` is "top" or "sample" for an
+# example that entered the actor's running top-k (by value) or reservoir (by hashed key);
+# "count" rows carry per-feature firing counts (feature = -1 carries the token count).
+CANDIDATES = pa.schema(
+    [
+        pa.field("kind", pa.string(), nullable=False),
+        pa.field("feature", pa.int64(), nullable=False),
+        pa.field("value", pa.float32(), nullable=False),
+        pa.field("key", pa.float64(), nullable=False),  # sort key (value or hashed key)
+        pa.field("context_id", pa.int64(), nullable=False),
+        pa.field("position", pa.int32(), nullable=False),
+        pa.field("top_index", pa.int32(), nullable=False),
+        pa.field("tokens", pa.list_(pa.int32())),
+        pa.field("acts", pa.list_(pa.float32())),
+        pa.field("residual", pa.list_(pa.float32())),
+        pa.field("count", pa.int64(), nullable=False),
+    ],
+    metadata={"table": "candidates", "schema_version": SCHEMA_VERSION},
+)
+
+ROUTES = pa.schema(
+    [
+        pa.field("sae_id", pa.string(), nullable=False),
+        pa.field("layer", pa.int32(), nullable=False),
+        pa.field("feature", pa.int64(), nullable=False),
+        pa.field("n_examples", pa.int32(), nullable=False),
+        pa.field("c_in", pa.float32()),
+        pa.field("c_out", pa.float32()),
+        pa.field("c_cross", pa.float32()),  # null when not computed (tier 1)
+        pa.field("tier", pa.int8(), nullable=False),  # 1, 2, 3
+        pa.field("kind", pa.string(), nullable=False),  # input | output | cross | obscure
+    ],
+    metadata={"table": "routes", "schema_version": SCHEMA_VERSION},
+)
+
+LABELS = pa.schema(
+    [
+        pa.field("sae_id", pa.string(), nullable=False),
+        pa.field("layer", pa.int32(), nullable=False),
+        pa.field("feature", pa.int64(), nullable=False),
+        pa.field("method", pa.string(), nullable=False),
+        pa.field("label", pa.string()),  # null when labelling failed
+        pa.field("tier", pa.int8()),
+        pa.field("kind", pa.string()),
+        pa.field("prompt_version", pa.string()),
+        pa.field("backend", pa.string()),
+        pa.field("model", pa.string()),
+        pa.field("n_examples", pa.int32(), nullable=False),
+        pa.field("input_tokens", pa.int64(), nullable=False),
+        pa.field("output_tokens", pa.int64(), nullable=False),
+        pa.field("cost_usd", pa.float64(), nullable=False),
+        pa.field("tries", pa.int32(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("raw", pa.string()),  # the explainer's full answer
+        pa.field("evidence", pa.list_(pa.string())),  # e.g. AV explanations used by baez
+        pa.field("evidence_scores", pa.list_(pa.int32())),  # their 1-10 activation scores
+    ],
+    metadata={"table": "labels", "schema_version": SCHEMA_VERSION},
+)
+
+SCORES = pa.schema(
+    [
+        pa.field("sae_id", pa.string(), nullable=False),
+        pa.field("layer", pa.int32(), nullable=False),
+        pa.field("feature", pa.int64(), nullable=False),
+        pa.field("method", pa.string(), nullable=False),  # or "random_label"
+        pa.field("benchmark", pa.string(), nullable=False),  # detection | fuzz | embedding
+        pa.field("label", pa.string()),
+        pa.field("n_shown", pa.int32(), nullable=False),
+        pa.field("n_failed", pa.int32(), nullable=False),  # examples in failed batches
+        pa.field("balanced_accuracy", pa.float64()),
+        pa.field("accuracy", pa.float64()),
+        pa.field("precision", pa.float64()),
+        pa.field("recall", pa.float64()),
+        pa.field("f1", pa.float64()),
+        pa.field("gap", pa.float64()),
+        pa.field("auroc", pa.float64()),
+        pa.field("prompt_version", pa.string()),
+        pa.field("input_tokens", pa.int64(), nullable=False),
+        pa.field("output_tokens", pa.int64(), nullable=False),
+        pa.field("cost_usd", pa.float64(), nullable=False),
+    ],
+    metadata={"table": "scores", "schema_version": SCHEMA_VERSION},
+)
+
+REJECTS = pa.schema(
+    [
+        pa.field("source", pa.string(), nullable=False),  # file the record came from
+        pa.field("line", pa.int64()),  # 1-based line number, when line-based
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("record", pa.string()),  # the record itself, truncated
+    ],
+    metadata={"table": "rejects", "schema_version": SCHEMA_VERSION},
+)
+
+TABLES = {
+    "contexts": CONTEXTS,
+    "features": FEATURES,
+    "candidates": CANDIDATES,
+    "routes": ROUTES,
+    "labels": LABELS,
+    "scores": SCORES,
+    "rejects": REJECTS,
+}
+
+
+def empty(schema: pa.Schema) -> pa.Table:
+    return schema.empty_table()
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Cast `table` to `schema` (column order and types); missing nullable columns are
+    filled with nulls. Raises ValueError naming the column that does not fit."""
+    cols = []
+    for field in schema:
+        if field.name in table.column_names:
+            col = table.column(field.name)
+            try:
+                col = col.cast(field.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+                raise ValueError(f"column {field.name!r}: cannot cast {col.type} to {field.type}: {e}") from e
+        elif field.nullable:
+            col = pa.nulls(table.num_rows, field.type)
+        else:
+            raise ValueError(f"missing required column {field.name!r} for table {schema.metadata.get(b'table', b'?').decode()}")
+        cols.append(col)
+    return pa.Table.from_arrays(cols, schema=schema)

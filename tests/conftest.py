@@ -1,0 +1,88 @@
+"""Shared fixtures: a real local Ray cluster, a tiny random Gemma3 with a real (small,
+trained-in-test) BPE tokenizer, and a random sae-lens SAE saved to disk."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path
+
+import pytest
+
+WORDS = (
+    "the cat sat on a mat and the dog ran to the park while birds sang in green trees "
+    "numbers like one two three four five six seven eight nine ten appear in lists "
+    "code such as def return import class for while if else prints values "
+    "rivers flow into seas under bright moons over quiet towns near old bridges"
+).split()
+
+
+def make_text(n_words: int, seed: int) -> str:
+    import random
+
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(n_words)) + "."
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+def build_tiny_gemma(path: Path, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
+    """A 2-layer random Gemma3 with a 300-token BPE tokenizer trained on WORDS."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"])
+    tok.train_from_iterator([make_text(200, s) for s in range(50)], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(
+        vocab_size=len(fast), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
+        sliding_window=16, pad_token_id=fast.pad_token_id, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
+    )
+    model = Gemma3ForCausalLM(cfg).eval()
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+def build_random_sae(path: Path, d_in: int = 64, d_sae: int = 96, seed: int = 0) -> Path:
+    """A JumpReLU SAE with random weights and small thresholds: sparse but firing."""
+    import torch
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+
+    torch.manual_seed(seed)
+    sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(d_in, d_sae) / d_in**0.5)
+        sae.W_dec.copy_(torch.randn(d_sae, d_in) / d_in**0.5)
+        sae.b_enc.copy_(torch.randn(d_sae) * 0.1)
+        sae.threshold.copy_(torch.rand(d_sae) * 0.5 + 0.5)
+    sae.save_model(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma(tmp_path_factory) -> Path:
+    return build_tiny_gemma(tmp_path_factory.mktemp("tiny_gemma"))
+
+
+@pytest.fixture(scope="session")
+def random_sae(tmp_path_factory) -> Path:
+    return build_random_sae(tmp_path_factory.mktemp("sae"))
