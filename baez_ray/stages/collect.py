@@ -391,23 +391,28 @@ def collect_job(spec: JobSpec, run: Run) -> None:
         )
         merger = Merger(n_features, cfg)
         total = run.manifest["stages"]["contexts"]["tokens"]
-        t0, t_first, last_log = time.perf_counter(), None, 0.0
+        t0, t_first, first_tokens, last_log = time.perf_counter(), None, None, 0.0
         for batch in out.iter_batches(batch_format="pyarrow", batch_size=None):
-            if t_first is None:
-                t_first = time.perf_counter()
             merger.add(batch)
+            if t_first is None:
+                t_first, first_tokens = time.perf_counter(), merger.n_tokens
             now = time.perf_counter()
             if now - last_log > 10:
                 last_log = now
                 log(f"[collect] {merger.n_tokens:,}/{total:,} tokens ({100 * merger.n_tokens / total:.0f}%), {merger.n_tokens / (now - t0):,.0f} tok/s")
         table = merger.features_table(spec.sae.id, mcfg.id, mcfg.layer, token_texts(tokenizer))
+        parts = write_table(table, run.table_dir("features"))
+        t_done = time.perf_counter()
         info.update(
             features=n_features,
             tokens=merger.n_tokens,
             firing_features=int((merger.counts > 0).sum()),
             candidate_rows=merger.rows_in,
-            parts=write_table(table, run.table_dir("features")),
-            first_batch_s=round((t_first or t0) - t0, 3),
+            parts=parts,
+            # start-up (actors, model load, first batch) apart from the steady rate, which
+            # includes the merge and writing the features table
+            startup_s=round((t_first or t0) - t0, 3),
+            steady_tokens_per_s=round((merger.n_tokens - (first_tokens or 0)) / max(t_done - (t_first or t0), 1e-9), 1),
         )
         if merger.n_tokens != total:
             raise RuntimeError(f"collect saw {merger.n_tokens} tokens but the corpus has {total}: a batch was lost")
