@@ -3,7 +3,8 @@
 `residual(ids)` runs the model only as far as block `layer`: a forward hook on that block
 captures its output (a tensor, or the first element of a tuple, depending on the
 architecture) and stops the forward pass, so the layers above it cost nothing. Layer L is
-the output of block L, i.e. HF `hidden_states[L + 1]`.
+the output of block L, i.e. HF `hidden_states[L + 1]` (except for the last block, whose
+`hidden_states` entry HF gives after the final norm; we always take the block's output).
 """
 
 from __future__ import annotations

@@ -385,7 +385,7 @@ def collect_job(spec: JobSpec, run: Run) -> None:
             ),
             batch_size=cfg.batch_size,
             batch_format="numpy",
-            concurrency=cfg.num_actors,
+            compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
             num_cpus=mcfg.num_cpus,
             num_gpus=mcfg.num_gpus or None,
         )
