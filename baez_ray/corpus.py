@@ -143,8 +143,10 @@ def iter_contexts(cfg: CorpusConfig, tokenizer, doc_batch: int = 64) -> Iterator
         yield from flush(docs)
 
 
-def write_contexts(cfg: CorpusConfig, tokenizer, out_dir: Path, rows_per_file: int = 4096) -> int:
-    """Write the contexts table under `out_dir` (part-*.parquet); return the context count."""
+def write_contexts(cfg: CorpusConfig, tokenizer, out_dir: Path, rows_per_file: int = 256) -> int:
+    """Write the contexts table under `out_dir` (part-*.parquet); return the context count.
+    Parts are small so that Ray Data spreads them over the actors and no actor holds the
+    output of a long run of contexts before passing it on."""
     out_dir.mkdir(parents=True, exist_ok=True)
     n = 0
     part = 0

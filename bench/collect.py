@@ -5,11 +5,12 @@ features (the committed demo SAE when present, else a random sae-lens JumpReLU S
 same shape). Both sides run in this one process tree with the same torch thread count and
 batch size; start-up (Ray actors, model load) is reported apart from the steady rate.
 Throughput: collect runs on N and 3N tokens; the marginal rate (2N tokens over the
-difference of the stage times) cancels the fixed start-up. Memory: peak RSS (driver +
-collect actor) on N and on 3N tokens should be the same.
+difference of the stage times) cancels the fixed start-up. Memory: peak private memory
+(USS of driver + collect actor) on N and on 3N tokens should be the same.
 
     .venv/bin/python bench/collect.py [--tokens 20000] [--corpus PATH ...]
-Last line: {"bench": "collect", "tokens_per_s", "bare_tokens_per_s", "ratio", "peak_rss_mb", ...}
+Last line: {"bench": "collect", "tokens_per_s", "bare_tokens_per_s", "ratio", "peak_rss_mb",
+"peak_uss_mb", ...}
 """
 
 from __future__ import annotations
@@ -66,25 +67,31 @@ def random_sae(path: Path, d_in: int = 640, d_sae: int = 4096) -> Path:
 
 
 class PeakRSS:
-    """Peak of (driver RSS + RSS of the Ray workers running CollectWorker), sampled."""
+    """Peak private memory (USS: RSS without the shared pages of Ray's object store, whose
+    size Ray caps) of the driver + the Ray workers running CollectWorker, sampled; and the
+    peaks of each side."""
 
     def __init__(self):
-        self.peak = 0.0
+        self.peak = self.driver = self.actors = self.rss = 0.0
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self):
         me = psutil.Process()
         while not self._stop.is_set():
-            total = me.memory_info().rss
+            mem = me.memory_full_info()
+            driver, actors, rss = mem.uss / 2**20, 0.0, mem.rss / 2**20
             for p in psutil.process_iter(["cmdline"]):
                 try:
                     if any("CollectWorker" in c for c in (p.info["cmdline"] or [])):
-                        total += p.memory_info().rss
+                        mem = p.memory_full_info()
+                        actors, rss = actors + mem.uss / 2**20, rss + mem.rss / 2**20
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     pass
-            self.peak = max(self.peak, total / 2**20)
-            self._stop.wait(0.2)
+            self.rss = max(self.rss, rss)
+            self.peak = max(self.peak, driver + actors)
+            self.driver, self.actors = max(self.driver, driver), max(self.actors, actors)
+            self._stop.wait(0.5)
 
     def __enter__(self):
         self._t.start()
@@ -134,8 +141,8 @@ def main() -> None:
     for tokens in (args.tokens, 3 * args.tokens):
         with PeakRSS() as rss:
             run = execute(spec(tokens), tmp / f"run-{tokens}")
-        runs[tokens] = (run.manifest["stages"]["collect"], rss.peak)
-    (st1, peak1), (st3, peak3) = runs[args.tokens], runs[3 * args.tokens]
+        runs[tokens] = (run.manifest["stages"]["collect"], rss)
+    (st1, rss1), (st3, rss3) = runs[args.tokens], runs[3 * args.tokens]
     collect_rate = (st3["tokens"] - st1["tokens"]) / (st3["seconds"] - st1["seconds"])
 
     # bare forward up to layer L over the same 3N tokens, same batches, same threads
@@ -155,8 +162,12 @@ def main() -> None:
         "bare_tokens_per_s": round(bare, 1),
         "ratio": round(collect_rate / bare, 3),
         "end_to_end_s": [st1["seconds"], st3["seconds"]],
-        "peak_rss_mb": round(peak1, 1),
-        "peak_rss_mb_3x": round(peak3, 1),
+        "peak_rss_mb": round(rss1.rss, 1),
+        "peak_rss_mb_3x": round(rss3.rss, 1),
+        "peak_uss_mb": round(rss1.peak, 1),
+        "peak_uss_mb_3x": round(rss3.peak, 1),
+        "driver_actor_peak_mb": [round(rss1.driver), round(rss1.actors)],
+        "driver_actor_peak_mb_3x": [round(rss3.driver), round(rss3.actors)],
         "threads": args.threads, "batch_size": args.batch_size,
     }))
 

@@ -4,7 +4,7 @@ examples, examples sampled across activation deciles, and firing counts.
 Path of the data:
 
     corpus files ──write_contexts──▶ contexts/ (Parquet: context_id, tokens)
-    contexts ──ray.data.read_parquet──▶ map_batches(CollectWorker, actor pool)
+    contexts parts ──ray.data (one block per part)──▶ map_batches(CollectWorker, actor pool)
              ──▶ candidate rows (schema.CANDIDATES) ──Merger (driver)──▶ features/ (schema.FEATURES)
 
 Each worker keeps a running top-k per feature (by the feature's max activation in a
@@ -215,7 +215,7 @@ class Merger:
         self.top: list[pa.Table] = []
         self.smp: list[pa.Table] = []
         self.buffered = 0
-        self.buffer_rows = buffer_rows or max(50_000, 2 * n_features * (cfg.top_k + cfg.reservoir))
+        self.buffer_rows = buffer_rows or max(50_000, n_features * (cfg.top_k + cfg.reservoir))
         self.rows_in = 0
 
     def add(self, batch: pa.Table) -> None:
@@ -348,6 +348,10 @@ def write_table(table: pa.Table, out_dir: Path, rows_per_file: int = 4096) -> in
     return n_parts
 
 
+def _read_contexts(batch: pa.Table) -> pa.Table:
+    return pa.concat_tables([pq.read_table(p, schema=schema.CONTEXTS) for p in batch.column("path").to_pylist()])
+
+
 def n_sae_features(sae_cfg: SAEConfig) -> int:
     """d_sae without building the SAE (cfg.json on disk), else by loading it."""
     import json
@@ -369,14 +373,21 @@ def collect_job(spec: JobSpec, run: Run) -> None:
     tokenizer = load_tokenizer(mcfg)
     contexts_dir = run.table_dir("contexts")
     with run.stage("contexts") as info:
-        info["contexts"] = write_contexts(spec.corpus, tokenizer, contexts_dir)
+        # parts of a few batches each: Ray Data hands one part to an actor at a time, so
+        # small parts spread the work over the actors and stream results to the merge
+        info["contexts"] = write_contexts(spec.corpus, tokenizer, contexts_dir, rows_per_file=8 * cfg.batch_size)
         info["tokens"] = info["contexts"] * spec.corpus.context_len
 
     d_sae = n_sae_features(spec.sae)
     n_features = min(cfg.features or d_sae, d_sae)
     init_ray(spec)
     with run.stage("collect") as info:
-        ds = ray.data.read_parquet(str(contexts_dir))
+        # one block per contexts part (read_parquet would coalesce small parts into one
+        # block, and then one actor would get all the work and emit only at the end)
+        parts = sorted(str(p) for p in contexts_dir.glob("part-*.parquet"))
+        ds = ray.data.from_items([{"path": p} for p in parts], override_num_blocks=len(parts)).map_batches(
+            _read_contexts, batch_size=1, batch_format="pyarrow", num_cpus=0.1
+        )
         out = ds.map_batches(
             CollectWorker,
             fn_constructor_kwargs=dict(
