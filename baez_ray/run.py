@@ -59,10 +59,16 @@ class Run:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.manifest_path = self.dir / "manifest.json"
         previous = json.loads(self.manifest_path.read_text()) if self.manifest_path.exists() else {}
+        spec_json = json.loads(json.dumps(spec.model_dump(mode="json")))
+        if previous and previous.get("spec") != spec_json:
+            raise ValueError(
+                f"{self.dir}: holds a run of a different job spec; resume with the same job file "
+                "and --set values, or choose another --out"
+            )
         self.manifest: dict[str, Any] = {
             "job": spec.job,
             "name": spec.name,
-            "spec": spec.model_dump(mode="json"),
+            "spec": spec_json,
             "seed": spec.seed,
             "versions": package_versions(),
             "git_commit": git_commit(),
@@ -84,6 +90,11 @@ class Run:
         tmp = self.manifest_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.manifest, indent=2, default=str))
         os.replace(tmp, self.manifest_path)
+
+    def completed(self, name: str) -> bool:
+        """True when an earlier attempt of this run finished stage `name` (resume skips it)."""
+        info = self.manifest["stages"].get(name)
+        return bool(info) and "error" not in info and "seconds" in info
 
     @contextmanager
     def stage(self, name: str):

@@ -170,3 +170,12 @@ def test_merger_compaction_is_exact(one_shard, tiny_gemma, random_sae, corpus):
     # later batches emit fewer candidates than the first: the running top-k filters them
     top_rows = [bt.filter(np.array([k == "top" for k in bt.column("kind").to_pylist()])).num_rows for bt in batches]
     assert top_rows[-1] < top_rows[0]
+
+
+def test_rerun_skips_finished_stages_and_refuses_another_spec(one_shard, tiny_gemma, random_sae, corpus):
+    before = (one_shard / "features" / "part-00000.parquet").stat().st_mtime_ns
+    run = execute(job(tiny_gemma, random_sae, corpus, batch_size=3, num_actors=1), one_shard)
+    assert (one_shard / "features" / "part-00000.parquet").stat().st_mtime_ns == before
+    assert run.manifest["attempts"] == 2 and run.manifest["status"] == "done"
+    with pytest.raises(ValueError, match="different job spec"):
+        execute(job(tiny_gemma, random_sae, corpus, batch_size=4, num_actors=1), one_shard)

@@ -372,11 +372,15 @@ def collect_job(spec: JobSpec, run: Run) -> None:
     cfg, mcfg = spec.collect, spec.model
     tokenizer = load_tokenizer(mcfg)
     contexts_dir = run.table_dir("contexts")
-    with run.stage("contexts") as info:
-        # parts of a few batches each: Ray Data hands one part to an actor at a time, so
-        # small parts spread the work over the actors and stream results to the merge
-        info["contexts"] = write_contexts(spec.corpus, tokenizer, contexts_dir, rows_per_file=8 * cfg.batch_size)
-        info["tokens"] = info["contexts"] * spec.corpus.context_len
+    if run.completed("collect"):
+        log("[collect] already done in this run directory: nothing to do")
+        return
+    if not run.completed("contexts"):
+        with run.stage("contexts") as info:
+            # parts of a few batches each: Ray Data hands one part to an actor at a time, so
+            # small parts spread the work over the actors and stream results to the merge
+            info["contexts"] = write_contexts(spec.corpus, tokenizer, contexts_dir, rows_per_file=8 * cfg.batch_size)
+            info["tokens"] = info["contexts"] * spec.corpus.context_len
 
     d_sae = n_sae_features(spec.sae)
     n_features = min(cfg.features or d_sae, d_sae)
