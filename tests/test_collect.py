@@ -167,6 +167,18 @@ def test_merger_compaction_is_exact(one_shard, tiny_gemma, random_sae, corpus):
         lazy.add(bt)
     text = lambda ids: [str(i) for i in ids]  # noqa: E731
     assert eager.features_table("s", "m", 0, text).equals(lazy.features_table("s", "m", 0, text))
+    # one context at a time through the SAE (a wide dictionary's budget) changes nothing
+    import baez_ray.stages.collect as collect_mod
+
+    budget, collect_mod.ACTS_BUDGET = collect_mod.ACTS_BUDGET, 1
+    try:
+        narrow = Merger(96, cfg)
+        worker1 = CollectWorker(spec.model.model_dump(), spec.sae.model_dump(), spec.collect.model_dump(), 0, 96, 2, 1)
+        for i in range(0, len(ctx["context_id"]), 4):
+            narrow.add(worker1({"context_id": np.array(ctx["context_id"][i : i + 4]), "tokens": np.array(ctx["tokens"][i : i + 4], dtype=object)}))
+    finally:
+        collect_mod.ACTS_BUDGET = budget
+    assert narrow.features_table("s", "m", 0, text).equals(lazy.features_table("s", "m", 0, text))
     # later batches emit fewer candidates than the first: the running top-k filters them
     top_rows = [bt.filter(np.array([k == "top" for k in bt.column("kind").to_pylist()])).num_rows for bt in batches]
     assert top_rows[-1] < top_rows[0]

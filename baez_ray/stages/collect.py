@@ -35,6 +35,7 @@ from baez_ray.config import CollectConfig, JobSpec, ModelConfig, SAEConfig
 from baez_ray.run import Run, init_ray, log
 
 EMPTY_SAMPLE = 2.0  # reservoir keys live in [0, 1)
+ACTS_BUDGET = 2**28  # SAE activations held at once (elements): 1 GiB of float32
 
 
 def hash_keys(context_ids: torch.Tensor, n_features: int, seed: int) -> torch.Tensor:
@@ -96,26 +97,14 @@ class CollectWorker:
         ctx = torch.tensor(np.asarray(batch["context_id"], dtype=np.int64), device=self.device)
         B, T = ids.shape
         resid = self.lm.residual(ids)
-        acts = self.sae.encode(resid.to(self.sae_dtype))[..., : self.F].float()
-        if self.cfg.ignore_bos and self.bos_id is not None:
-            acts[ids == self.bos_id] = 0.0
-        vmax, pmax = acts.max(dim=1)  # [B, F]: each feature's max in each context
-        fires = vmax > 0
-        counts = (acts > 0).sum(dim=(0, 1))
-
+        counts = torch.zeros(self.F, dtype=torch.int64, device=self.device)
         parts = []
-        # top-k by value
-        cand = torch.where(fires, vmax, torch.full_like(vmax, -1.0)).T  # [F, B]
-        self.top_key, self.top_ctx, order = merge_topk(self.top_key, self.top_ctx, cand, ctx[None, :], largest=True)
-        new = (order >= self.cfg.top_k) & (self.top_key > 0)
-        parts.append(self._emit("top", new, order - self.cfg.top_k, ids, ctx, acts, vmax, pmax, resid, self.top_key))
-        # reservoir of firing contexts by hashed key
-        if self.cfg.reservoir:
-            keys = hash_keys(ctx, self.F, self.seed)
-            cand = torch.where(fires.T, keys, torch.full_like(keys, EMPTY_SAMPLE + 1))
-            self.smp_key, self.smp_ctx, order = merge_topk(self.smp_key, self.smp_ctx, cand, ctx[None, :], largest=False)
-            new = (order >= self.cfg.reservoir) & (self.smp_key < 1.0)
-            parts.append(self._emit("sample", new, order - self.cfg.reservoir, ids, ctx, acts, vmax, pmax, None, self.smp_key))
+        # the SAE's activations of a wide dictionary do not fit for a whole batch
+        # (8 × 1024 tokens × 262k features): encode and merge a few contexts at a time;
+        # merging sub-batch by sub-batch gives the same result
+        step = max(1, ACTS_BUDGET // (T * self.F))
+        for i in range(0, B, step):
+            parts += self._merge(ids[i : i + step], ctx[i : i + step], resid[i : i + step], counts)
         # firing counts; feature -1 carries the number of tokens seen
         nz = torch.nonzero(counts).flatten()
         feats = np.concatenate([[-1], nz.cpu().numpy()]).astype(np.int64)
@@ -136,6 +125,28 @@ class CollectWorker:
             )
         )
         return pa.concat_tables([schema.conform(p, schema.CANDIDATES) for p in parts])
+
+    def _merge(self, ids, ctx, resid, counts) -> list[pa.Table]:
+        acts = self.sae.encode(resid.to(self.sae_dtype))[..., : self.F].float()
+        if self.cfg.ignore_bos and self.bos_id is not None:
+            acts[ids == self.bos_id] = 0.0
+        vmax, pmax = acts.max(dim=1)  # [b, F]: each feature's max in each context
+        fires = vmax > 0
+        counts += (acts > 0).sum(dim=(0, 1))
+        parts = []
+        # top-k by value
+        cand = torch.where(fires, vmax, torch.full_like(vmax, -1.0)).T  # [F, b]
+        self.top_key, self.top_ctx, order = merge_topk(self.top_key, self.top_ctx, cand, ctx[None, :], largest=True)
+        new = (order >= self.cfg.top_k) & (self.top_key > 0)
+        parts.append(self._emit("top", new, order - self.cfg.top_k, ids, ctx, acts, vmax, pmax, resid, self.top_key))
+        # reservoir of firing contexts by hashed key
+        if self.cfg.reservoir:
+            keys = hash_keys(ctx, self.F, self.seed)
+            cand = torch.where(fires.T, keys, torch.full_like(keys, EMPTY_SAMPLE + 1))
+            self.smp_key, self.smp_ctx, order = merge_topk(self.smp_key, self.smp_ctx, cand, ctx[None, :], largest=False)
+            new = (order >= self.cfg.reservoir) & (self.smp_key < 1.0)
+            parts.append(self._emit("sample", new, order - self.cfg.reservoir, ids, ctx, acts, vmax, pmax, None, self.smp_key))
+        return parts
 
     def _emit(self, kind, new, src, ids, ctx, acts, vmax, pmax, resid, state_key) -> pa.Table:
         f_idx, slot = torch.nonzero(new, as_tuple=True)
