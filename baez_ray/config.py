@@ -109,6 +109,37 @@ class IngestConfig(Section):
     layer: str | None = None  # keep only this Neuronpedia layer/source id
 
 
+class Price(Section):
+    """US dollars per million tokens (a price table in the job file)."""
+
+    input_per_mtok: float = Field(0.0, ge=0)
+    output_per_mtok: float = Field(0.0, ge=0)
+    batch_discount: float = Field(0.5, ge=0, le=1, description="multiplier in Message Batches mode")
+
+
+class LLMConfig(Section):
+    """One LLM behind one interface (baez_ray/backends): prompt rows in, answers out."""
+
+    backend: Literal["transformers", "vllm", "anthropic", "openai"] = "transformers"
+    model: str = Field(description="local path, hub id or pypi:<name> (transformers, vllm); API model name (anthropic, openai)")
+    # local engines
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_actors: int = Field(1, ge=1)
+    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(1.0, gt=0)
+    batch_size: int = Field(16, ge=1, description="prompts per generate call (local) or per Ray Data batch (API)")
+    # API backends
+    base_url: str | None = None
+    api_key_env: str | None = Field(None, description="environment variable holding the key (default per backend)")
+    max_concurrency: int = Field(8, ge=1, description="requests in flight per actor")
+    max_retries: int = Field(6, ge=0)
+    timeout_s: float = Field(120.0, gt=0)
+    mode: Literal["messages", "batches"] = "messages"  # anthropic: Message Batches API (50% cheaper, offline)
+    poll_s: float = Field(30.0, gt=0)
+    price: Price = Price()
+
+
 class JobSpec(Section):
     job: Literal["collect", "ingest"]
     name: str = "run"

@@ -10,6 +10,8 @@ contexts    the corpus as token contexts (collect's input).
 features    one row per SAE feature: firing statistics and its activation examples
             (written by `collect` and `ingest`).
 candidates  collect's intermediate rows, streamed from the base-model actors to the merge.
+prompts     one row per LLM request (messages, sampling parameters, output constraint);
+answers     the same rows with the answer, token counts, cost and error (every backend).
 routes      one row per feature: correlation scores, tier, kind            (route stage)
 labels      one row per (feature, method): the label and its provenance    (label stage)
 scores      one row per (feature, method, benchmark): metrics and counts   (score stage)
@@ -92,6 +94,33 @@ CANDIDATES = pa.schema(
     metadata={"table": "candidates", "schema_version": SCHEMA_VERSION},
 )
 
+# LLM requests: one row per prompt, in any stage's table (other columns pass through the
+# backend untouched). `constraint`: null, or "binary_list:N" (a JSON list of N 0/1 values;
+# backends with structured outputs enforce it, the others rely on the prompt and the parser).
+MESSAGE = pa.struct([pa.field("role", pa.string()), pa.field("content", pa.string())])
+PROMPTS = pa.schema(
+    [
+        pa.field("request_id", pa.string(), nullable=False),
+        pa.field("messages", pa.list_(MESSAGE), nullable=False),
+        pa.field("max_tokens", pa.int32(), nullable=False),
+        pa.field("temperature", pa.float32(), nullable=False),
+        pa.field("stop", pa.list_(pa.string())),
+        pa.field("constraint", pa.string()),
+    ],
+    metadata={"table": "prompts", "schema_version": SCHEMA_VERSION},
+)
+# what every backend adds to each prompt row
+ANSWER_FIELDS = [
+    pa.field("answer", pa.string()),  # null when the request failed
+    pa.field("input_tokens", pa.int64(), nullable=False),
+    pa.field("output_tokens", pa.int64(), nullable=False),
+    pa.field("cost_usd", pa.float64(), nullable=False),
+    pa.field("error", pa.string()),  # null on success
+    pa.field("backend", pa.string(), nullable=False),
+    pa.field("model", pa.string(), nullable=False),
+]
+ANSWERS = pa.schema(list(PROMPTS) + ANSWER_FIELDS, metadata={"table": "answers", "schema_version": SCHEMA_VERSION})
+
 ROUTES = pa.schema(
     [
         pa.field("sae_id", pa.string(), nullable=False),
@@ -171,6 +200,8 @@ TABLES = {
     "contexts": CONTEXTS,
     "features": FEATURES,
     "candidates": CANDIDATES,
+    "prompts": PROMPTS,
+    "answers": ANSWERS,
     "routes": ROUTES,
     "labels": LABELS,
     "scores": SCORES,
