@@ -1,0 +1,123 @@
+"""Every LLM prompt of the project, in one place, each with a version string.
+
+The version is recorded with every label and score row (`prompt_version`); change the
+version whenever the wording of a prompt changes. Prompts are the project's own text.
+"""
+
+from __future__ import annotations
+
+import re
+
+# ---------------------------------------------------------------- eleuther_acts_topK
+ELEUTHER_VERSION = "eleuther_acts/v1"
+ELEUTHER_MARKER = "[EXPLANATION]:"
+
+ELEUTHER_SYSTEM = """You study the features of a language model. A feature is a direction in the model's internal activations that is active on some tokens of some texts.
+
+You will be shown text excerpts where one feature is active. In each excerpt the tokens where the feature is most active are wrapped in << and >>.
+
+Work out what the marked tokens have in common, and what in the surrounding text makes the feature active there. Then name the feature with a short label: a phrase of a few words, as specific as the evidence allows (a word or word family, a grammatical role, a topic, a formatting pattern), not a sentence about the excerpts.
+
+You may reason in a few lines first. The last line of your answer must be:
+[EXPLANATION]: <label>"""
+
+ELEUTHER_FEWSHOT = [
+    (
+        "Example 1: I left the keys<< on>> the kitchen table\n"
+        "Example 2: the cat jumped<< onto>> the sofa and slept\n"
+        "Example 3: a painting hung<< above>> the fireplace",
+        "The marked tokens are prepositions of place that link an object to where it is.\n"
+        "[EXPLANATION]: spatial prepositions (on, onto, above)",
+    ),
+    (
+        "Example 1: Revenue rose 12<<%>> in the third quarter\n"
+        "Example 2: a discount of 30<< percent>> on all items\n"
+        "Example 3: unemployment fell to 4.1<<%>> last month",
+        "Each marked token is the percent unit right after a number.\n"
+        "[EXPLANATION]: percent sign or word after a number",
+    ),
+]
+
+# ---------------------------------------------------------------- np_max_act
+NP_VERSION = "np_max_act/v1"
+NP_MARKER = "Explanation:"
+
+NP_SYSTEM = """You label features of a language model. For each example you get the token where the feature is most active and the text around it. Give a label of 1 to 6 words that says what the feature responds to. Answer with one line:
+Explanation: <label>"""
+
+# ---------------------------------------------------------------- retries
+RETRY_TEMPLATE = """Your answer could not be read: {problem}. Reply with one line of the form
+{marker} <label>"""
+
+
+def mark_tokens(tokens: list[str], acts: list[float], threshold: float) -> str:
+    """Join tokens into text, wrapping runs of tokens with activation >= threshold in << >>
+    (consecutive marked tokens share one pair)."""
+    out, open_ = [], False
+    for tok, a in zip(tokens, acts):
+        hit = a >= threshold and a > 0
+        if hit and not open_:
+            out.append("<<")
+            open_ = True
+        elif not hit and open_:
+            out.append(">>")
+            open_ = False
+        out.append(tok)
+    if open_:
+        out.append(">>")
+    return "".join(out)
+
+
+def eleuther_user(examples: list[dict], mark_frac: float = 0.6) -> str:
+    lines = []
+    for i, ex in enumerate(examples, 1):
+        peak = max(ex["acts"]) if ex["acts"] else 0.0
+        text = mark_tokens(ex["token_strs"], ex["acts"], mark_frac * peak)
+        lines.append(f"Example {i}: {one_line(text).strip()}")
+    return "\n".join(lines)
+
+
+def eleuther_messages(examples: list[dict]) -> list[dict]:
+    msgs = [{"role": "system", "content": ELEUTHER_SYSTEM}]
+    for user, assistant in ELEUTHER_FEWSHOT:
+        msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    msgs.append({"role": "user", "content": eleuther_user(examples)})
+    return msgs
+
+
+def np_user(examples: list[dict], radius: int = 24) -> str:
+    lines = []
+    for i, ex in enumerate(examples, 1):
+        t = ex["top_index"]
+        lo, hi = max(0, t - radius), min(len(ex["token_strs"]), t + radius + 1)
+        window = one_line("".join(ex["token_strs"][lo:hi])).strip()
+        lines.append(f"Example {i}: top token {ex['token_strs'][t].strip()!r} in: {window}")
+    return "\n".join(lines)
+
+
+def np_messages(examples: list[dict]) -> list[dict]:
+    return [{"role": "system", "content": NP_SYSTEM}, {"role": "user", "content": np_user(examples)}]
+
+
+def one_line(text: str) -> str:
+    return text.replace("\r", " ").replace("\n", "\\n")
+
+
+_CLEAN = re.compile(r"^[\s\"'`*_<>]+|[\s\"'`*_<>.]+$")
+
+
+def parse_marked(answer: str | None, marker: str) -> tuple[str | None, str | None]:
+    """The label after the last `marker` in `answer` → (label, None), or (None, problem).
+    Tolerates markdown emphasis, quotes, a missing pair of brackets and case."""
+    if not answer:
+        return None, "the answer was empty"
+    bare = marker.strip("[]: ").lower()
+    pattern = re.compile(r"\[?\s*" + re.escape(bare) + r"\s*\]?\s*[:：]", re.IGNORECASE)
+    hits = list(pattern.finditer(answer))
+    if not hits:
+        return None, f"it has no line starting with '{marker}'"
+    rest = answer[hits[-1].end() :].strip().split("\n")[0]
+    label = _CLEAN.sub("", rest).strip()
+    if not label:
+        return None, f"nothing follows '{marker}'"
+    return label[:200], None
