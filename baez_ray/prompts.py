@@ -45,9 +45,24 @@ NP_MARKER = "Explanation:"
 NP_SYSTEM = """You label features of a language model. For each example you get the token where the feature is most active and the text around it. Give a label of 1 to 6 words that says what the feature responds to. Answer with one line:
 Explanation: <label>"""
 
+# ---------------------------------------------------------------- baez / baez_last
+BAEZ_VERSION = "baez/v1"
+
+BAEZ_SYSTEM = """You label features of a language model. For one feature you get several descriptions. Each was written by a verbalizer model that read the language model's internal state at a token where the feature was strongly active, and comes with how active the feature was there, from 1 (weak) to 10 (its strongest).
+
+The descriptions are noisy and partly about other things present in the state. Find what they share, giving more weight to the most active ones, and name the feature with a short label: a phrase of a few words, as specific as the evidence allows.
+
+You may reason in a few lines first. The last line of your answer must be:
+[EXPLANATION]: <label>"""
+
+
+def baez_messages(explanations: list[str], scores: list[int]) -> list[dict]:
+    body = "\n\n".join(f"Description {i} (activation {s}/10):\n{t.strip()}" for i, (t, s) in enumerate(zip(explanations, scores), 1))
+    return [{"role": "system", "content": BAEZ_SYSTEM}, {"role": "user", "content": body}]
+
+
 # ---------------------------------------------------------------- retries
-RETRY_TEMPLATE = """Your answer could not be read: {problem}. Reply with one line of the form
-{marker} <label>"""
+RETRY_TEMPLATE = """Your answer could not be read: {problem}. Reply with the label only, on one line after {marker}"""
 
 
 def mark_tokens(tokens: list[str], acts: list[float], threshold: float) -> str:

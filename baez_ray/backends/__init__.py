@@ -7,7 +7,8 @@ any others, passed through untouched) in; the same rows with schema.ANSWER_FIELD
 Backends: `transformers` (local model in an actor pool, batched generation), `vllm` (Ray
 Data LLM), `anthropic` (Messages API with retries, or the Message Batches API), `openai`
 (any OpenAI-compatible chat endpoint). A request that fails after the backend's retries
-gets `answer = null` and its `error`; the other rows are unaffected.
+gets `answer = null` and its `error`; the other rows are unaffected. A conversation that
+ends with an assistant message is a prefill: the answer continues that message.
 """
 
 from __future__ import annotations

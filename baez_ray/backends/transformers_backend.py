@@ -30,6 +30,8 @@ class TransformersChat:
         self.eos = {t for t in (self.tok.eos_token_id, self.tok.convert_tokens_to_ids("<|im_end|>"), self.tok.convert_tokens_to_ids("<end_of_turn>")) if isinstance(t, int) and t >= 0 and t != self.tok.unk_token_id}
 
     def prompt_text(self, messages: list[dict]) -> str:
+        if messages and messages[-1]["role"] == "assistant":  # a prefill: continue that turn
+            return self.tok.apply_chat_template(messages, continue_final_message=True, tokenize=False)
         return self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     @torch.inference_mode()

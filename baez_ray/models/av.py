@@ -106,6 +106,10 @@ class Verbalizer:
         self.layers = decoder_layers(self.model) if sidecar.inject_layer > 0 else None
         # Gemma's embedding module multiplies its rows by √d itself: read the raw matrix
         self.weight = emb.weight
+        # stop generation at the stop string when the vocabulary can spell it; the text is
+        # cut at it afterwards in any case
+        stop_ids = self.tok(sidecar.stop, add_special_tokens=False)["input_ids"]
+        self.stop_strings = [sidecar.stop] if stop_ids and self.tok.unk_token_id not in stop_ids else None
 
     def prompt_ids(self) -> list[int]:
         sc = self.sc
@@ -168,7 +172,7 @@ class Verbalizer:
             out = self.model.generate(
                 inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device),
                 max_new_tokens=self.sc.max_new_tokens, do_sample=temp > 0, temperature=temp if temp > 0 else None,
-                top_p=None, top_k=None, stop_strings=[self.sc.stop], tokenizer=self.tok,
+                top_p=None, top_k=None, stop_strings=self.stop_strings, tokenizer=self.tok if self.stop_strings else None,
                 pad_token_id=self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id,
             )
         finally:
