@@ -127,12 +127,16 @@ def log(msg: str) -> None:
 
 
 def init_ray(spec: JobSpec) -> None:
-    """Join the cluster in `ray.address`, or start a local one (once per process)."""
+    """Join the cluster in `ray.address` (or $RAY_ADDRESS), or start a local one (once per process)."""
     import ray
 
     if ray.is_initialized():
         return
-    if spec.ray.address:
+    env_address = os.environ.get("RAY_ADDRESS", "")
+    if spec.ray.address or (env_address and not env_address.startswith(("http://", "https://"))):
+        # address None: ray.init reads RAY_ADDRESS, which Ray Jobs sets (host:port of the GCS)
+        # for a submitted job's driver (`baez-ray submit`), so it joins the cluster it runs on.
+        # An http(s) RAY_ADDRESS is a Jobs API URL for `baez-ray submit`, not a cluster to join.
         ray.init(address=spec.ray.address, log_to_driver=True)
     else:
         kwargs: dict[str, Any] = {"num_cpus": spec.ray.num_cpus, "include_dashboard": False}
