@@ -13,9 +13,11 @@ ends with an assistant message is a prefill: the answer continues that message.
 
 from __future__ import annotations
 
+import os
 from importlib import import_module
 
 import pyarrow as pa
+from pydantic import SecretStr
 
 from baez_ray import schema
 from baez_ray.config import LLMConfig
@@ -65,3 +67,36 @@ def prompt_table(rows: list[dict]) -> pa.Table:
     for k in sorted(extra):
         base = base.append_column(k, pa.array([r.get(k) for r in rows]))
     return base
+
+
+class MissingAPIKeyError(RuntimeError):
+    pass
+
+
+def read_api_key(cfg: LLMConfig, default_env: str, required: bool) -> SecretStr | None:
+    """The API key from the environment (never from the job file); a clear error naming
+    the variable when it is required and unset."""
+    var = cfg.api_key_env or default_env
+    key = os.environ.get(var, "").strip()
+    if key:
+        return SecretStr(key)
+    if required:
+        raise MissingAPIKeyError(f"the {cfg.backend} backend reads its API key from the environment variable {var}, which is unset or empty")
+    return None
+
+
+def scrub(text: str, key: SecretStr | None) -> str:
+    secret = key.get_secret_value() if key is not None else ""
+    return text.replace(secret, "[redacted]") if secret else text
+
+
+def error_text(e: BaseException, key: SecretStr | None, limit: int = 1000) -> str:
+    """'Type: message' for a row's `error` column, without the key, truncated."""
+    return scrub(f"{type(e).__name__}: {e}", key)[:limit]
+
+
+def cut_at_stop(text: str, stops: list[str] | None) -> str:
+    for s in stops or []:
+        if s and s in text:
+            text = text[: text.index(s)]
+    return text

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
 from pydantic import SecretStr
 
-from baez_ray.backends import with_answers
+from baez_ray.backends import cut_at_stop, error_text, read_api_key, scrub, with_answers
 from baez_ray.config import LLMConfig
 
 log = logging.getLogger(__name__)
@@ -49,27 +48,8 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 _ROW_COLS = ["request_id", "messages", "max_tokens", "temperature", "stop"]
 
 
-class MissingAPIKeyError(RuntimeError):
-    pass
-
-
 def api_key(cfg: LLMConfig) -> SecretStr:
-    """The key from the environment (never from the job file); a clear error when unset."""
-    var = cfg.api_key_env or DEFAULT_KEY_ENV
-    key = os.environ.get(var, "").strip()
-    if not key:
-        raise MissingAPIKeyError(f"the anthropic backend reads its API key from the environment variable {var}, which is unset or empty")
-    return SecretStr(key)
-
-
-def scrub(text: str, key: SecretStr | None) -> str:
-    secret = key.get_secret_value() if key is not None else ""
-    return text.replace(secret, "[redacted]") if secret else text
-
-
-def error_text(e: BaseException, key: SecretStr | None, limit: int = 1000) -> str:
-    """'Type: message' for a row's `error` column, without the key, truncated."""
-    return scrub(f"{type(e).__name__}: {e}", key)[:limit]
+    return read_api_key(cfg, DEFAULT_KEY_ENV, required=True)
 
 
 def request_params(row: dict, cfg: LLMConfig) -> dict:
@@ -90,13 +70,6 @@ def request_params(row: dict, cfg: LLMConfig) -> dict:
     if stops:
         params["stop_sequences"] = stops
     return params
-
-
-def cut_at_stop(text: str, stops: list[str] | None) -> str:
-    for s in stops or []:
-        if s and s in text:
-            text = text[: text.index(s)]
-    return text
 
 
 def parse_message(msg, stops: list[str] | None) -> tuple[str, int, int]:

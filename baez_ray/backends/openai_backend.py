@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import email.utils
 import logging
-import os
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
 from pydantic import SecretStr
 
-from baez_ray.backends import with_answers
+from baez_ray.backends import cut_at_stop, error_text, read_api_key, with_answers
 from baez_ray.config import LLMConfig
 
 log = logging.getLogger(__name__)
@@ -52,10 +51,6 @@ MAX_RETRY_AFTER_S = 120.0
 _ROW_COLS = ["request_id", "messages", "max_tokens", "temperature", "stop", "constraint"]
 
 
-class MissingAPIKeyError(RuntimeError):
-    pass
-
-
 class APIStatusError(RuntimeError):
     """A non-2xx answer that was not retried (or ran out of retries)."""
 
@@ -65,23 +60,11 @@ class APIStatusError(RuntimeError):
 
 
 def api_key(cfg: LLMConfig) -> SecretStr | None:
-    var = cfg.api_key_env or DEFAULT_KEY_ENV
-    key = os.environ.get(var, "").strip()
-    if key:
-        return SecretStr(key)
-    if cfg.api_key_env:
-        raise MissingAPIKeyError(f"the openai backend reads its API key from the environment variable {var}, which is unset or empty")
-    log.info("openai backend: %s is unset; sending requests without an API key (fine for local servers)", var)
-    return None
-
-
-def scrub(text: str, key: SecretStr | None) -> str:
-    secret = key.get_secret_value() if key is not None else ""
-    return text.replace(secret, "[redacted]") if secret else text
-
-
-def error_text(e: BaseException, key: SecretStr | None, limit: int = 1000) -> str:
-    return scrub(f"{type(e).__name__}: {e}", key)[:limit]
+    """Optional for local servers, unless the job names a variable (`api_key_env`)."""
+    key = read_api_key(cfg, DEFAULT_KEY_ENV, required=bool(cfg.api_key_env))
+    if key is None:
+        log.info("openai backend: %s is unset; sending requests without an API key (fine for local servers)", DEFAULT_KEY_ENV)
+    return key
 
 
 def retry_after(headers) -> float | None:
@@ -129,13 +112,6 @@ def request_body(row: dict, cfg: LLMConfig, structured: bool = True) -> dict:
     if structured and c and c.startswith("binary_list:"):
         body["response_format"] = binary_list_format(int(c.split(":", 1)[1]))
     return body
-
-
-def cut_at_stop(text: str, stops: list[str] | None) -> str:
-    for s in stops or []:
-        if s and s in text:
-            text = text[: text.index(s)]
-    return text
 
 
 class OpenAICaller:

@@ -8,7 +8,7 @@ import math
 import pyarrow as pa
 import torch
 
-from baez_ray.backends import with_answers
+from baez_ray.backends import cut_at_stop, with_answers
 from baez_ray.config import LLMConfig
 
 
@@ -71,11 +71,7 @@ class TransformersChat:
                     errors[i] = f"{type(e).__name__}: {e}"
                 continue
             for j, i in enumerate(idx):
-                text = a[j]
-                for s in rows[i]["stop"] or []:
-                    if s and s in text:
-                        text = text[: text.index(s)]
-                answers[i], n_in[i], n_out[i] = text, ti[j], to[j]
+                answers[i], n_in[i], n_out[i] = cut_at_stop(a[j], rows[i]["stop"]), ti[j], to[j]
         return with_answers(batch, answers, n_in, n_out, errors, self.cfg)
 
 
