@@ -191,3 +191,9 @@ def test_rerun_skips_finished_stages_and_refuses_another_spec(one_shard, tiny_ge
     assert run.manifest["attempts"] == 2 and run.manifest["status"] == "done"
     with pytest.raises(ValueError, match="different job spec"):
         execute(job(tiny_gemma, random_sae, corpus, batch_size=4, num_actors=1), one_shard)
+
+
+def test_report_shows_examples(one_shard):
+    page = (one_shard / "report" / "index.html").read_text()
+    assert (one_shard / "report" / "firing.png").stat().st_size > 1000
+    assert "<mark" in page and "features that fired" in page and "96" in page

@@ -383,9 +383,6 @@ def collect_job(spec: JobSpec, run: Run) -> None:
     cfg, mcfg = spec.collect, spec.model
     tokenizer = load_tokenizer(mcfg)
     contexts_dir = run.table_dir("contexts")
-    if run.completed("collect"):
-        log("[collect] already done in this run directory: nothing to do")
-        return
     if not run.completed("contexts"):
         with run.stage("contexts") as info:
             # parts of a few batches each: Ray Data hands one part to an actor at a time, so
@@ -393,52 +390,57 @@ def collect_job(spec: JobSpec, run: Run) -> None:
             info["contexts"] = write_contexts(spec.corpus, tokenizer, contexts_dir, rows_per_file=8 * cfg.batch_size)
             info["tokens"] = info["contexts"] * spec.corpus.context_len
 
-    d_sae = n_sae_features(spec.sae)
-    n_features = min(cfg.features or d_sae, d_sae)
-    init_ray(spec)
-    with run.stage("collect") as info:
-        # one block per contexts part (read_parquet would coalesce small parts into one
-        # block, and then one actor would get all the work and emit only at the end)
-        parts = sorted(str(p) for p in contexts_dir.glob("part-*.parquet"))
-        ds = ray.data.from_items([{"path": p} for p in parts], override_num_blocks=len(parts)).map_batches(
-            _read_contexts, batch_size=1, batch_format="pyarrow", num_cpus=0.1
-        )
-        out = ds.map_batches(
-            CollectWorker,
-            fn_constructor_kwargs=dict(
-                model=mcfg.model_dump(), sae=spec.sae.model_dump(), collect=cfg.model_dump(), seed=spec.seed,
-                n_features=n_features, bos_id=tokenizer.bos_token_id, threads=max(1, math.ceil(mcfg.num_cpus)),
-            ),
-            batch_size=cfg.batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-            num_cpus=mcfg.num_cpus,
-            num_gpus=mcfg.num_gpus or None,
-        )
-        merger = Merger(n_features, cfg)
-        total = run.manifest["stages"]["contexts"]["tokens"]
-        t0, t_first, first_tokens, last_log = time.perf_counter(), None, None, 0.0
-        for batch in out.iter_batches(batch_format="pyarrow", batch_size=None):
-            merger.add(batch)
-            if t_first is None:
-                t_first, first_tokens = time.perf_counter(), merger.n_tokens
-            now = time.perf_counter()
-            if now - last_log > 10:
-                last_log = now
-                log(f"[collect] {merger.n_tokens:,}/{total:,} tokens ({100 * merger.n_tokens / total:.0f}%), {merger.n_tokens / (now - t0):,.0f} tok/s")
-        table = merger.features_table(spec.sae.id, mcfg.id, mcfg.layer, token_texts(tokenizer))
-        parts = write_table(table, run.table_dir("features"))
-        t_done = time.perf_counter()
-        info.update(
-            features=n_features,
-            tokens=merger.n_tokens,
-            firing_features=int((merger.counts > 0).sum()),
-            candidate_rows=merger.rows_in,
-            parts=parts,
-            # start-up (actors, model load, first batch) apart from the steady rate, which
-            # includes the merge and writing the features table
-            startup_s=round((t_first or t0) - t0, 3),
-            steady_tokens_per_s=round((merger.n_tokens - (first_tokens or 0)) / max(t_done - (t_first or t0), 1e-9), 1),
-        )
-        if merger.n_tokens != total:
-            raise RuntimeError(f"collect saw {merger.n_tokens} tokens but the corpus has {total}: a batch was lost")
+    if not run.completed("collect"):
+        d_sae = n_sae_features(spec.sae)
+        n_features = min(cfg.features or d_sae, d_sae)
+        init_ray(spec)
+        with run.stage("collect") as info:
+            # one block per contexts part (read_parquet would coalesce small parts into one
+            # block, and then one actor would get all the work and emit only at the end)
+            parts = sorted(str(p) for p in contexts_dir.glob("part-*.parquet"))
+            ds = ray.data.from_items([{"path": p} for p in parts], override_num_blocks=len(parts)).map_batches(
+                _read_contexts, batch_size=1, batch_format="pyarrow", num_cpus=0.1
+            )
+            out = ds.map_batches(
+                CollectWorker,
+                fn_constructor_kwargs=dict(
+                    model=mcfg.model_dump(), sae=spec.sae.model_dump(), collect=cfg.model_dump(), seed=spec.seed,
+                    n_features=n_features, bos_id=tokenizer.bos_token_id, threads=max(1, math.ceil(mcfg.num_cpus)),
+                ),
+                batch_size=cfg.batch_size,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+                num_cpus=mcfg.num_cpus,
+                num_gpus=mcfg.num_gpus or None,
+            )
+            merger = Merger(n_features, cfg)
+            total = run.manifest["stages"]["contexts"]["tokens"]
+            t0, t_first, first_tokens, last_log = time.perf_counter(), None, None, 0.0
+            for batch in out.iter_batches(batch_format="pyarrow", batch_size=None):
+                merger.add(batch)
+                if t_first is None:
+                    t_first, first_tokens = time.perf_counter(), merger.n_tokens
+                now = time.perf_counter()
+                if now - last_log > 10:
+                    last_log = now
+                    log(f"[collect] {merger.n_tokens:,}/{total:,} tokens ({100 * merger.n_tokens / total:.0f}%), {merger.n_tokens / (now - t0):,.0f} tok/s")
+            table = merger.features_table(spec.sae.id, mcfg.id, mcfg.layer, token_texts(tokenizer))
+            parts = write_table(table, run.table_dir("features"))
+            t_done = time.perf_counter()
+            info.update(
+                features=n_features,
+                tokens=merger.n_tokens,
+                firing_features=int((merger.counts > 0).sum()),
+                candidate_rows=merger.rows_in,
+                parts=parts,
+                # start-up (actors, model load, first batch) apart from the steady rate, which
+                # includes the merge and writing the features table
+                startup_s=round((t_first or t0) - t0, 3),
+                steady_tokens_per_s=round((merger.n_tokens - (first_tokens or 0)) / max(t_done - (t_first or t0), 1e-9), 1),
+            )
+            if merger.n_tokens != total:
+                raise RuntimeError(f"collect saw {merger.n_tokens} tokens but the corpus has {total}: a batch was lost")
+    with run.stage("report") as info:
+        from baez_ray.report.features import write_features_report
+
+        info["path"] = str(write_features_report(run.dir))

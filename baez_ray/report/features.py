@@ -1,0 +1,85 @@
+"""The features table → report/index.html: firing statistics, a histogram of firing
+frequencies (PNG), and the top examples of the most active features with their strongest
+tokens highlighted."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:70em;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}
+th{background:#f3f3f3}.ex{font-family:ui-monospace,monospace;font-size:.85em;white-space:pre-wrap}
+mark{background:#ffb347}.num{text-align:right}"""
+
+
+def highlight(tokens: list[str], acts: list[float], frac: float = 0.6) -> str:
+    """Tokens as HTML, those at >= frac × the example's max in <mark>."""
+    peak = max(acts) if acts else 0.0
+    out = []
+    for t, a in zip(tokens, acts):
+        t = html.escape(t)
+        out.append(f"<mark title='{a:.3g}'>{t}</mark>" if peak > 0 and a >= frac * peak else t)
+    return "".join(out)
+
+
+def _plot_firing(freq: np.ndarray, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    live = freq[freq > 0]
+    if len(live):
+        ax.hist(np.log10(live), bins=40, color="#4c72b0")
+    ax.set_xlabel("log10 firing frequency (share of tokens)")
+    ax.set_ylabel("features")
+    ax.set_title(f"{len(live):,} live features, {int((freq == 0).sum()):,} never fired")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_features_report(run_dir: str | Path, n_show: int = 25, n_examples: int = 5) -> Path:
+    run_dir = Path(run_dir)
+    out = run_dir / "report"
+    out.mkdir(exist_ok=True)
+    meta = pq.read_table(run_dir / "features", columns=["sae_id", "feature", "n_tokens", "n_firing", "max_activation"])
+    n_tok = meta.column("n_tokens").to_numpy()
+    freq = meta.column("n_firing").to_numpy() / np.maximum(n_tok, 1)
+    _plot_firing(freq, out / "firing.png")
+    # the features shown: the most frequently firing ones, then a spread of rarer ones
+    order = np.argsort(-freq, kind="stable")
+    live = order[freq[order] > 0]
+    pick = sorted(set(live[: n_show // 2].tolist() + live[:: max(1, len(live) // max(1, n_show - n_show // 2))][: n_show - n_show // 2].tolist()))
+    feats = set(meta.column("feature").to_numpy()[pick].tolist())
+    rows = [r for r in pq.read_table(run_dir / "features").to_pylist() if r["feature"] in feats]
+    rows.sort(key=lambda r: -r["n_firing"])
+    manifest = json.loads((run_dir / "manifest.json").read_text()) if (run_dir / "manifest.json").exists() else {}
+    stage = manifest.get("stages", {}).get("collect", {})
+    summary = [
+        ("SAE", html.escape(", ".join(sorted(set(meta.column("sae_id").to_pylist()))))),
+        ("features", f"{meta.num_rows:,}"),
+        ("tokens", f"{int(n_tok.max()) if len(n_tok) else 0:,}"),
+        ("features that fired", f"{int((freq > 0).sum()):,} ({100 * (freq > 0).mean():.1f}%)"),
+        ("median firing frequency (live)", f"{np.median(freq[freq > 0]):.2e}" if (freq > 0).any() else "-"),
+        ("collect seconds", f"{stage.get('seconds', '-')}"),
+    ]
+    body = [f"<h1>Features: {html.escape(manifest.get('name', run_dir.name))}</h1>",
+            "<table>" + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in summary) + "</table>",
+            "<img src='firing.png' alt='firing frequency histogram'>",
+            f"<h2>Top examples of {len(rows)} features</h2>",
+            "<table><tr><th>feature</th><th class=num>firing</th><th class=num>max act</th><th>top examples (tokens ≥ 0.6 × the example's max marked)</th></tr>"]
+    for r in rows:
+        top = [e for e in r["examples"] if e["kind"] == "top"][:n_examples]
+        ex = "<br>".join(f"<span class=ex>{highlight(e['token_strs'], e['acts'])}</span>" for e in top)
+        body.append(f"<tr><td>{r['feature']}</td><td class=num>{r['n_firing']:,}</td><td class=num>{r['max_activation']:.3g}</td><td>{ex}</td></tr>")
+    body.append("</table>")
+    page = f"<!doctype html><html><head><meta charset='utf-8'><title>baez_ray report</title><style>{STYLE}</style></head><body>{''.join(body)}</body></html>"
+    (out / "index.html").write_text(page, encoding="utf-8")
+    return out / "index.html"
