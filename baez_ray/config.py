@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -140,8 +140,64 @@ class LLMConfig(Section):
     price: Price = Price()
 
 
+class RouteWindows(Section):
+    """Windows [a, b] relative to the top token (inclusive; clipped to the example)."""
+
+    input: tuple[int, int] = (-3, 0)
+    output: tuple[int, int] = (1, 3)
+    cross: tuple[int, int] = (-8, 8)
+
+    @field_validator("input", "output", "cross")
+    @classmethod
+    def _ordered(cls, w: tuple[int, int]) -> tuple[int, int]:
+        if w[0] > w[1]:
+            raise ValueError(f"window [{w[0]}, {w[1]}]: start must not be after end")
+        return w
+
+
+class RouteConfig(Section):
+    windows: RouteWindows = RouteWindows()
+    tau_in: float = Field(0.5, ge=-1, le=1, description="tier 1 / input when C_in >= tau_in")
+    tau_out: float = Field(0.5, ge=-1, le=1, description="tier 1 / output when C_out >= tau_out")
+    tau_cross: float = Field(0.5, ge=-1, le=1, description="tier 2 when C_cross >= tau_cross")
+    top_n: int = Field(20, ge=2, description="examples per feature (top examples by rank)")
+    weighted: bool = Field(False, description="weight pairs by the examples' activations")
+    embedder: str | None = Field(None, description="sentence-transformers path or id; null: the packaged all-MiniLM-L6-v2")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(512, ge=1, description="features per batch (one encode call per batch and phase)")
+    encode_batch_size: int = Field(128, ge=1, description="texts per forward pass inside encode")
+    num_actors: int = Field(1, ge=1)
+    num_cpus: float = Field(0.5, gt=0, description="Ray CPUs reserved per embedder actor")
+    num_gpus: float = Field(0.0, ge=0)
+    threads: int | None = Field(None, ge=1, description="torch threads per actor; null: the node's cores / num_actors")
+
+
+class AVRunConfig(Section):
+    """Where the activation verbalizer runs (its model and prompt are in the sidecar)."""
+
+    num_actors: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    batch_size: int = Field(8, ge=1)
+    device: Literal["cpu", "cuda"] = "cpu"
+
+
+class LabelConfig(Section):
+    """How each tier is labelled (SPEC §4)."""
+
+    tier1: Literal["token_freq", "small_llm"] = "token_freq"
+    tier2: str = Field("eleuther_acts_top5", pattern=r"^(eleuther_acts_top\d+|np_max_act)$")
+    explainer: LLMConfig
+    small_llm: LLMConfig | None = None
+    av_sidecar: str | None = Field(None, description="AV sidecar YAML; tier 3 then gets AV explanations and a baez draft label")
+    av_examples: int = Field(10, ge=1)
+    av: AVRunConfig = AVRunConfig()
+    max_retries: int = Field(2, ge=0)
+    max_features: int | None = Field(None, ge=1, description="label only the first N routed features")
+
+
 class JobSpec(Section):
-    job: Literal["collect", "ingest"]
+    job: Literal["collect", "ingest", "label"]
     name: str = "run"
     seed: int = 0
     out: str = "runs"
@@ -151,10 +207,17 @@ class JobSpec(Section):
     corpus: CorpusConfig | None = None
     collect: CollectConfig = CollectConfig()
     ingest: IngestConfig | None = None
+    features: str | None = Field(None, description="label: an existing features table (a collect or ingest run's features/)")
+    route: RouteConfig = RouteConfig()
+    label: LabelConfig | None = None
 
     @model_validator(mode="after")
     def _sections_for_job(self) -> "JobSpec":
-        need = {"collect": ("model", "sae", "corpus"), "ingest": ("ingest",)}[self.job]
+        need = {
+            "collect": ("model", "sae", "corpus"),
+            "ingest": ("ingest",),
+            "label": ("label",) if self.features else ("label", "model", "sae", "corpus"),
+        }[self.job]
         missing = [s for s in need if getattr(self, s) is None]
         if missing:
             raise ValueError(f"job '{self.job}' needs section(s): {', '.join(missing)}")

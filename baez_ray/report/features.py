@@ -45,7 +45,7 @@ def _plot_firing(freq: np.ndarray, path: Path) -> None:
     plt.close(fig)
 
 
-def write_features_report(run_dir: str | Path, n_show: int = 25, n_examples: int = 5) -> Path:
+def write_features_report(run_dir: str | Path, n_show: int = 25, n_examples: int = 5, name: str = "index.html") -> Path:
     run_dir = Path(run_dir)
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
@@ -81,5 +81,5 @@ def write_features_report(run_dir: str | Path, n_show: int = 25, n_examples: int
         body.append(f"<tr><td>{r['feature']}</td><td class=num>{r['n_firing']:,}</td><td class=num>{r['max_activation']:.3g}</td><td>{ex}</td></tr>")
     body.append("</table>")
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>baez_ray report</title><style>{STYLE}</style></head><body>{''.join(body)}</body></html>"
-    (out / "index.html").write_text(page, encoding="utf-8")
-    return out / "index.html"
+    (out / name).write_text(page, encoding="utf-8")
+    return out / name

@@ -16,4 +16,10 @@ def _ingest(spec, run):
     ingest_job(spec, run)
 
 
-JOBS = {"collect": _collect, "ingest": _ingest}
+def _label(spec, run):
+    from baez_ray.stages.label_job import label_job
+
+    label_job(spec, run)
+
+
+JOBS = {"collect": _collect, "ingest": _ingest, "label": _label}

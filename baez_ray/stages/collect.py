@@ -440,7 +440,8 @@ def collect_job(spec: JobSpec, run: Run) -> None:
             )
             if merger.n_tokens != total:
                 raise RuntimeError(f"collect saw {merger.n_tokens} tokens but the corpus has {total}: a batch was lost")
-    with run.stage("report") as info:
+    with run.stage("features_report") as info:
         from baez_ray.report.features import write_features_report
 
-        info["path"] = str(write_features_report(run.dir))
+        # in a label job the features page sits beside the job's own report
+        info["path"] = str(write_features_report(run.dir, name="index.html" if spec.job == "collect" else "features.html"))

@@ -1,0 +1,49 @@
+"""The `label` job's report: routing (tier shares, score histograms, tokens saved), the
+labels with their tier, method and cost, and the features section of collect."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from baez_ray.report.features import STYLE, highlight
+
+
+def write_label_report(run_dir: str | Path, n_examples: int = 3) -> Path:
+    from baez_ray.report.routing import write_routing_report
+
+    run_dir = Path(run_dir)
+    out = run_dir / "report"
+    out.mkdir(exist_ok=True)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    spec = manifest["spec"]
+    routes = pq.read_table(run_dir / "routes")
+    taus = {k: spec["route"][k] for k in ("tau_in", "tau_out", "tau_cross")}
+    routing = write_routing_report(routes, out, taus=taus)
+    labels = pq.read_table(run_dir / "labels").to_pylist()
+    labels.sort(key=lambda r: (r["tier"] or 9, r["feature"]))
+    features_dir = Path(spec.get("features") or run_dir / "features")
+    shown = {r["feature"] for r in labels[:200]}
+    examples = {r["feature"]: [e for e in r["examples"] if e["kind"] == "top"][:n_examples]
+                for r in pq.read_table(features_dir, columns=["feature", "examples"]).to_pylist() if r["feature"] in shown}
+    st = manifest["stages"].get("label", {})
+    head = (f"<h1>Labels: {html.escape(manifest['name'])}</h1><table>"
+            f"<tr><th>features labelled</th><td>{st.get('labelled', 0):,} of {st.get('features', 0):,} ({st.get('failed', 0):,} without a label)</td></tr>"
+            f"<tr><th>LLM tokens in / out</th><td>{st.get('input_tokens', 0):,} / {st.get('output_tokens', 0):,}</td></tr>"
+            f"<tr><th>cost (USD)</th><td>{st.get('cost_usd', 0.0):.4f}</td></tr></table>")
+    rows = ["<h2>Labels</h2><table><tr><th>feature</th><th>tier</th><th>kind</th><th>method</th><th>label</th><th>top examples</th></tr>"]
+    for r in labels[:200]:
+        label = html.escape(r["label"]) if r["label"] else f"<i>{html.escape(r['error'] or 'no label')}</i>"
+        ex = "<br>".join(f"<span class=ex>{highlight(e['token_strs'], e['acts'])}</span>" for e in examples.get(r["feature"], []))
+        rows.append(f"<tr><td>{r['feature']}</td><td>{r['tier']}</td><td>{r['kind']}</td><td>{r['method']}</td><td>{label}</td><td>{ex}</td></tr>")
+    rows.append("</table>")
+    if len(labels) > 200:
+        rows.append(f"<p>First 200 of {len(labels):,} labels; all are in labels/.</p>")
+    features_link = "<p><a href='features.html'>Features: firing statistics and examples</a></p>" if (out / "features.html").exists() else ""
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>baez_ray labels</title><style>{STYLE}</style></head><body>"
+            f"{head}{routing['html']}{''.join(rows)}{features_link}</body></html>")
+    (out / "index.html").write_text(page, encoding="utf-8")
+    return out / "index.html"
