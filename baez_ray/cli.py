@@ -51,6 +51,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
 
+    if _job_kind(args.job) == "train_sae":  # SAE training has its own job schema
+        from baez_ray import train_sae
+
+        try:
+            tjob = train_sae.load_train_job(args.job, args.overrides)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if args.cmd == "validate":
+            print(f"ok: {args.job} is a valid 'train_sae' job", file=sys.stderr)
+            return 0
+        train_sae.run(tjob, args.job)
+        return 0
+
     try:
         spec = load_job(args.job, args.overrides)
     except ConfigError as e:
@@ -74,6 +88,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(run.dir)
     return 0
+
+
+def _job_kind(path: str) -> str | None:
+    """The `job:` of a job file, read without validating (None when unreadable)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(open(path, encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return data.get("job") if isinstance(data, dict) else None
 
 
 if __name__ == "__main__":

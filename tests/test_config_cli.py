@@ -83,3 +83,13 @@ def test_cli_validate_every_shipped_job():
 def test_cli_validate_reports_key(tmp_path):
     res = cli("validate", str(write(tmp_path, GOOD)), "--set", "collect.windw=3")
     assert res.returncode == 2 and "key 'collect.windw': unknown key" in res.stderr
+
+
+def test_shipped_av_sidecars_validate():
+    from baez_ray.models.av import load_sidecar
+
+    sidecars = sorted((ROOT / "jobs" / "av").glob("*.yaml"))
+    assert sidecars
+    for p in sidecars:
+        sc = load_sidecar(p)
+        assert sc.prompt_template.count(sc.marker) == 1
