@@ -27,7 +27,8 @@ test: install
 	$(BIN)/python -m pytest -q tests
 
 demo: install
-	$(BIN)/baez-ray run jobs/demo_collect.yaml
+	$(BIN)/baez-ray run jobs/demo.yaml --out runs/demo
+	@echo "report: runs/demo/report/index.html"
 
 bench: install
 	$(BIN)/python bench/collect.py

