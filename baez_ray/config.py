@@ -268,12 +268,14 @@ def validate(data: Any, source: str = "<job>") -> JobSpec:
         raise ConfigError(_format_errors(source, e)) from None
 
 
-def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+def read_yaml_mapping(path: str | Path, what: str = "job file", overrides: list[str] | None = None) -> dict:
+    """A YAML mapping from `path` with `--set` overrides applied; ConfigError naming the
+    file on a missing, non-UTF-8, invalid or empty file."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such job file") from None
+        raise ConfigError(f"{path}: no such {what}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
@@ -281,8 +283,20 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if data is None:
-        raise ConfigError(f"{path}: empty job file")
-    if isinstance(data, dict):
-        for key, value in parse_overrides(overrides or []):
-            _set_path(data, key, value)
-    return validate(data, str(path))
+        raise ConfigError(f"{path}: empty {what}")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a {what} must be a YAML mapping, got {type(data).__name__}")
+    for key, value in parse_overrides(overrides or []):
+        _set_path(data, key, value)
+    return data
+
+
+def validate_model(model: type[BaseModel], data: dict, source: str):
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(source, e)) from None
+
+
+def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    return validate(read_yaml_mapping(path, "job file", overrides), str(path))

@@ -49,10 +49,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import numpy as np
-import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field
 
-from baez_ray.config import ConfigError, CorpusConfig, ModelConfig, Section, _format_errors, _set_path, parse_overrides
+from baez_ray.config import ConfigError, CorpusConfig, ModelConfig, Section, read_yaml_mapping, validate_model
 
 
 class SAEArch(Section):
@@ -103,21 +102,7 @@ class TrainSAEJob(Section):
 
 
 def load_train_job(path: str | Path, overrides: list[str] | None = None) -> TrainSAEJob:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such job file") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a job file must be a YAML mapping")
-    for key, value in parse_overrides(overrides or []):
-        _set_path(data, key, value)
-    try:
-        return TrainSAEJob.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_format_errors(str(path), e)) from None
+    return validate_model(TrainSAEJob, read_yaml_mapping(path, "job file", overrides), str(path))
 
 
 def resolve_corpus(cfg: CorpusConfig) -> CorpusConfig:

@@ -26,10 +26,9 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import torch
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from baez_ray.config import ConfigError, _format_errors
+from baez_ray.config import ConfigError, read_yaml_mapping, validate_model
 
 
 class Sidecar(BaseModel):
@@ -57,17 +56,7 @@ class Sidecar(BaseModel):
 
 
 def load_sidecar(path: str | Path) -> Sidecar:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such AV sidecar") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    try:
-        sc = Sidecar.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_format_errors(str(path), e)) from None
+    sc = validate_model(Sidecar, read_yaml_mapping(path, "AV sidecar"), str(path))
     if sc.prompt_template.count(sc.marker) != 1:
         raise ConfigError(f"{path}: prompt_template must contain the marker {sc.marker!r} exactly once (found {sc.prompt_template.count(sc.marker)})")
     return sc
