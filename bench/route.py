@@ -15,7 +15,9 @@ texts/s divided by windows per feature). Stage and bound run alternately, twice 
 (stage, bound, stage, bound), and the faster of each pair counts, as the machine is
 shared. `features_per_s` is end to end: read, actor start and model
 load, embedding, scoring, writing the routes table; `steady_features_per_s` leaves out the
-time to the first routed batch.
+time to the first routed batch. As the machine may be shared, the JSON on stderr also has
+the CPU seconds of each side (the bound's process; the driver and every process of the
+local Ray cluster for the stage) and their ratio.
 
     .venv/bin/python bench/route.py [--features 2000] [--examples 20] [--num-actors 1] [--batch-size 512]
 Last line: {"bench": "route", "features_per_s", "embedder_bound_features_per_s", "ratio", ...}
@@ -31,6 +33,7 @@ import re
 import site
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -113,17 +116,60 @@ def embedded_texts(features: pa.Table, routes: pa.Table, cfg: RouteConfig) -> li
     return texts
 
 
-def run_stage(features_dir: Path, out_dir: Path, cfg: RouteConfig) -> tuple[pa.Table, float, float]:
-    t0 = time.perf_counter()
-    t_first = None
-    parts = []
-    for b in route_dataset(features_dir, cfg).iter_batches(batch_format="pyarrow", batch_size=None):
-        if t_first is None:
-            t_first = time.perf_counter()
-        parts.append(b)
-    routes = schema.conform(pa.concat_tables(parts), schema.ROUTES)
-    write_table(routes, out_dir)
-    return routes, time.perf_counter() - t0, time.perf_counter() - (t_first or t0)
+class TreeCPU:
+    """CPU seconds (user + system) spent by this process and all its descendants — the
+    local Ray cluster this driver started (GCS, raylet, workers, actors) — while running.
+    Sampled every 0.5 s, so processes that end (the actor, when the dataset is done) still
+    count, up to their last half second."""
+
+    def __init__(self):
+        import psutil
+
+        self._psutil = psutil
+        self._start = self._sample()
+        self._last = dict(self._start)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _sample(self) -> dict[int, float]:
+        me = self._psutil.Process()
+        out = {}
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                out[p.pid] = t.user + t.system
+            except self._psutil.Error:
+                pass
+        return out
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.5):
+            self._last.update(self._sample())
+
+    def __enter__(self) -> "TreeCPU":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._last.update(self._sample())
+        self.seconds = sum(v - self._start.get(pid, 0.0) for pid, v in self._last.items())
+
+
+def run_stage(features_dir: Path, out_dir: Path, cfg: RouteConfig) -> tuple[pa.Table, float, float, float]:
+    with TreeCPU() as cpu:
+        t0 = time.perf_counter()
+        t_first = None
+        parts = []
+        for b in route_dataset(features_dir, cfg).iter_batches(batch_format="pyarrow", batch_size=None):
+            if t_first is None:
+                t_first = time.perf_counter()
+            parts.append(b)
+        routes = schema.conform(pa.concat_tables(parts), schema.ROUTES)
+        write_table(routes, out_dir)
+        t1 = time.perf_counter()
+    return routes, t1 - t0, t1 - (t_first or t0), cpu.seconds
 
 
 def main() -> None:
@@ -148,20 +194,27 @@ def main() -> None:
     threads = default_threads(cfg)
     emb = Embedder(cfg.embedder, device="cpu", batch_size=cfg.encode_batch_size, threads=threads)
 
-    def bound(texts: list[str]) -> float:
-        t = time.perf_counter()
+    def bound(texts: list[str]) -> tuple[float, float]:
+        t, c = time.perf_counter(), time.process_time()
         emb.encode(texts)
-        return time.perf_counter() - t
+        return time.perf_counter() - t, time.process_time() - c
+
+    def note(what: str, wall: float, cpu: float) -> None:
+        print(f"[bench] {what}: {wall:.1f} s wall, {cpu:.1f} CPU s, load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
 
     ray.init(num_cpus=4, include_dashboard=False)  # as baez_ray.run.init_ray on a local machine
     ray.data.DataContext.get_current().enable_progress_bars = False
     # stage, bound, stage, bound (the first stage run also tells which features need cross
     # windows: the bound's texts); the better of each pair counts, as the machine is shared
-    routes, s1, st1 = run_stage(tmp / "features", tmp / "routes", cfg)
+    routes, s1, st1, sc1 = run_stage(tmp / "features", tmp / "routes", cfg)
+    note("stage 1", s1, sc1)
     texts = embedded_texts(features, routes, cfg)
-    b1 = bound(texts)
-    routes2, s2, st2 = run_stage(tmp / "features", tmp / "routes", cfg)
-    b2 = bound(texts)
+    b1, bc1 = bound(texts)
+    note(f"bound 1 ({len(texts)} texts)", b1, bc1)
+    routes2, s2, st2, sc2 = run_stage(tmp / "features", tmp / "routes", cfg)
+    note("stage 2", s2, sc2)
+    b2, bc2 = bound(texts)
+    note("bound 2", b2, bc2)
     ray.shutdown()
     assert routes2.sort_by("feature").equals(routes.sort_by("feature")), "two stage runs disagree"
     stage_s, steady_s = min(s1, s2), min(st1, st2)
@@ -184,6 +237,11 @@ def main() -> None:
         "embedder_texts_per_s": round(len(texts) / min(b1, b2), 1),
         "bound_seconds": [round(b1, 2), round(b2, 2)],
         "stage_seconds": [round(s1, 2), round(s2, 2)],
+        # CPU seconds: the bound's process vs the whole stage (driver + every Ray process);
+        # less sensitive than wall time to other work on a shared machine
+        "bound_cpu_seconds": [round(bc1, 2), round(bc2, 2)],
+        "stage_cpu_seconds": [round(sc1, 2), round(sc2, 2)],
+        "cpu_ratio": round(min(bc1, bc2) / max(min(sc1, sc2), 1e-9), 3),
         "steady_features_per_s": round((n - cfg.batch_size) / steady_s, 2) if n > cfg.batch_size else None,
         "cpus": os.cpu_count(),
         "load_avg_1m": round(os.getloadavg()[0], 2),

@@ -151,6 +151,8 @@ class RouteWorker:
         from baez_ray.embedder import Embedder
 
         self.cfg = RouteConfig.model_validate(cfg)
+        # threads: by default counted on the node the actor runs on
+        threads = threads or default_threads(self.cfg)
         self.embedder = Embedder(self.cfg.embedder, device=self.cfg.device, batch_size=self.cfg.encode_batch_size, threads=threads)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -158,7 +160,12 @@ class RouteWorker:
 
 
 def default_threads(cfg: RouteConfig) -> int:
-    return cfg.threads or max(1, (os.cpu_count() or 1) // cfg.num_actors)
+    """`threads`, or this node's usable cores shared among the actors (Ray would give an
+    actor with num_cpus < 1 a single thread through OMP_NUM_THREADS)."""
+    if cfg.threads:
+        return cfg.threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // cfg.num_actors)
 
 
 def read_features(paths: str | Path | Sequence[str | Path]):
@@ -181,7 +188,7 @@ def route_dataset(features, cfg: RouteConfig):
         ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
     return ds.map_batches(
         RouteWorker,
-        fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "threads": default_threads(cfg)},
+        fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json")},
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         zero_copy_batch=True,
