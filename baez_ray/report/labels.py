@@ -42,8 +42,11 @@ def write_label_report(run_dir: str | Path, n_examples: int = 3) -> Path:
     rows.append("</table>")
     if len(labels) > 200:
         rows.append(f"<p>First 200 of {len(labels):,} labels; all are in labels/.</p>")
+    from baez_ray.report.benchmark import scoring_section
+
+    scoring = scoring_section(run_dir, out, spec.get("seed", 0))
     features_link = "<p><a href='features.html'>Features: firing statistics and examples</a></p>" if (out / "features.html").exists() else ""
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>baez_ray labels</title><style>{STYLE}</style></head><body>"
-            f"{head}{routing['html']}{''.join(rows)}{features_link}</body></html>")
+            f"{head}{routing['html']}{scoring}{''.join(rows)}{features_link}</body></html>")
     (out / "index.html").write_text(page, encoding="utf-8")
     return out / "index.html"

@@ -22,4 +22,10 @@ def _label(spec, run):
     label_job(spec, run)
 
 
-JOBS = {"collect": _collect, "ingest": _ingest, "label": _label}
+def _benchmark(spec, run):
+    from baez_ray.stages.benchmark_job import benchmark_job
+
+    benchmark_job(spec, run)
+
+
+JOBS = {"collect": _collect, "ingest": _ingest, "label": _label, "benchmark": _benchmark}

@@ -16,11 +16,22 @@ the top-k of the worker that saw it when it saw it, so merging what the workers 
 the exact global result, whatever the number of workers or the order of batches; and what
 a worker emits shrinks as its running top-k fills up. Memory: the workers hold O(F·k)
 keys, the merger O(F·(k+R)) windows; neither grows with the corpus.
+
+Resume and faults. The same argument holds for a worker that starts empty in the middle of
+the corpus (a restarted actor, or a rerun): it emits a superset of what it would have, and
+duplicates of a (feature, context) are dropped by the merge. Firing counts are counted per
+contexts part, once. So the driver snapshots its merge state with the set of parts it
+covers (`Checkpoints`: `collect_state/`, commit marker written last), and a rerun after a
+crash merges only the other parts into the restored state: the features table equals that
+of an uninterrupted run (each part is always run in the same forward-pass batches).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -32,7 +43,7 @@ import torch
 
 from baez_ray import schema
 from baez_ray.config import CollectConfig, JobSpec, ModelConfig, SAEConfig
-from baez_ray.run import Run, init_ray, log
+from baez_ray.run import ACTOR_FAULT_TOLERANCE, Run, fsync_path, init_ray, log, write_json_atomic
 
 EMPTY_SAMPLE = 2.0  # reservoir keys live in [0, 1)
 ACTS_BUDGET = 2**28  # SAE activations held at once (elements): 1 GiB of float32
@@ -93,22 +104,40 @@ class CollectWorker:
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        ids = torch.from_numpy(np.stack(batch["tokens"]).astype(np.int64)).to(self.device)
-        ctx = torch.tensor(np.asarray(batch["context_id"], dtype=np.int64), device=self.device)
-        B, T = ids.shape
-        resid = self.lm.residual(ids)
+        """Contexts in (columns context_id, tokens and, from collect_job, `part`: the
+        contexts part they come from), candidate rows out. The contexts of each part are
+        run in forward passes of `batch_size` in context order, so a part gives the same
+        numbers whichever actor runs it and whatever else that actor ran before."""
+        tokens = np.stack(batch["tokens"]).astype(np.int64)
+        cids = np.asarray(batch["context_id"], dtype=np.int64)
+        parts = np.asarray(batch["part"], dtype=np.int64) if "part" in batch else np.full(len(cids), -1, np.int64)
+        out = []
+        for p in np.unique(parts):
+            idx = np.flatnonzero(parts == p)
+            idx = idx[np.argsort(cids[idx], kind="stable")]
+            out += self._part(tokens[idx], cids[idx], int(p))
+        return pa.concat_tables([schema.conform(t, schema.CANDIDATES) for t in out])
+
+    def _part(self, tokens: np.ndarray, cids: np.ndarray, part: int) -> list[pa.Table]:
+        B, T = tokens.shape
         counts = torch.zeros(self.F, dtype=torch.int64, device=self.device)
         parts = []
-        # the SAE's activations of a wide dictionary do not fit for a whole batch
-        # (8 × 1024 tokens × 262k features): encode and merge a few contexts at a time;
-        # merging sub-batch by sub-batch gives the same result
-        step = max(1, ACTS_BUDGET // (T * self.F))
-        for i in range(0, B, step):
-            parts += self._merge(ids[i : i + step], ctx[i : i + step], resid[i : i + step], counts)
-        # firing counts; feature -1 carries the number of tokens seen
+        for s in range(0, B, self.cfg.batch_size):
+            ids = torch.from_numpy(tokens[s : s + self.cfg.batch_size]).to(self.device)
+            ctx = torch.from_numpy(cids[s : s + self.cfg.batch_size]).to(self.device)
+            resid = self.lm.residual(ids)
+            # the SAE's activations of a wide dictionary do not fit for a whole batch
+            # (8 × 1024 tokens × 262k features): encode and merge a few contexts at a time;
+            # merging sub-batch by sub-batch gives the same result
+            step = max(1, ACTS_BUDGET // (T * self.F))
+            for i in range(0, ids.shape[0], step):
+                parts += self._merge(ids[i : i + step], ctx[i : i + step], resid[i : i + step], counts)
+        # firing counts; feature -1 carries the number of tokens seen, feature -2 the number
+        # of contexts; `context_id` carries the contexts part (-1: not tracked), so the merge
+        # counts each part once and knows when a part is complete (see Merger.add)
         nz = torch.nonzero(counts).flatten()
-        feats = np.concatenate([[-1], nz.cpu().numpy()]).astype(np.int64)
-        cnt = np.concatenate([[B * T], counts[nz].cpu().numpy()]).astype(np.int64)
+        feats = np.concatenate([[-2, -1], nz.cpu().numpy()]).astype(np.int64)
+        cnt = np.concatenate([[B, B * T], counts[nz].cpu().numpy()]).astype(np.int64)
         n = len(feats)
         parts.append(
             pa.table(
@@ -117,14 +146,14 @@ class CollectWorker:
                     "feature": feats,
                     "value": np.zeros(n, np.float32),
                     "key": np.zeros(n, np.float64),
-                    "context_id": np.full(n, -1, np.int64),
+                    "context_id": np.full(n, part, np.int64),
                     "position": np.zeros(n, np.int32),
                     "top_index": np.zeros(n, np.int32),
                     "count": cnt,
                 }
             )
         )
-        return pa.concat_tables([schema.conform(p, schema.CANDIDATES) for p in parts])
+        return parts
 
     def _merge(self, ids, ctx, resid, counts) -> list[pa.Table]:
         acts = self.sae.encode(resid.to(self.sae_dtype))[..., : self.F].float()
@@ -217,9 +246,18 @@ def _select(table: pa.Table, k: int, largest: bool) -> pa.Table:
 
 
 class Merger:
-    """Driver-side merge of candidate rows into the global result, in bounded memory."""
+    """Driver-side merge of candidate rows into the global result, in bounded memory.
 
-    def __init__(self, n_features: int, cfg: CollectConfig, buffer_rows: int | None = None):
+    Counts are kept per contexts part (the `context_id` of count rows, see CollectWorker):
+    a part's firing and token counts are added once, when its every context has been
+    counted, and a part reported again (a retried task) is ignored. `done` is then the set
+    of parts fully merged, and `save` / `load` a snapshot that covers exactly them. Top and
+    sample rows of parts still in flight may be in a snapshot too: they are true candidates,
+    and the same row sent again by a rerun is dropped as a duplicate of its (feature,
+    context), so resuming from a snapshot gives the same table as an uninterrupted run."""
+
+    def __init__(self, n_features: int, cfg: CollectConfig, buffer_rows: int | None = None,
+                 part_sizes: dict[int, int] | None = None):
         self.F, self.cfg = n_features, cfg
         self.counts = np.zeros(n_features, dtype=np.int64)
         self.n_tokens = 0
@@ -228,14 +266,22 @@ class Merger:
         self.buffered = 0
         self.buffer_rows = buffer_rows or max(50_000, n_features * (cfg.top_k + cfg.reservoir))
         self.rows_in = 0
+        self.part_sizes = part_sizes or {}  # part → contexts in it
+        self.done: set[int] = set()
+        self.pending: dict[int, list] = {}  # part → [contexts counted, [(features, counts)]]
 
-    def add(self, batch: pa.Table) -> None:
+    def add(self, batch: pa.Table) -> int:
+        """Merge one batch of candidate rows; returns the number of parts it completed."""
         kind = batch.column("kind")
         cnt = batch.filter(pc.equal(kind, "count"))
-        feat = cnt.column("feature").to_numpy()
-        c = cnt.column("count").to_numpy()
-        self.n_tokens += int(c[feat == -1].sum())
-        np.add.at(self.counts, feat[feat >= 0], c[feat >= 0])
+        completed = 0
+        if cnt.num_rows:
+            part = cnt.column("context_id").to_numpy()
+            feat = cnt.column("feature").to_numpy()
+            c = cnt.column("count").to_numpy()
+            for p in np.unique(part):
+                sel = part == p
+                completed += self._count(int(p), feat[sel], c[sel])
         top, smp = batch.filter(pc.equal(kind, "top")), batch.filter(pc.equal(kind, "sample"))
         self.top.append(top)
         self.smp.append(smp)
@@ -243,11 +289,54 @@ class Merger:
         self.rows_in += top.num_rows + smp.num_rows
         if self.buffered > self.buffer_rows:
             self.compact()
+        return completed
+
+    def _count(self, part: int, feat: np.ndarray, c: np.ndarray) -> int:
+        if part < 0:  # not tracked by part (a worker called directly)
+            self._apply(feat, c)
+            return 0
+        if part in self.done:  # reported again by a retried task: counted already
+            return 0
+        entry = self.pending.setdefault(part, [0, []])
+        entry[0] += int(c[feat == -2].sum())
+        entry[1].append((feat, c))
+        if entry[0] < self.part_sizes.get(part, 0):
+            return 0
+        for f, cc in entry[1]:
+            self._apply(f, cc)
+        del self.pending[part]
+        self.done.add(part)
+        return 1
+
+    def _apply(self, feat: np.ndarray, c: np.ndarray) -> None:
+        self.n_tokens += int(c[feat == -1].sum())
+        np.add.at(self.counts, feat[feat >= 0], c[feat >= 0])
 
     def compact(self) -> None:
-        self.top = [_select(pa.concat_tables(self.top), self.cfg.top_k, largest=True)]
-        self.smp = [_select(pa.concat_tables(self.smp), self.cfg.reservoir, largest=False)]
+        empty = schema.empty(schema.CANDIDATES)
+        self.top = [_select(pa.concat_tables(self.top or [empty]), self.cfg.top_k, largest=True)]
+        self.smp = [_select(pa.concat_tables(self.smp or [empty]), self.cfg.reservoir, largest=False)]
         self.buffered = 0
+
+    def save(self, path: Path) -> dict:
+        """Write the merge state of the parts in `done` into the new directory `path`;
+        returns what the commit marker records besides the directory."""
+        self.compact()
+        path.mkdir(parents=True)
+        pq.write_table(self.top[0], path / "top.parquet")
+        pq.write_table(self.smp[0], path / "sample.parquet")
+        np.save(path / "counts.npy", self.counts)
+        return {"n_features": self.F, "n_tokens": self.n_tokens, "rows_in": self.rows_in}
+
+    def load(self, path: Path, info: dict, done: set[int]) -> None:
+        self.top = [schema.conform(pq.read_table(path / "top.parquet"), schema.CANDIDATES)]
+        self.smp = [schema.conform(pq.read_table(path / "sample.parquet"), schema.CANDIDATES)]
+        counts = np.load(path / "counts.npy")
+        if counts.shape != (self.F,):
+            raise ValueError(f"{path}: counts of {counts.shape[0]} features, expected {self.F}")
+        self.counts = counts
+        self.n_tokens, self.rows_in = int(info["n_tokens"]), int(info["rows_in"])
+        self.done, self.pending, self.buffered = set(done), {}, 0
 
     def features_table(self, sae_id: str, model_id: str, layer: int, token_text) -> pa.Table:
         """The FEATURES table for features 0..F-1 (non-firing ones with no examples)."""
@@ -360,7 +449,80 @@ def write_table(table: pa.Table, out_dir: Path, rows_per_file: int = 4096) -> in
 
 
 def _read_contexts(batch: pa.Table) -> pa.Table:
-    return pa.concat_tables([pq.read_table(p, schema=schema.CONTEXTS) for p in batch.column("path").to_pylist()])
+    """Rows (path, part) → the contexts of those parts, each row tagged with its part."""
+    tables = []
+    for path, part in zip(batch.column("path").to_pylist(), batch.column("part").to_pylist()):
+        t = pq.read_table(path, schema=schema.CONTEXTS)
+        tables.append(t.append_column("part", pa.array(np.full(t.num_rows, part, np.int64))))
+    return pa.concat_tables(tables)
+
+
+# ---- resume inside the stage ------------------------------------------------------------
+
+STATE_DIR = "collect_state"
+COMMITTED = "COMMITTED.json"
+CHECKPOINT_ENV = "BAEZ_COLLECT_CHECKPOINT_S"
+CHECKPOINT_S = 300.0  # at most this much collect work is redone after a crash (see Checkpoints)
+
+
+class Checkpoints:
+    """Snapshots of the merge state under `<run>/collect_state/`: `gen-NNNNNN/` (top and
+    sample rows, firing counts) and the commit marker `COMMITTED.json`, written last and
+    atomically, naming the snapshot in force and the contexts parts it covers. A snapshot
+    is taken when a part has completed and at least max(interval, 10 × the last snapshot's
+    time) has passed since the previous one: a wide dictionary's state (262k features ×
+    (top_k + reservoir) windows) takes a while to write, and snapshots never take more
+    than ~10% of the stage. Older snapshots are removed once the marker has moved on."""
+
+    def __init__(self, root: Path, part_names: list[str], interval_s: float | None = None):
+        self.root, self.names = root, part_names
+        self.interval = float(os.environ.get(CHECKPOINT_ENV, CHECKPOINT_S)) if interval_s is None else interval_s
+        self.generation = 0
+        self.last, self.cost, self.written = time.monotonic(), 0.0, 0
+
+    def load(self, merger: Merger) -> int:
+        """Restore the committed snapshot into `merger`; returns the parts it covers."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        marker = self.root / COMMITTED
+        if not marker.exists():
+            self._clean(keep=None)
+            return 0
+        info = json.loads(marker.read_text())
+        if info.get("parts") != self.names or info.get("n_features") != merger.F:
+            log(f"[collect] {marker}: a snapshot of other contexts parts or features; starting the stage over")
+            self._clean(keep=None)
+            marker.unlink()
+            return 0
+        index = {n: i for i, n in enumerate(self.names)}
+        merger.load(self.root / info["dir"], info, {index[n] for n in info["done"]})
+        self.generation = int(info["generation"])
+        self._clean(keep=info["dir"])
+        return len(merger.done)
+
+    def due(self) -> bool:
+        return time.monotonic() - self.last >= max(self.interval, 10 * self.cost)
+
+    def save(self, merger: Merger) -> None:
+        t0 = time.monotonic()
+        name = f"gen-{self.generation + 1:06d}"
+        tmp = self.root / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        info = merger.save(tmp)
+        for f in tmp.iterdir():
+            fsync_path(f)
+        os.replace(tmp, self.root / name)
+        done = sorted(self.names[i] for i in merger.done)
+        write_json_atomic({"generation": self.generation + 1, "dir": name, "parts": self.names, "done": done, **info},
+                          self.root / COMMITTED)
+        self.generation += 1
+        self._clean(keep=name)
+        self.last = time.monotonic()
+        self.cost, self.written = self.last - t0, self.written + 1
+
+    def _clean(self, keep: str | None) -> None:
+        for d in self.root.iterdir():
+            if d.name != keep and (d.name.startswith("gen-") or d.name.endswith(".tmp")):
+                shutil.rmtree(d) if d.is_dir() else d.unlink()
 
 
 def n_sae_features(sae_cfg: SAEConfig) -> int:
@@ -383,7 +545,12 @@ def collect_job(spec: JobSpec, run: Run) -> None:
     cfg, mcfg = spec.collect, spec.model
     tokenizer = load_tokenizer(mcfg)
     contexts_dir = run.table_dir("contexts")
+    state_root = run.dir / STATE_DIR
     if not run.completed("contexts"):
+        # an earlier attempt may have died while writing: start the table (and any merge
+        # state, which belongs to the contexts written before) over
+        shutil.rmtree(contexts_dir, ignore_errors=True)
+        shutil.rmtree(state_root, ignore_errors=True)
         with run.stage("contexts") as info:
             # parts of a few batches each: Ray Data hands one part to an actor at a time, so
             # small parts spread the work over the actors and stream results to the merge
@@ -395,35 +562,53 @@ def collect_job(spec: JobSpec, run: Run) -> None:
         n_features = min(cfg.features or d_sae, d_sae)
         init_ray(spec)
         with run.stage("collect") as info:
-            # one block per contexts part (read_parquet would coalesce small parts into one
-            # block, and then one actor would get all the work and emit only at the end)
-            parts = sorted(str(p) for p in contexts_dir.glob("part-*.parquet"))
-            ds = ray.data.from_items([{"path": p} for p in parts], override_num_blocks=len(parts)).map_batches(
-                _read_contexts, batch_size=1, batch_format="pyarrow", num_cpus=0.1
-            )
-            out = ds.map_batches(
-                CollectWorker,
-                fn_constructor_kwargs=dict(
-                    model=mcfg.model_dump(), sae=spec.sae.model_dump(), collect=cfg.model_dump(), seed=spec.seed,
-                    n_features=n_features, bos_id=tokenizer.bos_token_id, threads=max(1, math.ceil(mcfg.num_cpus)),
-                ),
-                batch_size=cfg.batch_size,
-                batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-                num_cpus=mcfg.num_cpus,
-                num_gpus=mcfg.num_gpus or None,
-            )
-            merger = Merger(n_features, cfg)
+            part_paths = sorted(contexts_dir.glob("part-*.parquet"))
+            sizes = {i: pq.ParquetFile(p).metadata.num_rows for i, p in enumerate(part_paths)}
+            merger = Merger(n_features, cfg, part_sizes=sizes)
+            checkpoints = Checkpoints(state_root, [p.name for p in part_paths])
+            resumed = checkpoints.load(merger)
+            todo = [i for i in range(len(part_paths)) if i not in merger.done]
+            if resumed:
+                log(f"[collect] resuming: {resumed} of {len(part_paths)} contexts parts merged by an earlier attempt")
             total = run.manifest["stages"]["contexts"]["tokens"]
             t0, t_first, first_tokens, last_log = time.perf_counter(), None, None, 0.0
-            for batch in out.iter_batches(batch_format="pyarrow", batch_size=None):
-                merger.add(batch)
-                if t_first is None:
-                    t_first, first_tokens = time.perf_counter(), merger.n_tokens
-                now = time.perf_counter()
-                if now - last_log > 10:
-                    last_log = now
-                    log(f"[collect] {merger.n_tokens:,}/{total:,} tokens ({100 * merger.n_tokens / total:.0f}%), {merger.n_tokens / (now - t0):,.0f} tok/s")
+            if todo:
+                # one block per contexts part (read_parquet would coalesce small parts into one
+                # block, and then one actor would get all the work and emit only at the end);
+                # each actor call takes whole parts (batch_size=None) and runs them in
+                # forward passes of collect.batch_size
+                ds = ray.data.from_items([{"path": str(part_paths[i]), "part": i} for i in todo], override_num_blocks=len(todo)).map_batches(
+                    _read_contexts, batch_size=1, batch_format="pyarrow", num_cpus=0.1
+                )
+                out = ds.map_batches(
+                    CollectWorker,
+                    fn_constructor_kwargs=dict(
+                        model=mcfg.model_dump(), sae=spec.sae.model_dump(), collect=cfg.model_dump(), seed=spec.seed,
+                        n_features=n_features, bos_id=tokenizer.bos_token_id, threads=max(1, math.ceil(mcfg.num_cpus)),
+                    ),
+                    batch_size=None,
+                    batch_format="numpy",
+                    compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+                    num_cpus=mcfg.num_cpus,
+                    num_gpus=mcfg.num_gpus or None,
+                    # a restarted actor starts with an empty running top-k: it emits more
+                    # candidates, never fewer, and its part is counted once (Merger.add)
+                    **ACTOR_FAULT_TOLERANCE,
+                )
+                start_tokens = merger.n_tokens
+                for batch in out.iter_batches(batch_format="pyarrow", batch_size=None):
+                    if merger.add(batch) and checkpoints.due():
+                        checkpoints.save(merger)
+                    if t_first is None:
+                        t_first, first_tokens = time.perf_counter(), merger.n_tokens
+                    now = time.perf_counter()
+                    if now - last_log > 10:
+                        last_log = now
+                        log(f"[collect] {merger.n_tokens:,}/{total:,} tokens ({100 * merger.n_tokens / total:.0f}%), "
+                            f"{(merger.n_tokens - start_tokens) / (now - t0):,.0f} tok/s")
+            if merger.pending or len(merger.done) != len(part_paths):
+                missing = sorted(set(range(len(part_paths))) - merger.done)
+                raise RuntimeError(f"collect: contexts parts {[part_paths[i].name for i in missing][:5]} were not fully merged: a batch was lost")
             table = merger.features_table(spec.sae.id, mcfg.id, mcfg.layer, token_texts(tokenizer))
             parts = write_table(table, run.table_dir("features"))
             t_done = time.perf_counter()
@@ -433,13 +618,16 @@ def collect_job(spec: JobSpec, run: Run) -> None:
                 firing_features=int((merger.counts > 0).sum()),
                 candidate_rows=merger.rows_in,
                 parts=parts,
+                resumed_parts=resumed,
+                checkpoints=checkpoints.written,
                 # start-up (actors, model load, first batch) apart from the steady rate, which
                 # includes the merge and writing the features table
                 startup_s=round((t_first or t0) - t0, 3),
-                steady_tokens_per_s=round((merger.n_tokens - (first_tokens or 0)) / max(t_done - (t_first or t0), 1e-9), 1),
+                steady_tokens_per_s=round((merger.n_tokens - (first_tokens or 0)) / max(t_done - (t_first or t0), 1e-9), 1) if todo else None,
             )
             if merger.n_tokens != total:
                 raise RuntimeError(f"collect saw {merger.n_tokens} tokens but the corpus has {total}: a batch was lost")
+        shutil.rmtree(state_root, ignore_errors=True)  # the features table is committed now
     with run.stage("features_report") as info:
         from baez_ray.report.features import write_features_report
 

@@ -15,6 +15,7 @@ in the backend itself (after the backend's own retries) is recorded with that er
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -165,20 +166,46 @@ def _av_rows(n_examples: int):
     return build
 
 
+AV_RUN_KEYS = ("num_actors", "num_cpus", "num_gpus", "batch_size", "device", "engine", "engine_kwargs")
+
+
+def _run_kwargs(av: dict | None) -> dict:
+    """The keys of a `label.av` section (AVRunConfig) that say where the AV runs."""
+    return {k: v for k, v in (av or {}).items() if k in AV_RUN_KEYS}
+
+
+def verbalize_vectors(rows, sidecar_path: str, num_actors: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0,
+                      batch_size: int = 8, device: str = "cpu", engine: str = "transformers", engine_kwargs: dict | None = None):
+    """Rows with a `vector` column (a Ray Dataset) → the same rows with `explanation`,
+    `verbalizer`, `av_engine`, `av_error` (lazy). The AV runs in an actor pool, on the
+    transformers engine or vLLM (`engine: vllm`, `vllm.LLM(enable_prompt_embeds=True)`)."""
+    from baez_ray.models.av import ENGINES, AVWorker
+
+    if engine not in ENGINES:
+        raise ValueError(f"unknown AV engine {engine!r} (known: {', '.join(ENGINES)})")
+    extra = {}
+    if engine == "vllm":  # the engine reads VLLM_* settings (e.g. VLLM_CPU_KVCACHE_SPACE) in the actor
+        env = {k: v for k, v in os.environ.items() if k.startswith("VLLM_")}
+        if env:
+            extra["runtime_env"] = {"env_vars": env}
+    return rows.map_batches(
+        AVWorker, fn_constructor_kwargs={"sidecar_path": sidecar_path, "device": device, "threads": max(1, math.ceil(num_cpus)),
+                                         "engine": engine, "engine_kwargs": dict(engine_kwargs or {}) or None},
+        batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=num_actors),
+        num_cpus=num_cpus, num_gpus=num_gpus or None, **extra,
+    )
+
+
 def verbalize(features, sidecar_path: str, n_examples: int = 10, num_actors: int = 1, num_cpus: float = 1.0,
-              num_gpus: float = 0.0, batch_size: int = 8, device: str = "cpu") -> pa.Table:
+              num_gpus: float = 0.0, batch_size: int = 8, device: str = "cpu", engine: str = "transformers",
+              engine_kwargs: dict | None = None, **_other) -> pa.Table:
     """AV explanations of each feature's top examples: rows (feature, rank, score,
-    explanation, verbalizer, av_error). Examples need the residual vector (collect with
-    keep_residual)."""
+    explanation, verbalizer, av_engine, av_error). Examples need the residual vector
+    (collect with keep_residual). Keys of a `label.av` section that are not about where
+    the AV runs are ignored."""
     rows = features.map_batches(_av_rows(n_examples), batch_format="pyarrow")
     rows = rows.filter(lambda r: r["vector"] is not None)
-    from baez_ray.models.av import AVWorker
-
-    out = rows.map_batches(
-        AVWorker, fn_constructor_kwargs={"sidecar_path": sidecar_path, "device": device, "threads": max(1, math.ceil(num_cpus))},
-        batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=num_actors),
-        num_cpus=num_cpus, num_gpus=num_gpus or None,
-    )
+    out = verbalize_vectors(rows, sidecar_path, num_actors, num_cpus, num_gpus, batch_size, device, engine, engine_kwargs)
     return _collect(out.drop_columns(["vector"]))
 
 
@@ -189,7 +216,7 @@ def label_baez(features, sidecar_path: str, llm: LLMConfig, last_only: bool = Fa
     from baez_ray.models.av import last_paragraph
 
     method = "baez_last" if last_only else "baez"
-    expl = verbalize(features, sidecar_path, n_examples, **(av or {}))
+    expl = verbalize(features, sidecar_path, n_examples, **_run_kwargs(av))
     by_feature: dict[tuple, list[dict]] = {}
     for r in expl.to_pylist() if expl.num_rows else []:
         by_feature.setdefault((r["sae_id"], r["layer"], r["feature"]), []).append(r)
@@ -220,6 +247,91 @@ def label_baez(features, sidecar_path: str, llm: LLMConfig, last_only: bool = Fa
     if missing:
         labels = pa.concat_tables([labels, schema.conform(pa.Table.from_pylist(missing), schema.LABELS)])
     return labels
+
+
+# ------------------------------------------------------------------ nla_direct
+
+class DecoderRows:
+    """Ray Data actor: feature keys in; `vector` (the SAE decoder row W_dec[feature], which
+    the AV then reads) and `decoder_error` added. Loads the SAE once (sae-lens, through
+    `models.base.load_sae`) and keeps only W_dec."""
+
+    def __init__(self, sae: dict):
+        import torch
+
+        from baez_ray.config import SAEConfig
+        from baez_ray.models.base import load_sae
+
+        cfg = SAEConfig(**sae)
+        with torch.no_grad():
+            model = load_sae(cfg, "cpu")
+            self.w_dec = model.W_dec.detach().float().cpu().numpy()  # [d_sae, d_in]
+        del model
+        self.sae_id = cfg.id
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        vectors, errors = [], []
+        n = len(self.w_dec)
+        for s, f in zip(batch.column("sae_id").to_pylist(), batch.column("feature").to_pylist()):
+            if s != self.sae_id:
+                vectors.append(None)
+                errors.append(f"feature of SAE {s!r}, but the decoder loaded is SAE {self.sae_id!r}")
+            elif not 0 <= f < n:
+                vectors.append(None)
+                errors.append(f"feature {f} is not in the SAE (it has {n} features)")
+            else:
+                vectors.append(self.w_dec[f])
+                errors.append(None)
+        col = pa.array([v.tolist() if v is not None else None for v in vectors], pa.list_(pa.float32()))
+        return batch.append_column("vector", col).append_column("decoder_error", pa.array(errors, pa.string()))
+
+
+def label_nla_direct(features, sidecar_path: str, sae, llm: LLMConfig | None = None, shorten: bool | None = None,
+                     max_retries: int = 2, av: dict | None = None, max_tokens: int = 200) -> pa.Table:
+    """`nla_direct` (SPEC §2): the AV reads the feature's SAE decoder row (`sae`: the
+    SAEConfig of the features' SAE); its explanation is the label, or, with `shorten`
+    (default: `av["nla_direct_shorten"]`), the explainer `llm` condenses it into one. Every
+    label row keeps the AV's text (`evidence`, one item) and the prompt version
+    `nla_direct/v1+av:<sidecar name>`; a feature whose row or explanation failed gets its
+    row with the error."""
+    from baez_ray.models.av import load_sidecar
+
+    sc = load_sidecar(sidecar_path)
+    if shorten is None:
+        shorten = bool((av or {}).get("nla_direct_shorten", False))
+    if shorten and llm is None:
+        raise ValueError("nla_direct with shorten needs an explainer LLM")
+    run = _run_kwargs(av)
+    engine = run.get("engine", "transformers")
+    version = f"{prompts.NLA_DIRECT_VERSION}+av:{sc.name}"
+    keys = features.select_columns(["sae_id", "layer", "feature"])
+    rows = keys.map_batches(DecoderRows, fn_constructor_kwargs={"sae": sae.model_dump()}, batch_size=max(64, run.get("batch_size", 8)),
+                            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
+    # one pass: rows without a decoder row reach the AV actor too, which skips them
+    expl = _collect(verbalize_vectors(rows, sidecar_path, **run).drop_columns(["vector"]))
+
+    base = {"method": "nla_direct", "prompt_version": version, "n_examples": 0, "input_tokens": 0, "output_tokens": 0,
+            "cost_usd": 0.0, "tries": 0}
+    out, prompt_rows = [], []
+    for r in expl.to_pylist() if expl.num_rows else []:
+        key = {"sae_id": r["sae_id"], "layer": r["layer"], "feature": r["feature"]}
+        text = r["explanation"]
+        if r["decoder_error"]:
+            out.append({**base, **key, "label": None, "error": r["decoder_error"]})
+        elif r["av_error"] or not text:
+            out.append({**base, **key, "label": None, "backend": f"av:{engine}", "model": sc.av_model, "tries": 1,
+                        "error": r["av_error"] or "the AV wrote no explanation", "raw": text, "evidence": [text] if text else None})
+        elif not shorten:
+            out.append({**base, **key, "label": text, "backend": f"av:{engine}", "model": sc.av_model, "tries": 1, "error": None,
+                        "raw": text, "evidence": [text]})
+        else:
+            prompt_rows.append({"request_id": f"{r['sae_id']}|{r['feature']}|nla_direct", "messages": prompts.nla_direct_messages(text),
+                                "max_tokens": max_tokens, "temperature": 0.0, "stop": None, "constraint": None, **key,
+                                "n_examples": 0, "evidence": [text]})
+    parts = [schema.conform(pa.Table.from_pylist([{f: r.get(f) for f in schema.LABELS.names} for r in out]), schema.LABELS)] if out else []
+    if prompt_rows:
+        parts.append(_label_rounds(ray.data.from_arrow(_table(prompt_rows)), "nla_direct", prompts.ELEUTHER_MARKER, version, llm, max_retries))
+    return pa.concat_tables(parts) if parts else schema.empty(schema.LABELS)
 
 
 def _collect(ds) -> pa.Table:

@@ -1,0 +1,102 @@
+"""Negatives from the corpus (`score.negatives: corpus`): windows where a feature does not
+fire at all, found by running the base model and the SAE over a seeded sample of contexts.
+
+    contexts/ (sampled) ─▶ NegativeWorker actors (base model → layer-L residual → SAE
+    encode, full dictionary, then the scored features) ─▶ per window of `window` tokens:
+    the max activation of each scored feature ─▶ per feature, n windows whose max is 0,
+    drawn at random (seeded per feature)
+
+Each window is cut from a whole context after the model has read the context from its
+start, so its activations are the ones the feature has in the corpus. The BOS token is
+never part of a window.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from baez_ray.config import ModelConfig, SAEConfig
+from baez_ray.splits import feature_seed
+
+
+class NegativeWorker:
+    """Ray Data actor: contexts in, one row per window out (context_id, start, tokens, the
+    scored features' max activation in the window)."""
+
+    def __init__(self, model: dict, sae: dict, features: list[int], window: int, threads: int):
+        from baez_ray.models.base import BaseModel, load_sae
+
+        torch.set_num_threads(threads)
+        self.lm = BaseModel(ModelConfig(**model))
+        self.sae = load_sae(SAEConfig(**sae), self.lm.device, self.lm.d_model)
+        self.dtype = next(self.sae.parameters()).dtype
+        self.features = torch.tensor(features, dtype=torch.int64, device=self.lm.device)
+        self.window = window
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = torch.from_numpy(np.stack(batch["tokens"]).astype(np.int64)).to(self.lm.device)
+        acts = self.sae.encode(self.lm.residual(ids).to(self.dtype))[..., self.features].float()  # [B, T, F_sel]
+        B, T, _ = acts.shape
+        out = {"context_id": [], "start": [], "tokens": [], "max_acts": []}
+        for b in range(B):
+            for start in range(1, T - self.window + 1, self.window):  # position 0 is BOS
+                out["context_id"].append(int(batch["context_id"][b]))
+                out["start"].append(start)
+                out["tokens"].append(ids[b, start : start + self.window].cpu().numpy().astype(np.int32))
+                out["max_acts"].append(acts[b, start : start + self.window].amax(dim=0).cpu().numpy())
+        return {k: np.asarray(v) if k in ("context_id", "start") else np.stack(v) if v else np.zeros((0,)) for k, v in out.items()}
+
+
+def corpus_negatives(spec, run, keys: list[tuple[str, int]], n: int, seed: int, n_contexts: int = 64) -> dict[tuple[str, int], list[dict]]:
+    """(sae_id, feature) → up to `n` example dicts of corpus windows where the feature does
+    not fire. Needs the job's model, sae and corpus; writes the contexts table if the run
+    has none yet."""
+    import ray
+
+    from baez_ray.corpus import write_contexts
+    from baez_ray.models.base import load_tokenizer
+    from baez_ray.stages.collect import token_texts
+
+    if spec.model is None or spec.sae is None or spec.corpus is None:
+        raise ValueError("score.negatives = corpus needs the job's model, sae and corpus sections")
+    other = sorted({s for s, _ in keys} - {spec.sae.id})
+    if other:
+        raise ValueError(f"score.negatives = corpus: features of SAE(s) {other}, but the job's sae is {spec.sae.id!r}")
+    tokenizer = load_tokenizer(spec.model)
+    contexts_dir = run.table_dir("contexts")
+    if not any(Path(contexts_dir).glob("part-*.parquet")):
+        write_contexts(spec.corpus, tokenizer, contexts_dir)
+    contexts = pq.read_table(contexts_dir)
+    rng = np.random.default_rng(seed)
+    take = np.sort(rng.choice(contexts.num_rows, size=min(n_contexts, contexts.num_rows), replace=False))
+    sample = contexts.take(pa.array(take))
+    features = sorted({f for _, f in keys})
+    window = spec.collect.window
+    ds = ray.data.from_arrow(sample).map_batches(
+        NegativeWorker,
+        fn_constructor_kwargs=dict(model=spec.model.model_dump(), sae=spec.sae.model_dump(), features=features, window=window,
+                                   threads=max(1, math.ceil(spec.model.num_cpus))),
+        batch_size=spec.collect.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=spec.model.num_cpus, num_gpus=spec.model.num_gpus or None,
+    )
+    rows = ds.take_all()
+    if not rows:
+        return {k: [] for k in keys}
+    max_acts = np.stack([r["max_acts"] for r in rows])  # [W, F_sel]
+    text = token_texts(tokenizer)
+    out = {}
+    for key in keys:
+        j = features.index(key[1])
+        quiet = np.flatnonzero(max_acts[:, j] <= 0)
+        pick = np.random.default_rng(feature_seed(seed, *key)).permutation(quiet)[:n]
+        out[key] = [{"kind": "negative", "rank": i, "context_id": int(rows[w]["context_id"]), "position": int(rows[w]["start"]),
+                     "value": 0.0, "top_index": 0, "token_strs": text(rows[w]["tokens"]), "acts": [0.0] * window}
+                    for i, w in enumerate(pick)]
+    return out

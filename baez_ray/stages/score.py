@@ -1,0 +1,324 @@
+"""Scoring labels (SPEC §3): detection, fuzz, embedding, and the random-label control.
+
+    test examples + negatives ─▶ items per feature (shuffled once per feature, shared by
+    every method so that methods are compared on the same excerpts)
+    labels ─▶ subjects (feature, method, label) + random_label subjects
+    subjects × items ─▶ prompt rows (examples_per_prompt excerpts each), ALL features,
+       methods and benchmarks in one Ray Dataset ─backend─▶ answers ─parse─▶ 0/1 lists
+                               ▲                                  │ unreadable
+                               └── retry round (the failed answer and the problem), all
+                                   unreadable prompts together, up to max_retries times
+    subjects × items ─embedder actor pool (one encode call per batch of subjects)─▶ gap, AUROC
+    ─▶ scores table (schema.SCORES), one row per (feature, method, benchmark)
+
+A prompt whose answer stays unreadable after the retries, or that failed in the backend,
+is a *failed batch*: its excerpts count in `n_failed` (and in `n_shown`), never silently
+dropped; the metrics use the answered excerpts. Positives are the feature's test examples
+(the caller splits: see baez_ray/splits.py); negatives are test examples of other features
+(default) or corpus windows where the feature does not fire (`negatives_table`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from baez_ray import prompts, schema
+from baez_ray.backends import generate
+from baez_ray.config import LLMConfig, ScoreConfig
+from baez_ray.metrics import binary_metrics, embedding_metrics
+from baez_ray.run import log
+from baez_ray.splits import feature_seed
+from baez_ray.windows import token_text
+
+RANDOM_LABEL = "random_label"
+EMBEDDING_VERSION = "embedding/v1"
+
+
+def example_text(ex: dict) -> str:
+    return "".join(token_text(t) for t in ex["token_strs"])
+
+
+def fuzz_text(ex: dict, positions: set[int]) -> str:
+    """The example with the tokens at `positions` wrapped in << >> (runs share a pair)."""
+    acts = [1.0 if i in positions else 0.0 for i in range(len(ex["token_strs"]))]
+    return prompts.mark_tokens([token_text(t) for t in ex["token_strs"]], acts, 0.5)
+
+
+@dataclass
+class Items:
+    """One feature's excerpts: plain text (detection, embedding), highlighted text (fuzz),
+    truth (1: a test example of the feature), in the order shown."""
+
+    plain: list[str] = field(default_factory=list)
+    fuzz: list[str] = field(default_factory=list)
+    truth: list[int] = field(default_factory=list)
+
+
+def build_items(tests: dict[tuple[str, int], list[dict]], cfg: ScoreConfig, seed: int,
+                negatives: dict[tuple[str, int], list[dict]] | None = None) -> dict[tuple[str, int], Items]:
+    """Excerpts per feature. `tests`: (sae_id, feature) → test examples. Negatives: test
+    examples of other features drawn at random (or `negatives[key]` when given). Fuzz:
+    positives highlighted at their active tokens (>= fuzz_threshold × the example max),
+    negatives at as many random tokens as the positives' mean, drawn per example."""
+    keys = sorted(tests)
+    pool = [(k, e) for k in keys for e in tests[k]]
+    out = {}
+    for key in keys:
+        rng = np.random.default_rng(feature_seed(seed, key[0], key[1]))
+        pos = tests[key][: cfg.test_examples]
+        if negatives is not None:
+            neg = list(negatives.get(key, []))[: cfg.n_negatives]
+        else:
+            others = [e for k, e in pool if k != key]
+            take = rng.choice(len(others), size=min(cfg.n_negatives, len(others)), replace=False) if others else []
+            neg = [others[i] for i in take]
+        marks = []
+        for e in pos:
+            peak = max(e["acts"]) if e["acts"] else 0.0
+            marks.append({i for i, a in enumerate(e["acts"]) if peak > 0 and a >= cfg.fuzz_threshold * peak})
+        n_mark = max(1, round(float(np.mean([len(m) for m in marks])))) if marks else 1
+        for e in neg:
+            n_tok = len(e["token_strs"])
+            marks.append(set(rng.choice(n_tok, size=min(n_mark, n_tok), replace=False).tolist()) if n_tok else set())
+        examples = list(pos) + list(neg)
+        truth = [1] * len(pos) + [0] * len(neg)
+        order = rng.permutation(len(examples))
+        items = Items()
+        for i in order:
+            items.plain.append(example_text(examples[i]))
+            items.fuzz.append(fuzz_text(examples[i], marks[i]))
+            items.truth.append(truth[i])
+        out[key] = items
+    return out
+
+
+def subjects(labels: pa.Table, keys: set[tuple[str, int]], cfg: ScoreConfig, seed: int) -> list[dict]:
+    """(sae_id, layer, feature, method, label) to score: every non-null label of a feature
+    in `keys`, plus the random-label control: each feature scored with the label of another
+    feature, chosen at random (a random derangement of the control method's labels)."""
+    rows = [r for r in labels.select(["sae_id", "layer", "feature", "method", "label"]).to_pylist()
+            if r["label"] and (r["sae_id"], r["feature"]) in keys]
+    rows.sort(key=lambda r: (r["method"], r["sae_id"], r["feature"]))
+    if cfg.random_label and rows:
+        if cfg.control_method:
+            base = [r for r in rows if r["method"] == cfg.control_method]
+        else:  # one label per feature: that of the first method (in table order) that labelled it
+            order = {m: i for i, m in enumerate(dict.fromkeys(labels.column("method").to_pylist()))}
+            first: dict[tuple, dict] = {}
+            for r in sorted(rows, key=lambda r: order[r["method"]]):
+                first.setdefault((r["sae_id"], r["feature"]), r)
+            base = sorted(first.values(), key=lambda r: (r["sae_id"], r["feature"]))
+        if len(base) >= 2:
+            rng = np.random.default_rng(seed + 7919)
+            perm = rng.permutation(len(base))
+            while np.any(perm == np.arange(len(base))):  # a derangement: nobody keeps its own label
+                perm = rng.permutation(len(base))
+            rows += [{**r, "method": RANDOM_LABEL, "label": base[j]["label"]} for r, j in zip(base, perm)]
+    return rows
+
+
+def _prompt_rows(subs: list[dict], items: dict, cfg: ScoreConfig) -> list[dict]:
+    rows = []
+    per = cfg.examples_per_prompt
+    for s in subs:
+        it = items[(s["sae_id"], s["feature"])]
+        for bench in [b for b in cfg.benchmarks if b != "embedding"]:
+            texts = it.plain if bench == "detection" else it.fuzz
+            for c, start in enumerate(range(0, len(texts), per)):
+                chunk = texts[start : start + per]
+                rows.append({
+                    "request_id": f"{s['sae_id']}|{s['feature']}|{s['method']}|{bench}|{c}",
+                    "messages": prompts.scorer_messages(bench, s["label"], chunk),
+                    "max_tokens": 4 * len(chunk) + 16, "temperature": 0.0, "stop": None,
+                    "constraint": f"binary_list:{len(chunk)}",
+                    "sae_id": s["sae_id"], "layer": s["layer"], "feature": s["feature"], "method": s["method"],
+                    "benchmark": bench, "label": s["label"], "truth": it.truth[start : start + per],
+                })
+    return rows
+
+
+PASS = ("request_id", "max_tokens", "temperature", "stop", "constraint", "sae_id", "layer", "feature", "method", "benchmark", "label", "truth")
+
+
+def _table(rows: list[dict]) -> pa.Table:
+    from baez_ray.backends import prompt_table
+
+    t = prompt_table(rows)
+    t = t.set_column(t.schema.get_field_index("layer"), "layer", t.column("layer").cast(pa.int32()))
+    return t.set_column(t.schema.get_field_index("truth"), "truth", t.column("truth").cast(pa.list_(pa.int8())))
+
+
+def _collect(ds) -> pa.Table:
+    batches = [b for b in ds.iter_batches(batch_format="pyarrow", batch_size=None) if b.num_rows]
+    return pa.concat_tables(batches, promote_options="default") if batches else pa.table({})
+
+
+def llm_rounds(rows: list[dict], llm: LLMConfig, max_retries: int) -> list[dict]:
+    """Send every prompt row, parse the 0/1 lists, resend the unreadable ones (all of them
+    together) up to `max_retries` times. Returns one dict per prompt: the row, `pred`
+    (None when failed), `problem`, and the tokens and cost of all its tries."""
+    spent: dict[str, list] = {}
+    done: list[dict] = []
+    pending = ray.data.from_arrow(_table(rows)) if rows else None
+    for attempt in range(max_retries + 1):
+        if pending is None:
+            break
+        answered = _collect(generate(pending, llm))
+        retry = []
+        for row in answered.to_pylist():
+            acc = spent.setdefault(row["request_id"], [0, 0, 0.0, 0])
+            acc[0] += row["input_tokens"]
+            acc[1] += row["output_tokens"]
+            acc[2] += row["cost_usd"]
+            acc[3] += 1
+            n = len(row["truth"])
+            pred, problem = (None, row["error"]) if row["error"] else prompts.parse_binary_list(row["answer"], n)
+            if pred is not None or row["error"] is not None or attempt == max_retries:
+                done.append({**row, "pred": pred, "problem": problem})
+            else:
+                example = "[" + ",".join("01"[i % 2] for i in range(n)) + "]"
+                msgs = list(row["messages"]) + [
+                    {"role": "assistant", "content": row["answer"] or ""},
+                    {"role": "user", "content": prompts.SCORE_RETRY_TEMPLATE.format(problem=problem, n=n, example=example)},
+                ]
+                retry.append({k: row[k] for k in PASS} | {"messages": msgs})
+        if retry:
+            log(f"[score] retry {attempt + 1}/{max_retries}: {len(retry)} unreadable answers")
+        pending = ray.data.from_arrow(_table(retry)) if retry else None
+    for row in done:
+        row["input_tokens"], row["output_tokens"], row["cost_usd"], row["tries"] = spent[row["request_id"]]
+    return done
+
+
+def _llm_scores(done: list[dict]) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in done:
+        groups.setdefault((r["sae_id"], r["layer"], r["feature"], r["method"], r["benchmark"], r["label"]), []).append(r)
+    out = []
+    for (sae_id, layer, feat, method, bench, label), rs in sorted(groups.items(), key=lambda kv: kv[0][:5]):
+        truth = [t for r in rs if r["pred"] is not None for t in r["truth"]]
+        pred = [p for r in rs if r["pred"] is not None for p in r["pred"]]
+        m = binary_metrics(truth, pred) if truth else {k: None for k in ("balanced_accuracy", "accuracy", "precision", "recall", "f1")}
+        out.append({
+            "sae_id": sae_id, "layer": layer, "feature": feat, "method": method, "benchmark": bench, "label": label,
+            "n_shown": sum(len(r["truth"]) for r in rs),
+            "n_failed": sum(len(r["truth"]) for r in rs if r["pred"] is None),
+            **{k: (None if v is None or math.isnan(v) else v) for k, v in m.items()},
+            "prompt_version": prompts.DETECTION_VERSION if bench == "detection" else prompts.FUZZ_VERSION,
+            "input_tokens": sum(r["input_tokens"] for r in rs), "output_tokens": sum(r["output_tokens"] for r in rs),
+            "cost_usd": sum(r["cost_usd"] for r in rs),
+        })
+    return out
+
+
+class EmbedScorer:
+    """Ray Data actor: rows (subject, label, texts, truth) → gap and AUROC; every text of a
+    batch (labels and excerpts of all its subjects) is embedded in one `encode` call, each
+    distinct text once."""
+
+    def __init__(self, embedder: str | None, threads: int):
+        from baez_ray.embedder import Embedder
+
+        self.emb = Embedder(embedder, device="auto", threads=threads)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        labels = batch.column("label").to_pylist()
+        texts = batch.column("texts").to_pylist()
+        truth = batch.column("truth").to_pylist()
+        uniq = list(dict.fromkeys(labels + [t for ts in texts for t in ts]))
+        where = {t: i for i, t in enumerate(uniq)}
+        U = self.emb.encode(uniq)
+        gaps, aurocs = [], []
+        for lab, ts, tr in zip(labels, texts, truth):
+            sim = U[[where[t] for t in ts]] @ U[where[lab]]
+            m = embedding_metrics(sim, tr)
+            gaps.append(None if math.isnan(m["gap"]) else m["gap"])
+            aurocs.append(None if math.isnan(m["auroc"]) else m["auroc"])
+        return batch.drop_columns(["texts", "truth"]).append_column("gap", pa.array(gaps, pa.float64())).append_column("auroc", pa.array(aurocs, pa.float64()))
+
+
+def _embedding_scores(subs: list[dict], items: dict, cfg: ScoreConfig, threads: int, batch_size: int = 256) -> list[dict]:
+    rows = [{**s, "layer": int(s["layer"]), "texts": items[(s["sae_id"], s["feature"])].plain, "truth": items[(s["sae_id"], s["feature"])].truth} for s in subs]
+    if not rows:
+        return []
+    ds = ray.data.from_arrow(pa.Table.from_pylist(rows))
+    out = _collect(ds.map_batches(EmbedScorer, fn_constructor_kwargs={"embedder": cfg.embedder, "threads": threads},
+                                  batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5))
+    res = []
+    for r in out.to_pylist():
+        n = len(items[(r["sae_id"], r["feature"])].truth)
+        res.append({**{k: r[k] for k in ("sae_id", "layer", "feature", "method", "label", "gap", "auroc")}, "benchmark": "embedding",
+                    "n_shown": n, "n_failed": 0, "prompt_version": EMBEDDING_VERSION, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0})
+    return res
+
+
+def score_labels(tests: dict[tuple[str, int], list[dict]], labels: pa.Table, cfg: ScoreConfig, scorer: LLMConfig, seed: int = 0,
+                 negatives: dict[tuple[str, int], list[dict]] | None = None, threads: int = 2) -> tuple[pa.Table, dict]:
+    """Score every label of the features in `tests` ((sae_id, feature) → test examples)
+    with each benchmark of `cfg`, plus the random-label control. Returns the SCORES table
+    and counts for the manifest."""
+    items = build_items(tests, cfg, seed, negatives)
+    subs = subjects(labels, set(items), cfg, seed)
+    rows = _prompt_rows(subs, items, cfg)
+    log(f"[score] {len(items)} features, {len(subs)} labels (incl. control), {len(rows)} scorer prompts ({scorer.backend}:{scorer.model})")
+    done = llm_rounds(rows, scorer, cfg.max_retries) if rows else []
+    # (from_pylist takes its columns from the first row: each kind of row separately)
+    parts = [_llm_scores(done), _embedding_scores(subs, items, cfg, threads) if "embedding" in cfg.benchmarks else []]
+    table = pa.concat_tables([schema.empty(schema.SCORES)] + [schema.conform(pa.Table.from_pylist(p), schema.SCORES) for p in parts if p])
+    failed = [r for r in done if r["pred"] is None]
+    info = {
+        "features": len(items), "subjects": len(subs), "prompts": len(rows),
+        "failed_prompts": len(failed), "retried_prompts": sum(1 for r in done if r["tries"] > 1),
+        "scorer_input_tokens": sum(r["input_tokens"] for r in done), "scorer_output_tokens": sum(r["output_tokens"] for r in done),
+        "scorer_cost_usd": sum(r["cost_usd"] for r in done),
+    }
+    return table, info
+
+
+def score_label_run(spec, run, features_dir) -> dict:
+    """The label job's optional scoring (`score:` in the job file): a seeded sample of the
+    labelled features, each scored on examples no labeller saw: its decile samples that
+    are not among its top examples (every labelling method reads top examples only)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from baez_ray.splits import split_examples
+    from baez_ray.stages.collect import write_table
+
+    cfg = spec.score
+    labels = pq.read_table(run.table_dir("labels"))
+    labelled = labels.filter(pc.is_valid(labels.column("label")))
+    wanted = set(zip(labelled.column("sae_id").to_pylist(), labelled.column("feature").to_pylist()))
+    feats = pq.read_table(features_dir, columns=["sae_id", "feature", "examples"], filters=[("feature", "in", sorted({f for _, f in wanted}))])
+    eligible, too_few = {}, 0
+    for r in feats.to_pylist():
+        if (r["sae_id"], r["feature"]) not in wanted:
+            continue
+        n_top = sum(1 for e in r["examples"] if e["kind"] == "top")
+        _, test = split_examples(r["examples"], "deciles", train_n=n_top, test_n=cfg.test_examples)
+        if len(test) >= cfg.min_test_examples:
+            eligible[(r["sae_id"], r["feature"])] = test
+        else:  # a feature that fired in few contexts has all of them among its top examples
+            too_few += 1
+    keys = sorted(eligible)
+    if cfg.sample and len(keys) > cfg.sample:
+        rng = np.random.default_rng(spec.seed)
+        keys = [keys[i] for i in sorted(rng.choice(len(keys), size=cfg.sample, replace=False))]
+    tests = {k: eligible[k] for k in keys}
+    scorer = cfg.scorer or spec.label.explainer
+    negatives = None
+    if cfg.negatives == "corpus":
+        from baez_ray.stages.negatives import corpus_negatives
+
+        negatives = corpus_negatives(spec, run, sorted(tests), cfg.n_negatives, spec.seed)
+    scores, info = score_labels(tests, labels, cfg, scorer, seed=spec.seed, negatives=negatives)
+    info["parts"] = write_table(scores, run.table_dir("scores"))
+    info["rows"] = scores.num_rows
+    info["labelled_features_too_few_test_examples"] = too_few
+    info["eligible"] = len(eligible)
+    return info

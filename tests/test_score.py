@@ -1,0 +1,362 @@
+"""Scoring (SPEC §3) and the benchmark job (SPEC §5): metrics against hand-computed cases,
+train/test splits that never overlap, scorers through real Ray Data and the real openai
+backend against a deterministic local scorer (an HTTP server on 127.0.0.1), parse failures
+retried then counted, and a whole benchmark run with its report."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from baez_ray import schema
+from baez_ray.config import LLMConfig, ScoreConfig
+from baez_ray.metrics import aggregate, auroc, binary_metrics, bootstrap_ci, embedding_metrics
+from baez_ray.prompts import parse_binary_list
+from baez_ray.splits import identity, split_examples
+
+# ------------------------------------------------------------------ metrics
+
+
+def test_binary_metrics_hand_computed():
+    m = binary_metrics([1, 1, 0, 0], [1, 0, 0, 1])  # TP 1, FN 1, TN 1, FP 1
+    assert m == {"balanced_accuracy": 0.5, "accuracy": 0.5, "precision": 0.5, "recall": 0.5, "f1": 0.5}
+    m = binary_metrics([1, 1, 1, 0], [1, 1, 0, 0])  # TP 2, FN 1, TN 1, FP 0
+    assert m["balanced_accuracy"] == pytest.approx((2 / 3 + 1) / 2)
+    assert m["accuracy"] == 0.75 and m["precision"] == 1.0 and m["recall"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(0.8)
+    # imbalanced: balanced accuracy is not fooled by always answering 0
+    m = binary_metrics([1, 0, 0, 0, 0], [0, 0, 0, 0, 0])
+    assert m["accuracy"] == 0.8 and m["balanced_accuracy"] == 0.5 and math.isnan(m["precision"]) and math.isnan(m["f1"])
+    # no negatives: balanced accuracy undefined
+    assert math.isnan(binary_metrics([1, 1], [1, 0])["balanced_accuracy"])
+    with pytest.raises(ValueError):
+        binary_metrics([1, 0], [1])
+
+
+def test_auroc_gap_and_bootstrap_hand_computed():
+    # positives 0.9, 0.3; negatives 0.8, 0.1: 3 of 4 pairs ordered correctly
+    assert auroc([0.9, 0.8, 0.3, 0.1], [1, 0, 1, 0]) == 0.75
+    assert auroc([0.5, 0.5], [1, 0]) == 0.5  # a tie counts one half
+    assert auroc([0.2, 0.1, 0.3], [1, 1, 0]) == 0.0
+    assert math.isnan(auroc([0.1, 0.2], [1, 1]))
+    e = embedding_metrics([0.9, 0.8, 0.3, 0.1], [1, 0, 1, 0])
+    assert e["gap"] == pytest.approx((0.9 + 0.3) / 2 - (0.8 + 0.1) / 2) and e["auroc"] == 0.75
+    assert bootstrap_ci([0.7, 0.7, 0.7]) == pytest.approx((0.7, 0.7, 0.7))
+    mean, lo, hi = bootstrap_ci([0.0, 1.0] * 50 + [float("nan")])
+    assert mean == 0.5 and lo < 0.5 < hi and hi - lo < 0.3
+    assert all(math.isnan(x) for x in bootstrap_ci([float("nan")]))
+
+
+def test_parse_binary_list():
+    assert parse_binary_list("[1, 0, 1]", 3) == ([1, 0, 1], None)
+    assert parse_binary_list("Sure! Answer: [true, false, True]", 3) == ([1, 0, 1], None)
+    assert parse_binary_list("first [0,0] then [1,1,0]", 3) == ([1, 1, 0], None)
+    assert parse_binary_list("[1, 0]", 3)[1] == "the list has 2 values, not 3"
+    assert parse_binary_list("[1, 2, 0]", 3)[0] is None
+    assert parse_binary_list("no idea", 3)[0] is None
+    assert parse_binary_list(None, 3)[0] is None
+
+
+# ------------------------------------------------------------------ synthetic features
+
+WORDS = ["alpha", "bravo", "cobalt", "delta", "ember", "falcon", "garnet", "harbor", "indigo", "jasper", "kappa", "lambda"]
+FILLER = "the of and to in is was it for on with as his that at by from they this had not are but be".split()
+
+
+def synthetic_features(n_top: int = 16, n_samples: int = 6, seed: int = 0) -> pa.Table:
+    """Feature i fires on the word WORDS[i] (its top token) amid filler words; its decile
+    samples repeat two of its top examples (same context and position), which a split must
+    never put on both sides."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for f, word in enumerate(WORDS):
+        examples = []
+        for r in range(n_top):
+            toks = [" " + FILLER[i] for i in rng.integers(0, len(FILLER), 20)]
+            t = int(rng.integers(4, 16))
+            toks[t] = " " + word
+            acts = [0.0] * 20
+            acts[t] = float(10 - 0.3 * r)
+            acts[t - 1] = 0.5
+            examples.append({"kind": "top", "rank": r, "decile": None, "context_id": 1000 * f + r, "position": t, "value": acts[t],
+                             "top_index": t, "tokens": None, "token_strs": toks, "acts": acts, "residual": None})
+        for s in range(n_samples):
+            src = examples[s % 2] if s < 2 else examples[n_top - 1 - s]
+            examples.append({**src, "kind": "sample", "rank": s, "decile": 10 - s})
+        rows.append({"sae_id": "syn", "model_id": "syn-model", "layer": 3, "feature": f, "n_tokens": 100_000, "n_firing": 200,
+                     "max_activation": 10.0, "examples": examples})
+    return schema.conform(pa.Table.from_pylist(rows), schema.FEATURES)
+
+
+@pytest.mark.parametrize("split", ["top", "deciles", "random"])
+def test_splits_never_overlap(split):
+    for row in synthetic_features().to_pylist():
+        train, test = split_examples(row["examples"], split, 5, 10, seed=row["feature"])
+        assert train and test
+        assert not {identity(e) for e in train} & {identity(e) for e in test}
+        assert len({identity(e) for e in test}) == len(test)  # no duplicate inside the test set
+        if split == "top":
+            assert [e["rank"] for e in train] == [0, 1, 2, 3, 4] and [e["rank"] for e in test] == list(range(5, 15))
+    # ingest examples have no context id: identity falls back to tokens + top index
+    a = {"kind": "top", "rank": 0, "context_id": None, "position": None, "token_strs": [" a", " b"], "top_index": 1}
+    assert identity(a) == identity({**a, "kind": "sample", "rank": 3})
+
+
+# ------------------------------------------------------------------ a deterministic scorer
+
+class Scorer:
+    """An OpenAI-compatible chat server that answers like a perfect reader of labels:
+    detection: 1 when the label's word is in the excerpt; fuzz: 1 when it is inside << >>.
+    Explainer prompts (eleuther) get the most frequent marked word as the label. Labels
+    with 'kappa' get an unreadable answer on their first try; 'lambda' always."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests: list[dict] = []
+
+    def answer(self, body: dict) -> str:
+        msgs = body["messages"]
+        system = msgs[0]["content"] if msgs[0]["role"] == "system" else ""
+        user = [m["content"] for m in msgs if m["role"] == "user"]
+        if "[EXPLANATION]" in system:  # an explainer prompt: name the most marked word
+            marked = Counter(w.strip().lower() for w in re.findall(r"<<(.*?)>>", user[-1]))
+            return f"The marked tokens are one word.\n[EXPLANATION]: {marked.most_common(1)[0][0] if marked else 'unknown'}"
+        first = user[0]
+        label = re.search(r"^Label: (.*)$", first, re.M).group(1).strip().lower()
+        excerpts = re.findall(r"^Excerpt \d+: (.*)$", first, re.M)
+        retry = len(user) > 1
+        if "lambda" in label or ("kappa" in label and not retry):
+            return f"I am not sure, maybe [{','.join('1' * (len(excerpts) + 1))}]"
+        if "Excerpt" in first and "<<" in first and "marked at random" in system:
+            vals = [int(any(label in m.lower() for m in re.findall(r"<<(.*?)>>", e))) for e in excerpts]
+        else:
+            vals = [int(label in e.lower()) for e in excerpts]
+        return json.dumps(vals)
+
+    def handler(self):
+        fake = self
+
+        class H(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                with fake.lock:
+                    fake.requests.append(body)
+                text = fake.answer(body)
+                payload = json.dumps({"id": "c1", "object": "chat.completion", "created": 0, "model": body["model"],
+                                      "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                                      "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110}}).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        return H
+
+
+@pytest.fixture(scope="module")
+def scorer_server():
+    fake = Scorer()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), fake.handler())
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    fake.url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    yield fake
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def scorer_cfg(server) -> dict:
+    return {"backend": "openai", "model": "fake-scorer", "base_url": server.url, "batch_size": 16, "max_concurrency": 8,
+            "max_retries": 1, "timeout_s": 10, "price": {"input_per_mtok": 3.0, "output_per_mtok": 15.0}}
+
+
+def test_named_token_label_beats_random_label_control(ray_local, scorer_server):
+    from baez_ray.stages.score import score_labels
+
+    feats = synthetic_features().to_pylist()
+    tests = {("syn", r["feature"]): split_examples(r["examples"], "top", 5, 10)[1] for r in feats}
+    labels = schema.conform(pa.Table.from_pylist(
+        [{"sae_id": "syn", "layer": 3, "feature": f, "method": "exact", "label": w, "n_examples": 5, "input_tokens": 0,
+          "output_tokens": 0, "cost_usd": 0.0, "tries": 1} for f, w in enumerate(WORDS) if w not in ("kappa", "lambda")]), schema.LABELS)
+    cfg = ScoreConfig(max_retries=2)
+    scores, info = score_labels(tests, labels, cfg, LLMConfig(**scorer_cfg(scorer_server)), seed=1)
+    df = scores.to_pandas()
+    # one row per (feature, method, benchmark): 10 features x {exact, random_label} x 3 benchmarks
+    assert len(df) == 10 * 2 * 3 and not df.duplicated(["feature", "method", "benchmark"]).any()
+    assert (df["n_shown"] == 20).all() and (df["n_failed"] == 0).all()
+    summary = aggregate(df).set_index(["method", "benchmark"])
+    for bench in ("detection", "fuzz"):
+        assert summary.loc[("exact", bench), "mean"] >= 0.95
+        assert summary.loc[("random_label", bench), "mean"] <= 0.65
+    assert summary.loc[("exact", "embedding"), "mean"] > summary.loc[("random_label", "embedding"), "mean"] + 0.2
+    assert summary.loc[("exact", "embedding"), "gap"] > 0.1
+    # the control never scores a feature with its own label
+    ctrl = df[df["method"] == "random_label"]
+    assert all(lab != WORDS[f] for f, lab in zip(ctrl["feature"], ctrl["label"]))
+    # tokens and cost of the scorer are accounted
+    assert info["scorer_input_tokens"] == 100 * info["prompts"] and df["cost_usd"].sum() > 0
+    # fuzz negatives are highlighted at random positions drawn per example
+    fuzz = [r for r in scorer_server.requests if "marked at random" in r["messages"][0]["content"]]
+    assert fuzz and all(r["response_format"]["type"] == "json_schema" for r in fuzz)
+
+
+def test_unreadable_answers_are_retried_then_counted_not_dropped(ray_local, scorer_server):
+    from baez_ray.stages.score import score_labels
+
+    feats = synthetic_features().to_pylist()
+    tests = {("syn", r["feature"]): split_examples(r["examples"], "top", 5, 10)[1] for r in feats}
+    labels = schema.conform(pa.Table.from_pylist(
+        [{"sae_id": "syn", "layer": 3, "feature": f, "method": "exact", "label": WORDS[f], "n_examples": 5, "input_tokens": 0,
+          "output_tokens": 0, "cost_usd": 0.0, "tries": 1} for f in (9, 10, 11)]), schema.LABELS)
+    before = len(scorer_server.requests)
+    cfg = ScoreConfig(benchmarks=["detection"], random_label=False, max_retries=2)
+    scores, info = score_labels(tests, labels, cfg, LLMConfig(**scorer_cfg(scorer_server)), seed=1)
+    df = scores.to_pandas().set_index("feature")
+    sent = scorer_server.requests[before:]
+    # 3 features x 4 prompts; kappa (10) fails once then succeeds; lambda (11) fails 3 times
+    assert len(sent) == 12 + 4 + 4 * 2
+    retries = [r for r in sent if len(r["messages"]) > 2]
+    assert retries and all("could not be read" in r["messages"][-1]["content"] and r["messages"][-2]["role"] == "assistant" for r in retries)
+    assert df.loc[9, "n_failed"] == 0 and df.loc[9, "balanced_accuracy"] == 1.0
+    assert df.loc[10, "n_failed"] == 0 and df.loc[10, "balanced_accuracy"] == 1.0
+    assert df.loc[11, "n_failed"] == 20 and df.loc[11, "n_shown"] == 20 and math.isnan(df.loc[11, "balanced_accuracy"])
+    assert info["failed_prompts"] == 4 and info["retried_prompts"] == 8
+    s = aggregate(scores.to_pandas()).iloc[0]
+    assert s["failure_rate"] == pytest.approx(20 / 60)
+
+
+# ------------------------------------------------------------------ the benchmark job
+
+@pytest.fixture(scope="module")
+def benchmark_run(ray_local, scorer_server, tmp_path_factory):
+    from baez_ray.config import validate
+    from baez_ray.run import execute
+    from baez_ray.stages.collect import write_table
+
+    root = tmp_path_factory.mktemp("bench")
+    write_table(synthetic_features(), root / "features")
+    spec = validate({
+        "job": "benchmark", "name": "syn-bench", "seed": 3, "features": str(root / "features"),
+        "benchmark": {"n_features": 8, "min_examples": 15, "methods": ["eleuther_acts_top5", "token_freq"], "explainer": scorer_cfg(scorer_server)},
+        "score": {"split": "top", "max_retries": 1},
+        "route": {"top_n": 5},
+    })
+    run = execute(spec, root / "run")
+    return run.dir
+
+
+def test_benchmark_job_tables_and_manifest(benchmark_run):
+    d = benchmark_run
+    train, test = pq.read_table(d / "train").to_pylist(), pq.read_table(d / "test").to_pylist()
+    assert len(train) == len(test) == 8
+    for tr, te in zip(sorted(train, key=lambda r: r["feature"]), sorted(test, key=lambda r: r["feature"])):
+        assert len(tr["examples"]) == 5 and len(te["examples"]) == 10
+        assert not {identity(e) for e in tr["examples"]} & {identity(e) for e in te["examples"]}
+    labels = pq.read_table(d / "labels").to_pandas()
+    assert set(labels["method"]) == {"eleuther_acts_top5", "token_freq"} and len(labels) == 16
+    eleuther = labels[labels["method"] == "eleuther_acts_top5"]
+    # the explainer read the train examples: it names each feature's word
+    assert all(lab == WORDS[f] for f, lab in zip(eleuther["feature"], eleuther["label"]))
+    scores = pq.read_table(d / "scores").to_pandas()
+    assert len(scores) == 8 * 3 * 3  # features x (2 methods + control) x 3 benchmarks
+    manifest = json.loads((d / "manifest.json").read_text())
+    summary = {(r["method"], r["benchmark"]): r for r in manifest["summary"]}
+    assert summary[("eleuther_acts_top5", "detection")]["mean"] >= 0.95
+    assert summary[("random_label", "detection")]["mean"] < summary[("eleuther_acts_top5", "detection")]["mean"] - 0.3
+    assert (d / "report" / "index.html").exists() and (d / "report" / "scores_by_method.png").stat().st_size > 5000
+
+
+def test_report_renders_in_headless_chromium(benchmark_run, tmp_path):
+    """The report opened in Debian's chromium (playwright drives it): no console or page
+    errors, every image loads, the chart and the tables are there; a screenshot is kept."""
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    from baez_ray.cli import main
+
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    assert shutil.which(chromium), "Debian chromium is missing: `make test` installs it (apt-get install chromium)"
+    (benchmark_run / "report" / "index.html").unlink()
+    assert main(["report", str(benchmark_run)]) == 0  # re-rendered from the tables
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+        page.on("requestfailed", lambda r: errors.append(f"failed to load {r.url}"))
+        page.goto((benchmark_run / "report" / "index.html").as_uri())
+        page.wait_for_load_state("load")
+        images = page.eval_on_selector_all("img", "els => els.map(e => [e.getAttribute('src'), e.complete && e.naturalWidth > 0])")
+        n_summary_rows = page.locator("table.summary tr").count()
+        n_feature_rows = page.locator("table.perfeature tr").count()
+        shot = tmp_path / "report.png"
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    assert not errors, errors
+    assert ("scores_by_method.png", True) in [tuple(i) for i in images]
+    assert all(ok for _, ok in images), images
+    assert n_summary_rows == 1 + 3 * 3 and n_feature_rows > 8
+    from PIL import Image
+
+    im = np.asarray(Image.open(shot).convert("L"))
+    assert im.shape[0] > 900 and im.std() > 10  # a long page with content, not a blank one
+
+
+# ------------------------------------------------------------------ negatives from the corpus
+
+def test_corpus_negatives_are_windows_where_the_feature_is_silent(ray_local, tiny_gemma, random_sae, tmp_path):
+    import torch
+
+    from baez_ray.config import validate
+    from baez_ray.models.base import BaseModel, load_sae
+    from baez_ray.run import Run
+    from baez_ray.stages.negatives import corpus_negatives
+    from conftest import make_text
+
+    (tmp_path / "doc.txt").write_text(" ".join(make_text(60, seed=s) for s in range(12)))
+    spec = validate({
+        "job": "collect", "name": "neg",
+        "model": {"id": "tiny-gemma", "path": str(tiny_gemma), "layer": 0, "num_cpus": 0.5},
+        "sae": {"id": "0-res-random", "path": str(random_sae)},
+        "corpus": {"paths": [str(tmp_path / "doc.txt")], "context_len": 33},
+        "collect": {"window": 8, "window_left": 3, "batch_size": 4},
+        "score": {"negatives": "corpus", "n_negatives": 3},
+    })
+    run = Run(spec, tmp_path / "run")
+    keys = [("0-res-random", f) for f in range(0, 96, 8)]
+    neg = corpus_negatives(spec, run, keys, n=3, seed=0, n_contexts=16)
+    # recompute every returned window from its context (the model reads the whole context)
+    contexts = {r["context_id"]: r["tokens"] for r in pq.read_table(run.table_dir("contexts")).to_pylist()}
+    lm = BaseModel(spec.model)
+    sae = load_sae(spec.sae, lm.device, lm.d_model)
+    n_found = 0
+    for (_, f), exs in neg.items():
+        for e in exs:
+            ids = torch.tensor([contexts[e["context_id"]]])
+            acts = sae.encode(lm.residual(ids))[0, e["position"] : e["position"] + 8, f]
+            assert float(acts.max()) <= 0, (f, e["context_id"], e["position"])
+            assert len(e["token_strs"]) == 8 and e["position"] >= 1
+            n_found += 1
+        assert len(exs) <= 3 and len({(e["context_id"], e["position"]) for e in exs}) == len(exs)
+    assert n_found >= 6  # the random SAE's sparse features have silent windows
+    # a job without a model cannot take negatives from the corpus
+    from baez_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="negatives = corpus"):
+        validate({"job": "label", "features": str(tmp_path), "label": {"explainer": {"model": "x"}}, "score": {"negatives": "corpus"}})
