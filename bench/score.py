@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument("--features", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--num-actors", type=int, default=1, help="scorer actors of the stage (each with threads / num_actors torch threads)")
     ap.add_argument("--dtype", default="bfloat16", help="the scorer's dtype (bfloat16: 1.7x float32 on AVX-512 BF16 CPUs)")
     args = ap.parse_args()
 
@@ -86,12 +87,14 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     llm = LLMConfig(backend="transformers", model="pypi:smollm2-135m", batch_size=args.batch_size, num_cpus=args.threads, dtype=args.dtype)
+    # the stage may split the same cores among several actors; the sequential loop keeps them all
+    stage_llm = llm.model_copy(update={"num_actors": args.num_actors, "num_cpus": max(1, args.threads // args.num_actors)})
     cfg = ScoreConfig(benchmarks=["detection", "fuzz"], random_label=False, max_retries=0)
     tests, labels = tests_and_labels(args.features)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
 
     t0 = time.perf_counter()
-    scores, info = score_labels(tests, labels, cfg, llm, seed=0)
+    scores, info = score_labels(tests, labels, cfg, stage_llm, seed=0)
     ours_s = time.perf_counter() - t0
     assert scores.num_rows == 2 * args.features
     ray.shutdown()
@@ -118,7 +121,7 @@ def main() -> None:
     n = args.features
     print(json.dumps({
         "bench": "score", "model": "SmolLM2-135M-Instruct", "dtype": args.dtype, "features": n, "benchmarks": cfg.benchmarks, "prompts": len(rows),
-        "batch_size": args.batch_size, "failed_prompts": info["failed_prompts"],
+        "batch_size": args.batch_size, "num_actors": args.num_actors, "failed_prompts": info["failed_prompts"],
         "features_per_s": round(n / ours_s, 3), "sequential_features_per_s": round(n / seq_s, 3),
         "per_feature_batch_features_per_s": round(n / per_feature_s, 3),
         "speedup": round(seq_s / ours_s, 2), "speedup_vs_per_feature_batch": round(per_feature_s / ours_s, 2),

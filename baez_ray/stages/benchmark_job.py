@@ -19,7 +19,7 @@ import ray
 
 from baez_ray import schema, splits
 from baez_ray.config import JobSpec
-from baez_ray.run import Run, init_ray, log
+from baez_ray.run import Run, log
 
 
 def n_distinct_examples(examples: list[dict]) -> int:
@@ -73,21 +73,15 @@ def label_method(method: str, train_dir: Path, routes_dir: Path, spec: JobSpec) 
 
 def benchmark_job(spec: JobSpec, run: Run) -> None:
     from baez_ray.config import ScoreConfig
-    from baez_ray.stages.collect import collect_job, write_table
+    from baez_ray.stages.collect import write_table
+    from baez_ray.stages.label_job import features_source
     from baez_ray.stages.route import route
     from baez_ray.stages.score import score_labels
 
     if spec.score is None:  # scoring defaults
         spec = spec.model_copy(update={"score": ScoreConfig()})
     b, sc = spec.benchmark, spec.score
-    if spec.features:
-        features_dir = Path(spec.features)
-        if not any(features_dir.glob("*.parquet")):
-            raise FileNotFoundError(f"features {features_dir}: no Parquet parts (run collect or ingest first)")
-    else:
-        collect_job(spec, run)
-        features_dir = run.table_dir("features")
-    init_ray(spec)
+    features_dir = features_source(spec, run)
     train_dir, test_dir = run.table_dir("train"), run.table_dir("test")
 
     if not run.completed("split"):

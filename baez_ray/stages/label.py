@@ -88,6 +88,15 @@ def label_with_llm(features, method_name: str, llm: LLMConfig, max_retries: int 
     return _label_rounds(pending, method.name, method.marker, method.version, llm, max_retries)
 
 
+def tally(spent: dict[str, list], row: dict) -> None:
+    """Add one answered try of a request to its [input tokens, output tokens, cost, tries]."""
+    acc = spent.setdefault(row["request_id"], [0, 0, 0.0, 0])
+    acc[0] += row["input_tokens"]
+    acc[1] += row["output_tokens"]
+    acc[2] += row["cost_usd"]
+    acc[3] += 1
+
+
 PASS = ("request_id", "max_tokens", "temperature", "stop", "constraint", "sae_id", "layer", "feature", "n_examples")
 
 
@@ -102,11 +111,7 @@ def _label_rounds(pending, method: str, marker: str, version: str, llm: LLMConfi
         answered = _collect(generate(pending, llm))
         retry = []
         for row in answered.to_pylist():
-            acc = spent.setdefault(row["request_id"], [0, 0, 0.0, 0])
-            acc[0] += row["input_tokens"]
-            acc[1] += row["output_tokens"]
-            acc[2] += row["cost_usd"]
-            acc[3] += 1
+            tally(spent, row)
             if row["error"]:
                 label, problem = None, row["error"]
             elif attempt == 0:

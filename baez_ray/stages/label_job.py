@@ -120,13 +120,11 @@ def _with_route(labels: pa.Table, routes: pa.Table) -> pa.Table:
     return labels.set_column(labels.schema.get_field_index("kind"), "kind", routes.column("kind").take(pa.array(idx)))
 
 
-def label_job(spec: JobSpec, run: Run) -> None:
-    from baez_ray.labelers.token_freq import token_freq_labels
-    from baez_ray.stages.collect import collect_job, write_table
-    from baez_ray.stages.label import label_baez, label_nla_direct, label_with_llm
-    from baez_ray.stages.route import route
+def features_source(spec: JobSpec, run: Run) -> Path:
+    """The features table a label or benchmark job reads: `features:` when given, else
+    collected in this run (collect resumes or skips when done). Starts Ray."""
+    from baez_ray.stages.collect import collect_job
 
-    cfg = spec.label
     if spec.features:
         features_dir = Path(spec.features)
         if not any(features_dir.glob("*.parquet")):
@@ -135,6 +133,17 @@ def label_job(spec: JobSpec, run: Run) -> None:
         collect_job(spec, run)
         features_dir = run.table_dir("features")
     init_ray(spec)
+    return features_dir
+
+
+def label_job(spec: JobSpec, run: Run) -> None:
+    from baez_ray.labelers.token_freq import token_freq_labels
+    from baez_ray.stages.collect import write_table
+    from baez_ray.stages.label import label_baez, label_nla_direct, label_with_llm
+    from baez_ray.stages.route import route
+
+    cfg = spec.label
+    features_dir = features_source(spec, run)
 
     if not run.completed("route"):
         with run.stage("route") as info:

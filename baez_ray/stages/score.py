@@ -32,6 +32,7 @@ from baez_ray.backends import generate
 from baez_ray.config import LLMConfig, ScoreConfig
 from baez_ray.metrics import binary_metrics, embedding_metrics
 from baez_ray.run import log
+from baez_ray.stages.label import tally
 from baez_ray.splits import feature_seed
 from baez_ray.windows import token_text
 
@@ -171,11 +172,7 @@ def llm_rounds(rows: list[dict], llm: LLMConfig, max_retries: int) -> list[dict]
         answered = _collect(generate(pending, llm))
         retry = []
         for row in answered.to_pylist():
-            acc = spent.setdefault(row["request_id"], [0, 0, 0.0, 0])
-            acc[0] += row["input_tokens"]
-            acc[1] += row["output_tokens"]
-            acc[2] += row["cost_usd"]
-            acc[3] += 1
+            tally(spent, row)
             n = len(row["truth"])
             pred, problem = (None, row["error"]) if row["error"] else prompts.parse_binary_list(row["answer"], n)
             if pred is not None or row["error"] is not None or attempt == max_retries:
