@@ -3,6 +3,7 @@ generation, greedy (temperature 0) or sampled; CPU or GPU."""
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -35,17 +36,25 @@ class TransformersChat:
             return self.tok.apply_chat_template(messages, continue_final_message=True, tokenize=False)
         return self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
-    def binary_list_fn(self, n: int, prompt_len: int):
-        """`prefix_allowed_tokens_fn` that admits exactly `[d,d,...,d]` (n digits 0/1) and
-        then the end of the turn: the `binary_list:N` output constraint. None when the
-        tokenizer has no single token for one of `[ ] , 0 1` (generation is then left free
-        and the parser and its retries handle the answer)."""
+    @functools.cached_property
+    def list_token_ids(self) -> dict[str, int] | None:
+        """The single token of each of `[ ] , 0 1`, looked up once; None if one has none."""
         ids = {}
         for ch in "[],01":
             enc = self.tok.encode(ch, add_special_tokens=False)
             if len(enc) != 1:
                 return None
             ids[ch] = enc[0]
+        return ids
+
+    def binary_list_fn(self, n: int, prompt_len: int):
+        """`prefix_allowed_tokens_fn` that admits exactly `[d,d,...,d]` (n digits 0/1) and
+        then the end of the turn: the `binary_list:N` output constraint. None when the
+        tokenizer has no single token for one of `[ ] , 0 1` (generation is then left free
+        and the parser and its retries handle the answer)."""
+        ids = self.list_token_ids
+        if ids is None:
+            return None
         end = sorted(self.eos)
 
         def allowed(batch_id: int, input_ids: torch.Tensor) -> list[int]:

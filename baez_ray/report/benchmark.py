@@ -203,7 +203,7 @@ def write_benchmark_report(run_dir: str | Path) -> Path:
                 f"${sc.get('scorer_cost_usd', 0.0):.4f}</td></tr></table>")
     body = ["".join(head), scoring_section(run_dir, out, seed)]
 
-    compare = b.get("compare") or [m for m in b["methods"]][:2]
+    compare = b.get("compare") or b["methods"][:2]
     if len(compare) == 2 and compare[0] != compare[1]:
         pairs = distant_pairs(labels, compare[0], compare[1], b.get("n_distant", 10), (spec.get("score") or {}).get("embedder"))
         if pairs:

@@ -56,11 +56,11 @@ def label_method(method: str, train_dir: Path, routes_dir: Path, spec: JobSpec) 
     from baez_ray.stages import label as lab
 
     b, sc = spec.benchmark, spec.score
-    ds = ray.data.read_parquet(str(train_dir))
     if method == "token_freq":
         from baez_ray.labelers.token_freq import token_freq_labels
 
         return token_freq_labels(pq.read_table(train_dir), pq.read_table(routes_dir), tier=None)
+    ds = ray.data.read_parquet(str(train_dir))
     if method in ("baez", "baez_last", "nla_direct"):
         if not b.av_sidecar:
             raise ValueError(f"method {method} needs benchmark.av_sidecar (an activation verbalizer)")
