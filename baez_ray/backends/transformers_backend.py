@@ -3,7 +3,6 @@ generation, greedy (temperature 0) or sampled; CPU or GPU."""
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 
@@ -30,15 +29,17 @@ class TransformersChat:
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[self.cfg.dtype]).to(self.device).eval()
         # the chat template's end-of-turn token ends generation too
         self.eos = {t for t in (self.tok.eos_token_id, self.tok.convert_tokens_to_ids("<|im_end|>"), self.tok.convert_tokens_to_ids("<end_of_turn>")) if isinstance(t, int) and t >= 0 and t != self.tok.unk_token_id}
+        self.list_token_ids = self._list_token_ids()
 
     def prompt_text(self, messages: list[dict]) -> str:
         if messages and messages[-1]["role"] == "assistant":  # a prefill: continue that turn
             return self.tok.apply_chat_template(messages, continue_final_message=True, tokenize=False)
         return self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
-    @functools.cached_property
-    def list_token_ids(self) -> dict[str, int] | None:
-        """The single token of each of `[ ] , 0 1`, looked up once; None if one has none."""
+    def _list_token_ids(self) -> dict[str, int] | None:
+        """The single token of each of `[ ] , 0 1` (looked up once, when the actor starts;
+        not a functools.cached_property: on Python 3.11 its lock makes a subclass defined
+        outside the package unpicklable for Ray); None if one has none."""
         ids = {}
         for ch in "[],01":
             enc = self.tok.encode(ch, add_special_tokens=False)
