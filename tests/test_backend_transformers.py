@@ -48,3 +48,32 @@ def test_left_padded_batch_matches_single_prompt(cfg):
     batched, _, _ = chat.generate(texts, [10, 10, 10], 0.0)
     single, _, _ = chat.generate(texts[1:2], [10], 0.0)
     assert batched[1] == single[0]
+
+
+def test_shared_prefix_cache_gives_the_plain_batch_answers(cfg):
+    """The system prompt every scorer prompt opens with is run once per call as a KV cache
+    (pads go between it and each prompt's own tokens): greedy answers and token counts are
+    those of plain left-padded batches, with and without the binary-list constraint, and a
+    single prompt reuses the prefix kept from the call before."""
+    from baez_ray.backends.transformers_backend import TransformersChat
+    from baez_ray.prompts import scorer_messages, parse_binary_list
+
+    chat = TransformersChat(cfg.model_dump())
+    assert chat.prefix_cache  # SmolLM2: full attention only
+    excerpts = ["The cat sat on the mat.", "Stocks fell sharply on Monday.", "She fed the cat twice a day.",
+                "Rain is expected over the weekend.", "A kitten slept by the fire.", "The cat and the dog played."]
+    texts = [chat.prompt_text(scorer_messages(bench, label, excerpts[i : i + 3]))
+             for i, (bench, label) in enumerate([("detection", "cats"), ("detection", "the weather"), ("fuzz", "cats"), ("fuzz", "finance")])]
+    shared = chat._common_prefix([chat.tok(t, add_special_tokens=False)["input_ids"] for t in texts])
+    assert shared >= 20  # the chat template's opening and the first sentence of both system prompts
+
+    cached = chat.generate(texts, [12] * 4, 0.0, "binary_list:3"), chat.generate(texts, [8] * 4, 0.0)
+    reused = chat.prefix_tokens_reused
+    single = chat.generate(texts[2:3], [12], 0.0, "binary_list:3")
+    assert chat.prefix_tokens_reused - reused >= shared  # the single prompt started from the kept prefix
+
+    chat.prefix_cache = False
+    plain = chat.generate(texts, [12] * 4, 0.0, "binary_list:3"), chat.generate(texts, [8] * 4, 0.0)
+    assert cached == plain
+    assert all(parse_binary_list(a, 3)[0] is not None for a in cached[0][0])
+    assert single[0][0] == plain[0][0][2] and single[1][0] == plain[0][1][2]

@@ -3,6 +3,7 @@ generation, greedy (temperature 0) or sampled; CPU or GPU."""
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 
@@ -30,6 +31,13 @@ class TransformersChat:
         # the chat template's end-of-turn token ends generation too
         self.eos = {t for t in (self.tok.eos_token_id, self.tok.convert_tokens_to_ids("<|im_end|>"), self.tok.convert_tokens_to_ids("<end_of_turn>")) if isinstance(t, int) and t >= 0 and t != self.tok.unk_token_id}
         self.list_token_ids = self._list_token_ids()
+        # shared-prefix KV cache (see _inputs): on unless the model has sliding-window layers
+        from transformers import DynamicCache
+
+        self.prefix_cache = not any(layer.is_sliding for layer in DynamicCache(config=self.model.config).layers)
+        self.min_prefix = 16
+        self._kept: tuple[list[int], object] = ([], None)
+        self.prefix_tokens_reused = 0
 
     def prompt_text(self, messages: list[dict]) -> str:
         if messages and messages[-1]["role"] == "assistant":  # a prefill: continue that turn
@@ -72,15 +80,74 @@ class TransformersChat:
 
         return allowed
 
+    def _common_prefix(self, ids: list[list[int]]) -> int:
+        """Tokens shared by the start of every row, leaving each row at least one of its own."""
+        n = min(len(x) for x in ids) - 1
+        first = ids[0]
+        for j in range(n):
+            t = first[j]
+            if any(x[j] != t for x in ids):
+                return j
+        return max(n, 0)
+
+    def _prefix_kv(self, prefix: list[int]):
+        """The KV cache (batch 1) of `prefix`, built on the one kept from the previous call
+        when the two share at least `min_prefix` tokens (only the new part is computed)."""
+        from transformers import DynamicCache
+
+        old_ids, old_kv = self._kept
+        c = 0
+        for a, b in zip(old_ids, prefix):
+            if a != b:
+                break
+            c += 1
+        if old_kv is not None and c >= self.min_prefix:
+            kv = copy.deepcopy(old_kv)
+            if c < len(old_ids):
+                kv.crop(c - len(old_ids))  # a negative count: the tokens to drop from the end
+        else:
+            kv, c = DynamicCache(config=self.model.config), 0
+        if c < len(prefix):
+            self.model(input_ids=torch.tensor([prefix[c:]], device=self.device), cache=kv, use_cache=True)
+        self._kept = (prefix, kv)
+        self.prefix_tokens_reused += c
+        return kv
+
+    def _inputs(self, texts: list[str]) -> tuple[dict, list[int]]:
+        """generate() inputs for `texts`. The tokens that open every prompt of the call (a
+        scorer's or explainer's system prompt) are run once, as a KV cache shared by the
+        batch, and the rest of each prompt is left-padded after them (positions follow the
+        attention mask, so the pads in the middle change nothing). A single prompt reuses
+        the prefix it shares with the previous call's. Models with sliding-window
+        layers (Gemma 3) take plain left-padded batches."""
+        ids = [self.tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        n_in = [len(x) for x in ids]
+        L = self._common_prefix(ids) if self.prefix_cache else 0
+        if L < self.min_prefix:
+            enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+            return dict(enc), n_in
+        kv = copy.deepcopy(self._prefix_kv(ids[0][:L]))
+        kv.batch_repeat_interleave(len(ids))
+        S = max(n_in) - L
+        inp = torch.full((len(ids), L + S), self.tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), L + S), dtype=torch.long)
+        inp[:, :L] = torch.tensor(ids[0][:L])
+        mask[:, :L] = 1
+        for i, x in enumerate(ids):
+            inp[i, L + S - (len(x) - L) :] = torch.tensor(x[L:])
+            mask[i, L + S - (len(x) - L) :] = 1
+        return dict(input_ids=inp.to(self.device), attention_mask=mask.to(self.device), cache=kv), n_in
+
     @torch.inference_mode()
     def generate(self, texts: list[str], max_tokens: list[int], temperature: float, constraint: str | None = None) -> tuple[list[str], list[int], list[int]]:
-        enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        enc, n_in = self._inputs(texts)
+        width = enc["input_ids"].shape[1]
         kw = dict(do_sample=temperature > 0, temperature=temperature) if temperature > 0 else dict(do_sample=False)
         max_new = max(max_tokens)
         m = re.fullmatch(r"binary_list:(\d+)", constraint or "")
         if constraint and not m:
             raise ValueError(f"unknown output constraint {constraint!r} (known: binary_list:N)")
-        fn = self.binary_list_fn(int(m.group(1)), enc["input_ids"].shape[1]) if m else None
+        fn = self.binary_list_fn(int(m.group(1)), width) if m else None
         if fn is not None:
             kw["prefix_allowed_tokens_fn"] = fn
             max_new = min(max_new, 2 * int(m.group(1)) + 2)
@@ -88,7 +155,7 @@ class TransformersChat:
             **enc, max_new_tokens=max_new, pad_token_id=self.tok.pad_token_id,
             eos_token_id=sorted(self.eos), top_p=None, top_k=None, **kw,
         )
-        gen = out[:, enc["input_ids"].shape[1] :].tolist()
+        gen = out[:, width:].tolist()
         answers, n_out = [], []
         for row, limit in zip(gen, max_tokens):
             row = row[:limit]
@@ -96,7 +163,6 @@ class TransformersChat:
             kept = row if cut is None else row[: cut + 1]
             n_out.append(len(kept))
             answers.append(self.tok.decode(kept, skip_special_tokens=True))
-        n_in = enc["attention_mask"].sum(1).tolist()
         return answers, n_in, n_out
 
     def __call__(self, batch: pa.Table) -> pa.Table:

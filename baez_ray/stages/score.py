@@ -126,9 +126,11 @@ def subjects(labels: pa.Table, keys: set[tuple[str, int]], cfg: ScoreConfig, see
 def _prompt_rows(subs: list[dict], items: dict, cfg: ScoreConfig) -> list[dict]:
     rows = []
     per = cfg.examples_per_prompt
-    for s in subs:
-        it = items[(s["sae_id"], s["feature"])]
-        for bench in [b for b in cfg.benchmarks if b != "embedding"]:
+    # benchmark by benchmark: the backend's batches then share their system prompt, which
+    # the transformers backend runs once per batch and vLLM caches as a prefix
+    for bench in [b for b in cfg.benchmarks if b != "embedding"]:
+        for s in subs:
+            it = items[(s["sae_id"], s["feature"])]
             texts = it.plain if bench == "detection" else it.fuzz
             for c, start in enumerate(range(0, len(texts), per)):
                 chunk = texts[start : start + per]
