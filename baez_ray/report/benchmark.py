@@ -23,18 +23,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from baez_ray.metrics import CHANCE, HEADLINE, aggregate
-from baez_ray.report.features import STYLE, highlight
+from baez_ray.report.features import STYLE, highlight, pyplot, save_figure
 
 BENCH_ORDER = ("detection", "fuzz", "embedding")
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _methods(summary) -> list[str]:
@@ -47,7 +38,7 @@ def _fmt(x, digits: int = 3) -> str:
 
 
 def scores_chart(summary, path: Path) -> Path:
-    plt = _plt()
+    plt = pyplot()
     benches = [b for b in BENCH_ORDER if b in set(summary["benchmark"])]
     methods = _methods(summary)
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(benches) * max(1, len(methods)) / 2), 4))
@@ -68,10 +59,7 @@ def scores_chart(summary, path: Path) -> Path:
     ax.set_ylabel("score (mean, 95% CI)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("Label scores by method and benchmark")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def gap_chart(scores, path: Path, seed: int = 0) -> Path | None:
@@ -80,7 +68,7 @@ def gap_chart(scores, path: Path, seed: int = 0) -> Path | None:
     emb = scores[scores["benchmark"] == "embedding"]
     if not len(emb):
         return None
-    plt = _plt()
+    plt = pyplot()
     methods = _methods(emb)
     stats = [bootstrap_ci(emb[emb["method"] == m]["gap"].tolist(), seed=seed) for m in methods]
     fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(methods)), 3.2))
@@ -92,10 +80,7 @@ def gap_chart(scores, path: Path, seed: int = 0) -> Path | None:
     ax.set_xticks(range(len(methods)), methods, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("cos(label, pos) − cos(label, neg)")
     ax.set_title("Embedding gap (mean, 95% CI)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def summary_table(summary) -> str:

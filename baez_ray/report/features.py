@@ -27,12 +27,27 @@ def highlight(tokens: list[str], acts: list[float], frac: float = 0.6) -> str:
     return "".join(out)
 
 
-def _plot_firing(freq: np.ndarray, path: Path) -> None:
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path
+
+
+def _plot_firing(freq: np.ndarray, path: Path) -> None:
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.2))
     live = freq[freq > 0]
     if len(live):
@@ -40,9 +55,7 @@ def _plot_firing(freq: np.ndarray, path: Path) -> None:
     ax.set_xlabel("log10 firing frequency (share of tokens)")
     ax.set_ylabel("features")
     ax.set_title(f"{len(live):,} live features, {int((freq == 0).sum()):,} never fired")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_features_report(run_dir: str | Path, n_show: int = 25, n_examples: int = 5, name: str = "index.html") -> Path:

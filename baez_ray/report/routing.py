@@ -34,6 +34,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from baez_ray.report.features import pyplot, save_figure
+
 KINDS = ("input", "output", "cross", "obscure")
 SCORES = (("c_in", "C_in (input window)", "tau_in"), ("c_out", "C_out (output window)", "tau_out"), ("c_cross", "C_cross (cross window)", "tau_cross"))
 CHARS_PER_TOKEN = 4.0
@@ -75,15 +77,6 @@ def tier_shares(routes, by: Sequence[str] | None = ("sae_id", "layer")):
 
 
 # ------------------------------------------------------------------ plots
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _group_label(key) -> str:
     key = key if isinstance(key, tuple) else (key,)
     return " L".join(str(k) for k in key)
@@ -93,7 +86,7 @@ def score_histograms(routes, path: str | Path, taus: dict[str, float] | None = N
     """PNG: one panel per score (C_in, C_out, C_cross), a step histogram per SAE/layer
     (when there are several, up to `max_groups`; else all features), thresholds dashed.
     C_cross only exists for the features that failed both tier-1 tests."""
-    plt = _plt()
+    plt = pyplot()
     df = _frame(routes)
     taus = taus or {}
     groups = list(df.groupby(list(by), sort=True)) if by and df.groupby(list(by)).ngroups > 1 else [("all", df)]
@@ -112,18 +105,13 @@ def score_histograms(routes, path: str | Path, taus: dict[str, float] | None = N
         ax.set_xlabel("mean pairwise cosine")
         ax.legend(fontsize=7)
     axes[0].set_ylabel("features")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def tier_share_plot(routes, path: str | Path, by: Sequence[str] = ("sae_id", "layer")) -> Path:
     """PNG: stacked bars of the kinds (input, output, cross, obscure) per SAE/layer, in
     layer order, to read the early/middle/late hypothesis off."""
-    plt = _plt()
+    plt = pyplot()
     shares = tier_shares(routes, by)
     labels = [_group_label(tuple(r[k] for k in by)) for _, r in shares.iterrows()] if by else ["all"]
     colors = {"input": "#4c72b0", "output": "#55a868", "cross": "#dd8452", "obscure": "#8c8c8c"}
@@ -137,12 +125,7 @@ def tier_share_plot(routes, path: str | Path, by: Sequence[str] = ("sae_id", "la
     ax.set_ylabel("share of features")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ------------------------------------------------------------------ tokens saved
