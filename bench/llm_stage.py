@@ -71,8 +71,11 @@ def main() -> None:
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
 
     times, tables = {}, {}
+    # the N run is the first N features of the 3N run: the marginal 2N prompts are the
+    # last 2N features, which the bare loop below sends
+    full = features(3 * args.features, seed=0)
     for n in (args.features, 3 * args.features):
-        tables[n] = features(n, seed=n)
+        tables[n] = full.slice(0, n)
         t0 = time.perf_counter()
         labels = label_with_llm(ray.data.from_arrow(tables[n]), "np_max_act", llm, max_retries=0)
         times[n] = time.perf_counter() - t0
@@ -83,7 +86,7 @@ def main() -> None:
     from baez_ray.backends.transformers_backend import TransformersChat
 
     chat = TransformersChat(llm.model_dump())
-    feats = tables[3 * args.features].to_pylist()[: 2 * args.features]
+    feats = full.to_pylist()[args.features :]
     texts = [chat.prompt_text(method.build([e for e in f["examples"]][: method.n_examples])) for f in feats]
     chat.generate(texts[: args.batch_size], [method.max_tokens] * args.batch_size, 0.0)  # warm-up
     t0 = time.perf_counter()
