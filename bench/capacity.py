@@ -50,10 +50,10 @@ ROOT = Path(__file__).resolve().parent.parent
 README = {
     "collect": {"tokens_per_s": 942.0, "bare_tokens_per_s": 1007.0, "ratio": 0.94,
                 "what": "Gemma 3 270M L12 + 4k SAE, 2-core CPU"},
-    "manifest": {"route": {"features": 4096, "seconds": 246.872, "tier1": 217, "tier2": 0, "tier3": 3879},
-                 "label": {"skipped_few_examples": 2438, "by_tier": {"1": 4, "2": 0, "3": 44}, "input_tokens": 29424,
-                           "output_tokens": 14327},
-                 "what": "demo run: Gemma 3 270M L12, 4k demo SAE, 65k tokens (make demo)"},
+    "manifest": {"route": {"features": 2048, "seconds": 51.299, "tier1": 136, "tier2": 139, "tier3": 1773},
+                 "label": {"skipped_few_examples": 1213, "by_tier": {"1": 136, "2": 48, "3": 12}, "input_tokens": 34580,
+                           "output_tokens": 5537},
+                 "what": "demo run: Gemma 3 270M L12, demo SAE (2,048 features), 65k tokens, tau_cross 0.25 (make demo)"},
     # `python3 bench/capacity.py measure-gpu` (and `--parts 3 --steady-parts 3 --collect-only`)
     # on one NVIDIA H200, 2026-11-26: torch 2.11 + cu130, transformers 5.17
     "gpu": {"device": "NVIDIA H200", "forward_tokens_per_s": 13050.6, "collect_tokens_per_s": 3340.1,
