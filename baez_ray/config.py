@@ -94,6 +94,8 @@ class CollectConfig(Section):
     batch_size: int = Field(8, ge=1, description="contexts per forward pass")
     num_actors: int = Field(1, ge=1)
     features: int | None = Field(None, ge=1, description="keep only the first N features")
+    checkpoint_s: float = Field(
+        300.0, ge=0, description="resume: snapshot the merge state when a part completes and this long (and 10x the last snapshot's time) has passed")
 
     @model_validator(mode="after")
     def _window(self) -> "CollectConfig":
@@ -209,6 +211,8 @@ class LabelConfig(Section):
     max_features: int | None = Field(None, ge=1, description="label only the first N routed features that have min_examples")
     max_per_tier: dict[Literal[1, 2, 3], int] | None = Field(
         None, description="label at most N features of a tier (the first by feature index), e.g. {2: 64, 3: 16}; the rest are counted")
+    shard_features: int | None = Field(
+        None, ge=1, description="resume: features per committed label shard; null: about 1/64 of a tier's work, within [256, 8192]")
 
 
 class ScoreConfig(Section):

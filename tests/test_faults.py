@@ -219,12 +219,11 @@ def test_llm_outage_fails_only_its_rows_and_rerun_retries_only_them(ray_local, o
     from baez_ray.stages.collect import write_table
 
     monkeypatch.setenv(KEY_ENV, KEY)
-    monkeypatch.setenv("BAEZ_LABEL_SHARD_FEATURES", "4")
     write_table(synthetic_features(8), tmp_path / "features")
     spec = validate({
         "job": "label", "name": "outage", "features": str(tmp_path / "features"),
         "route": {"tau_in": 1.0, "tau_out": 1.0, "tau_cross": -1.0, "num_cpus": 0.5},
-        "label": {"tier2": "eleuther_acts_top5", "max_retries": 0,
+        "label": {"tier2": "eleuther_acts_top5", "max_retries": 0, "shard_features": 4,
                   "explainer": {"backend": "anthropic", "model": "claude-sonnet-4-5", "base_url": outage.url, "api_key_env": KEY_ENV,
                                 "max_retries": 2, "timeout_s": 10, "batch_size": 4, "max_concurrency": 2,
                                 "price": {"input_per_mtok": 3.0, "output_per_mtok": 15.0}}},

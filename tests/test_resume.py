@@ -132,11 +132,11 @@ def write_job(tmp: Path) -> Path:
         "sae": {"id": "s", "path": str(sae)},
         "corpus": {"paths": [str(tmp / "corpus.txt")], "context_len": 24},
         # batch_size 1: contexts parts of 8 contexts, many parts to commit one by one
-        "collect": {"top_k": 6, "window": 10, "window_left": 5, "features": 12, "reservoir": 8, "batch_size": 1},
+        "collect": {"top_k": 6, "window": 10, "window_left": 5, "features": 12, "reservoir": 8, "batch_size": 1, "checkpoint_s": 0},
         # every feature to tier 2 (τ = 1 for tier 1, τ_cross = -1)
         "route": {"tau_in": 1.0, "tau_out": 1.0, "tau_cross": -1.0, "num_cpus": 0.5},
         "label": {"explainer": {"backend": "transformers", "model": str(model), "batch_size": 4, "num_cpus": 0.5},
-                  "tier2": "np_max_act", "max_retries": 0},
+                  "tier2": "np_max_act", "max_retries": 0, "shard_features": 4},
     }
     path = tmp / "job.yaml"
     path.write_text(yaml.safe_dump(job))
@@ -154,7 +154,7 @@ def manifest(run_dir: Path) -> dict:
 @pytest.mark.timeout(600)
 def test_sigkill_mid_collect_and_mid_label_then_rerun_equals_uninterrupted(tmp_path):
     job = write_job(tmp_path)
-    runner = Runner(tmp_path, BAEZ_COLLECT_CHECKPOINT_S="0", BAEZ_LABEL_SHARD_FEATURES="4")
+    runner = Runner(tmp_path)
     try:
         whole, killed = tmp_path / "whole", tmp_path / "killed"
         runner.run(job, whole)

@@ -461,22 +461,20 @@ def _read_contexts(batch: pa.Table) -> pa.Table:
 
 STATE_DIR = "collect_state"
 COMMITTED = "COMMITTED.json"
-CHECKPOINT_ENV = "BAEZ_COLLECT_CHECKPOINT_S"
-CHECKPOINT_S = 300.0  # at most this much collect work is redone after a crash (see Checkpoints)
 
 
 class Checkpoints:
     """Snapshots of the merge state under `<run>/collect_state/`: `gen-NNNNNN/` (top and
     sample rows, firing counts) and the commit marker `COMMITTED.json`, written last and
     atomically, naming the snapshot in force and the contexts parts it covers. A snapshot
-    is taken when a part has completed and at least max(interval, 10 × the last snapshot's
-    time) has passed since the previous one: a wide dictionary's state (262k features ×
+    is taken when a part has completed and at least max(`collect.checkpoint_s`, 10 × the
+    last snapshot's time) has passed since the previous one: a wide dictionary's state (262k features ×
     (top_k + reservoir) windows) takes a while to write, and snapshots never take more
     than ~10% of the stage. Older snapshots are removed once the marker has moved on."""
 
-    def __init__(self, root: Path, part_names: list[str], interval_s: float | None = None):
+    def __init__(self, root: Path, part_names: list[str], interval_s: float):
         self.root, self.names = root, part_names
-        self.interval = float(os.environ.get(CHECKPOINT_ENV, CHECKPOINT_S)) if interval_s is None else interval_s
+        self.interval = interval_s
         self.generation = 0
         self.last, self.cost, self.written = time.monotonic(), 0.0, 0
 
@@ -565,7 +563,7 @@ def collect_job(spec: JobSpec, run: Run) -> None:
             part_paths = sorted(contexts_dir.glob("part-*.parquet"))
             sizes = {i: pq.ParquetFile(p).metadata.num_rows for i, p in enumerate(part_paths)}
             merger = Merger(n_features, cfg, part_sizes=sizes)
-            checkpoints = Checkpoints(state_root, [p.name for p in part_paths])
+            checkpoints = Checkpoints(state_root, [p.name for p in part_paths], cfg.checkpoint_s)
             resumed = checkpoints.load(merger)
             todo = [i for i in range(len(part_paths)) if i not in merger.done]
             if resumed:

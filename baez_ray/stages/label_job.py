@@ -17,7 +17,6 @@ committed rows, exactly one per (feature, method).
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -48,16 +47,15 @@ def _subset(features_dir: Path, keys: set[tuple[str, int]]):
 # ---- resume inside the label stage --------------------------------------------------------
 
 SHARD_DIR = "label_shards"
-SHARD_ENV = "BAEZ_LABEL_SHARD_FEATURES"
 
 
-def shard_size(n_todo: int) -> int:
-    """Features per committed shard: $BAEZ_LABEL_SHARD_FEATURES, else about 1/64 of the
-    tier's work, within [256, 8192]. Each shard is one pass through the labelling method
-    (its actors start once per shard), so shards trade start-up cost against the work a
-    crash can lose."""
-    if os.environ.get(SHARD_ENV):
-        return max(1, int(os.environ[SHARD_ENV]))
+def shard_size(n_todo: int, fixed: int | None = None) -> int:
+    """Features per committed shard: `label.shard_features`, else about 1/64 of the tier's
+    work, within [256, 8192]. Each shard is one pass through the labelling method (its
+    actors start once per shard), so shards trade start-up cost against the work a crash
+    can lose."""
+    if fixed:
+        return fixed
     return min(8192, max(256, math.ceil(n_todo / 64)))
 
 
@@ -220,7 +218,7 @@ def label_job(spec: JobSpec, run: Run) -> None:
             n_shards = 0
             for t in (1, 2, 3):
                 todo = sorted(keys[t] - done)
-                size = shard_size(len(todo))
+                size = shard_size(len(todo), cfg.shard_features)
                 for i in range(0, len(todo), size):
                     chunk = set(todo[i : i + size])
                     if len(todo) > size:
