@@ -1,5 +1,6 @@
 """Shared fixtures: a real local Ray cluster, a tiny random Gemma3 with a real (small,
-trained-in-test) BPE tokenizer, and a random sae-lens SAE saved to disk."""
+trained-in-test) BPE tokenizer, and a random sae-lens SAE saved to disk; helpers to serve
+a fake API on 127.0.0.1 and to find the processes a test left behind."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,46 @@ WORDS = (
     "code such as def return import class for while if else prints values "
     "rivers flow into seas under bright moons over quiet towns near old bridges"
 ).split()
+
+
+@contextlib.contextmanager
+def serve_local(handler):
+    """Serve `handler` (a BaseHTTPRequestHandler class) on 127.0.0.1 in a thread; yields
+    the base URL `http://127.0.0.1:PORT`."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def our_pids_under(path: str) -> list[int]:
+    """PIDs of this user's processes (not this one) whose command line, environment or
+    working directory mentions `path`: the processes of a Ray session started with its temp
+    dir there (RAY_TMPDIR=path, workers included)."""
+    pids, me, needle = [], os.getuid(), path.encode()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if d.stat().st_uid != me:
+                continue
+            seen = (d / "cmdline").read_bytes() + b"\0" + (d / "environ").read_bytes()
+            try:
+                seen += b"\0" + os.readlink(d / "cwd").encode()
+            except OSError:
+                pass
+        except OSError:
+            continue
+        if needle in seen:
+            pids.append(int(d.name))
+    return pids
 
 
 def make_text(n_words: int, seed: int) -> str:

@@ -9,7 +9,7 @@ import re
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pandas as pd
@@ -18,6 +18,7 @@ import pytest
 from baez_ray import schema
 from baez_ray.backends import generate, prompt_table
 from baez_ray.config import LLMConfig
+from conftest import serve_local
 
 KEY = "sk-test-K3Y-5ecret-0123456789abcdefXYZ"
 KEY_ENV = "BAEZ_TEST_API_KEY"
@@ -221,14 +222,8 @@ def make_handler(fake: Fake):
 @pytest.fixture(scope="module")
 def server():
     fake = Fake()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(fake))
-    httpd.daemon_threads = True
-    t = threading.Thread(target=httpd.serve_forever, daemon=True)
-    t.start()
-    fake.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    yield fake
-    httpd.shutdown()
-    httpd.server_close()
+    with serve_local(make_handler(fake)) as fake.url:
+        yield fake
 
 
 @pytest.fixture

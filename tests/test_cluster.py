@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import our_pids_under
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 BAEZ = [sys.executable, "-m", "baez_ray.cli"]
@@ -147,28 +149,6 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def _our_pids_under(path: str) -> list[int]:
-    """PIDs of this user's processes whose command line or cwd lies under `path`."""
-    pids = []
-    me = os.getuid()
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            if d.stat().st_uid != me:
-                continue
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            try:
-                cwd = os.readlink(d / "cwd")
-            except OSError:
-                cwd = ""
-        except OSError:
-            continue
-        if path in cmd or cwd.startswith(path):
-            pids.append(int(d.name))
-    return pids
-
-
 def _env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
@@ -203,7 +183,7 @@ def ray_head():
                 os.killpg(pgid, sig)
             except ProcessLookupError:
                 pass
-            for pid in _our_pids_under(tmp):
+            for pid in our_pids_under(tmp):
                 try:
                     os.kill(pid, sig)
                 except ProcessLookupError:

@@ -12,7 +12,7 @@ import re
 import sys
 import threading
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pyarrow as pa
@@ -22,7 +22,7 @@ import pytest
 from baez_ray import schema
 from baez_ray.config import LLMConfig, validate
 from baez_ray.run import ACTOR_FAULT_TOLERANCE, execute
-from conftest import make_text
+from conftest import make_text, serve_local
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -188,13 +188,8 @@ class Outage:
 @pytest.fixture
 def outage():
     fake = Outage(failing={2, 5})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), fake.handler())
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    fake.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    yield fake
-    httpd.shutdown()
-    httpd.server_close()
+    with serve_local(fake.handler()) as fake.url:
+        yield fake
 
 
 def synthetic_features(n: int) -> pa.Table:

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import build_random_sae, build_tiny_gemma, make_text
+from conftest import build_random_sae, build_tiny_gemma, make_text, our_pids_under
 
 BIN = Path(sys.executable).parent
 CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
@@ -37,24 +37,6 @@ def tiny_chat_model(path: Path) -> Path:
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(path)
     return path
-
-
-def our_pids_under(path: str) -> list[int]:
-    """PIDs of this user's processes whose command line or environment mentions `path`
-    (the Ray processes of a run started with RAY_TMPDIR=path, workers included)."""
-    pids, me, needle = [], os.getuid(), path.encode()
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            if d.stat().st_uid != me:
-                continue
-            seen = (d / "cmdline").read_bytes() + b"\0" + (d / "environ").read_bytes()
-        except OSError:
-            continue
-        if needle in seen:
-            pids.append(int(d.name))
-    return pids
 
 
 class Runner:

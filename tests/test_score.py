@@ -10,7 +10,7 @@ import math
 import re
 import threading
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +22,7 @@ from baez_ray.config import LLMConfig, ScoreConfig
 from baez_ray.metrics import aggregate, auroc, binary_metrics, bootstrap_ci, embedding_metrics
 from baez_ray.prompts import parse_binary_list
 from baez_ray.splits import identity, split_examples
+from conftest import serve_local
 
 # ------------------------------------------------------------------ metrics
 
@@ -169,13 +170,9 @@ class Scorer:
 @pytest.fixture(scope="module")
 def scorer_server():
     fake = Scorer()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), fake.handler())
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    fake.url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    yield fake
-    httpd.shutdown()
-    httpd.server_close()
+    with serve_local(fake.handler()) as url:
+        fake.url = url + "/v1"
+        yield fake
 
 
 def scorer_cfg(server) -> dict:
