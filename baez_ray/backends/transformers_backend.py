@@ -94,18 +94,18 @@ class TransformersChat:
         return max(n, 0)
 
     def _prefix_kv(self, prefix: list[int]):
-        """The KV cache (batch 1) of `prefix`, built on the one kept from the previous call
-        when the two share at least `min_prefix` tokens (only the new part is computed)."""
+        """The KV cache (batch 1) of `prefix`, kept for the next call. Built on the one kept
+        from the previous call (cropped in place, then only the new part computed) when the
+        two share at least `min_prefix` tokens. Callers copy it before generating."""
         from transformers import DynamicCache
 
-        old_ids, old_kv = self._kept
+        old_ids, kv = self._kept
         c = 0
         for a, b in zip(old_ids, prefix):
             if a != b:
                 break
             c += 1
-        if old_kv is not None and c >= self.min_prefix:
-            kv = copy.deepcopy(old_kv)
+        if kv is not None and c >= self.min_prefix:
             if c < len(old_ids):
                 kv.crop(c - len(old_ids))  # a negative count: the tokens to drop from the end
         else:
@@ -119,29 +119,32 @@ class TransformersChat:
         return kv
 
     def _inputs(self, texts: list[str]) -> tuple[dict, list[int]]:
-        """generate() inputs for `texts`. The tokens that open every prompt of the call (a
-        scorer's or explainer's system prompt) are run once, as a KV cache shared by the
-        batch, and the rest of each prompt is left-padded after them (positions follow the
-        attention mask, so the pads in the middle change nothing). A single prompt reuses
-        the prefix it shares with the previous call's. Models with sliding-window
+        """generate() inputs for `texts`: left-padded token ids and attention mask. The
+        tokens that open every prompt of the call (a scorer's or explainer's system prompt),
+        when there are at least `min_prefix` of them, are run once, as a KV cache shared by
+        the batch, and the rest of each prompt is left-padded after them (positions follow
+        the attention mask, so the pads in the middle change nothing). A single prompt
+        reuses the prefix it shares with the previous call's. Models with sliding-window
         layers (Gemma 3) take plain left-padded batches."""
         ids = [self.tok(t, add_special_tokens=False)["input_ids"] for t in texts]
         n_in = [len(x) for x in ids]
         L = self._common_prefix(ids) if self.prefix_cache else 0
         if L < self.min_prefix:
-            enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-            return dict(enc), n_in
-        kv = copy.deepcopy(self._prefix_kv(ids[0][:L]))
-        kv.batch_repeat_interleave(len(ids))
+            L = 0
         S = max(n_in) - L
         inp = torch.full((len(ids), L + S), self.tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(ids), L + S), dtype=torch.long)
-        inp[:, :L] = torch.tensor(ids[0][:L])
+        inp[:, :L] = torch.tensor(ids[0][:L], dtype=torch.long)
         mask[:, :L] = 1
         for i, x in enumerate(ids):
-            inp[i, L + S - (len(x) - L) :] = torch.tensor(x[L:])
+            inp[i, L + S - (len(x) - L) :] = torch.tensor(x[L:], dtype=torch.long)
             mask[i, L + S - (len(x) - L) :] = 1
-        return dict(input_ids=inp.to(self.device), attention_mask=mask.to(self.device), **{self._cache_kw: kv}), n_in
+        enc = dict(input_ids=inp.to(self.device), attention_mask=mask.to(self.device))
+        if L:
+            kv = copy.deepcopy(self._prefix_kv(ids[0][:L]))
+            kv.batch_repeat_interleave(len(ids))
+            enc[self._cache_kw] = kv
+        return enc, n_in
 
     @torch.inference_mode()
     def generate(self, texts: list[str], max_tokens: list[int], temperature: float, constraint: str | None = None) -> tuple[list[str], list[int], list[int]]:
