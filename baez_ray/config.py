@@ -195,12 +195,37 @@ class AVRunConfig(Section):
     nla_direct_shorten: bool = Field(False, description="nla_direct: the explainer condenses the AV's text into a short label")
 
 
+class ScoreConfig(Section):
+    """Scoring of labels (SPEC §3): detection, fuzz, embedding, and the random-label control."""
+
+    benchmarks: list[Literal["detection", "fuzz", "embedding"]] = Field(default_factory=lambda: ["detection", "fuzz", "embedding"])
+    scorer: LLMConfig | None = Field(None, description="the LLM that scores; null: the job's explainer")
+    test_examples: int = Field(10, ge=1, description="positives per feature (test examples)")
+    negatives: Literal["other_features", "corpus"] = Field(
+        "other_features", description="negatives: test examples of other features, or corpus windows where the feature does not fire")
+    n_negatives: int = Field(10, ge=1)
+    examples_per_prompt: int = Field(5, ge=1)
+    fuzz_threshold: float = Field(0.3, gt=0, le=1, description="fuzz: positives are highlighted at tokens >= this x the example max")
+    random_label: bool = Field(True, description="also score every feature with another feature's label (the control)")
+    control_method: str | None = Field(None, description="whose labels the control borrows; null: the first method")
+    max_retries: int = Field(2, ge=0, description="further tries of a prompt whose answer cannot be parsed")
+    embedder: str | None = Field(None, description="sentence-transformers path or id; null: the packaged all-MiniLM-L6-v2")
+
+
+class LabelScoreConfig(ScoreConfig):
+    """`label.score`: score a sample of the label job's labels on held-out examples."""
+
+    sample: int | None = Field(None, ge=1, description="score a random sample of this many labelled features (per SAE)")
+    min_test_examples: int = Field(5, ge=1, description="sample only features with this many held-out examples")
+
+
 class LabelConfig(Section):
     """How each tier is labelled (SPEC §4)."""
 
-    tier1: Literal["token_freq", "small_llm"] = "token_freq"
-    tier2: str = Field("eleuther_acts_top5", pattern=r"^(eleuther_acts_top\d+|np_max_act)$")
-    tier3: Literal["baez", "baez_last", "nla_direct"] = Field("baez", description="the draft label of tier-3 features (needs av_sidecar; nla_direct also the sae section)")
+    # method names are checked against the registry (baez_ray.methods) when the job is loaded
+    tier1: str = Field("token_freq", description="a tier-1 method: token_freq | small_llm")
+    tier2: str = Field("eleuther_acts_top5", description="a tier-2 method: eleuther_acts_topK | np_max_act")
+    tier3: str = Field("baez", description="the draft label of tier-3 features (needs av_sidecar): baez | baez_last | nla_direct (also the sae section)")
     explainer: LLMConfig
     small_llm: LLMConfig | None = None
     av_sidecar: str | None = Field(None, description="AV sidecar YAML; tier 3 then gets AV explanations and a baez draft label")
@@ -213,27 +238,7 @@ class LabelConfig(Section):
         None, description="label at most N features of a tier (the first by feature index), e.g. {2: 64, 3: 16}; the rest are counted")
     shard_features: int | None = Field(
         None, ge=1, description="resume: features per committed label shard; null: about 1/64 of a tier's work, within [256, 8192]")
-
-
-class ScoreConfig(Section):
-    """Scoring of labels (SPEC §3): detection, fuzz, embedding, and the random-label control."""
-
-    benchmarks: list[Literal["detection", "fuzz", "embedding"]] = Field(default_factory=lambda: ["detection", "fuzz", "embedding"])
-    scorer: LLMConfig | None = Field(None, description="the LLM that scores; null: the job's explainer")
-    split: Literal["top", "deciles", "random"] = Field("top", description="benchmark job: how train and test examples are chosen")
-    train_examples: int = Field(5, ge=1, description="benchmark job: train examples (top ranks 1..N for top/deciles)")
-    test_examples: int = Field(10, ge=1, description="positives per feature (test examples)")
-    negatives: Literal["other_features", "corpus"] = Field(
-        "other_features", description="negatives: test examples of other features, or corpus windows where the feature does not fire")
-    n_negatives: int = Field(10, ge=1)
-    examples_per_prompt: int = Field(5, ge=1)
-    fuzz_threshold: float = Field(0.3, gt=0, le=1, description="fuzz: positives are highlighted at tokens >= this x the example max")
-    random_label: bool = Field(True, description="also score every feature with another feature's label (the control)")
-    control_method: str | None = Field(None, description="whose labels the control borrows; null: the first method")
-    max_retries: int = Field(2, ge=0, description="further tries of a prompt whose answer cannot be parsed")
-    embedder: str | None = Field(None, description="sentence-transformers path or id; null: the packaged all-MiniLM-L6-v2")
-    sample: int | None = Field(None, ge=1, description="label job: score a random sample of this many labelled features")
-    min_test_examples: int = Field(5, ge=1, description="label job: sample only features with this many held-out examples")
+    score: LabelScoreConfig | None = Field(None, description="score a sample of the labels (null: no scoring)")
 
 
 class BenchmarkConfig(Section):
@@ -242,25 +247,17 @@ class BenchmarkConfig(Section):
 
     n_features: int = Field(40, ge=2)
     min_examples: int = Field(15, ge=2, description="sample only features with at least this many activating examples")
+    split: Literal["top", "deciles", "random"] = Field("top", description="how train and test examples are chosen")
+    train_examples: int = Field(5, ge=1, description="train examples (top ranks 1..N for top/deciles)")
+    # method names are checked against the registry (baez_ray.methods) when the job is loaded
     methods: list[str] = Field(default_factory=lambda: ["eleuther_acts_top5", "token_freq"], min_length=1)
     compare: tuple[str, str] | None = Field(None, description="list the most distant labels between these two methods (default: the first two)")
     n_distant: int = Field(10, ge=1)
     explainer: LLMConfig
+    max_retries: int = Field(2, ge=0, description="further tries of a label whose answer cannot be parsed")
     av_sidecar: str | None = Field(None, description="AV sidecar for baez / baez_last / nla_direct")
     av: AVRunConfig = AVRunConfig()
-
-    @field_validator("methods")
-    @classmethod
-    def _known(cls, methods: list[str]) -> list[str]:
-        import re
-
-        known = r"^(eleuther_acts_top\d+|np_max_act|small_llm|token_freq|baez|baez_last|nla_direct)$"
-        bad = [m for m in methods if not re.match(known, m)]
-        if bad:
-            raise ValueError(f"unknown method(s) {bad}: known are eleuther_acts_topK, np_max_act, small_llm, token_freq, baez, baez_last, nla_direct")
-        if len(set(methods)) != len(methods):
-            raise ValueError("a method is listed twice")
-        return methods
+    score: ScoreConfig = ScoreConfig()
 
 
 class JobSpec(Section):
@@ -277,7 +274,6 @@ class JobSpec(Section):
     features: str | None = Field(None, description="label: an existing features table (a collect or ingest run's features/)")
     route: RouteConfig = RouteConfig()
     label: LabelConfig | None = None
-    score: ScoreConfig | None = Field(None, description="label job: score a sample of the labels; benchmark job: how to score")
     benchmark: BenchmarkConfig | None = None
 
     @model_validator(mode="after")
@@ -291,7 +287,8 @@ class JobSpec(Section):
         missing = [s for s in need if getattr(self, s) is None]
         if missing:
             raise ValueError(f"job '{self.job}' needs section(s): {', '.join(missing)}")
-        if self.score is not None and self.score.negatives == "corpus":
+        score = self.label.score if self.job == "label" else self.benchmark.score if self.job == "benchmark" else None
+        if score is not None and score.negatives == "corpus":
             missing = [s for s in ("model", "sae", "corpus") if getattr(self, s) is None]
             if missing:
                 raise ValueError(f"score.negatives = corpus runs the model and SAE over the corpus: it needs section(s) {', '.join(missing)}")
@@ -371,5 +368,6 @@ def validate_model(model: type[BaseModel], data: dict, source: str):
         raise ConfigError(_format_errors(source, e)) from None
 
 
-def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+def parse_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    """A job file checked against the schema (method names: `baez_ray.jobs.load_job`)."""
     return validate(read_yaml_mapping(path, "job file", overrides), str(path))

@@ -25,7 +25,7 @@ Per-stage model (F features, live share l, tier shares s1/s2/s3 of the live ones
     no routing    API tokens = l·F · tier-2 tokens
     scoring       a sample of features (--score-sample), detection + fuzz prompts   [same in both]
 
-Prompt sizes are measured on the real prompts (baez_ray.prompts) of the examples of a
+Prompt sizes are measured on the real prompts (baez_ray.llm.prompts) of the examples of a
 features table (`--features-table`), or of synthetic examples of the job's window.
 
     .venv/bin/python bench/capacity.py [--gpus 8] [--features 262144] [--collect-tokens 1e8]
@@ -116,7 +116,7 @@ def synthetic_examples(n: int, window: int, seed: int = 0) -> list[dict]:
 def prompt_chars(method: str, examples_per_feature: list[list[dict]], n_examples: int) -> float:
     """Mean characters of the method's prompt (all messages) over the given features."""
     sys.path.insert(0, str(ROOT))
-    from baez_ray import prompts
+    from baez_ray.llm import prompts
 
     chars = []
     for exs in examples_per_feature:
@@ -128,7 +128,7 @@ def prompt_chars(method: str, examples_per_feature: list[list[dict]], n_examples
 
 def baez_prompt_chars(n: int, explanation_chars: int) -> float:
     sys.path.insert(0, str(ROOT))
-    from baez_ray import prompts
+    from baez_ray.llm import prompts
 
     text = ("The state encodes a continuation of a technical description in which a number follows. " * 40)[:explanation_chars]
     return float(sum(len(m["content"]) for m in prompts.baez_messages([text] * n, [10 - i % 10 for i in range(n)])))
@@ -136,7 +136,7 @@ def baez_prompt_chars(n: int, explanation_chars: int) -> float:
 
 def scoring_prompt_chars(example_chars: float, per_prompt: int, label_chars: int = 40) -> float:
     sys.path.insert(0, str(ROOT))
-    from baez_ray import prompts
+    from baez_ray.llm import prompts
 
     texts = ["x" * int(example_chars)] * per_prompt
     return float(sum(len(m["content"]) for m in prompts.scorer_messages("detection", "y" * label_chars, texts)))
@@ -449,7 +449,7 @@ def measure_gpu(args) -> dict:
     lm = build(Gemma3ForCausalLM, Gemma3TextConfig(**{**shape, "num_hidden_layers": layer + 1}))
     out["init_s"] = round(time.perf_counter() - t0, 1)
 
-    class LM:  # what CollectWorker uses of baez_ray.models.base.BaseModel
+    class LM:  # what CollectWorker uses of baez_ray.models.lm.ResidualReader
         def __init__(self, model):
             self.model, self.device = model, dev
 

@@ -111,9 +111,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from baez_ray.config import validate
-    from baez_ray.models.base import BaseModel, load_tokenizer
-    from baez_ray.run import execute
-    from baez_ray.corpus import iter_contexts
+    from baez_ray.models.lm import ResidualReader, load_tokenizer
+    from baez_ray.jobs import execute
+    from baez_ray.data.corpus import iter_contexts
 
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench_collect_"))
@@ -146,7 +146,7 @@ def main() -> None:
     collect_rate = (st3["tokens"] - st1["tokens"]) / (st3["seconds"] - st1["seconds"])
 
     # bare forward up to layer L over the same 3N tokens, same batches, same threads
-    lm = BaseModel(s.model)
+    lm = ResidualReader(s.model)
     ids = torch.from_numpy(np.stack(list(iter_contexts(spec(3 * args.tokens).corpus, tok))).astype(np.int64))
     lm.residual(ids[: args.batch_size])  # warm-up
     t0 = time.perf_counter()

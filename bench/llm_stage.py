@@ -63,11 +63,11 @@ def main() -> None:
     import ray
 
     from baez_ray.config import LLMConfig
-    from baez_ray.stages.label import label_with_llm, llm_method
+    from baez_ray.methods.from_examples import label_with_llm, prompt_style
 
     torch.set_num_threads(args.threads)
     llm = LLMConfig(backend="transformers", model="pypi:smollm2-135m", batch_size=args.batch_size, num_cpus=args.threads)
-    method = llm_method("np_max_act")
+    method = prompt_style("np_max_act")
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
 
     times, tables = {}, {}
@@ -83,7 +83,7 @@ def main() -> None:
     stage_rate = 2 * args.features / (times[3 * args.features] - times[args.features])
 
     # bare: 2N of the same prompts, same batch size, same max_tokens, greedy
-    from baez_ray.backends.transformers_backend import TransformersChat
+    from baez_ray.llm.backends.transformers_backend import TransformersChat
 
     chat = TransformersChat(llm.model_dump())
     feats = full.to_pylist()[args.features :]

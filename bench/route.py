@@ -46,10 +46,10 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from baez_ray import schema
-from baez_ray.embedder import Embedder
+from baez_ray.models.embedder import Embedder
 from baez_ray.stages.route import RouteConfig, default_threads, route_dataset
-from baez_ray.windows import TopExamples
-from baez_ray.stages.collect import write_table
+from baez_ray.models.windows import TopExamples
+from baez_ray.rundir import write_table
 
 WINDOW, LEFT = 32, 16
 TOKEN = re.compile(r"\s*(?:[A-Za-z]+|\d+|[^\sA-Za-z\d])")

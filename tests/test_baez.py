@@ -6,10 +6,10 @@ import pyarrow.parquet as pq
 import yaml
 from transformers import AutoTokenizer
 
-from baez_ray import prompts
-from baez_ray.config import LLMConfig, validate
-from baez_ray.run import execute
-from baez_ray.stages.label import label_baez
+from baez_ray.llm import prompts
+from baez_ray.config import AVRunConfig, LLMConfig, validate
+from baez_ray.jobs import execute
+from baez_ray.methods.av_explanations import label_baez
 from conftest import make_text
 
 
@@ -37,7 +37,7 @@ def test_baez_labels_every_feature_with_its_evidence(ray_local, tiny_gemma, rand
     }))
     features = ray_local.data.read_parquet(str(tmp_path / "run" / "features"))
     llm = LLMConfig(backend="transformers", model="pypi:smollm2-135m", batch_size=4)
-    labels = label_baez(features, str(sidecar), llm, n_examples=3, max_retries=1, av={"num_cpus": 0.5}, max_tokens=40).to_pylist()
+    labels = label_baez(features, str(sidecar), llm, n_examples=3, max_retries=1, av=AVRunConfig(num_cpus=0.5), max_tokens=40).to_pylist()
     n_features = pq.read_table(tmp_path / "run" / "features").num_rows
     assert sorted(r["feature"] for r in labels) == list(range(n_features)) == [0, 1, 2]
     for r in labels:
@@ -72,14 +72,15 @@ def test_nla_direct_labels_each_feature_from_its_decoder_row(ray_local, tiny_gem
     from sae_lens import SAE
 
     from baez_ray.config import SAEConfig
-    from baez_ray.models.av import Verbalizer, load_sidecar
-    from baez_ray.stages.label import label_nla_direct
+    from baez_ray.av.hf_engine import Verbalizer
+    from baez_ray.av.sidecar import load_sidecar
+    from baez_ray.methods.nla_direct import label_nla_direct
 
     sidecar = tiny_self_sidecar(tiny_gemma, tmp_path / "self.yaml")
     keys = [{"sae_id": "s", "layer": 0, "feature": f} for f in (0, 5, 17)] + [
         {"sae_id": "s", "layer": 0, "feature": 500}, {"sae_id": "other", "layer": 0, "feature": 1}]
     features = ray_local.data.from_items(keys)
-    labels = label_nla_direct(features, str(sidecar), SAEConfig(id="s", path=str(random_sae)), av={"num_cpus": 0.5, "batch_size": 2}).to_pylist()
+    labels = label_nla_direct(features, str(sidecar), SAEConfig(id="s", path=str(random_sae)), av=AVRunConfig(num_cpus=0.5, batch_size=2)).to_pylist()
     by = {(r["sae_id"], r["feature"]): r for r in labels}
     assert len(labels) == len(keys) and set(by) == {(k["sae_id"], k["feature"]) for k in keys}
     version = f"{prompts.NLA_DIRECT_VERSION}+av:tiny-self"

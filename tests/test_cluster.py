@@ -78,7 +78,7 @@ def test_k8s_rayjob_is_a_valid_kuberay_cluster():
 
 
 def test_plan_ships_project_root_and_runs_the_job_file(monkeypatch):
-    from baez_ray.submit import plan_submission
+    from baez_ray.tools.submit import plan_submission
 
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -307,8 +307,8 @@ def test_submitted_driver_joins_the_cluster_it_runs_on(ray_head):
     from ray.job_submission import JobSubmissionClient
 
     code = (
-        "import ray; from baez_ray.config import validate; from baez_ray.run import init_ray; "
-        "init_ray(validate({'job': 'ingest', 'ingest': {'path': 'x'}})); "
+        "import ray; from baez_ray.config import validate; from baez_ray.ray_pool import init_ray; "
+        "init_ray(validate({'job': 'ingest', 'ingest': {'path': 'x'}}).ray); "
         "print('CPUS', ray.cluster_resources().get('CPU'), 'GCS', ray.get_runtime_context().gcs_address)"
     )
     c = JobSubmissionClient(ray_head)

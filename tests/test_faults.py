@@ -21,7 +21,8 @@ import pytest
 
 from baez_ray import schema
 from baez_ray.config import LLMConfig, validate
-from baez_ray.run import ACTOR_FAULT_TOLERANCE, execute
+from baez_ray.jobs import execute
+from baez_ray.ray_pool import ACTOR_FAULT_TOLERANCE
 from conftest import make_text, serve_local
 
 
@@ -42,7 +43,7 @@ def test_actor_pools_restart_and_retry():
 
 # ---- (a) an actor dies mid-batch ----------------------------------------------------------
 
-from baez_ray.backends.transformers_backend import TransformersChat  # noqa: E402
+from baez_ray.llm.backends.transformers_backend import TransformersChat  # noqa: E402
 from baez_ray.stages.collect import CollectWorker  # noqa: E402
 
 
@@ -85,7 +86,7 @@ def chat_model(tmp_path_factory):
 
 @pytest.mark.timeout(300)
 def test_llm_actor_dies_mid_batch_is_restarted_and_batch_retried(ray_local, chat_model, tmp_path, monkeypatch):
-    from baez_ray.backends import generate, prompt_table, transformers_backend
+    from baez_ray.llm.backends import generate, prompt_table, transformers_backend
 
     DyingChat.state = str(tmp_path)
     monkeypatch.setattr(transformers_backend, "TransformersChat", DyingChat)
@@ -211,7 +212,7 @@ def synthetic_features(n: int) -> pa.Table:
 
 @pytest.mark.timeout(400)
 def test_llm_outage_fails_only_its_rows_and_rerun_retries_only_them(ray_local, outage, tmp_path, monkeypatch):
-    from baez_ray.stages.collect import write_table
+    from baez_ray.rundir import write_table
 
     monkeypatch.setenv(KEY_ENV, KEY)
     write_table(synthetic_features(8), tmp_path / "features")

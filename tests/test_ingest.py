@@ -15,7 +15,7 @@ import pytest
 
 from baez_ray import schema
 from baez_ray.config import validate
-from baez_ray.run import execute
+from baez_ray.jobs import execute
 from baez_ray.stages.ingest import IngestError
 
 A = ("gemma-3-27b-it", "41-gemmascope-2-res-262k")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from baez_ray import prompts, schema
+from baez_ray import schema
+from baez_ray.llm import prompts
 from baez_ray.config import LLMConfig
-from baez_ray.stages.label import label_with_llm
+from baez_ray.methods.from_examples import label_with_llm
 
 
 def test_mark_tokens_groups_consecutive_runs():

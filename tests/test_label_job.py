@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 
 from baez_ray import schema
 from baez_ray.config import validate
-from baez_ray.run import execute
+from baez_ray.jobs import execute
 from conftest import make_text
 
 

@@ -7,13 +7,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from baez_ray.config import ModelConfig, SAEConfig
-from baez_ray.models.base import BaseModel, load_sae
+from baez_ray.models.lm import ResidualReader
+from baez_ray.models.sae import load_sae
 from conftest import build_random_sae
 
 
 @pytest.mark.parametrize("layer", [0])  # HF's last hidden_states entry is after the final norm
 def test_residual_is_hidden_state_after_block(tiny_gemma, layer):
-    lm = BaseModel(ModelConfig(id="t", path=str(tiny_gemma), layer=layer, device="cpu"))
+    lm = ResidualReader(ModelConfig(id="t", path=str(tiny_gemma), layer=layer, device="cpu"))
     ids = torch.randint(4, 200, (2, 12))
     plain = AutoModelForCausalLM.from_pretrained(tiny_gemma).eval()  # no hook on this copy
     ref = plain(input_ids=ids, output_hidden_states=True).hidden_states[layer + 1]
@@ -25,7 +26,7 @@ def test_tuple_returning_blocks(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0)).save_pretrained(tmp_path)
-    lm = BaseModel(ModelConfig(id="g", path=str(tmp_path), layer=1, device="cpu"))
+    lm = ResidualReader(ModelConfig(id="g", path=str(tmp_path), layer=1, device="cpu"))
     ids = torch.randint(0, 100, (1, 10))
     plain = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     assert torch.equal(lm.residual(ids), plain(input_ids=ids, output_hidden_states=True).hidden_states[2])
@@ -33,7 +34,7 @@ def test_tuple_returning_blocks(tmp_path):
 
 def test_layer_out_of_range(tiny_gemma):
     with pytest.raises(ValueError, match=r"model.layer=5 but .* has 2 layers"):
-        BaseModel(ModelConfig(id="t", path=str(tiny_gemma), layer=5, device="cpu"))
+        ResidualReader(ModelConfig(id="t", path=str(tiny_gemma), layer=5, device="cpu"))
 
 
 def test_sae_width_mismatch_and_missing(tmp_path):

@@ -15,10 +15,10 @@ import pytest
 from pydantic import ValidationError
 
 from baez_ray import schema
-from baez_ray.embedder import correlation, default_model_path, grouped_correlation, pairwise_mean
-from baez_ray.labelers.token_freq import TokenFreqConfig, normalise, token_freq_labels
+from baez_ray.models.embedder import correlation, default_model_path, grouped_correlation, pairwise_mean
+from baez_ray.methods.token_freq import TokenFreqConfig, normalise, token_freq_labels
 from baez_ray.stages.route import RouteConfig, assign_tiers, route, route_batch
-from baez_ray.windows import TopExamples, bounds, join_tokens, window_text
+from baez_ray.models.windows import TopExamples, bounds, join_tokens, window_text
 
 T = 12  # top_index of the synthetic examples
 L = 24  # tokens per synthetic example
@@ -219,6 +219,26 @@ def test_token_freq_alternatives_and_normalisation():
 
 
 # ------------------------------------------------------------------ batch logic without Ray
+def test_token_freq_method_counts_over_route_top_n(ray_local, tmp_path):
+    """The registered token_freq reads the job's route.top_n (and output window): with the
+    top 6 examples it sees only "alpha"; with all 12 it sees "beta" too."""
+    from baez_ray import methods
+    from baez_ray.config import RouteConfig
+    from baez_ray.rundir import write_table
+
+    toks = lambda top: [" x"] * 3 + [top] + [" y"] * 3  # noqa: E731
+    tops = [" alpha"] * 6 + [" beta"] * 6
+    feats = pa.Table.from_pylist([feature_row(9, [example(toks(w), r, top=3) for r, w in enumerate(tops)])], schema=schema.FEATURES)
+    write_table(pa.table({"sae_id": ["demo/3-res"], "layer": pa.array([3], pa.int32()), "feature": [9], "tier": pa.array([1], pa.int8()),
+                          "kind": ["input"]}), tmp_path / "routes")
+    got = {}
+    for n in (6, 12):
+        ctx = methods.LabelContext(name="token_freq", route=RouteConfig(top_n=n), routes_dir=tmp_path / "routes")
+        row = methods.label("token_freq", ray_local.data.from_arrow(feats), ctx).to_pylist()[0]
+        got[n] = (row["label"], row["n_examples"])
+    assert got == {6: ("input: alpha", 6), 12: ("input: alpha / beta", 12)}
+
+
 def fake_encode(calls: list):
     """Deterministic pseudo-embeddings (identical texts → identical vectors), recording calls."""
 

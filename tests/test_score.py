@@ -20,8 +20,8 @@ import pytest
 from baez_ray import schema
 from baez_ray.config import LLMConfig, ScoreConfig
 from baez_ray.metrics import aggregate, auroc, binary_metrics, bootstrap_ci, embedding_metrics
-from baez_ray.prompts import parse_binary_list
-from baez_ray.splits import identity, split_examples
+from baez_ray.llm.prompts import parse_binary_list
+from baez_ray.stages.split import identity, split_examples
 from conftest import serve_local
 
 # ------------------------------------------------------------------ metrics
@@ -240,15 +240,15 @@ def test_unreadable_answers_are_retried_then_counted_not_dropped(ray_local, scor
 @pytest.fixture(scope="module")
 def benchmark_run(ray_local, scorer_server, tmp_path_factory):
     from baez_ray.config import validate
-    from baez_ray.run import execute
-    from baez_ray.stages.collect import write_table
+    from baez_ray.jobs import execute
+    from baez_ray.rundir import write_table
 
     root = tmp_path_factory.mktemp("bench")
     write_table(synthetic_features(), root / "features")
     spec = validate({
         "job": "benchmark", "name": "syn-bench", "seed": 3, "features": str(root / "features"),
-        "benchmark": {"n_features": 8, "min_examples": 15, "methods": ["eleuther_acts_top5", "token_freq"], "explainer": scorer_cfg(scorer_server)},
-        "score": {"split": "top", "max_retries": 1},
+        "benchmark": {"n_features": 8, "min_examples": 15, "methods": ["eleuther_acts_top5", "token_freq"], "explainer": scorer_cfg(scorer_server),
+                      "split": "top", "score": {"max_retries": 1}},
         "route": {"top_n": 5},
     })
     run = execute(spec, root / "run")
@@ -321,8 +321,9 @@ def test_corpus_negatives_are_windows_where_the_feature_is_silent(ray_local, tin
     import torch
 
     from baez_ray.config import validate
-    from baez_ray.models.base import BaseModel, load_sae
-    from baez_ray.run import Run
+    from baez_ray.models.lm import ResidualReader
+    from baez_ray.models.sae import load_sae
+    from baez_ray.rundir import Run
     from baez_ray.stages.negatives import corpus_negatives
     from conftest import make_text
 
@@ -333,14 +334,14 @@ def test_corpus_negatives_are_windows_where_the_feature_is_silent(ray_local, tin
         "sae": {"id": "0-res-random", "path": str(random_sae)},
         "corpus": {"paths": [str(tmp_path / "doc.txt")], "context_len": 33},
         "collect": {"window": 8, "window_left": 3, "batch_size": 4},
-        "score": {"negatives": "corpus", "n_negatives": 3},
     })
     run = Run(spec, tmp_path / "run")
     keys = [("0-res-random", f) for f in range(0, 96, 8)]
-    neg = corpus_negatives(spec, run, keys, n=3, seed=0, n_contexts=16)
+    neg = corpus_negatives(run.table_dir("contexts"), spec.model, spec.sae, spec.corpus, spec.collect.window, spec.collect.batch_size,
+                           keys, n=3, seed=0, n_contexts=16)
     # recompute every returned window from its context (the model reads the whole context)
     contexts = {r["context_id"]: r["tokens"] for r in pq.read_table(run.table_dir("contexts")).to_pylist()}
-    lm = BaseModel(spec.model)
+    lm = ResidualReader(spec.model)
     sae = load_sae(spec.sae, lm.device, lm.d_model)
     n_found = 0
     for (_, f), exs in neg.items():
@@ -356,4 +357,4 @@ def test_corpus_negatives_are_windows_where_the_feature_is_silent(ray_local, tin
     from baez_ray.config import ConfigError
 
     with pytest.raises(ConfigError, match="negatives = corpus"):
-        validate({"job": "label", "features": str(tmp_path), "label": {"explainer": {"model": "x"}}, "score": {"negatives": "corpus"}})
+        validate({"job": "label", "features": str(tmp_path), "label": {"explainer": {"model": "x"}, "score": {"negatives": "corpus"}}})

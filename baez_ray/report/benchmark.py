@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from baez_ray.metrics import CHANCE, HEADLINE, aggregate
-from baez_ray.report.features import STYLE, highlight, pyplot, save_figure
+from baez_ray.report.html import STYLE, highlight, pyplot, save_figure
 
 BENCH_ORDER = ("detection", "fuzz", "embedding")
 
@@ -146,7 +146,7 @@ def scoring_section(run_dir: Path, out: Path, seed: int = 0) -> str:
 def distant_pairs(labels, a: str, b: str, n: int, embedder: str | None = None) -> list[dict]:
     """Features labelled by both `a` and `b`, ordered by the cosine of their two labels
     (least similar first): [{feature, sae_id, label_a, label_b, cosine}]."""
-    from baez_ray.embedder import Embedder
+    from baez_ray.models.embedder import Embedder
 
     la = {(r["sae_id"], r["feature"]): r["label"] for r in labels if r["method"] == a and r["label"]}
     lb = {(r["sae_id"], r["feature"]): r["label"] for r in labels if r["method"] == b and r["label"]}

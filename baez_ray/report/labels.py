@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from baez_ray.report.features import STYLE, highlight
+from baez_ray.report.html import STYLE, highlight
 
 
 def write_label_report(run_dir: str | Path, n_examples: int = 3) -> Path:

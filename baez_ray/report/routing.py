@@ -11,7 +11,7 @@ Token estimate for the tier-2 method (`eleuther_acts_topK`), per feature:
     output_tokens ≈ answer_tokens
 
 fixed_chars = the characters of the system prompt and the few-shot turns
-(baez_ray.prompts.ELEUTHER_SYSTEM + ELEUTHER_FEWSHOT; about 2,000), example_chars = the
+(baez_ray.llm.prompts.ELEUTHER_SYSTEM + ELEUTHER_FEWSHOT; about 2,000), example_chars = the
 characters of one example line with its << >> marks (a 32-token window ≈ 150 characters),
 and 4 characters per token (the usual rule for English with BPE tokenizers). With K = 20
 that is ≈ 1,300 input tokens. `measured_tokens_per_feature` computes the same from the real
@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from baez_ray.report.features import pyplot, save_figure
+from baez_ray.report.html import pyplot, save_figure
 
 KINDS = ("input", "output", "cross", "obscure")
 SCORES = (("c_in", "C_in (input window)", "tau_in"), ("c_out", "C_out (output window)", "tau_out"), ("c_cross", "C_cross (cross window)", "tau_cross"))
@@ -145,7 +145,7 @@ def eleuther_tokens_per_feature(
 
 def _eleuther_fixed_chars() -> float:
     try:
-        from baez_ray import prompts
+        from baez_ray.llm import prompts
 
         msgs = prompts.eleuther_messages([])
         return float(sum(len(m["content"]) for m in msgs))
@@ -156,7 +156,7 @@ def _eleuther_fixed_chars() -> float:
 def measured_tokens_per_feature(features, k: int = 20, sample: int = 200, answer_tokens: float = DEFAULT_ANSWER_TOKENS, seed: int = 0) -> dict[str, float]:
     """As `eleuther_tokens_per_feature`, from the real eleuther prompts (chars / 4) of up to
     `sample` features of a features table (pyarrow)."""
-    from baez_ray import prompts
+    from baez_ray.llm import prompts
 
     n = features.num_rows
     rng = np.random.default_rng(seed)

@@ -1,31 +1,11 @@
-"""Jobs and their stages. Each job is a function `(spec, run) -> None` that runs its
-stages in order; each stage is a Ray Data transform over Parquet tables (see schema.py)."""
+"""Stages: each takes its own config section and paths, and writes one table (Parquet
+parts, columns from `schema.py`). They never see the whole job file; the jobs in
+`baez_ray/jobs/` decide their order, resume and report names.
 
-from __future__ import annotations
-
-
-def _collect(spec, run):
-    from baez_ray.stages.collect import collect_job
-
-    collect_job(spec, run)
-
-
-def _ingest(spec, run):
-    from baez_ray.stages.ingest import ingest_job
-
-    ingest_job(spec, run)
-
-
-def _label(spec, run):
-    from baez_ray.stages.label_job import label_job
-
-    label_job(spec, run)
-
-
-def _benchmark(spec, run):
-    from baez_ray.stages.benchmark_job import benchmark_job
-
-    benchmark_job(spec, run)
-
-
-JOBS = {"collect": _collect, "ingest": _ingest, "label": _label, "benchmark": _benchmark}
+    collect   contexts/ ─▶ features/          (base model + SAE actors, merge)
+    ingest    Neuronpedia export ─▶ features/ (+ rejects/)
+    route     features/ ─▶ routes/            (embedder actors: C_in, C_out, C_cross, tier)
+    split     features/ ─▶ train/, test/      (disjoint examples)
+    negatives corpus ─▶ examples where a feature does not fire
+    score     labels + test examples ─▶ scores/
+"""

@@ -42,8 +42,11 @@ import pyarrow.parquet as pq
 import torch
 
 from baez_ray import schema
-from baez_ray.config import CollectConfig, JobSpec, ModelConfig, SAEConfig
-from baez_ray.run import ACTOR_FAULT_TOLERANCE, Run, fsync_path, init_ray, log, write_json_atomic
+from baez_ray.config import CollectConfig, ModelConfig, SAEConfig
+from baez_ray.models.lm import token_texts
+from baez_ray.models.sae import n_sae_features
+from baez_ray.ray_pool import actor_map
+from baez_ray.rundir import fsync_path, log, write_json_atomic, write_table
 
 EMPTY_SAMPLE = 2.0  # reservoir keys live in [0, 1)
 ACTS_BUDGET = 2**28  # SAE activations held at once (elements): 1 GiB of float32
@@ -86,11 +89,12 @@ class CollectWorker:
     """Ray Data actor: contexts in, candidate rows out (see module docstring)."""
 
     def __init__(self, model: dict, sae: dict, collect: dict, seed: int, n_features: int, bos_id: int | None, threads: int):
-        from baez_ray.models.base import BaseModel, load_sae
+        from baez_ray.models.lm import ResidualReader
+        from baez_ray.models.sae import load_sae
 
         torch.set_num_threads(threads)
         self.cfg = CollectConfig(**collect)
-        self.lm = BaseModel(ModelConfig(**model))
+        self.lm = ResidualReader(ModelConfig(**model))
         self.device = self.lm.device
         self.sae = load_sae(SAEConfig(**sae), self.device, self.lm.d_model)
         self.sae_dtype = next(self.sae.parameters()).dtype
@@ -341,8 +345,7 @@ class Merger:
     def features_table(self, sae_id: str, model_id: str, layer: int, token_text) -> pa.Table:
         """The FEATURES table for features 0..F-1 (non-firing ones with no examples)."""
         self.compact()
-        top, smp = self.top[0], self.smp[0]
-        F = self.F
+        top, smp, F = self.top[0], self.smp[0], self.F
         max_act = np.zeros(F, np.float32)
         tf = top.column("feature").to_numpy()
         first = np.r_[True, tf[1:] != tf[:-1]] if len(tf) else np.zeros(0, bool)
@@ -353,54 +356,8 @@ class Merger:
         res = top.column("residual").combine_chunks()
         drop = pa.array(top_rank >= self.cfg.residual_top_n)
         top = top.set_column(top.schema.get_field_index("residual"), "residual", pc.if_else(drop, pa.nulls(len(res), res.type), res))
-
-        # decile samples: drop contexts already among the feature's top examples, bin the
-        # reservoir by ceil(10·value/max), keep the first `samples_per_decile` keys per bin
-        if smp.num_rows and self.cfg.samples_per_decile:
-            sf = smp.column("feature").to_numpy()
-            sc = smp.column("context_id").to_numpy()
-            span = int(max(sc.max(), top.column("context_id").to_numpy().max() if top.num_rows else 0)) + 1
-            in_top = np.isin(sf * span + sc, tf * span + top.column("context_id").to_numpy())
-            smp = smp.filter(pa.array(~in_top))
-            sf = smp.column("feature").to_numpy()
-            sv = smp.column("value").to_numpy()
-            dec = np.clip(np.ceil(10 * sv / np.maximum(max_act[sf], 1e-30)), 1, 10).astype(np.int8)
-            order = np.lexsort((smp.column("key").to_numpy(), -dec, sf))
-            smp = smp.take(pa.array(order))
-            sf, dec = sf[order], dec[order]
-            keep = _rank_within(sf * 16 + dec) < self.cfg.samples_per_decile
-            smp, sf, dec = smp.filter(pa.array(keep)), sf[keep], dec[keep]
-            smp_rank = _rank_within(sf)
-        else:
-            smp = smp.slice(0, 0)
-            sf, dec, smp_rank = np.zeros(0, np.int64), np.zeros(0, np.int8), np.zeros(0, np.int64)
-
-        ex = pa.concat_tables([top, smp])
-        kinds = np.r_[np.zeros(top.num_rows, np.int8), np.ones(smp.num_rows, np.int8)]
-        feat = np.r_[tf, sf].astype(np.int64)
-        order = np.lexsort((np.r_[top_rank, smp_rank], kinds, feat))
-        ex = ex.take(pa.array(order))
-        feat = feat[order]
-        decile = pa.array(np.r_[np.zeros(top.num_rows, np.int8), dec][order], pa.int8(), mask=(kinds[order] == 0))
-        tok_col = ex.column("tokens").combine_chunks()
-        flat = tok_col.flatten().to_numpy(zero_copy_only=False)
-        strs = pa.ListArray.from_arrays(tok_col.offsets, pa.array(token_text(flat), pa.string()))
-        examples = pa.StructArray.from_arrays(
-            [
-                ex.column("kind").combine_chunks(),
-                pa.array(np.r_[top_rank, smp_rank][order].astype(np.int32)),
-                decile,
-                ex.column("context_id").combine_chunks(),
-                ex.column("position").combine_chunks(),
-                ex.column("value").combine_chunks(),
-                ex.column("top_index").combine_chunks(),
-                tok_col,
-                strs,
-                ex.column("acts").combine_chunks(),
-                ex.column("residual").combine_chunks(),
-            ],
-            fields=list(schema.EXAMPLE),
-        )
+        smp, sf, dec, smp_rank = _decile_samples(smp, top, max_act, self.cfg.samples_per_decile)
+        feat, examples = _examples(top, smp, np.r_[tf, sf].astype(np.int64), np.r_[top_rank, smp_rank], dec, token_text)
         per_feature = np.bincount(feat, minlength=F)
         offsets = np.zeros(F + 1, np.int32)
         np.cumsum(per_feature, out=offsets[1:])
@@ -419,33 +376,43 @@ class Merger:
         return schema.conform(table, schema.FEATURES)
 
 
-def token_texts(tokenizer):
-    """ids → the text of each token on its own (decoded once per distinct id)."""
-    cache: dict[int, str] = {}
+def _decile_samples(smp: pa.Table, top: pa.Table, max_act: np.ndarray, per_decile: int):
+    """Decile samples: drop contexts already among the feature's top examples, bin the
+    reservoir by ceil(10·value/max), keep the first `per_decile` keys per bin. Returns
+    (rows, their features, deciles, ranks within each feature)."""
+    if not (smp.num_rows and per_decile):
+        return smp.slice(0, 0), np.zeros(0, np.int64), np.zeros(0, np.int8), np.zeros(0, np.int64)
+    tf = top.column("feature").to_numpy()
+    sf = smp.column("feature").to_numpy()
+    sc = smp.column("context_id").to_numpy()
+    span = int(max(sc.max(), top.column("context_id").to_numpy().max() if top.num_rows else 0)) + 1
+    in_top = np.isin(sf * span + sc, tf * span + top.column("context_id").to_numpy())
+    smp = smp.filter(pa.array(~in_top))
+    sf = smp.column("feature").to_numpy()
+    sv = smp.column("value").to_numpy()
+    dec = np.clip(np.ceil(10 * sv / np.maximum(max_act[sf], 1e-30)), 1, 10).astype(np.int8)
+    order = np.lexsort((smp.column("key").to_numpy(), -dec, sf))
+    smp = smp.take(pa.array(order))
+    sf, dec = sf[order], dec[order]
+    keep = _rank_within(sf * 16 + dec) < per_decile
+    smp, sf, dec = smp.filter(pa.array(keep)), sf[keep], dec[keep]
+    return smp, sf, dec, _rank_within(sf)
 
-    def lookup(ids: np.ndarray) -> list[str]:
-        uniq = np.unique(ids)
-        missing = [int(i) for i in uniq if int(i) not in cache]
-        if missing:
-            for i, s in zip(missing, tokenizer.batch_decode([[i] for i in missing])):
-                cache[i] = s
-        return [cache[int(i)] for i in ids]
 
-    return lookup
-
-
-def write_table(table: pa.Table, out_dir: Path, rows_per_file: int = 4096) -> int:
-    """Write `table` as part-*.parquet files (each written to a temp name, then renamed)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for old in out_dir.glob("part-*.parquet"):
-        old.unlink()
-    n_parts = 0
-    for i, start in enumerate(range(0, max(table.num_rows, 1), rows_per_file)):
-        tmp = out_dir / f".part-{i:05d}.parquet.tmp"
-        pq.write_table(table.slice(start, rows_per_file), tmp)
-        tmp.rename(out_dir / f"part-{i:05d}.parquet")
-        n_parts += 1
-    return n_parts
+def _examples(top: pa.Table, smp: pa.Table, feat: np.ndarray, rank: np.ndarray, dec: np.ndarray, token_text):
+    """Top and sample rows as one EXAMPLE struct array, ordered by (feature, kind, rank);
+    returns (the feature of each example, the array)."""
+    kinds = np.r_[np.zeros(top.num_rows, np.int8), np.ones(smp.num_rows, np.int8)]
+    order = np.lexsort((rank, kinds, feat))
+    ex = pa.concat_tables([top, smp]).take(pa.array(order))
+    decile = pa.array(np.r_[np.zeros(top.num_rows, np.int8), dec][order], pa.int8(), mask=(kinds[order] == 0))
+    tok_col = ex.column("tokens").combine_chunks()
+    flat = tok_col.flatten().to_numpy(zero_copy_only=False)
+    strs = pa.ListArray.from_arrays(tok_col.offsets, pa.array(token_text(flat), pa.string()))
+    cols = [ex.column("kind").combine_chunks(), pa.array(rank[order].astype(np.int32)), decile]
+    cols += [ex.column(c).combine_chunks() for c in ("context_id", "position", "value", "top_index")]
+    cols += [tok_col, strs, ex.column("acts").combine_chunks(), ex.column("residual").combine_chunks()]
+    return feat[order], pa.StructArray.from_arrays(cols, fields=list(schema.EXAMPLE))
 
 
 def _read_contexts(batch: pa.Table) -> pa.Table:
@@ -523,111 +490,75 @@ class Checkpoints:
                 shutil.rmtree(d) if d.is_dir() else d.unlink()
 
 
-def n_sae_features(sae_cfg: SAEConfig) -> int:
-    """d_sae without building the SAE (cfg.json on disk), else by loading it."""
-    import json
-
-    if sae_cfg.path and (Path(sae_cfg.path) / "cfg.json").exists():
-        return int(json.loads((Path(sae_cfg.path) / "cfg.json").read_text())["d_sae"])
-    from baez_ray.models.base import load_sae
-
-    return int(load_sae(sae_cfg, "cpu").cfg.d_sae)
-
-
-def collect_job(spec: JobSpec, run: Run) -> None:
+def _worker_stream(part_paths: list[Path], todo: list[int], model: ModelConfig, sae: SAEConfig, cfg: CollectConfig,
+                   seed: int, n_features: int, bos_id: int | None):
+    """The candidate rows of the contexts parts `todo`, from an actor pool of CollectWorkers."""
     import ray
 
-    from baez_ray.corpus import write_contexts
-    from baez_ray.models.base import load_tokenizer
+    # one block per contexts part (read_parquet would coalesce small parts into one block,
+    # and then one actor would get all the work and emit only at the end); each actor call
+    # takes whole parts (batch_size=None) and runs them in forward passes of batch_size
+    ds = ray.data.from_items([{"path": str(part_paths[i]), "part": i} for i in todo], override_num_blocks=len(todo)).map_batches(
+        _read_contexts, batch_size=1, batch_format="pyarrow", num_cpus=0.1
+    )
+    kwargs = dict(model=model.model_dump(), sae=sae.model_dump(), collect=cfg.model_dump(), seed=seed,
+                  n_features=n_features, bos_id=bos_id, threads=max(1, math.ceil(model.num_cpus)))
+    # a restarted actor starts with an empty running top-k: it emits more candidates, never
+    # fewer, and its part is counted once (Merger.add)
+    return actor_map(ds, CollectWorker, kwargs, size=cfg.num_actors, num_cpus=model.num_cpus, num_gpus=model.num_gpus,
+                     batch_format="numpy", fault_tolerant=True)
 
-    cfg, mcfg = spec.collect, spec.model
-    tokenizer = load_tokenizer(mcfg)
-    contexts_dir = run.table_dir("contexts")
-    state_root = run.dir / STATE_DIR
-    if not run.completed("contexts"):
-        # an earlier attempt may have died while writing: start the table (and any merge
-        # state, which belongs to the contexts written before) over
-        shutil.rmtree(contexts_dir, ignore_errors=True)
-        shutil.rmtree(state_root, ignore_errors=True)
-        with run.stage("contexts") as info:
-            # parts of a few batches each: Ray Data hands one part to an actor at a time, so
-            # small parts spread the work over the actors and stream results to the merge
-            info["contexts"] = write_contexts(spec.corpus, tokenizer, contexts_dir, rows_per_file=8 * cfg.batch_size)
-            info["tokens"] = info["contexts"] * spec.corpus.context_len
 
-    if not run.completed("collect"):
-        d_sae = n_sae_features(spec.sae)
-        n_features = min(cfg.features or d_sae, d_sae)
-        init_ray(spec)
-        with run.stage("collect") as info:
-            part_paths = sorted(contexts_dir.glob("part-*.parquet"))
-            sizes = {i: pq.ParquetFile(p).metadata.num_rows for i, p in enumerate(part_paths)}
-            merger = Merger(n_features, cfg, part_sizes=sizes)
-            checkpoints = Checkpoints(state_root, [p.name for p in part_paths], cfg.checkpoint_s)
-            resumed = checkpoints.load(merger)
-            todo = [i for i in range(len(part_paths)) if i not in merger.done]
-            if resumed:
-                log(f"[collect] resuming: {resumed} of {len(part_paths)} contexts parts merged by an earlier attempt")
-            total = run.manifest["stages"]["contexts"]["tokens"]
-            t0, t_first, first_tokens, last_log = time.perf_counter(), None, None, 0.0
-            if todo:
-                # one block per contexts part (read_parquet would coalesce small parts into one
-                # block, and then one actor would get all the work and emit only at the end);
-                # each actor call takes whole parts (batch_size=None) and runs them in
-                # forward passes of collect.batch_size
-                ds = ray.data.from_items([{"path": str(part_paths[i]), "part": i} for i in todo], override_num_blocks=len(todo)).map_batches(
-                    _read_contexts, batch_size=1, batch_format="pyarrow", num_cpus=0.1
-                )
-                out = ds.map_batches(
-                    CollectWorker,
-                    fn_constructor_kwargs=dict(
-                        model=mcfg.model_dump(), sae=spec.sae.model_dump(), collect=cfg.model_dump(), seed=spec.seed,
-                        n_features=n_features, bos_id=tokenizer.bos_token_id, threads=max(1, math.ceil(mcfg.num_cpus)),
-                    ),
-                    batch_size=None,
-                    batch_format="numpy",
-                    compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-                    num_cpus=mcfg.num_cpus,
-                    num_gpus=mcfg.num_gpus or None,
-                    # a restarted actor starts with an empty running top-k: it emits more
-                    # candidates, never fewer, and its part is counted once (Merger.add)
-                    **ACTOR_FAULT_TOLERANCE,
-                )
-                start_tokens = merger.n_tokens
-                for batch in out.iter_batches(batch_format="pyarrow", batch_size=None):
-                    if merger.add(batch) and checkpoints.due():
-                        checkpoints.save(merger)
-                    if t_first is None:
-                        t_first, first_tokens = time.perf_counter(), merger.n_tokens
-                    now = time.perf_counter()
-                    if now - last_log > 10:
-                        last_log = now
-                        log(f"[collect] {merger.n_tokens:,}/{total:,} tokens ({100 * merger.n_tokens / total:.0f}%), "
-                            f"{(merger.n_tokens - start_tokens) / (now - t0):,.0f} tok/s")
-            if merger.pending or len(merger.done) != len(part_paths):
-                missing = sorted(set(range(len(part_paths))) - merger.done)
-                raise RuntimeError(f"collect: contexts parts {[part_paths[i].name for i in missing][:5]} were not fully merged: a batch was lost")
-            table = merger.features_table(spec.sae.id, mcfg.id, mcfg.layer, token_texts(tokenizer))
-            parts = write_table(table, run.table_dir("features"))
-            t_done = time.perf_counter()
-            info.update(
-                features=n_features,
-                tokens=merger.n_tokens,
-                firing_features=int((merger.counts > 0).sum()),
-                candidate_rows=merger.rows_in,
-                parts=parts,
-                resumed_parts=resumed,
-                checkpoints=checkpoints.written,
-                # start-up (actors, model load, first batch) apart from the steady rate, which
-                # includes the merge and writing the features table
-                startup_s=round((t_first or t0) - t0, 3),
-                steady_tokens_per_s=round((merger.n_tokens - (first_tokens or 0)) / max(t_done - (t_first or t0), 1e-9), 1) if todo else None,
-            )
-            if merger.n_tokens != total:
-                raise RuntimeError(f"collect saw {merger.n_tokens} tokens but the corpus has {total}: a batch was lost")
-        shutil.rmtree(state_root, ignore_errors=True)  # the features table is committed now
-    with run.stage("features_report") as info:
-        from baez_ray.report.features import write_features_report
+def _merge_stream(out, merger: Merger, checkpoints: Checkpoints, total: int) -> tuple[float, float | None, int | None]:
+    """Merge every candidate batch, snapshot when due, log progress; returns (start, time
+    of the first batch, tokens merged by then)."""
+    t0, t_first, first_tokens, last_log = time.perf_counter(), None, None, 0.0
+    start_tokens = merger.n_tokens
+    for batch in out.iter_batches(batch_format="pyarrow", batch_size=None):
+        if merger.add(batch) and checkpoints.due():
+            checkpoints.save(merger)
+        if t_first is None:
+            t_first, first_tokens = time.perf_counter(), merger.n_tokens
+        now = time.perf_counter()
+        if now - last_log > 10:
+            last_log = now
+            log(f"[collect] {merger.n_tokens:,}/{total:,} tokens ({100 * merger.n_tokens / total:.0f}%), "
+                f"{(merger.n_tokens - start_tokens) / (now - t0):,.0f} tok/s")
+    return t0, t_first, first_tokens
 
-        # in a label job the features page sits beside the job's own report
-        info["path"] = str(write_features_report(run.dir, name="index.html" if spec.job == "collect" else "features.html"))
+
+def collect(contexts_dir: Path, state_root: Path, features_dir: Path, model: ModelConfig, sae: SAEConfig, cfg: CollectConfig,
+            seed: int, tokenizer, total_tokens: int) -> dict:
+    """contexts/ → features/: the base model and SAE over every context, top-k and decile
+    samples merged per feature (resuming from the snapshot in `state_root`). Returns the
+    stage's counts."""
+    d_sae = n_sae_features(sae)
+    n_features = min(cfg.features or d_sae, d_sae)
+    part_paths = sorted(contexts_dir.glob("part-*.parquet"))
+    sizes = {i: pq.ParquetFile(p).metadata.num_rows for i, p in enumerate(part_paths)}
+    merger = Merger(n_features, cfg, part_sizes=sizes)
+    checkpoints = Checkpoints(state_root, [p.name for p in part_paths], cfg.checkpoint_s)
+    resumed = checkpoints.load(merger)
+    todo = [i for i in range(len(part_paths)) if i not in merger.done]
+    if resumed:
+        log(f"[collect] resuming: {resumed} of {len(part_paths)} contexts parts merged by an earlier attempt")
+    t0, t_first, first_tokens = time.perf_counter(), None, None
+    if todo:
+        out = _worker_stream(part_paths, todo, model, sae, cfg, seed, n_features, tokenizer.bos_token_id)
+        t0, t_first, first_tokens = _merge_stream(out, merger, checkpoints, total_tokens)
+    if merger.pending or len(merger.done) != len(part_paths):
+        missing = sorted(set(range(len(part_paths))) - merger.done)
+        raise RuntimeError(f"collect: contexts parts {[part_paths[i].name for i in missing][:5]} were not fully merged: a batch was lost")
+    table = merger.features_table(sae.id, model.id, model.layer, token_texts(tokenizer))
+    parts = write_table(table, features_dir)
+    t_done = time.perf_counter()
+    if merger.n_tokens != total_tokens:
+        raise RuntimeError(f"collect saw {merger.n_tokens} tokens but the corpus has {total_tokens}: a batch was lost")
+    return dict(
+        features=n_features, tokens=merger.n_tokens, firing_features=int((merger.counts > 0).sum()),
+        candidate_rows=merger.rows_in, parts=parts, resumed_parts=resumed, checkpoints=checkpoints.written,
+        # start-up (actors, model load, first batch) apart from the steady rate, which
+        # includes the merge and writing the features table
+        startup_s=round((t_first or t0) - t0, 3),
+        steady_tokens_per_s=round((merger.n_tokens - (first_tokens or 0)) / max(t_done - (t_first or t0), 1e-9), 1) if todo else None,
+    )

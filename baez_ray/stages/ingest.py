@@ -61,8 +61,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from baez_ray import schema
-from baez_ray.config import IngestConfig, JobSpec
-from baez_ray.run import Run, init_ray, log
+from baez_ray.config import IngestConfig
+from baez_ray.rundir import log
 
 KINDS = {"features": "feature", "activations": "activation", "explanations": "explanation"}
 CHUNK_ROWS = 2048  # RECORDS rows per table a parse task emits
@@ -405,75 +405,70 @@ def _rows_written(out_dir: Path, table_schema: pa.Schema) -> int:
 # ---------------------------------------------------------------- the job
 
 
-def ingest_job(spec: JobSpec, run: Run) -> None:
+def _parse_all(files: list[dict], cfg: IngestConfig):
+    """Every file parsed in its own task: RECORDS rows (kept records, rejects, one
+    summary row per file), materialised once for the passes below."""
+    import ray
+
+    return (
+        ray.data.from_items(files, override_num_blocks=len(files))
+        .map_batches(parse_file, batch_size=1, batch_format="pyarrow",
+                     fn_kwargs=dict(model_id=cfg.model_id, layer=cfg.layer, chunk_rows=CHUNK_ROWS))
+        .materialize()
+    )
+
+
+def _write_rejects(parsed, rejects_dir: Path, n_rejected: int) -> tuple[int, Counter]:
+    """rejects/ (each file's in line order; files in no particular order); returns (rows
+    written, count per reason)."""
+    from ray.data.expressions import col
+
+    _clear(rejects_dir)
+    if n_rejected:
+        rejects = parsed.filter(expr=col("kind") == "reject").select_columns(schema.REJECTS.names)
+        _write(rejects, rejects_dir, schema.REJECTS, REJECTS_PER_FILE)
+    n = _rows_written(rejects_dir, schema.REJECTS)
+    reasons = Counter(r.split(":", 1)[0] for r in pq.read_table(rejects_dir, columns=["reason"]).column("reason").to_pylist())
+    return n, reasons
+
+
+def _write_features(parsed, features_dir: Path, top_k: int, any_kept: bool) -> int:
+    """features/: the kept rows grouped by feature into FEATURES rows; returns rows written."""
     import ray
     from ray.data.expressions import col
 
-    cfg: IngestConfig = spec.ingest
-    if run.completed("ingest"):
-        log("[ingest] already done in this run directory: nothing to do")
-        return
-    with run.stage("ingest") as info:
-        root = Path(cfg.path).expanduser().resolve()
-        files = export_files(root)
-        init_ray(spec)
-        log(f"[ingest] {len(files)} files in {root}")
+    data = parsed.filter(expr=col("kind").is_in(list(PARSERS)))
+    max_partitions = ray.data.DataContext.get_current().default_hash_shuffle_parallelism
+    partitions = max(1, min(math.ceil(parsed.size_bytes() / PARTITION_BYTES), max_partitions))
+    _clear(features_dir)
+    if any_kept:
+        grouped = data.groupby(["model_id", "layer", "feature"], num_partitions=partitions)
+        features = grouped.map_groups(build_feature, batch_format="pyarrow", fn_kwargs=dict(top_k=top_k))
+        _write(features, features_dir, schema.FEATURES, FEATURES_PER_FILE)
+    return _rows_written(features_dir, schema.FEATURES)
 
-        parsed = (
-            ray.data.from_items(files, override_num_blocks=len(files))
-            .map_batches(
-                parse_file,
-                batch_size=1,
-                batch_format="pyarrow",
-                fn_kwargs=dict(model_id=cfg.model_id, layer=cfg.layer, chunk_rows=CHUNK_ROWS),
-            )
-            .materialize()
-        )
 
-        # counts: the per-file summary rows
-        counts = parsed.filter(expr=col("kind") == "file").select_columns(["source", *FILE_COUNTS])
-        stats = [r for b in counts.iter_batches(batch_format="pyarrow", batch_size=None) for r in b.to_pylist()]
-        kind_of = {f["source"]: f["kind"] for f in files}
-        kept: Counter = Counter()
-        for s in stats:
-            kept[kind_of[s["source"]]] += s["n_kept"]
-        total = {c: sum(s[c] for s in stats) for c in FILE_COUNTS}
+def ingest(cfg: IngestConfig, files: list[dict], features_dir: Path, rejects_dir: Path) -> dict:
+    """The files of a Neuronpedia export (`export_files`) → features/ and rejects/; returns
+    the stage's counts. Ray must be running."""
+    from ray.data.expressions import col
 
-        # rejects (each file's in line order; files in no particular order)
-        rejects_dir = run.table_dir("rejects")
-        _clear(rejects_dir)
-        if total["n_rejected"]:
-            rejects = parsed.filter(expr=col("kind") == "reject").select_columns(schema.REJECTS.names)
-            _write(rejects, rejects_dir, schema.REJECTS, REJECTS_PER_FILE)
-        n_rejects = _rows_written(rejects_dir, schema.REJECTS)
-        reasons = Counter(r.split(":", 1)[0] for r in pq.read_table(rejects_dir, columns=["reason"]).column("reason").to_pylist())
-
-        # features: group the kept rows by feature
-        data = parsed.filter(expr=col("kind").is_in(list(PARSERS)))
-        max_partitions = ray.data.DataContext.get_current().default_hash_shuffle_parallelism
-        partitions = max(1, min(math.ceil(parsed.size_bytes() / PARTITION_BYTES), max_partitions))
-        features_dir = run.table_dir("features")
-        _clear(features_dir)
-        if sum(kept.values()):
-            grouped = data.groupby(["model_id", "layer", "feature"], num_partitions=partitions)
-            features = grouped.map_groups(build_feature, batch_format="pyarrow", fn_kwargs=dict(top_k=cfg.top_k))
-            _write(features, features_dir, schema.FEATURES, FEATURES_PER_FILE)
-        n_features = _rows_written(features_dir, schema.FEATURES)
-
-        info.update(
-            files=len(files),
-            lines_read=total["n_lines"],
-            blank_lines=total["n_blank"],
-            activation_rows=kept["activation"],
-            feature_rows=kept["feature"],
-            explanation_rows=kept["explanation"],
-            filtered_out=total["n_filtered"],
-            rejected=total["n_rejected"],
-            rejects_by_reason=dict(sorted(reasons.items())),
-            features_written=n_features,
-        )
-        if info["rejected"] != n_rejects:
-            raise RuntimeError(f"ingest counted {info['rejected']} rejected lines but wrote {n_rejects} rejects")
-        if info["rejected"]:
-            by_reason = ", ".join(f"{k}: {v}" for k, v in info["rejects_by_reason"].items())
-            log(f"[ingest] {info['rejected']} lines rejected ({by_reason}); see {rejects_dir}")
+    parsed = _parse_all(files, cfg)
+    counts = parsed.filter(expr=col("kind") == "file").select_columns(["source", *FILE_COUNTS])
+    stats = [r for b in counts.iter_batches(batch_format="pyarrow", batch_size=None) for r in b.to_pylist()]
+    kind_of = {f["source"]: f["kind"] for f in files}
+    kept: Counter = Counter()
+    for s in stats:
+        kept[kind_of[s["source"]]] += s["n_kept"]
+    total = {c: sum(s[c] for s in stats) for c in FILE_COUNTS}
+    n_rejects, reasons = _write_rejects(parsed, rejects_dir, total["n_rejected"])
+    n_features = _write_features(parsed, features_dir, cfg.top_k, sum(kept.values()) > 0)
+    if total["n_rejected"] != n_rejects:
+        raise RuntimeError(f"ingest counted {total['n_rejected']} rejected lines but wrote {n_rejects} rejects")
+    if total["n_rejected"]:
+        log(f"[ingest] {total['n_rejected']} lines rejected ({', '.join(f'{k}: {v}' for k, v in sorted(reasons.items()))}); see {rejects_dir}")
+    return dict(
+        files=len(files), lines_read=total["n_lines"], blank_lines=total["n_blank"], activation_rows=kept["activation"],
+        feature_rows=kept["feature"], explanation_rows=kept["explanation"], filtered_out=total["n_filtered"],
+        rejected=total["n_rejected"], rejects_by_reason=dict(sorted(reasons.items())), features_written=n_features,
+    )

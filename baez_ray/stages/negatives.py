@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from baez_ray.config import ModelConfig, SAEConfig
-from baez_ray.splits import feature_seed
+from baez_ray.config import CorpusConfig, ModelConfig, SAEConfig
+from baez_ray.stages.split import feature_seed
 
 
 class NegativeWorker:
@@ -30,10 +30,11 @@ class NegativeWorker:
     scored features' max activation in the window)."""
 
     def __init__(self, model: dict, sae: dict, features: list[int], window: int, threads: int):
-        from baez_ray.models.base import BaseModel, load_sae
+        from baez_ray.models.lm import ResidualReader
+        from baez_ray.models.sae import load_sae
 
         torch.set_num_threads(threads)
-        self.lm = BaseModel(ModelConfig(**model))
+        self.lm = ResidualReader(ModelConfig(**model))
         self.sae = load_sae(SAEConfig(**sae), self.lm.device, self.lm.d_model)
         self.dtype = next(self.sae.parameters()).dtype
         self.features = torch.tensor(features, dtype=torch.int64, device=self.lm.device)
@@ -54,38 +55,29 @@ class NegativeWorker:
         return {k: np.asarray(v) if k in ("context_id", "start") else np.stack(v) if v else np.zeros((0,)) for k, v in out.items()}
 
 
-def corpus_negatives(spec, run, keys: list[tuple[str, int]], n: int, seed: int, n_contexts: int = 64) -> dict[tuple[str, int], list[dict]]:
-    """(sae_id, feature) → up to `n` example dicts of corpus windows where the feature does
-    not fire. Needs the job's model, sae and corpus; writes the contexts table if the run
-    has none yet."""
+def corpus_negatives(contexts_dir: Path, model: ModelConfig, sae: SAEConfig, corpus: CorpusConfig, window: int, batch_size: int,
+                     keys: list[tuple[str, int]], n: int, seed: int, n_contexts: int = 64) -> dict[tuple[str, int], list[dict]]:
+    """(sae_id, feature) → up to `n` example dicts of corpus windows of `window` tokens where
+    the feature does not fire. Writes the contexts table to `contexts_dir` if it has none."""
     import ray
 
-    from baez_ray.corpus import write_contexts
-    from baez_ray.models.base import load_tokenizer
-    from baez_ray.stages.collect import token_texts
+    from baez_ray.data.corpus import write_contexts
+    from baez_ray.models.lm import load_tokenizer, token_texts
+    from baez_ray.ray_pool import actor_map
 
-    if spec.model is None or spec.sae is None or spec.corpus is None:
-        raise ValueError("score.negatives = corpus needs the job's model, sae and corpus sections")
-    other = sorted({s for s, _ in keys} - {spec.sae.id})
+    other = sorted({s for s, _ in keys} - {sae.id})
     if other:
-        raise ValueError(f"score.negatives = corpus: features of SAE(s) {other}, but the job's sae is {spec.sae.id!r}")
-    tokenizer = load_tokenizer(spec.model)
-    contexts_dir = run.table_dir("contexts")
+        raise ValueError(f"score.negatives = corpus: features of SAE(s) {other}, but the job's sae is {sae.id!r}")
+    tokenizer = load_tokenizer(model)
     if not any(Path(contexts_dir).glob("part-*.parquet")):
-        write_contexts(spec.corpus, tokenizer, contexts_dir)
+        write_contexts(corpus, tokenizer, contexts_dir)
     contexts = pq.read_table(contexts_dir)
     rng = np.random.default_rng(seed)
     take = np.sort(rng.choice(contexts.num_rows, size=min(n_contexts, contexts.num_rows), replace=False))
-    sample = contexts.take(pa.array(take))
     features = sorted({f for _, f in keys})
-    window = spec.collect.window
-    ds = ray.data.from_arrow(sample).map_batches(
-        NegativeWorker,
-        fn_constructor_kwargs=dict(model=spec.model.model_dump(), sae=spec.sae.model_dump(), features=features, window=window,
-                                   threads=max(1, math.ceil(spec.model.num_cpus))),
-        batch_size=spec.collect.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
-        num_cpus=spec.model.num_cpus, num_gpus=spec.model.num_gpus or None,
-    )
+    kwargs = dict(model=model.model_dump(), sae=sae.model_dump(), features=features, window=window, threads=max(1, math.ceil(model.num_cpus)))
+    ds = actor_map(ray.data.from_arrow(contexts.take(pa.array(take))), NegativeWorker, kwargs, num_cpus=model.num_cpus,
+                   num_gpus=model.num_gpus, batch_size=batch_size, batch_format="numpy")
     rows = ds.take_all()
     if not rows:
         return {k: [] for k in keys}

@@ -8,10 +8,10 @@
 Per batch of features, a RouteWorker
 1. takes each feature's top-N examples (kind "top" by rank; a feature without "top"
    examples uses all of its examples by decreasing value);
-2. cuts the input and output windows of every example (baez_ray.windows) and embeds the
+2. cuts the input and output windows of every example (baez_ray.models.windows) and embeds the
    window texts of the whole batch in ONE `encode` call, identical texts once;
 3. C_in and C_out = mean pairwise cosine of a feature's window embeddings
-   (baez_ray.embedder.grouped_correlation: the O(N·d) identity, optionally weighted by the
+   (baez_ray.models.embedder.grouped_correlation: the O(N·d) identity, optionally weighted by the
    examples' activations); empty windows (an example that ends at its top token has no
    output window) are left out, and N < 2 gives NaN, stored as null;
 4. for the features with C_in < τ_in and C_out < τ_out only, cuts the cross windows and
@@ -35,8 +35,10 @@ import pyarrow as pa
 
 from baez_ray import schema
 from baez_ray.config import RouteConfig  # noqa: F401  (the job file's `route` section)
-from baez_ray.embedder import grouped_correlation
-from baez_ray.windows import TopExamples
+from baez_ray.models.embedder import grouped_correlation
+from baez_ray.models.windows import TopExamples
+from baez_ray.ray_pool import actor_map
+from baez_ray.rundir import write_table
 
 
 # the columns route reads: the examples struct is projected to these fields, so Parquet
@@ -148,7 +150,7 @@ class RouteWorker:
     """Ray Data actor holding the embedder: features batch (pyarrow) in, routes rows out."""
 
     def __init__(self, cfg: dict, threads: int | None = None):
-        from baez_ray.embedder import Embedder
+        from baez_ray.models.embedder import Embedder
 
         self.cfg = RouteConfig.model_validate(cfg)
         # threads: by default counted on the node the actor runs on
@@ -186,16 +188,8 @@ def route_dataset(features, cfg: RouteConfig):
     if cfg.num_actors > 1:
         # blocks of one batch each (streaming, no shuffle), so that every actor gets work
         ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
-    return ds.map_batches(
-        RouteWorker,
-        fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json")},
-        batch_size=cfg.batch_size,
-        batch_format="pyarrow",
-        zero_copy_batch=True,
-        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-        num_cpus=cfg.num_cpus,
-        num_gpus=cfg.num_gpus or None,
-    )
+    return actor_map(ds, RouteWorker, {"cfg": cfg.model_dump(mode="json")}, size=cfg.num_actors, num_cpus=cfg.num_cpus,
+                     num_gpus=cfg.num_gpus, batch_size=cfg.batch_size, zero_copy_batch=True)
 
 
 def route_table(features, cfg: RouteConfig) -> pa.Table:
@@ -208,8 +202,6 @@ def route_table(features, cfg: RouteConfig) -> pa.Table:
 
 def route(features_dir: str | Path, out_dir: str | Path, cfg: RouteConfig) -> dict:
     """The route stage: features/ Parquet → routes/ Parquet. Returns counts for the manifest."""
-    from baez_ray.stages.collect import write_table
-
     table = route_table(features_dir, cfg)
     parts = write_table(table, Path(out_dir))
     tiers = np.asarray(table.column("tier").to_numpy())

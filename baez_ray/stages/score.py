@@ -25,16 +25,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import ray
 
-from baez_ray import prompts, schema
-from baez_ray.backends import generate
+from baez_ray import schema
 from baez_ray.config import LLMConfig, ScoreConfig
+from baez_ray.llm import prompts
+from baez_ray.llm.rounds import score_rounds
 from baez_ray.metrics import binary_metrics, embedding_metrics
-from baez_ray.run import log
-from baez_ray.stages.label import tally
-from baez_ray.splits import feature_seed
-from baez_ray.windows import token_text
+from baez_ray.models.windows import token_text
+from baez_ray.ray_pool import actor_map, gather
+from baez_ray.rundir import log
+from baez_ray.stages.split import feature_seed
 
 RANDOM_LABEL = "random_label"
 EMBEDDING_VERSION = "embedding/v1"
@@ -123,7 +123,8 @@ def subjects(labels: pa.Table, keys: set[tuple[str, int]], cfg: ScoreConfig, see
     return rows
 
 
-def _prompt_rows(subs: list[dict], items: dict, cfg: ScoreConfig) -> list[dict]:
+def prompt_rows(subs: list[dict], items: dict, cfg: ScoreConfig) -> list[dict]:
+    """Scorer prompt rows: every subject × LLM benchmark, `examples_per_prompt` excerpts each."""
     rows = []
     per = cfg.examples_per_prompt
     # benchmark by benchmark: the backend's batches then share their system prompt, which
@@ -143,55 +144,6 @@ def _prompt_rows(subs: list[dict], items: dict, cfg: ScoreConfig) -> list[dict]:
                     "benchmark": bench, "label": s["label"], "truth": it.truth[start : start + per],
                 })
     return rows
-
-
-PASS = ("request_id", "max_tokens", "temperature", "stop", "constraint", "sae_id", "layer", "feature", "method", "benchmark", "label", "truth")
-
-
-def _table(rows: list[dict]) -> pa.Table:
-    from baez_ray.backends import prompt_table
-
-    t = prompt_table(rows)
-    t = t.set_column(t.schema.get_field_index("layer"), "layer", t.column("layer").cast(pa.int32()))
-    return t.set_column(t.schema.get_field_index("truth"), "truth", t.column("truth").cast(pa.list_(pa.int8())))
-
-
-def _collect(ds) -> pa.Table:
-    batches = [b for b in ds.iter_batches(batch_format="pyarrow", batch_size=None) if b.num_rows]
-    return pa.concat_tables(batches, promote_options="default") if batches else pa.table({})
-
-
-def llm_rounds(rows: list[dict], llm: LLMConfig, max_retries: int) -> list[dict]:
-    """Send every prompt row, parse the 0/1 lists, resend the unreadable ones (all of them
-    together) up to `max_retries` times. Returns one dict per prompt: the row, `pred`
-    (None when failed), `problem`, and the tokens and cost of all its tries."""
-    spent: dict[str, list] = {}
-    done: list[dict] = []
-    pending = ray.data.from_arrow(_table(rows)) if rows else None
-    for attempt in range(max_retries + 1):
-        if pending is None:
-            break
-        answered = _collect(generate(pending, llm))
-        retry = []
-        for row in answered.to_pylist():
-            tally(spent, row)
-            n = len(row["truth"])
-            pred, problem = (None, row["error"]) if row["error"] else prompts.parse_binary_list(row["answer"], n)
-            if pred is not None or row["error"] is not None or attempt == max_retries:
-                done.append({**row, "pred": pred, "problem": problem})
-            else:
-                example = "[" + ",".join("01"[i % 2] for i in range(n)) + "]"
-                msgs = list(row["messages"]) + [
-                    {"role": "assistant", "content": row["answer"] or ""},
-                    {"role": "user", "content": prompts.SCORE_RETRY_TEMPLATE.format(problem=problem, n=n, example=example)},
-                ]
-                retry.append({k: row[k] for k in PASS} | {"messages": msgs})
-        if retry:
-            log(f"[score] retry {attempt + 1}/{max_retries}: {len(retry)} unreadable answers")
-        pending = ray.data.from_arrow(_table(retry)) if retry else None
-    for row in done:
-        row["input_tokens"], row["output_tokens"], row["cost_usd"], row["tries"] = spent[row["request_id"]]
-    return done
 
 
 def _llm_scores(done: list[dict]) -> list[dict]:
@@ -221,7 +173,7 @@ class EmbedScorer:
     distinct text once."""
 
     def __init__(self, embedder: str | None, threads: int):
-        from baez_ray.embedder import Embedder
+        from baez_ray.models.embedder import Embedder
 
         self.emb = Embedder(embedder, device="auto", threads=threads)
 
@@ -245,9 +197,10 @@ def _embedding_scores(subs: list[dict], items: dict, cfg: ScoreConfig, threads: 
     rows = [{**s, "layer": int(s["layer"]), "texts": items[(s["sae_id"], s["feature"])].plain, "truth": items[(s["sae_id"], s["feature"])].truth} for s in subs]
     if not rows:
         return []
+    import ray
+
     ds = ray.data.from_arrow(pa.Table.from_pylist(rows))
-    out = _collect(ds.map_batches(EmbedScorer, fn_constructor_kwargs={"embedder": cfg.embedder, "threads": threads},
-                                  batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5))
+    out = gather(actor_map(ds, EmbedScorer, {"embedder": cfg.embedder, "threads": threads}, num_cpus=0.5, batch_size=batch_size))
     res = []
     for r in out.to_pylist():
         n = len(items[(r["sae_id"], r["feature"])].truth)
@@ -263,9 +216,9 @@ def score_labels(tests: dict[tuple[str, int], list[dict]], labels: pa.Table, cfg
     and counts for the manifest."""
     items = build_items(tests, cfg, seed, negatives)
     subs = subjects(labels, set(items), cfg, seed)
-    rows = _prompt_rows(subs, items, cfg)
+    rows = prompt_rows(subs, items, cfg)
     log(f"[score] {len(items)} features, {len(subs)} labels (incl. control), {len(rows)} scorer prompts ({scorer.backend}:{scorer.model})")
-    done = llm_rounds(rows, scorer, cfg.max_retries) if rows else []
+    done = score_rounds(rows, scorer, cfg.max_retries)
     # (from_pylist takes its columns from the first row: each kind of row separately)
     parts = [_llm_scores(done), _embedding_scores(subs, items, cfg, threads) if "embedding" in cfg.benchmarks else []]
     table = pa.concat_tables([schema.empty(schema.SCORES)] + [schema.conform(pa.Table.from_pylist(p), schema.SCORES) for p in parts if p])
@@ -277,47 +230,3 @@ def score_labels(tests: dict[tuple[str, int], list[dict]], labels: pa.Table, cfg
         "scorer_cost_usd": sum(r["cost_usd"] for r in done),
     }
     return table, info
-
-
-def score_label_run(spec, run, features_dir) -> dict:
-    """The label job's optional scoring (`score:` in the job file): a seeded sample of the
-    labelled features, each scored on examples no labeller saw: its decile samples that
-    are not among its top examples (every labelling method reads top examples only)."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from baez_ray.splits import split_examples
-    from baez_ray.stages.collect import write_table
-
-    cfg = spec.score
-    labels = pq.read_table(run.table_dir("labels"))
-    labelled = labels.filter(pc.is_valid(labels.column("label")))
-    wanted = set(zip(labelled.column("sae_id").to_pylist(), labelled.column("feature").to_pylist()))
-    feats = pq.read_table(features_dir, columns=["sae_id", "feature", "examples"], filters=[("feature", "in", sorted({f for _, f in wanted}))])
-    eligible, too_few = {}, 0
-    for r in feats.to_pylist():
-        if (r["sae_id"], r["feature"]) not in wanted:
-            continue
-        n_top = sum(1 for e in r["examples"] if e["kind"] == "top")
-        _, test = split_examples(r["examples"], "deciles", train_n=n_top, test_n=cfg.test_examples)
-        if len(test) >= cfg.min_test_examples:
-            eligible[(r["sae_id"], r["feature"])] = test
-        else:  # a feature that fired in few contexts has all of them among its top examples
-            too_few += 1
-    keys = sorted(eligible)
-    if cfg.sample and len(keys) > cfg.sample:
-        rng = np.random.default_rng(spec.seed)
-        keys = [keys[i] for i in sorted(rng.choice(len(keys), size=cfg.sample, replace=False))]
-    tests = {k: eligible[k] for k in keys}
-    scorer = cfg.scorer or spec.label.explainer
-    negatives = None
-    if cfg.negatives == "corpus":
-        from baez_ray.stages.negatives import corpus_negatives
-
-        negatives = corpus_negatives(spec, run, sorted(tests), cfg.n_negatives, spec.seed)
-    scores, info = score_labels(tests, labels, cfg, scorer, seed=spec.seed, negatives=negatives)
-    info["parts"] = write_table(scores, run.table_dir("scores"))
-    info["rows"] = scores.num_rows
-    info["labelled_features_too_few_test_examples"] = too_few
-    info["eligible"] = len(eligible)
-    return info

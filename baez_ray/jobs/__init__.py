@@ -1,0 +1,41 @@
+"""Jobs: the order of stages, resume, manifest counts; nothing else.
+
+    collect    contexts ─▶ collect ─▶ features report
+    ingest     Neuronpedia export ─▶ features
+    label      features (collected or given) ─▶ route ─▶ label by tier ─▶ [score a sample] ─▶ report
+    benchmark  features ─▶ split ─▶ route ─▶ label with every method ─▶ score ─▶ summary ─▶ report
+
+`load_job` reads and validates a job file, checking the method names against the registry
+(`baez_ray.methods`); `execute` runs a job in its run directory.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from pathlib import Path
+
+from baez_ray.config import ConfigError, JobSpec, parse_job
+from baez_ray.rundir import Run, log
+
+JOBS = ("collect", "ingest", "label", "benchmark")
+
+
+def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    """A job file, validated: its schema (config.py) and its method names (the registry)."""
+    from baez_ray.methods import check_job_methods
+
+    spec = parse_job(path, overrides)
+    problems = check_job_methods(spec)
+    if problems:
+        raise ConfigError("\n".join([f"{path}: invalid job file"] + [f"  key '{k}': {msg}" for k, msg in problems]))
+    return spec
+
+
+def execute(spec: JobSpec, out: str | Path | None = None) -> Run:
+    """Run a job to completion and return its Run."""
+    run = Run(spec, out)
+    log(f"run {spec.name} ({spec.job}) → {run.dir}")
+    import_module(f"baez_ray.jobs.{spec.job}").run_job(spec, run)
+    run.finish()
+    log(f"run finished: {run.dir}")
+    return run

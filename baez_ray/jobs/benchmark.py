@@ -1,0 +1,104 @@
+"""The `benchmark` job (SPEC §5): compare labelling methods the way a labelling study does.
+
+    features (collected here, or `features:`) ─▶ sample N features with ≥ M examples
+      ─▶ split: train/ (what labellers read) and test/ (what scorers read), disjoint
+      ─▶ route train/ (kinds for token_freq; tier shares for the report)
+      ─▶ label train/ with every method (one stage per method; resume skips finished ones)
+      ─▶ score every label on test/ with every benchmark + the random-label control
+      ─▶ summary (mean and 95% CI per method × benchmark) ─▶ report/index.html
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from baez_ray import methods, schema
+from baez_ray.config import JobSpec
+from baez_ray.jobs.collect import features_source
+from baez_ray.rundir import Run, log, write_table
+from baez_ray.stages.route import route
+from baez_ray.stages.split import sample_and_split
+
+
+def method_context(spec: JobSpec, name: str, routes_dir: Path) -> methods.LabelContext:
+    b = spec.benchmark
+    return methods.LabelContext(name=name, explainer=b.explainer, max_retries=b.max_retries, n_examples=b.train_examples,
+                                av_sidecar=b.av_sidecar, av=b.av, sae=spec.sae, route=spec.route, routes_dir=routes_dir)
+
+
+def label_method(spec: JobSpec, run: Run, method: str, train_dir: Path, labels_dir: Path) -> dict:
+    """Labels of every feature in train/ by one method → labels/<method>.parquet; counts."""
+    import ray
+
+    labels = methods.label(method, ray.data.read_parquet(str(train_dir)), method_context(spec, method, run.table_dir("routes")))
+    labels = schema.conform(labels, schema.LABELS)
+    tmp = labels_dir / f".{method}.parquet.tmp"
+    pq.write_table(labels, tmp)
+    tmp.rename(labels_dir / f"{method}.parquet")
+    labelled = int(labels.column("label").is_valid().to_numpy(zero_copy_only=False).sum())
+    return {"labelled": labelled, "failed": labels.num_rows - labelled,
+            "input_tokens": int(sum(labels.column("input_tokens").to_pylist())),
+            "output_tokens": int(sum(labels.column("output_tokens").to_pylist())),
+            "cost_usd": float(sum(labels.column("cost_usd").to_pylist()))}
+
+
+def score_stage(spec: JobSpec, run: Run, labels_dir: Path, test_dir: Path) -> dict:
+    """Every label on test/ with every benchmark + the random-label control → scores/."""
+    from baez_ray.stages.score import score_labels
+
+    b, sc = spec.benchmark, spec.benchmark.score
+    labels = pa.concat_tables([pq.read_table(labels_dir / f"{m}.parquet") for m in b.methods])
+    tests = {(r["sae_id"], r["feature"]): r["examples"] for r in pq.read_table(test_dir, columns=["sae_id", "feature", "examples"]).to_pylist()}
+    negatives = None
+    if sc.negatives == "corpus":
+        from baez_ray.stages.negatives import corpus_negatives
+
+        negatives = corpus_negatives(run.table_dir("contexts"), spec.model, spec.sae, spec.corpus, spec.collect.window,
+                                     spec.collect.batch_size, sorted(tests), sc.n_negatives, spec.seed)
+    scores, counts = score_labels(tests, labels, sc, sc.scorer or b.explainer, seed=spec.seed, negatives=negatives)
+    return {**counts, "parts": write_table(scores, run.table_dir("scores")), "rows": scores.num_rows}
+
+
+def run_job(spec: JobSpec, run: Run) -> None:
+    b = spec.benchmark
+    features_dir = features_source(spec, run)
+    train_dir, test_dir, labels_dir = run.table_dir("train"), run.table_dir("test"), run.table_dir("labels")
+    if not run.completed("split"):
+        with run.stage("split") as info:
+            train, test, counts = sample_and_split(features_dir, b.n_features, b.min_examples, b.split, b.train_examples,
+                                                   b.score.test_examples, spec.seed)
+            write_table(train, train_dir)
+            write_table(test, test_dir)
+            info.update(counts)
+    if not run.completed("route"):
+        with run.stage("route") as info:
+            info.update(route(train_dir, run.table_dir("routes"), spec.route))
+    labels_dir.mkdir(exist_ok=True)
+    for method in b.methods:
+        if not run.completed(f"label:{method}"):
+            with run.stage(f"label:{method}") as info:
+                info.update(label_method(spec, run, method, train_dir, labels_dir))
+    if not run.completed("score"):
+        with run.stage("score") as info:
+            info.update(score_stage(spec, run, labels_dir, test_dir))
+    summarise(run)
+    with run.stage("report") as info:
+        from baez_ray.report.benchmark import write_benchmark_report
+
+        info["path"] = str(write_benchmark_report(run.dir))
+    log(f"report: {run.dir / 'report' / 'index.html'}")
+
+
+def summarise(run: Run) -> None:
+    """summary.parquet (mean, 95% CI, failure rate per method × benchmark) and its copy in
+    the manifest."""
+    from baez_ray.metrics import aggregate
+
+    scores = pq.read_table(run.table_dir("scores"))
+    summary = aggregate(scores, seed=run.spec.seed)
+    pq.write_table(pa.Table.from_pandas(summary, preserve_index=False), run.dir / "summary.parquet")
+    run.manifest["summary"] = summary.round(4).to_dict(orient="records")
+    run.save()

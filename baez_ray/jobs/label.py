@@ -1,0 +1,288 @@
+"""The `label` job: features (collected here, or a features table given) → route → label
+each tier with its method → labels table and report.
+
+    collect (or `features:`) ─▶ route ─▶ tier 1: token_freq / small_llm
+                                       ├▶ tier 2: the frontier method (eleuther_acts_top5)
+                                       └▶ tier 3: flagged for a human, with AV explanations
+                                                  and a draft when an AV is configured
+                                                  (label.tier3: baez | baez_last | nla_direct)
+
+Resume: the label stage works through each tier in shards of features and commits every
+shard (a Parquet part, then its marker) to `label_shards/` as soon as it is labelled. A
+rerun of the same command labels only the features without a committed row, plus those
+whose row failed in the LLM backend (`backend_failed`); `labels/` is then rebuilt from the
+committed rows, exactly one per (feature, method).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from baez_ray import methods, schema
+from baez_ray.config import JobSpec, LabelConfig
+from baez_ray.jobs.collect import features_source
+from baez_ray.rundir import Run, log, write_json_atomic, write_parquet_atomic, write_table
+from baez_ray.stages.route import route
+
+SUBSET_BLOCK = 64  # features per Ray Data block of a subset (blocks spread over the actors)
+
+
+def _subset(features_dir: Path, keys: set[tuple[str, int]]):
+    """The FEATURES rows of `keys` as a Ray Dataset. Read on the driver with a filter on
+    `feature` (Parquet row-group statistics skip the rest of a big table: a shard of
+    features does not scan the whole table), in blocks of SUBSET_BLOCK rows."""
+    import ray
+
+    feats = sorted({f for _, f in keys})
+    table = pq.read_table(features_dir, filters=[("feature", "in", feats)]) if feats else schema.empty(schema.FEATURES)
+    mask = [(s, f) in keys for s, f in zip(table.column("sae_id").to_pylist(), table.column("feature").to_pylist())]
+    table = table.filter(pa.array(mask, pa.bool_())).combine_chunks()
+    blocks = [table.slice(i, SUBSET_BLOCK) for i in range(0, table.num_rows, SUBSET_BLOCK)] or [table]
+    return ray.data.from_arrow(blocks)
+
+
+# ---- resume inside the label stage --------------------------------------------------------
+
+SHARD_DIR = "label_shards"
+
+
+def shard_size(n_todo: int, fixed: int | None = None) -> int:
+    """Features per committed shard: `label.shard_features`, else about 1/64 of the tier's
+    work, within [256, 8192]. Each shard is one pass through the labelling method (its
+    actors start once per shard), so shards trade start-up cost against the work a crash
+    can lose."""
+    if fixed:
+        return fixed
+    return min(8192, max(256, math.ceil(n_todo / 64)))
+
+
+def backend_failed(labels: pa.Table) -> np.ndarray:
+    """Rows whose last try failed in the LLM backend (after the backend's own retries: an
+    outage, a rate limit, a dropped connection): no label and no answer at all. A rerun
+    retries exactly these. An answer that came back but could not be parsed (raw set),
+    a tier-3 row for a human or a row without AV evidence (tries 0) is final."""
+    if labels.num_rows == 0:
+        return np.zeros(0, bool)
+    no_label = pc.is_null(labels.column("label")).to_numpy(zero_copy_only=False)
+    no_raw = pc.is_null(labels.column("raw")).to_numpy(zero_copy_only=False)
+    tried = pc.greater(labels.column("tries"), 0).to_numpy(zero_copy_only=False)
+    return no_label & no_raw & tried
+
+
+class LabelShards:
+    """Committed shards of the label stage in `<run>/label_shards/`: per shard of features
+    a Parquet part of LABELS rows `aAAAAA-tT-NNNNN.parquet` (attempt, tier, shard) and then
+    its commit marker `….done`, each written to a temp name and renamed. A part without
+    its marker (the run died in between) does not count and is removed."""
+
+    def __init__(self, root: Path, attempt: int):
+        self.root, self.attempt, self.n = root, attempt, 0
+        root.mkdir(parents=True, exist_ok=True)
+        for f in root.iterdir():
+            if f.name.startswith(".") or (f.suffix == ".parquet" and not f.with_suffix(".done").exists()):
+                f.unlink()
+        self.n = len(list(root.glob(f"a{attempt:05d}-*.done")))
+
+    def committed(self) -> pa.Table:
+        """Every committed row, the latest per (sae_id, feature, method): a feature
+        relabelled by a later attempt (a backend failure retried) replaces its old row."""
+        parts = [pq.read_table(m.with_suffix(".parquet")) for m in sorted(self.root.glob("*.done"))]
+        table = pa.concat_tables([schema.conform(t, schema.LABELS) for t in parts]) if parts else schema.empty(schema.LABELS)
+        last: dict[tuple, int] = {}
+        for i, k in enumerate(zip(*(table.column(c).to_pylist() for c in ("sae_id", "feature", "method")))):
+            last[k] = i
+        return table.take(pa.array(sorted(last.values()), pa.int64())) if len(last) < table.num_rows else table
+
+    def commit(self, tier: int, labels: pa.Table) -> None:
+        name = f"a{self.attempt:05d}-t{tier}-{self.n:05d}"
+        write_parquet_atomic(labels, self.root / f"{name}.parquet")
+        write_json_atomic({"attempt": self.attempt, "tier": tier, "rows": labels.num_rows,
+                           "backend_failed": int(backend_failed(labels).sum())}, self.root / f"{name}.done")
+        self.n += 1
+
+
+def _keys(t: pa.Table) -> list[tuple[str, int]]:
+    return list(zip(t.column("sae_id").to_pylist(), t.column("feature").to_pylist()))
+
+
+def _with_route(labels: pa.Table, routes: pa.Table) -> pa.Table:
+    """Fill `tier` and `kind` of label rows from the routes table."""
+    if labels.num_rows == 0:
+        return labels
+    where = {(s, f): i for i, (s, f) in enumerate(zip(routes.column("sae_id").to_pylist(), routes.column("feature").to_pylist()))}
+    idx = [where[(s, f)] for s, f in zip(labels.column("sae_id").to_pylist(), labels.column("feature").to_pylist())]
+    labels = labels.set_column(labels.schema.get_field_index("tier"), "tier", routes.column("tier").take(pa.array(idx)))
+    return labels.set_column(labels.schema.get_field_index("kind"), "kind", routes.column("kind").take(pa.array(idx)))
+
+
+def select(routes: pa.Table, cfg: LabelConfig) -> tuple[pa.Table, dict[int, set], dict]:
+    """The routed features to label: those with `min_examples`, the first `max_features`,
+    at most `max_per_tier[t]` of tier t. Returns (their routes, keys per tier, counts)."""
+    # a feature needs a few examples to be labelled at all (dead or nearly dead features
+    # stay in routes/ with their n_examples, and are counted, not labelled)
+    live = pc.greater_equal(routes.column("n_examples"), cfg.min_examples)
+    n_skipped = routes.num_rows - int(pc.sum(live).as_py() or 0)
+    routes = routes.filter(live)
+    if cfg.max_features:
+        routes = routes.slice(0, cfg.max_features)
+    n_capped = 0
+    if cfg.max_per_tier:
+        seen: dict[int, int] = {}
+        keep = []
+        for t in routes.column("tier").to_pylist():
+            seen[t] = seen.get(t, 0) + 1
+            keep.append(cfg.max_per_tier.get(t) is None or seen[t] <= cfg.max_per_tier[t])
+        n_capped = keep.count(False)
+        routes = routes.filter(pa.array(keep, pa.bool_()))
+    tiers = routes.column("tier").to_numpy()
+    keys = {t: {(s, f) for s, f, tt in zip(routes.column("sae_id").to_pylist(), routes.column("feature").to_pylist(), tiers) if tt == t}
+            for t in (1, 2, 3)}
+    return routes, keys, {"skipped_few_examples": n_skipped, "not_labelled_max_per_tier": n_capped}
+
+
+def method_context(spec: JobSpec, name: str, routes_dir: Path) -> methods.LabelContext:
+    cfg = spec.label
+    return methods.LabelContext(name=name, explainer=cfg.explainer, small_llm=cfg.small_llm, max_retries=cfg.max_retries,
+                                n_examples=cfg.av_examples, av_sidecar=cfg.av_sidecar, av=cfg.av, sae=spec.sae,
+                                route=spec.route, routes_dir=routes_dir)
+
+
+def manual_rows(routes: pa.Table, chunk: set[tuple[str, int]]) -> pa.Table:
+    """Tier-3 features flagged for a human, without an AV configured: a row each, no label."""
+    rows = [{"sae_id": s, "layer": int(r), "feature": f, "method": "manual", "label": None, "n_examples": 0,
+             "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0, "tries": 0,
+             "error": "tier 3: flagged for manual labelling (no AV configured)"}
+            for s, f, r in zip(routes.column("sae_id").to_pylist(), routes.column("feature").to_pylist(), routes.column("layer").to_pylist())
+            if (s, f) in chunk]
+    return schema.conform(pa.Table.from_pylist(rows), schema.LABELS)
+
+
+def label_shard(spec: JobSpec, t: int, chunk: set[tuple[str, int]], features_dir: Path, routes: pa.Table, routes_dir: Path) -> pa.Table:
+    """LABELS rows of the features `chunk` of tier `t` (one shard), by the tier's method."""
+    cfg = spec.label
+    name = {1: cfg.tier1, 2: cfg.tier2, 3: cfg.tier3}[t]
+    if t == 3 and not cfg.av_sidecar:
+        log(f"[label] tier 3: {len(chunk)} features flagged for manual labelling (no AV configured)")
+        return _with_route(manual_rows(routes, chunk), routes)
+    where = f" ({cfg.explainer.backend}:{cfg.explainer.model})" if t == 2 else ""
+    what = "flagged for manual labelling; AV explanations and a draft by " if t == 3 else "with "
+    log(f"[label] tier {t}: {len(chunk)} features {what}{name}{where}")
+    labels = methods.label(name, _subset(features_dir, chunk), method_context(spec, name, routes_dir))
+    return _with_route(schema.conform(labels, schema.LABELS), routes)
+
+
+def label_stage(spec: JobSpec, run: Run, features_dir: Path, routes: pa.Table, keys: dict[int, set]) -> pa.Table:
+    """Label every selected feature, tier by tier, in committed shards; resume: only the
+    features without a committed row, and those whose row failed in the LLM backend."""
+    shards = LabelShards(run.table_dir(SHARD_DIR), run.attempt)
+    before = shards.committed()
+    failed = before.filter(pa.array(backend_failed(before), pa.bool_()))
+    done = set(_keys(before)) - set(_keys(failed))
+    retry = set(_keys(failed))
+    resumed, retried = sum(len(keys[t] & done) for t in (1, 2, 3)), sum(len(keys[t] & retry) for t in (1, 2, 3))
+    if resumed or retried:
+        log(f"[label] resuming: {resumed} features labelled by an earlier attempt; {retried} that failed in the LLM backend are retried")
+    for t in (1, 2, 3):
+        todo = sorted(keys[t] - done)
+        size = shard_size(len(todo), spec.label.shard_features)
+        for i in range(0, len(todo), size):
+            chunk = set(todo[i : i + size])
+            if len(todo) > size:
+                log(f"[label] tier {t}: shard {i // size + 1}/{math.ceil(len(todo) / size)} ({len(chunk)} features)")
+            shards.commit(t, label_shard(spec, t, chunk, features_dir, routes, run.table_dir("routes")))
+    every = {k for t in (1, 2, 3) for k in keys[t]}
+    labels = shards.committed()
+    labels = labels.filter(pa.array([k in every for k in _keys(labels)], pa.bool_()))
+    labels = labels.take(pc.sort_indices(labels, sort_keys=[("sae_id", "ascending"), ("feature", "ascending"), ("method", "ascending")]))
+    return labels, {"resumed_features": resumed, "retried_backend_failed": retried, "shards": shards.n}
+
+
+def label_counts(labels: pa.Table, keys: dict[int, set]) -> dict:
+    """The label stage's manifest counts: rows, failures, tokens, cost, the estimate of
+    tokens the frontier method would have spent on the other tiers too."""
+    total = lambda c: pc.sum(labels.column(c)).as_py() or 0  # noqa: E731
+    info = {"features": labels.num_rows, "labelled": int(pc.sum(pc.is_valid(labels.column("label"))).as_py() or 0)}
+    info["failed"] = labels.num_rows - info["labelled"]
+    # rows whose LLM request failed after the backend's retries: the same command run
+    # again retries exactly these (and nothing else)
+    info["backend_failed"] = int(backend_failed(labels).sum())
+    info["by_tier"] = {str(t): len(keys[t]) for t in (1, 2, 3)}
+    info.update(cost_usd=float(total("cost_usd")), input_tokens=int(total("input_tokens")), output_tokens=int(total("output_tokens")))
+    tier2 = labels.filter(pc.equal(labels.column("tier"), 2))
+    per_feature = (pc.sum(tier2.column("input_tokens")).as_py() or 0) / max(1, len(keys[2])) if tier2.num_rows else None
+    if per_feature:
+        info["tokens_saved_estimate"] = int(per_feature * (len(keys[1]) + len(keys[3])))
+    return info
+
+
+def score_sample(spec: JobSpec, run: Run, features_dir: Path) -> dict:
+    """`label.score`: a seeded sample of the labelled features, each scored on examples no
+    labeller saw: its decile samples that are not among its top examples (every labelling
+    method reads top examples only)."""
+    from baez_ray.stages.score import score_labels
+    from baez_ray.stages.split import split_examples
+
+    cfg = spec.label.score
+    labels = pq.read_table(run.table_dir("labels"))
+    labelled = labels.filter(pc.is_valid(labels.column("label")))
+    wanted = set(zip(labelled.column("sae_id").to_pylist(), labelled.column("feature").to_pylist()))
+    feats = pq.read_table(features_dir, columns=["sae_id", "feature", "examples"], filters=[("feature", "in", sorted({f for _, f in wanted}))])
+    eligible, too_few = {}, 0
+    for r in feats.to_pylist():
+        if (r["sae_id"], r["feature"]) not in wanted:
+            continue
+        n_top = sum(1 for e in r["examples"] if e["kind"] == "top")
+        _, test = split_examples(r["examples"], "deciles", train_n=n_top, test_n=cfg.test_examples)
+        if len(test) >= cfg.min_test_examples:
+            eligible[(r["sae_id"], r["feature"])] = test
+        else:  # a feature that fired in few contexts has all of them among its top examples
+            too_few += 1
+    keys = sorted(eligible)
+    if cfg.sample and len(keys) > cfg.sample:
+        rng = np.random.default_rng(spec.seed)
+        keys = [keys[i] for i in sorted(rng.choice(len(keys), size=cfg.sample, replace=False))]
+    tests = {k: eligible[k] for k in keys}
+    negatives = None
+    if cfg.negatives == "corpus":
+        from baez_ray.stages.negatives import corpus_negatives
+
+        negatives = corpus_negatives(run.table_dir("contexts"), spec.model, spec.sae, spec.corpus, spec.collect.window,
+                                     spec.collect.batch_size, sorted(tests), cfg.n_negatives, spec.seed)
+    scores, info = score_labels(tests, labels, cfg, cfg.scorer or spec.label.explainer, seed=spec.seed, negatives=negatives)
+    info.update(parts=write_table(scores, run.table_dir("scores")), rows=scores.num_rows,
+                labelled_features_too_few_test_examples=too_few, eligible=len(eligible))
+    return info
+
+
+def run_job(spec: JobSpec, run: Run) -> None:
+    features_dir = features_source(spec, run)
+    if not run.completed("route"):
+        with run.stage("route") as info:
+            info.update(route(features_dir, run.table_dir("routes"), spec.route))
+    routes, keys, counts = select(pq.read_table(run.table_dir("routes")), spec.label)
+    prev = run.manifest["stages"].get("label") or {}
+    if not run.completed("label") or prev.get("backend_failed"):
+        with run.stage("label") as info:
+            labels, resume = label_stage(spec, run, features_dir, routes, keys)
+            info.update(resume)
+            info["parts"] = write_table(labels, run.table_dir("labels"))
+            info.update(label_counts(labels, keys), **counts)
+            if info["backend_failed"]:
+                log(f"[label] {info['backend_failed']} features failed in the LLM backend (their error is in labels/); "
+                    "run the same command again to retry only those")
+    run.manifest["labels_dir"] = str(run.table_dir("labels"))
+    run.save()
+    if spec.label.score is not None and not run.completed("score"):
+        with run.stage("score") as info:
+            info.update(score_sample(spec, run, features_dir))
+    with run.stage("report") as info:
+        from baez_ray.report.labels import write_label_report
+
+        info["path"] = str(write_label_report(run.dir))
+    log(f"report: {run.dir / 'report' / 'index.html'}")

@@ -1,0 +1,102 @@
+"""One interface for every LLM: a Ray Dataset of prompt rows (schema.PROMPTS columns, plus
+any others, passed through untouched) in; the same rows with schema.ANSWER_FIELDS out.
+
+    from baez_ray.llm.backends import generate
+    answers = generate(prompts_ds, llm_cfg)
+
+Backends: `transformers` (local model in an actor pool, batched generation), `vllm` (Ray
+Data LLM), `anthropic` (Messages API with retries, or the Message Batches API), `openai`
+(any OpenAI-compatible chat endpoint). A request that fails after the backend's retries
+gets `answer = null` and its `error`; the other rows are unaffected. A conversation that
+ends with an assistant message is a prefill: the answer continues that message.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import import_module
+
+import pyarrow as pa
+from pydantic import SecretStr
+
+from baez_ray import schema
+from baez_ray.config import LLMConfig
+
+_MODULES = {
+    "transformers": "baez_ray.llm.backends.transformers_backend",
+    "vllm": "baez_ray.llm.backends.vllm_backend",
+    "anthropic": "baez_ray.llm.backends.anthropic_backend",
+    "openai": "baez_ray.llm.backends.openai_backend",
+}
+
+
+def generate(ds, cfg: LLMConfig):
+    """Prompt rows → prompt rows with answers (a lazy Ray Dataset)."""
+    return import_module(_MODULES[cfg.backend]).generate(ds, cfg)
+
+
+def cost(cfg: LLMConfig, input_tokens: int, output_tokens: int, batch: bool = False) -> float:
+    usd = (input_tokens * cfg.price.input_per_mtok + output_tokens * cfg.price.output_per_mtok) / 1e6
+    return usd * (cfg.price.batch_discount if batch else 1.0)
+
+
+def with_answers(batch: pa.Table, answers: list[str | None], in_tok: list[int], out_tok: list[int],
+                 errors: list[str | None], cfg: LLMConfig, batch_mode: bool = False) -> pa.Table:
+    """Append the ANSWER_FIELDS columns to a batch of prompt rows."""
+    n = batch.num_rows
+    cols = {
+        "answer": pa.array(answers, pa.string()),
+        "input_tokens": pa.array(in_tok, pa.int64()),
+        "output_tokens": pa.array(out_tok, pa.int64()),
+        "cost_usd": pa.array([cost(cfg, i, o, batch_mode) for i, o in zip(in_tok, out_tok)], pa.float64()),
+        "error": pa.array(errors, pa.string()),
+        "backend": pa.array([cfg.backend] * n, pa.string()),
+        "model": pa.array([cfg.model] * n, pa.string()),
+    }
+    for f in schema.ANSWER_FIELDS:
+        if f.name in batch.column_names:
+            batch = batch.drop_columns([f.name])
+        batch = batch.append_column(f, cols[f.name])
+    return batch
+
+
+def prompt_table(rows: list[dict]) -> pa.Table:
+    """Prompt rows (dicts with the PROMPTS columns and any extra columns) as a table."""
+    extra = {k for r in rows for k in r} - set(schema.PROMPTS.names)
+    base = schema.conform(pa.Table.from_pylist([{k: r.get(k) for k in schema.PROMPTS.names} for r in rows]), schema.PROMPTS)
+    for k in sorted(extra):
+        base = base.append_column(k, pa.array([r.get(k) for r in rows]))
+    return base
+
+
+class MissingAPIKeyError(RuntimeError):
+    pass
+
+
+def read_api_key(cfg: LLMConfig, default_env: str, required: bool) -> SecretStr | None:
+    """The API key from the environment (never from the job file); a clear error naming
+    the variable when it is required and unset."""
+    var = cfg.api_key_env or default_env
+    key = os.environ.get(var, "").strip()
+    if key:
+        return SecretStr(key)
+    if required:
+        raise MissingAPIKeyError(f"the {cfg.backend} backend reads its API key from the environment variable {var}, which is unset or empty")
+    return None
+
+
+def scrub(text: str, key: SecretStr | None) -> str:
+    secret = key.get_secret_value() if key is not None else ""
+    return text.replace(secret, "[redacted]") if secret else text
+
+
+def error_text(e: BaseException, key: SecretStr | None, limit: int = 1000) -> str:
+    """'Type: message' for a row's `error` column, without the key, truncated."""
+    return scrub(f"{type(e).__name__}: {e}", key)[:limit]
+
+
+def cut_at_stop(text: str, stops: list[str] | None) -> str:
+    for s in stops or []:
+        if s and s in text:
+            text = text[: text.index(s)]
+    return text

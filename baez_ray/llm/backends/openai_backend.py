@@ -1,0 +1,196 @@
+"""Any OpenAI-compatible chat-completions endpoint (a vLLM or SGLang server, OpenRouter,
+OpenAI itself) over plain httpx, in a Ray actor pool.
+
+`base_url` is the API root including the version, e.g. `http://127.0.0.1:8000/v1` or
+`https://openrouter.ai/api/v1` (default `https://api.openai.com/v1`); requests go to
+`{base_url}/chat/completions` with `model`, `messages` (system messages stay in the list),
+`max_tokens`, `temperature` and `stop`. Each actor keeps at most `max_concurrency`
+requests in flight and retries 408/409/429/5xx, connection errors and timeouts up to
+`max_retries` times, waiting what `retry-after-ms` / `retry-after` (seconds or an HTTP
+date; capped at 120 s) asks, otherwise exponential backoff (0.5 s, 1 s, 2 s, .. 8 s, with
+jitter). A request that still fails gets `answer = null` and an `error` on its row only.
+Token counts come from `usage.prompt_tokens` / `usage.completion_tokens` (0 when the server
+sends no usage).
+
+Output constraint: a row with `constraint = "binary_list:N"` is sent with
+`response_format = {"type": "json_schema", "json_schema": {"name": "binary_list",
+"schema": <array of exactly N integers 0/1>, "strict": false}}` (vLLM and most OpenRouter
+models enforce it). When a server answers 400 to that and the same request succeeds
+without it, the actor stops sending `response_format` and relies on the prompt and the
+parser, as the backends without structured outputs do.
+
+The API key is read only from the environment variable `api_key_env` (default
+`OPENAI_API_KEY`) and sent as `Authorization: Bearer`. It is optional: with the default
+variable unset, requests go without a key (local servers); a variable named explicitly in
+`api_key_env` must be set. The key is never written to rows, errors or logs.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pyarrow as pa
+from pydantic import SecretStr
+
+from baez_ray.llm.backends import cut_at_stop, error_text, read_api_key, with_answers
+from baez_ray.config import LLMConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KEY_ENV = "OPENAI_API_KEY"
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+ACTOR_CPUS = 0.25
+RETRY_STATUS = {408, 409, 429}  # and every 5xx
+INITIAL_BACKOFF_S = 0.5
+MAX_BACKOFF_S = 8.0
+MAX_RETRY_AFTER_S = 120.0
+_ROW_COLS = ["request_id", "messages", "max_tokens", "temperature", "stop", "constraint"]
+
+
+class APIStatusError(RuntimeError):
+    """A non-2xx answer that was not retried (or ran out of retries)."""
+
+    def __init__(self, status: int, body: str):
+        self.status = status
+        super().__init__(f"HTTP {status}: {body[:500]}")
+
+
+def api_key(cfg: LLMConfig) -> SecretStr | None:
+    """Optional for local servers, unless the job names a variable (`api_key_env`)."""
+    key = read_api_key(cfg, DEFAULT_KEY_ENV, required=bool(cfg.api_key_env))
+    if key is None:
+        log.info("openai backend: %s is unset; sending requests without an API key (fine for local servers)", DEFAULT_KEY_ENV)
+    return key
+
+
+def retry_after(headers) -> float | None:
+    """Seconds the server asks us to wait (retry-after-ms, retry-after seconds or date)."""
+    if headers is None:
+        return None
+    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+        v = headers.get(name)
+        if v is None:
+            continue
+        try:
+            return max(0.0, float(v) * scale)
+        except ValueError:
+            pass
+        if name == "retry-after":
+            date = email.utils.parsedate_tz(v)
+            if date is not None:
+                return max(0.0, email.utils.mktime_tz(date) - time.time())
+    return None
+
+
+def backoff(attempt: int, headers=None) -> float:
+    asked = retry_after(headers)
+    if asked is not None:
+        return min(asked, MAX_RETRY_AFTER_S)
+    return min(INITIAL_BACKOFF_S * 2**attempt, MAX_BACKOFF_S) * (1 - 0.25 * random.random())
+
+
+def binary_list_format(n: int) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "binary_list", "strict": False, "schema": {
+        "type": "array", "items": {"type": "integer", "enum": [0, 1]}, "minItems": n, "maxItems": n}}}
+
+
+def request_body(row: dict, cfg: LLMConfig, structured: bool = True) -> dict:
+    body: dict = {
+        "model": cfg.model,
+        "messages": [{"role": m["role"], "content": m["content"]} for m in (row["messages"] or [])],
+        "max_tokens": int(row["max_tokens"]),
+        "temperature": round(float(row["temperature"]), 6),
+    }
+    stops = [s for s in (row["stop"] or []) if s]
+    if stops:
+        body["stop"] = stops
+    c = row.get("constraint")
+    if structured and c and c.startswith("binary_list:"):
+        body["response_format"] = binary_list_format(int(c.split(":", 1)[1]))
+    return body
+
+
+class OpenAICaller:
+    """Ray Data actor: one httpx client, at most `max_concurrency` requests in flight."""
+
+    def __init__(self, cfg: dict, key: SecretStr | None):
+        import httpx
+
+        self.cfg = LLMConfig(**cfg)
+        self._key = key
+        headers = {"content-type": "application/json"}
+        if key is not None:
+            headers["authorization"] = f"Bearer {key.get_secret_value()}"
+        self.url = (self.cfg.base_url or DEFAULT_BASE_URL).rstrip("/") + "/chat/completions"
+        n = self.cfg.max_concurrency
+        self.http = httpx.Client(headers=headers, timeout=self.cfg.timeout_s,
+                                 limits=httpx.Limits(max_connections=n, max_keepalive_connections=n))
+        self.pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="openai")
+        self.structured = True  # send response_format for constrained rows until the server refuses it
+
+    def post(self, body: dict) -> dict:
+        import httpx
+
+        attempt = 0
+        while True:
+            headers = None
+            try:
+                r = self.http.post(self.url, json=body)
+            except httpx.TransportError as e:  # connect / read errors and timeouts
+                if attempt >= self.cfg.max_retries:
+                    raise
+                why = type(e).__name__
+            else:
+                if r.status_code < 400:
+                    data = r.json()
+                    if not data.get("choices") and data.get("error"):  # some proxies answer 200 + error
+                        raise APIStatusError(r.status_code, str(data["error"]))
+                    return data
+                if not (r.status_code in RETRY_STATUS or r.status_code >= 500) or attempt >= self.cfg.max_retries:
+                    raise APIStatusError(r.status_code, r.text)
+                headers, why = r.headers, f"HTTP {r.status_code}"
+            delay = backoff(attempt, headers)
+            log.debug("openai backend: %s; retry %d/%d in %.2fs", why, attempt + 1, self.cfg.max_retries, delay)
+            time.sleep(delay)
+            attempt += 1
+
+    def _one(self, row: dict) -> tuple[str | None, int, int, str | None]:
+        try:
+            body = request_body(row, self.cfg, self.structured)
+            try:
+                data = self.post(body)
+            except APIStatusError as e:
+                if e.status != 400 or "response_format" not in body:
+                    raise
+                body.pop("response_format")
+                data = self.post(body)  # fine without it: this server does not take the schema
+                if self.structured:
+                    log.warning("openai backend: %s refused response_format (json_schema); relying on the prompt from now on", self.url)
+                self.structured = False
+            msg = (data["choices"][0].get("message") or {})
+            text = msg.get("content") or ""
+            usage = data.get("usage") or {}
+            return cut_at_stop(text, row["stop"]), int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0), None
+        except Exception as e:  # after the retries: recorded on this row only
+            err = error_text(e, self._key)
+            log.warning("openai request %s failed: %s", row.get("request_id"), err)
+            return None, 0, 0, err
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        cols = [c for c in _ROW_COLS if c in batch.column_names]
+        rows = batch.select(cols).to_pylist()
+        results = list(self.pool.map(self._one, rows))
+        answers, n_in, n_out, errors = (list(c) for c in zip(*results)) if results else ([], [], [], [])
+        return with_answers(batch, answers, n_in, n_out, errors, self.cfg)
+
+
+def generate(ds, cfg: LLMConfig):
+    from baez_ray.ray_pool import actor_map
+
+    key = api_key(cfg)
+    return actor_map(ds, OpenAICaller, {"cfg": cfg.model_dump(), "key": key}, size=cfg.num_actors, num_cpus=ACTOR_CPUS,
+                     batch_size=cfg.batch_size)

