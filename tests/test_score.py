@@ -98,6 +98,30 @@ def synthetic_features(n_top: int = 16, n_samples: int = 6, seed: int = 0) -> pa
     return schema.conform(pa.Table.from_pylist(rows), schema.FEATURES)
 
 
+def test_negatives_are_other_features_examples_drawn_uniformly():
+    """Each feature's negatives: n_negatives distinct examples of other features, seeded per
+    feature; over many seeds every other feature's example is drawn about equally often."""
+    from baez_ray.stages.score import build_items
+
+    def ex(f, j):
+        return {"token_strs": [f"f{f}e{j}", " x"], "acts": [1.0, 0.0]}
+
+    tests = {("s", f): [ex(f, j) for j in range(1 + f % 4)] for f in range(6)}
+    cfg = ScoreConfig(test_examples=10, n_negatives=3)
+    seen = Counter()
+    for seed in range(400):
+        for (s, f), it in build_items(tests, cfg, seed).items():
+            negs = [text for text, truth in zip(it.plain, it.truth) if truth == 0]
+            assert len(negs) == 3 and len(set(negs)) == 3
+            assert not any(n.startswith(f"f{f}e") for n in negs)
+            if f == 0:
+                seen.update(negs)
+    others = [f"f{f}e{j} x" for f in range(1, 6) for j in range(1 + f % 4)]
+    assert sorted(seen) == sorted(others)
+    share = np.array([seen[o] for o in others]) / (400 * 3)
+    assert np.all(np.abs(share - 1 / len(others)) < 0.04)
+
+
 @pytest.mark.parametrize("split", ["top", "deciles", "random"])
 def test_splits_never_overlap(split):
     for row in synthetic_features().to_pylist():

@@ -26,6 +26,19 @@ def _plot_firing(freq: np.ndarray, path: Path) -> None:
     save_figure(fig, path)
 
 
+def _shown_rows(features_dir: Path, meta, pick: list[int]) -> list[dict]:
+    """The rows of the features at positions `pick` of `meta`, read alone: a filter on
+    `feature` (Parquet statistics skip the other row groups) and the columns shown, never
+    the whole table's examples."""
+    keys = set(zip(meta.column("sae_id").take(pick).to_pylist(), meta.column("feature").take(pick).to_pylist()))
+    if not keys:
+        return []
+    cols = ["sae_id", "feature", "n_firing", "max_activation", "examples"]
+    table = pq.read_table(features_dir, columns=cols, filters=[("feature", "in", sorted({f for _, f in keys}))])
+    rows = [r for r in table.to_pylist() if (r["sae_id"], r["feature"]) in keys]
+    return sorted(rows, key=lambda r: -r["n_firing"])
+
+
 def write_features_report(run_dir: str | Path, n_show: int = 25, n_examples: int = 5, name: str = "index.html") -> Path:
     run_dir = Path(run_dir)
     out = run_dir / "report"
@@ -38,9 +51,7 @@ def write_features_report(run_dir: str | Path, n_show: int = 25, n_examples: int
     order = np.argsort(-freq, kind="stable")
     live = order[freq[order] > 0]
     pick = sorted(set(live[: n_show // 2].tolist() + live[:: max(1, len(live) // max(1, n_show - n_show // 2))][: n_show - n_show // 2].tolist()))
-    feats = set(meta.column("feature").to_numpy()[pick].tolist())
-    rows = [r for r in pq.read_table(run_dir / "features").to_pylist() if r["feature"] in feats]
-    rows.sort(key=lambda r: -r["n_firing"])
+    rows = _shown_rows(run_dir / "features", meta, pick)
     manifest = json.loads((run_dir / "manifest.json").read_text()) if (run_dir / "manifest.json").exists() else {}
     stage = manifest.get("stages", {}).get("collect", {})
     summary = [
@@ -55,6 +66,8 @@ def write_features_report(run_dir: str | Path, n_show: int = 25, n_examples: int
             "<table>" + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in summary) + "</table>",
             "<img src='firing.png' alt='firing frequency histogram'>",
             f"<h2>Top examples of {len(rows)} features</h2>",
+            f"<p>Of the {int((freq > 0).sum()):,} features that fired: the {min(n_show // 2, len(live))} that fired most often, "
+            "and the rest spread evenly over the rarer ones, most frequent first.</p>",
             "<table><tr><th>feature</th><th class=num>firing</th><th class=num>max act</th><th>top examples (tokens ≥ 0.6 × the example's max marked)</th></tr>"]
     for r in rows:
         top = [e for e in r["examples"] if e["kind"] == "top"][:n_examples]

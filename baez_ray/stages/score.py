@@ -67,7 +67,12 @@ def build_items(tests: dict[tuple[str, int], list[dict]], cfg: ScoreConfig, seed
     positives highlighted at their active tokens (>= fuzz_threshold × the example max),
     negatives at as many random tokens as the positives' mean, drawn per example."""
     keys = sorted(tests)
-    pool = [(k, e) for k in keys for e in tests[k]]
+    # every feature's test examples in one list, features in key order; a feature's own
+    # examples are one block of it, skipped by index arithmetic (O(n_negatives) per feature)
+    pool = [e for k in keys for e in tests[k]]
+    block, at = {}, 0
+    for k in keys:
+        block[k], at = (at, len(tests[k])), at + len(tests[k])
     out = {}
     for key in keys:
         rng = np.random.default_rng(feature_seed(seed, key[0], key[1]))
@@ -75,9 +80,10 @@ def build_items(tests: dict[tuple[str, int], list[dict]], cfg: ScoreConfig, seed
         if negatives is not None:
             neg = list(negatives.get(key, []))[: cfg.n_negatives]
         else:
-            others = [e for k, e in pool if k != key]
-            take = rng.choice(len(others), size=min(cfg.n_negatives, len(others)), replace=False) if others else []
-            neg = [others[i] for i in take]
+            start, own = block[key]
+            n_others = len(pool) - own  # a uniform draw among the other features' examples
+            take = rng.choice(n_others, size=min(cfg.n_negatives, n_others), replace=False) if n_others else []
+            neg = [pool[i + own if i >= start else i] for i in take]
         marks = []
         for e in pos:
             peak = max(e["acts"]) if e["acts"] else 0.0
