@@ -7,6 +7,7 @@ import pytest
 
 from baez_ray.llm.backends.vllm_backend import engine_kwargs
 from baez_ray.config import AVRunConfig, ConfigError, LLMConfig, validate
+from baez_ray.methods import check_job_methods
 
 
 def test_llm_config_engine_options():
@@ -30,7 +31,8 @@ def test_engine_options_validate():
     assert av.engine == "vllm" and av.engine_kwargs == {"gpu_memory_utilization": 0.9}
     with pytest.raises(ConfigError, match=r"key 'label.av.engine'"):
         validate({"job": "label", "features": "x", "label": {"explainer": {"model": "m"}, "av": {"engine": "sglang"}}})
-    with pytest.raises(ConfigError, match=r"key 'label.tier3'"):
-        validate({"job": "label", "features": "x", "label": {"explainer": {"model": "m"}, "tier3": "eleuther_acts_top5"}})
+    # method names are checked against the registry when a job is loaded (jobs.load_job)
+    wrong_tier = validate({"job": "label", "features": "x", "label": {"explainer": {"model": "m"}, "tier3": "eleuther_acts_top5"}})
+    assert [key for key, _ in check_job_methods(wrong_tier)] == ["label.tier3"]
     spec = validate({"job": "label", "features": "x", "label": {"explainer": {"model": "m"}, "tier3": "nla_direct"}})
     assert spec.label.tier3 == "nla_direct" and spec.label.av.engine == "transformers"
