@@ -22,8 +22,11 @@ the Pearson correlation r of half A against half B across features, corrected to
 test set by Spearman–Brown, 2r / (1 + r), with a percentile bootstrap CI over features
 (resampled features whose halves are constant are skipped). A benchmark × method is
 *reliable* when at least 3 features have both halves, the corrected reliability is at least
-RELIABILITY_MIN (0.5) and its CI's low end is above 0; otherwise its differences between
-methods are too noisy to mean anything.
+RELIABILITY_MIN (0.5) and its CI's low end is above 0 (status 'reliable'); otherwise
+('too unreliable') its differences between methods are too noisy to mean anything. The
+reliability is undefined when a half scored every feature the same ('no spread', e.g. every
+label perfect: no spread across features to correlate) or under 3 features ('too few
+features'). Spearman–Brown is applied to negative r as well (2r / (1 + r) < r < 0).
 
 Paired comparisons (`paired_comparison`, `sign_flip_p`, `holm`, `comparison_table`): two
 methods on the same benchmark are compared on the features both have a headline metric for
@@ -244,16 +247,21 @@ def split_half_reliability(a: Sequence[float], b: Sequence[float], n_boot: int =
                            seed: int = 0) -> dict[str, float]:
     """Half-A and half-B scores of the same features → n (features with both halves), r
     (Pearson), reliability (Spearman–Brown of r), its percentile bootstrap CI over
-    features, and `reliable` (the module's rule)."""
+    features, `reliable` (the module's rule) and `status`: 'reliable', 'too unreliable',
+    'no spread' (a half scored every feature the same, e.g. all perfect: r undefined) or
+    'too few features' (under MIN_FEATURES with both halves)."""
     x = np.asarray([NAN if v is None else v for v in a], dtype=np.float64)
     y = np.asarray([NAN if v is None else v for v in b], dtype=np.float64)
     keep = np.isfinite(x) & np.isfinite(y)
     x, y = x[keep], y[keep]
-    out = {"n": int(x.size), "r": NAN, "reliability": NAN, "ci_low": NAN, "ci_high": NAN, "reliable": False}
+    out = {"n": int(x.size), "r": NAN, "reliability": NAN, "ci_low": NAN, "ci_high": NAN, "reliable": False,
+           "status": "too few features"}
     if x.size < MIN_FEATURES:
         return out
     r = float(_pearson_rows(x, y))
-    out.update(r=r, reliability=spearman_brown(r))
+    out.update(r=r, reliability=spearman_brown(r), status="no spread" if math.isnan(r) else "too unreliable")
+    if math.isnan(r):  # a half scored every feature the same (e.g. all perfect): nothing to correlate
+        return out
     idx = np.random.default_rng(seed).integers(0, x.size, size=(n_boot, x.size))
     rb = _pearson_rows(x[idx], y[idx])
     rb = rb[np.isfinite(rb) & (rb > -1)]
@@ -263,6 +271,7 @@ def split_half_reliability(a: Sequence[float], b: Sequence[float], n_boot: int =
         out.update(ci_low=float(lo), ci_high=float(hi))
     out["reliable"] = bool(math.isfinite(out["reliability"]) and out["reliability"] >= RELIABILITY_MIN
                            and math.isfinite(out["ci_low"]) and out["ci_low"] > 0)
+    out["status"] = "reliable" if out["reliable"] else "too unreliable"
     return out
 
 
@@ -349,7 +358,7 @@ def reliability_table(scores, seed: int = 0):
     for (bench, method), g in df.groupby(["benchmark", "method"], sort=True):
         rel = split_half_reliability(g["score_half_a"].tolist(), g["score_half_b"].tolist(), seed=seed)
         rows.append({"benchmark": bench, "method": method, "metric": HEADLINE[bench], **rel})
-    cols = ["benchmark", "method", "metric", "n", "r", "reliability", "ci_low", "ci_high", "reliable"]
+    cols = ["benchmark", "method", "metric", "n", "r", "reliability", "ci_low", "ci_high", "reliable", "status"]
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -358,13 +367,14 @@ def comparison_table(scores, reliability=None, seed: int = 0):
     random-label control, then every pair of methods, on the features both scored
     (`paired_comparison` of the headline metric, a − b), the p-values Holm-corrected
     across all rows (`p_holm`), the `winner` (the better of the two when p_holm < ALPHA,
-    else None) and `interpretable` (every non-control method of the pair reliable on
-    that benchmark, from `reliability`, computed when not given)."""
+    else None), `interpretable` (every non-control method of the pair reliable on that
+    benchmark, from `reliability`, computed when not given) and `reliability_note` (the
+    status of each non-control method that is not, e.g. 'b: too unreliable')."""
     import pandas as pd
 
     df = _scores_frame(scores)
     rel = reliability_table(df, seed=seed) if reliability is None else reliability
-    ok = {(r["benchmark"], r["method"]): bool(r["reliable"]) for r in rel.to_dict(orient="records")}
+    status = {(r["benchmark"], r["method"]): r["status"] for r in rel.to_dict(orient="records")}
     rows = []
     for bench, g in df.groupby("benchmark", sort=True):
         metric = HEADLINE[bench]
@@ -374,10 +384,11 @@ def comparison_table(scores, reliability=None, seed: int = 0):
         pairs = [(m, CONTROL) for m in plain if CONTROL in methods] + [(a, b) for i, a in enumerate(plain) for b in plain[i + 1 :]]
         for a, b in pairs:
             cmp = paired_comparison(wide[a].tolist() if a in wide else [], wide[b].tolist() if b in wide else [], seed=seed)
-            interpretable = all(ok.get((bench, m), False) for m in (a, b) if m != CONTROL)
-            rows.append({"benchmark": bench, "metric": metric, "method_a": a, "method_b": b, **cmp, "interpretable": interpretable})
+            notes = [f"{m}: {status.get((bench, m), 'no halves')}" for m in (a, b) if m != CONTROL and status.get((bench, m)) != "reliable"]
+            rows.append({"benchmark": bench, "metric": metric, "method_a": a, "method_b": b, **cmp, "interpretable": not notes,
+                         "reliability_note": "; ".join(notes)})
     out = pd.DataFrame(rows, columns=["benchmark", "metric", "method_a", "method_b", "n", "mean_a", "mean_b", "mean_diff", "ci_low",
-                                      "ci_high", "p_value", "p_method", "interpretable"])
+                                      "ci_high", "p_value", "p_method", "interpretable", "reliability_note"])
     out["p_holm"] = holm(out["p_value"].tolist()) if len(out) else []
     out["winner"] = [(r.method_a if r.mean_diff > 0 else r.method_b) if r.p_holm < ALPHA and r.mean_diff != 0 else None
                      for r in out.itertuples()]

@@ -92,13 +92,15 @@ def test_split_half_reliability_hand_computed():
     # identical halves on many features: reliable; independent noise: not
     rng = np.random.default_rng(0)
     x = rng.uniform(0.4, 1.0, 40)
-    assert split_half_reliability(x, x + rng.normal(0, 0.02, 40))["reliable"]
+    good = split_half_reliability(x, x + rng.normal(0, 0.02, 40))
+    assert good["reliable"] and good["status"] == "reliable"
     noise = split_half_reliability(rng.uniform(size=40), rng.uniform(size=40))
-    assert not noise["reliable"] and noise["ci_low"] < 0.5
-    # too few features, or a constant half: undefined, never reliable
-    assert math.isnan(split_half_reliability([0.1, 0.2], [0.1, 0.2])["reliability"])
+    assert not noise["reliable"] and noise["ci_low"] < 0.5 and noise["status"] == "too unreliable"
+    # too few features, or a constant half (every label perfect): undefined, never reliable
+    few = split_half_reliability([0.1, 0.2], [0.1, 0.2])
+    assert math.isnan(few["reliability"]) and few["status"] == "too few features"
     const = split_half_reliability([1.0] * 5, [0.2, 0.4, 0.6, 0.8, 1.0])
-    assert math.isnan(const["r"]) and not const["reliable"]
+    assert math.isnan(const["r"]) and not const["reliable"] and const["status"] == "no spread"
 
 
 # ------------------------------------------------------------------ paired comparisons
@@ -176,9 +178,11 @@ def test_reliability_and_comparison_tables():
     assert cmp["p_holm"].tolist() == pytest.approx(holm(cmp["p_value"].tolist()))
     assert good["winner"] == "good" and good["interpretable"]
     assert cmp.iloc[2]["winner"] == "good" and not cmp.iloc[2]["interpretable"]  # 'noisy' is not reliable
+    assert cmp.iloc[2]["reliability_note"] == "noisy: too unreliable" and cmp.iloc[0]["reliability_note"] == ""
     # scores written before the halves were kept: reliability undefined, comparisons still made
     old = comparison_table(df.drop(columns=["score_half_a", "score_half_b"]))
     assert not old["interpretable"].any() and old.iloc[0]["winner"] == "good"
+    assert old.iloc[0]["reliability_note"] == "good: too few features"
 
 
 def test_scoring_section_opens_with_the_verdict(tmp_path):
@@ -193,3 +197,10 @@ def test_scoring_section_opens_with_the_verdict(tmp_path):
     assert "<b>detection</b> is too unreliable to compare methods for noisy" in page
     assert "(too unreliable to compare methods)" in page  # good vs noisy
     assert "<table class=verdict>" not in scoring_section(tmp_path, tmp_path, verdict=False)
+    # every label perfect: no spread across features, the reliability is unknown (not "too unreliable")
+    perfect = scores_frame().assign(score_half_a=1.0, score_half_b=1.0)
+    (tmp_path / "p").mkdir()
+    write_table(schema.conform(pa.Table.from_pandas(perfect, preserve_index=False), schema.SCORES), tmp_path / "p" / "scores")
+    page = scoring_section(tmp_path / "p", tmp_path / "p")
+    assert "reliability is unknown for good (undefined: a half scored every feature the same" in page
+    assert "(too unreliable to compare methods)" not in page and "is too unreliable to compare methods for" not in page and "(reliability unknown)" in page

@@ -131,15 +131,33 @@ def statistics(run_dir: Path, scores, seed: int = 0):
     return reliability, comparison_table(scores, reliability, seed=seed)
 
 
-def _unreliable_words(reliability) -> str:
-    """A sentence per benchmark whose method scores are too unreliable to compare."""
-    bad = reliability[(reliability["method"] != CONTROL) & ~reliability["reliable"].astype(bool)]
+STATUS_WORDS = {
+    "reliable": "reliable",
+    "too unreliable": "too unreliable to compare methods",
+    "no spread": "undefined: a half scored every feature the same (no spread across features)",
+    "too few features": "undefined: fewer than 3 features with both halves",
+}
+
+
+def _unreliable_words(reliability, comparisons) -> str:
+    """A sentence per benchmark whose method scores are too unreliable to compare (or whose
+    reliability is undefined), and one when too few features could ever pass Holm."""
+    rel = reliability[reliability["method"] != CONTROL]
     out = []
-    for bench, g in bad.groupby("benchmark", sort=False):
+    for bench, g in rel[rel["status"] == "too unreliable"].groupby("benchmark", sort=False):
         which = ", ".join(f"{html.escape(r['method'])} (reliability {_fmt(r['reliability'], 2)}, 95% CI {_fmt(r['ci_low'], 2)} – "
                           f"{_fmt(r['ci_high'], 2)}, {r['n']} features)" for r in g.to_dict(orient="records"))
         out.append(f"<li><b>{html.escape(bench)}</b> is too unreliable to compare methods for {which}: its split-half reliability "
                    f"is below {RELIABILITY_MIN} or its CI reaches 0, so differences on it do not mean much.</li>")
+    for bench, g in rel[~rel["status"].isin(["reliable", "too unreliable"])].groupby("benchmark", sort=False):
+        which = ", ".join(f"{html.escape(r['method'])} ({STATUS_WORDS[r['status']]})" for r in g.to_dict(orient="records"))
+        out.append(f"<li>On <b>{html.escape(bench)}</b> the reliability is unknown for {which}: the paired tests below still "
+                   "hold, but whether the benchmark ranks features consistently is not known.</li>")
+    n = int(comparisons["n"].max()) if len(comparisons) else 0
+    if 0 < n <= EXACT_MAX and len(comparisons) * 2 / 2**n >= ALPHA:
+        out.append(f"<li>With at most {n} features the smallest two-sided p is 2/2<sup>{n}</sup> = {2 / 2**n:.4f}; Holm across "
+                   f"{len(comparisons)} comparisons multiplies it by {len(comparisons)}, so no difference can reach {ALPHA}: "
+                   "score more features.</li>")
     return f"<ul class=unreliable>{''.join(out)}</ul>" if out else ""
 
 
@@ -151,7 +169,7 @@ def verdict_section(comparisons, reliability) -> str:
             "scored (same excerpts): mean paired difference of the headline metric with its 95% bootstrap CI, a two-sided "
             f"sign-flip permutation p-value (exact over all 2<sup>n</sup> sign flips up to {EXACT_MAX} features, else "
             f"{N_PERM:,} seeded random flips), Holm-corrected across the {len(comparisons)} comparisons shown; a method "
-            f"<i>beats</i> another when the corrected p is below {ALPHA}.</p>" + _unreliable_words(reliability) +
+            f"<i>beats</i> another when the corrected p is below {ALPHA}.</p>" + _unreliable_words(reliability, comparisons) +
             "<table class=verdict><tr><th>benchmark</th><th>A vs B</th><th class=num>features</th><th class=num>A</th><th class=num>B</th>"
             "<th class=num>A − B (95% CI)</th><th class=num>p</th><th class=num>p (Holm)</th><th>verdict</th></tr>")
     rows = []
@@ -162,8 +180,10 @@ def verdict_section(comparisons, reliability) -> str:
             verdict = f"<b>{html.escape(r['winner'])}</b> beats {loser} by {_fmt(abs(r['mean_diff']))}"
         else:
             verdict = "no significant difference" if r["n"] else "no common features"
-        if not r["interpretable"]:
+        if "too unreliable" in (r.get("reliability_note") or ""):
             verdict += " <i>(too unreliable to compare methods)</i>"
+        elif not r["interpretable"]:
+            verdict += " <i>(reliability unknown)</i>"
         rows.append(f"<tr><td>{html.escape(r['benchmark'])}</td><td>{a} vs {b}</td><td class=num>{r['n']}</td>"
                     f"<td class=num>{_fmt(r['mean_a'])}</td><td class=num>{_fmt(r['mean_b'])}</td>"
                     f"<td class=num>{_fmt(r['mean_diff'])} ({_fmt(r['ci_low'])} – {_fmt(r['ci_high'])})</td>"
@@ -184,7 +204,7 @@ def reliability_section(reliability) -> str:
             "<th class=num>95% CI</th><th>verdict</th></tr>")
     rows = []
     for r in reliability.to_dict(orient="records"):
-        words = "control" if r["method"] == CONTROL else ("reliable" if r["reliable"] else "too unreliable to compare methods")
+        words = "control" if r["method"] == CONTROL else STATUS_WORDS.get(r.get("status"), "too unreliable to compare methods")
         rows.append(f"<tr><td>{html.escape(r['benchmark'])}</td><td>{html.escape(r['method'])}</td><td>{r['metric'].replace('_', ' ')}</td>"
                     f"<td class=num>{r['n']}</td><td class=num>{_fmt(r['r'])}</td><td class=num>{_fmt(r['reliability'])}</td>"
                     f"<td class=num>{_fmt(r['ci_low'])} – {_fmt(r['ci_high'])}</td><td>{words}</td></tr>")
