@@ -134,7 +134,7 @@ def statistics(run_dir: Path, scores, seed: int = 0):
 STATUS_WORDS = {
     "reliable": "reliable",
     "too unreliable": "too unreliable to compare methods",
-    "no spread": "undefined: a half scored every feature the same (no spread across features)",
+    "no spread": "undefined: a half scored every feature the same, no spread across features",
     "too few features": "undefined: fewer than 3 features with both halves",
 }
 
