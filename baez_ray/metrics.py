@@ -364,7 +364,8 @@ def reliability_table(scores, seed: int = 0):
 
 def comparison_table(scores, reliability=None, seed: int = 0):
     """Scores table → one row per (benchmark, method a, method b): every method against the
-    random-label control, then every pair of methods, on the features both scored
+    random-label control, then every pair of methods, on the features both scored (a pair
+    with no feature in common is left out)
     (`paired_comparison` of the headline metric, a − b), the p-values Holm-corrected
     across all rows (`p_holm`), the `winner` (the better of the two when p_holm < ALPHA,
     else None), `interpretable` (every non-control method of the pair reliable on that
@@ -384,6 +385,8 @@ def comparison_table(scores, reliability=None, seed: int = 0):
         pairs = [(m, CONTROL) for m in plain if CONTROL in methods] + [(a, b) for i, a in enumerate(plain) for b in plain[i + 1 :]]
         for a, b in pairs:
             cmp = paired_comparison(wide[a].tolist() if a in wide else [], wide[b].tolist() if b in wide else [], seed=seed)
+            if not cmp["n"]:  # no feature scored by both (a label job routes features to different methods)
+                continue
             notes = [f"{m}: {status.get((bench, m), 'no halves')}" for m in (a, b) if m != CONTROL and status.get((bench, m)) != "reliable"]
             rows.append({"benchmark": bench, "metric": metric, "method_a": a, "method_b": b, **cmp, "interpretable": not notes,
                          "reliability_note": "; ".join(notes)})

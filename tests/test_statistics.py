@@ -183,6 +183,10 @@ def test_reliability_and_comparison_tables():
     old = comparison_table(df.drop(columns=["score_half_a", "score_half_b"]))
     assert not old["interpretable"].any() and old.iloc[0]["winner"] == "good"
     assert old.iloc[0]["reliability_note"] == "good: too few features"
+    # a method that shares no feature with another (a label job's tiers) is not compared with it
+    apart = df[df.method == "noisy"].assign(method="apart", feature=lambda g: g["feature"] + 100)
+    pairs = comparison_table(pd.concat([df, apart]))[["method_a", "method_b"]].apply(tuple, axis=1).tolist()
+    assert ("apart", "random_label") not in pairs and ("apart", "good") not in pairs and ("good", "noisy") in pairs
 
 
 def test_scoring_section_opens_with_the_verdict(tmp_path):
