@@ -178,6 +178,10 @@ SCORES = pa.schema(
         pa.field("f1", pa.float64()),
         pa.field("gap", pa.float64()),
         pa.field("auroc", pa.float64()),
+        # the headline metric (balanced accuracy; AUROC for embedding) on each half of the
+        # feature's excerpts (metrics.split_halves): split-half reliability
+        pa.field("score_half_a", pa.float64()),
+        pa.field("score_half_b", pa.float64()),
         pa.field("prompt_version", pa.string()),
         pa.field("input_tokens", pa.int64(), nullable=False),
         pa.field("output_tokens", pa.int64(), nullable=False),

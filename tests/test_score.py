@@ -65,6 +65,7 @@ def test_parse_binary_list():
     assert parse_binary_list("[1, 2, 0]", 3)[0] is None
     assert parse_binary_list("no idea", 3)[0] is None
     assert parse_binary_list(None, 3)[0] is None
+    assert parse_binary_list("[1,,0,1,0,1]", 5)[0] is None  # an empty slot is not skipped (tests/test_statistics.py)
 
 
 # ------------------------------------------------------------------ synthetic features
@@ -298,6 +299,37 @@ def test_benchmark_job_tables_and_manifest(benchmark_run):
     assert summary[("eleuther_acts_top5", "detection")]["mean"] >= 0.95
     assert summary[("random_label", "detection")]["mean"] < summary[("eleuther_acts_top5", "detection")]["mean"] - 0.3
     assert (d / "report" / "index.html").exists() and (d / "report" / "scores_by_method.png").stat().st_size > 5000
+
+
+def test_benchmark_job_reliability_comparisons_and_verdict(benchmark_run):
+    """summarise writes the split-half reliability and the paired comparisons beside the
+    summary (and in the manifest); the report opens with the verdict table."""
+    import itertools
+
+    d = benchmark_run
+    scores = pq.read_table(d / "scores").to_pandas()
+    answered = scores[scores["n_failed"] == 0]
+    assert answered[["score_half_a", "score_half_b"]].notna().all().all()
+    perfect = answered[(answered["benchmark"] == "detection") & (answered["balanced_accuracy"] == 1.0)]
+    assert len(perfect) and (perfect["score_half_a"] == 1.0).all() and (perfect["score_half_b"] == 1.0).all()
+    reliability = pq.read_table(d / "reliability.parquet").to_pandas()
+    comparisons = pq.read_table(d / "comparisons.parquet").to_pandas()
+    assert len(reliability) == 3 * 3 and set(reliability["method"]) == {"eleuther_acts_top5", "token_freq", "random_label"}
+    # per benchmark: each method vs the control, then the two methods against each other
+    assert len(comparisons) == 3 * 3 and (comparisons["n"] <= 8).all() and (comparisons["p_method"] == "exact").all()
+    row = comparisons[(comparisons["benchmark"] == "detection") & (comparisons["method_a"] == "eleuther_acts_top5")
+                      & (comparisons["method_b"] == "random_label")].iloc[0]
+    wide = scores[scores["benchmark"] == "detection"].pivot(index="feature", columns="method", values="balanced_accuracy").dropna()
+    diffs = (wide["eleuther_acts_top5"] - wide["random_label"]).tolist()
+    exact = sum(abs(sum(s * x for s, x in zip(signs, diffs))) >= abs(sum(diffs)) - 1e-12
+                for signs in itertools.product((1, -1), repeat=len(diffs))) / 2 ** len(diffs)
+    assert row["n"] == len(diffs) and row["mean_diff"] > 0.3 and row["p_value"] == pytest.approx(exact)
+    assert row["p_holm"] >= row["p_value"]
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert len(manifest["reliability"]) == 9 and len(manifest["comparisons"]) == 9
+    page = (d / "report" / "index.html").read_text()
+    assert page.index("<table class=verdict>") < page.index("<h2>Scores</h2>") < page.index("<table class=reliability>")
+    assert "eleuther_acts_top5 vs random_label" in page
 
 
 def test_report_renders_in_headless_chromium(benchmark_run, tmp_path):

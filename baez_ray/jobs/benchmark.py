@@ -5,11 +5,13 @@
       ─▶ route train/ (kinds for token_freq; tier shares for the report)
       ─▶ label train/ with every method (one stage per method; resume skips finished ones)
       ─▶ score every label on test/ with every benchmark + the random-label control
-      ─▶ summary (mean and 95% CI per method × benchmark) ─▶ report/index.html
+      ─▶ summary (mean and 95% CI per method × benchmark), split-half reliability per
+         benchmark × method, paired comparisons of the methods ─▶ report/index.html
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -93,12 +95,19 @@ def run_job(spec: JobSpec, run: Run) -> None:
 
 
 def summarise(run: Run) -> None:
-    """summary.parquet (mean, 95% CI, failure rate per method × benchmark) and its copy in
-    the manifest."""
-    from baez_ray.metrics import aggregate
+    """summary.parquet (mean, 95% CI, failure rate per method × benchmark), reliability.parquet
+    (split-half reliability per benchmark × method), comparisons.parquet (every method
+    against the control and each other: paired difference, CI, p, Holm), and their copies
+    in the manifest (metrics.py documents the statistics)."""
+    from baez_ray.metrics import aggregate, comparison_table, reliability_table
 
     scores = pq.read_table(run.table_dir("scores"))
     summary = aggregate(scores, seed=run.spec.seed)
-    pq.write_table(pa.Table.from_pandas(summary, preserve_index=False), run.dir / "summary.parquet")
+    reliability = reliability_table(scores, seed=run.spec.seed)
+    comparisons = comparison_table(scores, reliability, seed=run.spec.seed)
+    for name, df in (("summary", summary), ("reliability", reliability), ("comparisons", comparisons)):
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), run.dir / f"{name}.parquet")
     run.manifest["summary"] = summary.round(4).to_dict(orient="records")
+    for name, df in (("reliability", reliability), ("comparisons", comparisons)):  # NaN → null, numpy bools → JSON
+        run.manifest[name] = json.loads(df.round(4).to_json(orient="records"))
     run.save()

@@ -168,13 +168,19 @@ _LIST = re.compile(r"\[([^\[\]]*)\]")
 
 def parse_binary_list(answer: str | None, n: int) -> tuple[list[int] | None, str | None]:
     """The last bracketed list of 0/1 in `answer` (JSON or Python: 0/1, true/false) →
-    (values, None), or (None, problem) when there is none or its length is not n."""
+    (values, None), or (None, problem) when there is none, its length is not n, or it has
+    an empty slot (`[1,,0]`: which excerpt was skipped is unknown, so every later answer
+    could be shifted; a single trailing comma, as Python allows, is not a slot)."""
     if not answer:
         return None, "the answer was empty"
     hits = _LIST.findall(answer)
     if not hits:
         return None, "it has no list in brackets"
-    items = [x.strip().strip("'\"").lower() for x in hits[-1].split(",") if x.strip()]
+    items = [x.strip().strip("'\"").lower() for x in hits[-1].split(",")]
+    if items[-1] == "":
+        items.pop()  # `[1, 0,]` (and `[]`)
+    if "" in items:
+        return None, "the list has an empty slot (a value missing between commas)"
     table = {"0": 0, "1": 1, "false": 0, "true": 1, "0.0": 0, "1.0": 1}
     if any(x not in table for x in items):
         return None, "the list holds values other than 0 and 1"

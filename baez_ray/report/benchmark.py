@@ -4,8 +4,13 @@
   (balanced accuracy for detection and fuzz, AUROC for embedding; chance 0.5 for all),
   error bars the 95% bootstrap CI, the random-label control among the methods;
 * `gap_chart`: the embedding gap per method with its CI (0 = chance);
-* `scoring_section`: the charts, the summary table (with failure rates, negative-gap
-  shares and the control beside each method), the per-feature scores;
+* `verdict_section`: the paired comparisons (metrics.comparison_table): which method beats
+  which, on which benchmark, by how much, Holm-corrected; the benchmark report opens with it;
+* `reliability_section`: split-half reliability per benchmark × method, saying in words
+  when a benchmark is too unreliable to compare methods;
+* `scoring_section`: the verdict (unless shown elsewhere), the charts, the summary table
+  (with failure rates, negative-gap shares and the control beside each method), the
+  reliability table, the per-feature scores;
 * `distant_pairs`: the features whose labels from two methods are furthest apart
   (embedding cosine), with their examples, for reading;
 * `write_benchmark_report`: report/index.html of a benchmark run (re-rendered from the
@@ -22,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from baez_ray.metrics import CHANCE, HEADLINE, aggregate
+from baez_ray.metrics import ALPHA, CHANCE, CONTROL, EXACT_MAX, HEADLINE, N_PERM, RELIABILITY_MIN, aggregate
 from baez_ray.report.html import STYLE, highlight, pyplot, save_figure
 
 BENCH_ORDER = ("detection", "fuzz", "embedding")
@@ -115,19 +120,114 @@ def per_feature_table(scores, limit: int = 300) -> str:
     return head + "".join(rows) + "</table>" + more
 
 
-def scoring_section(run_dir: Path, out: Path, seed: int = 0) -> str:
-    """The scoring part of a report (charts written into `out`); '' when no scores."""
+def statistics(run_dir: Path, scores, seed: int = 0):
+    """(reliability, comparisons) of a run: the tables `summarise` wrote beside the scores
+    (benchmark runs), else computed from the scores with the same seed (label runs)."""
+    from baez_ray.metrics import comparison_table, reliability_table
+
+    if (run_dir / "reliability.parquet").exists() and (run_dir / "comparisons.parquet").exists():
+        return pq.read_table(run_dir / "reliability.parquet").to_pandas(), pq.read_table(run_dir / "comparisons.parquet").to_pandas()
+    reliability = reliability_table(scores, seed=seed)
+    return reliability, comparison_table(scores, reliability, seed=seed)
+
+
+STATUS_WORDS = {
+    "reliable": "reliable",
+    "too unreliable": "too unreliable to compare methods",
+    "no spread": "undefined: a half scored every feature the same, no spread across features",
+    "too few features": "undefined: fewer than 3 features with both halves",
+}
+
+
+def _unreliable_words(reliability, comparisons) -> str:
+    """A sentence per benchmark whose method scores are too unreliable to compare (or whose
+    reliability is undefined), and one when too few features could ever pass Holm."""
+    rel = reliability[reliability["method"] != CONTROL]
+    out = []
+    for bench, g in rel[rel["status"] == "too unreliable"].groupby("benchmark", sort=False):
+        which = ", ".join(f"{html.escape(r['method'])} (reliability {_fmt(r['reliability'], 2)}, 95% CI {_fmt(r['ci_low'], 2)} – "
+                          f"{_fmt(r['ci_high'], 2)}, {r['n']} features)" for r in g.to_dict(orient="records"))
+        out.append(f"<li><b>{html.escape(bench)}</b> is too unreliable to compare methods for {which}: its split-half reliability "
+                   f"is below {RELIABILITY_MIN} or its CI reaches 0, so differences on it do not mean much.</li>")
+    for bench, g in rel[~rel["status"].isin(["reliable", "too unreliable"])].groupby("benchmark", sort=False):
+        which = ", ".join(f"{html.escape(r['method'])} ({STATUS_WORDS[r['status']]})" for r in g.to_dict(orient="records"))
+        out.append(f"<li>On <b>{html.escape(bench)}</b> the reliability is unknown for {which}: the paired tests below still "
+                   "hold, but whether the benchmark ranks features consistently is not known.</li>")
+    n = int(comparisons["n"].max()) if len(comparisons) else 0
+    if 0 < n <= EXACT_MAX and len(comparisons) * 2 / 2**n >= ALPHA:
+        out.append(f"<li>With at most {n} features the smallest two-sided p is 2/2<sup>{n}</sup> = {2 / 2**n:.4f}; Holm across "
+                   f"{len(comparisons)} comparisons multiplies it by {len(comparisons)}, so no difference can reach {ALPHA}: "
+                   "score more features.</li>")
+    return f"<ul class=unreliable>{''.join(out)}</ul>" if out else ""
+
+
+def verdict_section(comparisons, reliability) -> str:
+    """The verdict table: which method beats which, on which benchmark, by how much."""
+    if not len(comparisons):
+        return ""
+    head = ("<h2>Verdict</h2><p>Every method against the random-label control and against each other, on the features both "
+            "scored (same excerpts): mean paired difference of the headline metric with its 95% bootstrap CI, a two-sided "
+            f"sign-flip permutation p-value (exact over all 2<sup>n</sup> sign flips up to {EXACT_MAX} features, else "
+            f"{N_PERM:,} seeded random flips), Holm-corrected across the {len(comparisons)} comparisons shown; a method "
+            f"<i>beats</i> another when the corrected p is below {ALPHA}.</p>" + _unreliable_words(reliability, comparisons) +
+            "<table class=verdict><tr><th>benchmark</th><th>A vs B</th><th class=num>features</th><th class=num>A</th><th class=num>B</th>"
+            "<th class=num>A − B (95% CI)</th><th class=num>p</th><th class=num>p (Holm)</th><th>verdict</th></tr>")
+    rows = []
+    for r in comparisons.to_dict(orient="records"):
+        a, b = html.escape(r["method_a"]), html.escape(r["method_b"])
+        if r["winner"]:
+            loser = b if r["winner"] == r["method_a"] else a
+            verdict = f"<b>{html.escape(r['winner'])}</b> beats {loser} by {_fmt(abs(r['mean_diff']))}"
+        else:
+            verdict = "no significant difference" if r["n"] else "no common features"
+        if "too unreliable" in (r.get("reliability_note") or ""):
+            verdict += " <i>(too unreliable to compare methods)</i>"
+        elif not r["interpretable"]:
+            verdict += " <i>(reliability unknown)</i>"
+        rows.append(f"<tr><td>{html.escape(r['benchmark'])}</td><td>{a} vs {b}</td><td class=num>{r['n']}</td>"
+                    f"<td class=num>{_fmt(r['mean_a'])}</td><td class=num>{_fmt(r['mean_b'])}</td>"
+                    f"<td class=num>{_fmt(r['mean_diff'])} ({_fmt(r['ci_low'])} – {_fmt(r['ci_high'])})</td>"
+                    f"<td class=num>{_fmt(r['p_value'], 4)} ({r['p_method']})</td><td class=num>{_fmt(r['p_holm'], 4)}</td><td>{verdict}</td></tr>")
+    return head + "".join(rows) + "</table>"
+
+
+def reliability_section(reliability) -> str:
+    """Split-half reliability per benchmark × method, in words where it is too low."""
+    if not len(reliability):
+        return ""
+    head = ("<h3>Reliability</h3><p>Each feature's excerpts are dealt into two halves (alternate positives, alternate "
+            "negatives) and scored on each from the same answers; the reliability is the Pearson correlation of half A "
+            "with half B across features, Spearman–Brown corrected (2r / (1 + r)), with a 95% bootstrap CI over features. "
+            f"Below {RELIABILITY_MIN}, or with a CI reaching 0, a benchmark is too unreliable to compare methods on. The "
+            "control has no signal to be reliable about.</p><table class=reliability><tr><th>benchmark</th><th>method</th>"
+            "<th>metric</th><th class=num>features</th><th class=num>r (halves)</th><th class=num>reliability</th>"
+            "<th class=num>95% CI</th><th>verdict</th></tr>")
+    rows = []
+    for r in reliability.to_dict(orient="records"):
+        words = "control" if r["method"] == CONTROL else STATUS_WORDS.get(r.get("status"), "too unreliable to compare methods")
+        rows.append(f"<tr><td>{html.escape(r['benchmark'])}</td><td>{html.escape(r['method'])}</td><td>{r['metric'].replace('_', ' ')}</td>"
+                    f"<td class=num>{r['n']}</td><td class=num>{_fmt(r['r'])}</td><td class=num>{_fmt(r['reliability'])}</td>"
+                    f"<td class=num>{_fmt(r['ci_low'])} – {_fmt(r['ci_high'])}</td><td>{words}</td></tr>")
+    return head + "".join(rows) + "</table>"
+
+
+def scoring_section(run_dir: Path, out: Path, seed: int = 0, verdict: bool = True) -> str:
+    """The scoring part of a report (charts written into `out`): the verdict table (unless
+    the caller shows it elsewhere), charts, summary, reliability, per-feature scores; ''
+    when no scores."""
     if not (run_dir / "scores").exists():
         return ""
     scores = pq.read_table(run_dir / "scores").to_pandas()
     if not len(scores):
         return "<h2>Scores</h2><p>No label was scored.</p>"
+    reliability, comparisons = statistics(run_dir, scores, seed)
     summary = aggregate(scores, seed=seed)
     scores_chart(summary, out / "scores_by_method.png")
     gap = gap_chart(scores, out / "embedding_gap.png", seed=seed)
     failed = int(scores["n_failed"].sum())
     shown = int(scores["n_shown"].sum())
     parts = [
+        verdict_section(comparisons, reliability) if verdict else "",
         "<h2>Scores</h2>",
         "<p>Headline metric per benchmark: balanced accuracy (detection, fuzz) and AUROC (embedding); chance is 0.5 "
         "(dashed line). Error bars: 95% bootstrap CI over features. <code>random_label</code> scores each feature with "
@@ -137,6 +237,7 @@ def scoring_section(run_dir: Path, out: Path, seed: int = 0) -> str:
         f"<p>Scorer answers: {shown - failed:,} of {shown:,} excerpts answered; {failed:,} in failed batches "
         f"({100 * failed / max(shown, 1):.1f}%), counted, not dropped.</p>",
         summary_table(summary),
+        reliability_section(reliability),
         "<h3>Per feature</h3>",
         per_feature_table(scores),
     ]
@@ -186,7 +287,14 @@ def write_benchmark_report(run_dir: str | Path) -> Path:
     head.append(f"<tr><th>scoring</th><td>{sc.get('prompts', 0):,} prompts, {sc.get('failed_prompts', 0)} failed after retries, "
                 f"{sc.get('retried_prompts', 0)} retried; {sc.get('scorer_input_tokens', 0):,} / {sc.get('scorer_output_tokens', 0):,} tokens, "
                 f"${sc.get('scorer_cost_usd', 0.0):.4f}</td></tr></table>")
-    body = ["".join(head), scoring_section(run_dir, out, seed)]
+    verdict = ""
+    if (run_dir / "scores").exists():
+        scores = pq.read_table(run_dir / "scores").to_pandas()
+        if len(scores):
+            reliability, comparisons = statistics(run_dir, scores, seed)
+            verdict = verdict_section(comparisons, reliability)
+    # the page opens with the verdict, then the run's facts, then the scores behind it
+    body = [head[0].replace("<table>", verdict + "<table>", 1), "".join(head[1:]), scoring_section(run_dir, out, seed, verdict=False)]
 
     compare = b.get("compare") or b["methods"][:2]
     if len(compare) == 2 and compare[0] != compare[1]:

@@ -9,7 +9,9 @@
                                └── retry round (the failed answer and the problem), all
                                    unreadable prompts together, up to max_retries times
     subjects × items ─embedder actor pool (one encode call per batch of subjects)─▶ gap, AUROC
-    ─▶ scores table (schema.SCORES), one row per (feature, method, benchmark)
+    ─▶ scores table (schema.SCORES), one row per (feature, method, benchmark), with the
+       headline metric also on each half of the excerpts (score_half_a/b: the split-half
+       reliability of metrics.py, from the same answers and similarities, no extra call)
 
 A prompt whose answer stays unreadable after the retries, or that failed in the backend,
 is a *failed batch*: its excerpts count in `n_failed` (and in `n_shown`), never silently
@@ -30,7 +32,7 @@ from baez_ray import schema
 from baez_ray.config import LLMConfig, ScoreConfig
 from baez_ray.llm import prompts
 from baez_ray.llm.rounds import score_rounds
-from baez_ray.metrics import binary_metrics, embedding_metrics
+from baez_ray.metrics import binary_metrics, embedding_metrics, half_scores
 from baez_ray.models.windows import token_text
 from baez_ray.ray_pool import actor_map, gather
 from baez_ray.rundir import log
@@ -152,6 +154,17 @@ def prompt_rows(subs: list[dict], items: dict, cfg: ScoreConfig) -> list[dict]:
     return rows
 
 
+def _halves(rs: list[dict]) -> dict[str, float | None]:
+    """score_half_a/b of one (feature, method, benchmark): balanced accuracy on each half
+    of its excerpts (metrics.split_halves, in the order shown: prompts sorted by chunk);
+    excerpts of failed prompts are left out of their half."""
+    rs = sorted(rs, key=lambda r: int(r["request_id"].rsplit("|", 1)[1]))
+    truth = [t for r in rs for t in r["truth"]]
+    pred = [p for r in rs for p in (r["pred"] if r["pred"] is not None else [None] * len(r["truth"]))]
+    a, b = half_scores(truth, pred, "balanced_accuracy")
+    return {"score_half_a": None if math.isnan(a) else a, "score_half_b": None if math.isnan(b) else b}
+
+
 def _llm_scores(done: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in done:
@@ -165,7 +178,7 @@ def _llm_scores(done: list[dict]) -> list[dict]:
             "sae_id": sae_id, "layer": layer, "feature": feat, "method": method, "benchmark": bench, "label": label,
             "n_shown": sum(len(r["truth"]) for r in rs),
             "n_failed": sum(len(r["truth"]) for r in rs if r["pred"] is None),
-            **{k: (None if v is None or math.isnan(v) else v) for k, v in m.items()},
+            **{k: (None if v is None or math.isnan(v) else v) for k, v in m.items()}, **_halves(rs),
             "prompt_version": prompts.DETECTION_VERSION if bench == "detection" else prompts.FUZZ_VERSION,
             "input_tokens": sum(r["input_tokens"] for r in rs), "output_tokens": sum(r["output_tokens"] for r in rs),
             "cost_usd": sum(r["cost_usd"] for r in rs),
@@ -190,13 +203,17 @@ class EmbedScorer:
         uniq = list(dict.fromkeys(labels + [t for ts in texts for t in ts]))
         where = {t: i for i, t in enumerate(uniq)}
         U = self.emb.encode(uniq)
-        gaps, aurocs = [], []
+        cols: dict[str, list] = {"gap": [], "auroc": [], "score_half_a": [], "score_half_b": [], "n_dropped": []}
         for lab, ts, tr in zip(labels, texts, truth):
-            sim = U[[where[t] for t in ts]] @ U[where[lab]]
+            sim = (U[[where[t] for t in ts]] @ U[where[lab]]).tolist()
             m = embedding_metrics(sim, tr)
-            gaps.append(None if math.isnan(m["gap"]) else m["gap"])
-            aurocs.append(None if math.isnan(m["auroc"]) else m["auroc"])
-        return batch.drop_columns(["texts", "truth"]).append_column("gap", pa.array(gaps, pa.float64())).append_column("auroc", pa.array(aurocs, pa.float64()))
+            m["score_half_a"], m["score_half_b"] = half_scores(tr, sim, "auroc")
+            for k, v in m.items():
+                cols[k].append(v if k == "n_dropped" or not math.isnan(v) else None)
+        out = batch.drop_columns(["texts", "truth"])
+        for k, v in cols.items():
+            out = out.append_column(k, pa.array(v, pa.int32() if k == "n_dropped" else pa.float64()))
+        return out
 
 
 def _embedding_scores(subs: list[dict], items: dict, cfg: ScoreConfig, threads: int, batch_size: int = 256) -> list[dict]:
@@ -210,8 +227,10 @@ def _embedding_scores(subs: list[dict], items: dict, cfg: ScoreConfig, threads: 
     res = []
     for r in out.to_pylist():
         n = len(items[(r["sae_id"], r["feature"])].truth)
-        res.append({**{k: r[k] for k in ("sae_id", "layer", "feature", "method", "label", "gap", "auroc")}, "benchmark": "embedding",
-                    "n_shown": n, "n_failed": 0, "prompt_version": EMBEDDING_VERSION, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0})
+        # an excerpt whose similarity is NaN is left out of the metrics, and counted as failed
+        res.append({**{k: r[k] for k in ("sae_id", "layer", "feature", "method", "label", "gap", "auroc", "score_half_a", "score_half_b")},
+                    "benchmark": "embedding", "n_shown": n, "n_failed": r["n_dropped"], "prompt_version": EMBEDDING_VERSION,
+                    "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0})
     return res
 
 
