@@ -14,6 +14,7 @@ Exit codes (README, "Errors and exit codes"):
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from baez_ray.config import ConfigError
@@ -80,7 +81,12 @@ def cmd_cluster(args) -> int:
     from baez_ray.tools import submit
 
     if args.cmd == "submit" and not args.skip_preflight:
-        code = _preflight(args, out=None, ray_address=False)
+        import contextlib
+
+        # the job's relative paths are read on the cluster from the shipped directory
+        args.job = os.path.abspath(args.job)
+        with contextlib.chdir(args.working_dir or submit.project_root()):
+            code = _preflight(args, out=None, ray_address=False)
         if code:
             return code
     return getattr(submit, f"cmd_{args.cmd}")(args)
@@ -202,7 +208,10 @@ def _failed(exc: BaseException, debug: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     from baez_ray.ray_pool import stop_on_signals
 
+    import signal
+
     args = _parser().parse_args(argv)
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     stop_on_signals()
     try:
         if args.cmd in ("validate", "run") and _job_kind(args.job) == "train_sae":
@@ -212,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         return _stopped(str(e.args[0]) if e.args and str(e.args[0]) in EXIT_SIGNAL else "SIGINT")
     except Exception as e:  # noqa: BLE001 - every error becomes one line (the traceback with --debug)
         return _failed(e, args.debug)
+    finally:  # main() called in-process (tests) leaves the caller's handlers as they were
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
 
 
 if __name__ == "__main__":
