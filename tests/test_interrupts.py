@@ -1,4 +1,4 @@
-"""Exiting honestly, through the CLI in a subprocess: SIGINT during collect stops the run
+"""Exiting honestly, through the CLI in a subprocess: SIGINT or SIGTERM during collect stops the run
 within seconds with a snapshot the rerun resumes from, and leaves no process of the run
 behind; a label run whose LLM calls failed for some rows exits with the partial-failure
 code and its report shows the failures as failures."""
@@ -22,7 +22,7 @@ from conftest import build_random_sae, make_text, our_pids_under, serve_local
 from test_faults import KEY, KEY_ENV, Outage, synthetic_features
 
 ROOT = Path(__file__).resolve().parents[1]
-EXIT_PARTIAL, EXIT_SIGINT = 3, 130
+EXIT_PARTIAL, EXIT_STOPPED = 3, {"SIGINT": 130, "SIGTERM": 143}
 
 
 class Session:
@@ -75,8 +75,12 @@ def collect_job(tmp: Path, tiny_gemma: Path) -> Path:
     return path
 
 
-@pytest.mark.timeout(600)
-def test_sigint_during_collect_saves_a_snapshot_the_rerun_uses(tiny_gemma, tmp_path):
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("how", ["sigint-driver", "ctrl-c-group", "sigterm-driver"])
+def test_stop_during_collect_saves_a_snapshot_the_rerun_uses(tiny_gemma, tmp_path, how):
+    """SIGINT to the driver (`kill -INT PID`), to its whole process group (Ctrl-C in a
+    terminal), SIGTERM to the driver (`kill PID`, a scheduler's stop)."""
+    signame = "SIGTERM" if how.startswith("sigterm") else "SIGINT"
     job, out = collect_job(tmp_path, tiny_gemma), tmp_path / "run"
     s = Session(tmp_path)
     try:
@@ -87,15 +91,18 @@ def test_sigint_during_collect_saves_a_snapshot_the_rerun_uses(tiny_gemma, tmp_p
             assert proc.poll() is None, log.read_text()[-4000:]
             assert time.monotonic() < deadline, log.read_text()[-4000:]
             time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)  # the driver only, as `kill -INT`
+        if how == "ctrl-c-group":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(getattr(signal, signame))
         rc = proc.wait(timeout=120)
         text = log.read_text()
-        assert rc == EXIT_SIGINT, text[-4000:]
-        assert "stopped (SIGINT); rerun the same command to resume" in text
+        assert rc == EXIT_STOPPED[signame], text[-4000:]
+        assert f"stopped ({signame}); rerun the same command to resume" in text
         assert "Traceback" not in text, text[-4000:]
         assert s.leftovers() == [], "processes of the stopped run survive"
         m = json.loads((out / "manifest.json").read_text())
-        assert m["status"] == "stopped" and m["stages"]["collect"]["error"] == "KeyboardInterrupt: SIGINT"
+        assert m["status"] == "stopped" and m["stages"]["collect"]["error"] == f"KeyboardInterrupt: {signame}"
         snap = json.loads(marker.read_text())
         assert 0 < len(snap["done"]) < len(snap["parts"]), "stopped before the end of collect"
 

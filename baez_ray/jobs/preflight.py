@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 from pathlib import Path
 
 from baez_ray.config import ConfigError, JobSpec, LLMConfig
+from baez_ray.models.lm import is_local_path as looks_local
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 CONNECT_TIMEOUT_S = 3.0
 KEY_ENVS = {"anthropic": "ANTHROPIC_API_KEY", "openai": "OPENAI_API_KEY"}
 
@@ -53,11 +52,6 @@ def reachable(host: str, port: int, timeout: float = CONNECT_TIMEOUT_S) -> bool:
             return True
     except OSError:
         return False
-
-
-def looks_local(path: str) -> bool:
-    """A path, not a hub id: absolute, relative with ./ ../ ~, more than one '/', or existing."""
-    return path.startswith(("/", "./", "../", "~")) or path.count("/") > 1 or Path(path).exists() or not HUB_ID.match(path)
 
 
 def model_config(chk: Checks, key: str, path: str) -> dict | None:
