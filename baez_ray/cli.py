@@ -83,10 +83,16 @@ def cmd_cluster(args) -> int:
     if args.cmd == "submit" and not args.skip_preflight:
         import contextlib
 
-        # the job's relative paths are read on the cluster from the shipped directory
-        args.job = os.path.abspath(args.job)
-        with contextlib.chdir(args.working_dir or submit.project_root()):
-            code = _preflight(args, out=None, ray_address=False)
+        from baez_ray.jobs import load_job
+
+        try:
+            spec = load_job(args.job, args.overrides)
+        except ConfigError as e:
+            return _error(e, EXIT_INVALID)
+        # the job's relative paths are read on the cluster, from the directory shipped there
+        shipped = args.working_dir or submit.project_root()
+        with contextlib.chdir(shipped if os.path.isdir(shipped) else "."):
+            code = _preflight(spec, args.job, out=None, ray_address=False)
         if code:
             return code
     return getattr(submit, f"cmd_{args.cmd}")(args)
@@ -107,23 +113,18 @@ def cmd_train_sae(args) -> int:
     return EXIT_OK
 
 
-def _preflight(args, out, ray_address: bool = True) -> int:
+def _preflight(spec, job: str, out, offline: bool = False, ray_address: bool = True) -> int:
     """Check the job's inputs before Ray starts and before any paid call: one line per
     problem, all at once; EXIT_INVALID when there is any."""
-    from baez_ray.jobs import load_job
     from baez_ray.jobs.preflight import preflight
 
-    try:
-        spec = load_job(args.job, args.overrides)
-    except ConfigError as e:
-        return _error(e, EXIT_INVALID)
-    problems, notes = preflight(spec, out=out, offline=getattr(args, "offline", False), ray_address=ray_address)
+    problems, notes = preflight(spec, out=out, offline=offline, ray_address=ray_address)
     for n in notes:
         print(f"note: {n}", file=sys.stderr)
     for p in problems:
         print(f"error: {p}", file=sys.stderr)
     if problems:
-        print(f"{args.job}: {len(problems)} problem(s) found before starting; nothing was run", file=sys.stderr)
+        print(f"{job}: {len(problems)} problem(s) found before starting; nothing was run", file=sys.stderr)
         return EXIT_INVALID
     return EXIT_OK
 
@@ -142,7 +143,7 @@ def cmd_job(args) -> int:
     if args.cmd == "validate":
         print(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), end="")
     if not getattr(args, "schema_only", False):
-        code = _preflight(args, out=run_dir(spec, args.out))
+        code = _preflight(spec, args.job, out=run_dir(spec, args.out), offline=getattr(args, "offline", False))
         if code:
             return code
     if args.cmd == "validate":

@@ -148,3 +148,19 @@ def test_failed_llm_rows_exit_partial_with_a_banner(tmp_path):
     # the error text sits in its own column, never in the label column
     label_cells = [row.split("<td>")[5] for row in page.split("<tr>") if row.count("<td>") >= 7]
     assert not any("Overloaded" in c for c in label_cells)
+
+
+def test_failures_from_the_manifest():
+    from baez_ray.jobs import failures
+
+    ok = {"stages": {"collect": {"seconds": 1}, "label": {"features": 8, "llm_failed": 0, "backend_failed": 0},
+                     "score": {"rows": 40, "prompts": 10, "failed_prompts": 0}}}
+    assert failures(ok) == ([], False)
+    parse_only = {"stages": {"label": {"features": 8, "llm_failed": 3, "backend_failed": 0}}}
+    lines, retryable = failures(parse_only)
+    assert lines == ["label: 3 of 8 features got no label (0 failed in the LLM backend, 3 answers could not be parsed)"] and not retryable
+    nothing_scored = {"stages": {"label": {"features": 8, "llm_failed": 2, "backend_failed": 2}, "score": {"rows": 0, "prompts": 0}}}
+    lines, retryable = failures(nothing_scored)
+    assert retryable and lines[1] == "score: no label was scored"
+    bench = {"stages": {"label:np_max_act": {"failed": 4}, "score": {"rows": 12, "prompts": 6, "failed_prompts": 1}}}
+    assert failures(bench)[0] == ["label:np_max_act: 4 features got no label", "score: 1 of 6 scorer prompts failed"]
