@@ -96,6 +96,9 @@ class CollectConfig(Section):
     features: int | None = Field(None, ge=1, description="keep only the first N features")
     checkpoint_s: float = Field(
         300.0, ge=0, description="resume: snapshot the merge state when a part completes and this long (and 10x the last snapshot's time) has passed")
+    checkpoint_contexts: int | None = Field(
+        4096, ge=1, description="resume: also snapshot when this many contexts were merged since the last snapshot (null: by time only); "
+                                "a stop (SIGINT, SIGTERM) snapshots too")
 
     @model_validator(mode="after")
     def _window(self) -> "CollectConfig":

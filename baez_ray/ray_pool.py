@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from typing import Any
 
 import pyarrow as pa
@@ -24,6 +26,20 @@ from baez_ray.config import RayConfig
 # times; a batch that kills its actor 4 times fails the stage with Ray's error instead of
 # looping forever (rerunning the job resumes from the committed shards).
 ACTOR_FAULT_TOLERANCE = {"max_restarts": -1, "max_task_retries": 3}
+
+
+def _raise_stop(signum, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def stop_on_signals() -> None:
+    """SIGINT and SIGTERM raise KeyboardInterrupt('SIGINT' / 'SIGTERM') in the main thread:
+    the stages save what they have (collect: a snapshot) and the CLI stops Ray and says how
+    to resume. (ray.init installs its own SIGTERM handler, which exits at once: init_ray
+    puts this one back.)"""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _raise_stop)
+        signal.signal(signal.SIGTERM, _raise_stop)
 
 
 def init_ray(cfg: RayConfig) -> None:
@@ -43,6 +59,8 @@ def init_ray(cfg: RayConfig) -> None:
         if cfg.object_store_mb:
             kwargs["object_store_memory"] = cfg.object_store_mb * 2**20
         ray.init(**kwargs)
+    if signal.getsignal(signal.SIGINT) is _raise_stop:  # the CLI's handlers: keep them
+        stop_on_signals()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
 

@@ -156,7 +156,7 @@ class Run:
             info["error"] = f"{type(e).__name__}: {e}"
             info["seconds"] = round(time.perf_counter() - t0, 3)
             self.manifest["stages"][name] = info
-            self.manifest["status"] = "failed"
+            self.manifest["status"] = "stopped" if isinstance(e, KeyboardInterrupt) else "failed"
             self.save()
             raise
         info["seconds"] = round(time.perf_counter() - t0, 3)

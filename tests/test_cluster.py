@@ -120,6 +120,7 @@ def test_submit_rejects_bad_job_before_contacting_a_cluster(tmp_path, monkeypatc
     outside.parent.mkdir()
     outside.write_text("job: ingest\ningest:\n  path: x\n")
     (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "x").mkdir()  # the export preflight looks for (relative to --working-dir)
     assert main(["submit", str(outside), "--address", "http://127.0.0.1:9", "--working-dir", str(tmp_path / "elsewhere")]) == 1
     # an unreachable cluster is an error naming the address
     assert main(["status", "raysubmit_x", "--address", "http://127.0.0.1:9"]) == 1

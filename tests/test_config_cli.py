@@ -76,7 +76,7 @@ def cli(*args):
 
 def test_cli_validate_every_shipped_job():
     for job in sorted((ROOT / "jobs").glob("*.yaml")):
-        res = cli("validate", str(job))
+        res = cli("validate", str(job), "--schema-only")  # their inputs live on a cluster (preflight: test_preflight.py)
         assert res.returncode == 0, (job, res.stderr)
         assert "is a valid" in res.stderr
 

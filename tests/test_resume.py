@@ -65,7 +65,8 @@ class Runner:
             rc = proc.wait(timeout=timeout)
         finally:
             self.kill(proc)
-        assert rc == 0, log.read_text()[-6000:]
+        # 3: finished, but rows failed (the tiny model's answers do not parse; README, exit codes)
+        assert rc in (0, 3), log.read_text()[-6000:]
 
     def run_until(self, job: Path, out: Path, marker: str, timeout: float = 240) -> None:
         """Start a run and SIGKILL its process group as soon as `out/marker` (a glob) exists."""

@@ -39,3 +39,26 @@ def execute(spec: JobSpec, out: str | Path | None = None) -> Run:
     run.finish()
     log(f"run finished: {run.dir}")
     return run
+
+
+def failures(manifest: dict) -> tuple[list[str], bool]:
+    """What failed in a run that finished (empty: every row succeeded): label rows without
+    a label after their tries (LLM failures, unparsed answers), scorer prompts that failed,
+    a scoring stage that scored nothing; and whether rerunning the same command retries
+    some of them (label rows that failed in the LLM backend). The CLI exits EXIT_PARTIAL
+    when there is any."""
+    out, retryable = [], False
+    for name, info in manifest.get("stages", {}).items():
+        if name == "label" and info.get("llm_failed"):
+            n_backend = info.get("backend_failed", 0)
+            out.append(f"label: {info['llm_failed']} of {info.get('features', 0)} features got no label "
+                       f"({n_backend} failed in the LLM backend, {info['llm_failed'] - n_backend} answers could not be parsed)")
+            retryable |= n_backend > 0
+        elif name.startswith("label:") and info.get("failed"):
+            out.append(f"{name}: {info['failed']} features got no label")
+        elif name == "score":
+            if info.get("failed_prompts"):
+                out.append(f"score: {info['failed_prompts']} of {info.get('prompts', 0)} scorer prompts failed")
+            if not info.get("rows"):
+                out.append("score: no label was scored")
+    return out, retryable

@@ -75,6 +75,14 @@ def backend_failed(labels: pa.Table) -> np.ndarray:
     return no_label & no_raw & tried
 
 
+def failed_rows(labels: pa.Table) -> np.ndarray:
+    """Rows that were tried and got no label: the failures a report and the exit code show."""
+    if labels.num_rows == 0:
+        return np.zeros(0, bool)
+    no_label = pc.is_null(labels.column("label")).to_numpy(zero_copy_only=False)
+    return no_label & pc.greater(labels.column("tries"), 0).to_numpy(zero_copy_only=False)
+
+
 class LabelShards:
     """Committed shards of the label stage in `<run>/label_shards/`: per shard of features
     a Parquet part of LABELS rows `aAAAAA-tT-NNNNN.parquet` (attempt, tier, shard) and then
@@ -212,6 +220,9 @@ def label_counts(labels: pa.Table, keys: dict[int, set]) -> dict:
     # rows whose LLM request failed after the backend's retries: the same command run
     # again retries exactly these (and nothing else)
     info["backend_failed"] = int(backend_failed(labels).sum())
+    # rows that were tried and got no label (backend failures and unparsed answers); a
+    # tier-3 row flagged for a human, or without AV evidence, was not tried (tries 0)
+    info["llm_failed"] = int(failed_rows(labels).sum())
     info["by_tier"] = {str(t): len(keys[t]) for t in (1, 2, 3)}
     info.update(cost_usd=float(total("cost_usd")), input_tokens=int(total("input_tokens")), output_tokens=int(total("output_tokens")))
     tier2 = labels.filter(pc.equal(labels.column("tier"), 2))

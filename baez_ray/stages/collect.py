@@ -434,16 +434,19 @@ class Checkpoints:
     """Snapshots of the merge state under `<run>/collect_state/`: `gen-NNNNNN/` (top and
     sample rows, firing counts) and the commit marker `COMMITTED.json`, written last and
     atomically, naming the snapshot in force and the contexts parts it covers. A snapshot
-    is taken when a part has completed and at least max(`collect.checkpoint_s`, 10 × the
-    last snapshot's time) has passed since the previous one: a wide dictionary's state (262k features ×
+    is taken when a part has completed and `collect.checkpoint_s` has passed or
+    `collect.checkpoint_contexts` contexts were merged since the previous one, but never
+    sooner than 10 × the last snapshot's time: a wide dictionary's state (262k features ×
     (top_k + reservoir) windows) takes a while to write, and snapshots never take more
-    than ~10% of the stage. Older snapshots are removed once the marker has moved on."""
+    than ~10% of the stage. A stop (SIGINT, SIGTERM: KeyboardInterrupt) takes one too
+    (`_merge_stream`). Older snapshots are removed once the marker has moved on."""
 
-    def __init__(self, root: Path, part_names: list[str], interval_s: float):
+    def __init__(self, root: Path, part_names: list[str], interval_s: float, every_contexts: int | None = None):
         self.root, self.names = root, part_names
-        self.interval = interval_s
+        self.interval, self.every = interval_s, every_contexts
         self.generation = 0
         self.last, self.cost, self.written = time.monotonic(), 0.0, 0
+        self.saved_parts: set[int] = set()
 
     def load(self, merger: Merger) -> int:
         """Restore the committed snapshot into `merger`; returns the parts it covers."""
@@ -461,11 +464,16 @@ class Checkpoints:
         index = {n: i for i, n in enumerate(self.names)}
         merger.load(self.root / info["dir"], info, {index[n] for n in info["done"]})
         self.generation = int(info["generation"])
+        self.saved_parts = set(merger.done)
         self._clean(keep=info["dir"])
         return len(merger.done)
 
-    def due(self) -> bool:
-        return time.monotonic() - self.last >= max(self.interval, 10 * self.cost)
+    def due(self, merger: Merger) -> bool:
+        since = time.monotonic() - self.last
+        if since < 10 * self.cost:
+            return False
+        new = sum(merger.part_sizes.get(p, 0) for p in merger.done - self.saved_parts)
+        return since >= self.interval or (self.every is not None and new >= self.every)
 
     def save(self, merger: Merger) -> None:
         t0 = time.monotonic()
@@ -483,6 +491,7 @@ class Checkpoints:
         self._clean(keep=name)
         self.last = time.monotonic()
         self.cost, self.written = self.last - t0, self.written + 1
+        self.saved_parts = set(merger.done)
 
     def _clean(self, keep: str | None) -> None:
         for d in self.root.iterdir():
@@ -514,16 +523,22 @@ def _merge_stream(out, merger: Merger, checkpoints: Checkpoints, total: int) -> 
     of the first batch, tokens merged by then)."""
     t0, t_first, first_tokens, last_log = time.perf_counter(), None, None, 0.0
     start_tokens = merger.n_tokens
-    for batch in out.iter_batches(batch_format="pyarrow", batch_size=None):
-        if merger.add(batch) and checkpoints.due():
+    try:
+        for batch in out.iter_batches(batch_format="pyarrow", batch_size=None):
+            if merger.add(batch) and checkpoints.due(merger):
+                checkpoints.save(merger)
+            if t_first is None:
+                t_first, first_tokens = time.perf_counter(), merger.n_tokens
+            now = time.perf_counter()
+            if now - last_log > 10:
+                last_log = now
+                log(f"[collect] {merger.n_tokens:,}/{total:,} tokens ({100 * merger.n_tokens / total:.0f}%), "
+                    f"{(merger.n_tokens - start_tokens) / (now - t0):,.0f} tok/s")
+    except KeyboardInterrupt:  # SIGINT / SIGTERM: keep what is merged, for the rerun
+        if merger.done - checkpoints.saved_parts:
             checkpoints.save(merger)
-        if t_first is None:
-            t_first, first_tokens = time.perf_counter(), merger.n_tokens
-        now = time.perf_counter()
-        if now - last_log > 10:
-            last_log = now
-            log(f"[collect] {merger.n_tokens:,}/{total:,} tokens ({100 * merger.n_tokens / total:.0f}%), "
-                f"{(merger.n_tokens - start_tokens) / (now - t0):,.0f} tok/s")
+        log(f"[collect] stopped: snapshot of {len(merger.done)} of {len(checkpoints.names)} contexts parts kept for the rerun")
+        raise
     return t0, t_first, first_tokens
 
 
@@ -537,7 +552,7 @@ def collect(contexts_dir: Path, state_root: Path, features_dir: Path, model: Mod
     part_paths = sorted(contexts_dir.glob("part-*.parquet"))
     sizes = {i: pq.ParquetFile(p).metadata.num_rows for i, p in enumerate(part_paths)}
     merger = Merger(n_features, cfg, part_sizes=sizes)
-    checkpoints = Checkpoints(state_root, [p.name for p in part_paths], cfg.checkpoint_s)
+    checkpoints = Checkpoints(state_root, [p.name for p in part_paths], cfg.checkpoint_s, cfg.checkpoint_contexts)
     resumed = checkpoints.load(merger)
     todo = [i for i in range(len(part_paths)) if i not in merger.done]
     if resumed:
@@ -557,6 +572,7 @@ def collect(contexts_dir: Path, state_root: Path, features_dir: Path, model: Mod
     return dict(
         features=n_features, tokens=merger.n_tokens, firing_features=int((merger.counts > 0).sum()),
         candidate_rows=merger.rows_in, parts=parts, resumed_parts=resumed, checkpoints=checkpoints.written,
+        contexts_run=sum(sizes[i] for i in todo),
         # start-up (actors, model load, first batch) apart from the steady rate, which
         # includes the merge and writing the features table
         startup_s=round((t_first or t0) - t0, 3),
