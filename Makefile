@@ -33,8 +33,10 @@ chromium:
 test: install chromium
 	$(BIN)/python -m pytest -q tests
 
+# exit code 3: the run finished and some rows failed (its summary says which; the report
+# shows them): the demo's small models leave a few, so that still makes a demo
 demo: install
-	$(BIN)/baez-ray run jobs/demo.yaml --out runs/demo
+	$(BIN)/baez-ray run jobs/demo.yaml --out runs/demo || [ $$? -eq 3 ]
 	@echo "report: runs/demo/report/index.html"
 
 bench: install
