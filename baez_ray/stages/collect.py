@@ -524,7 +524,9 @@ def _merge_stream(out, merger: Merger, checkpoints: Checkpoints, total: int) -> 
     of the first batch, tokens merged by then)."""
     t0, t_first, first_tokens, last_log = time.perf_counter(), None, None, 0.0
     start_tokens = merger.n_tokens
-    for batch in out.iter_batches(batch_format="pyarrow", batch_size=None):
+    # prefetch_batches=0: the iterator's default read-ahead of one block held each part's
+    # candidates back until the actor had finished the next part
+    for batch in out.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
         if merger.add(batch) and checkpoints.due():
             checkpoints.save(merger)
         if t_first is None:
