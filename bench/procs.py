@@ -31,8 +31,8 @@ def _name(p: psutil.Process) -> str:
     if not cmd:
         return p.name()
     first = cmd[0].split("/")[-1]
-    if first.startswith("ray::"):
-        return cmd[0].split()[0]
+    if first.startswith("ray::"):  # ray::Class or ray::Class.method (the task it runs)
+        return cmd[0].split()[0].split(".")[0]
     if first.startswith("python") and len(cmd) > 1:  # python -m x / python script.py
         arg = cmd[2] if cmd[1] == "-m" and len(cmd) > 2 else cmd[1]
         return "python " + arg.split("/")[-1]
@@ -66,7 +66,10 @@ class TreeMemory:
                 continue
             n += 1
             # a Ray worker's title changes (ray::IDLE, then the actor's class): keep the last
-            name = self.seen[p.pid] = _name(p)
+            name = _name(p)
+            if name == "?":  # gone between listing and naming
+                name = self.seen.get(p.pid, name)
+            self.seen[p.pid] = name
             uss, rss = uss + mem.uss / 2**20, rss + mem.rss / 2**20
             by_name[name] = by_name.get(name, 0.0) + mem.uss / 2**20
         if n:
