@@ -77,3 +77,28 @@ install-vllm: $(VSTAMP)
 # (prompt embeddings) against its transformers engine
 test-vllm: install-vllm
 	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(VBIN)/python -m pytest -q tests/vllm_engine
+
+# The collect peer (bench/peer_delphi.py): EleutherAI delphi 0.1.3 in its own venv, without
+# its full dependency set (vLLM, sparsify, bitsandbytes, ...): only what `delphi.latents`
+# (LatentCache, save_splits, LatentDataset and its example constructor) imports.
+DVENV := .venv-delphi
+DBIN := $(DVENV)/bin
+DSTAMP := $(DVENV)/.installed-stamp
+
+$(DSTAMP): Makefile
+	test -x $(DBIN)/python || $(PY) -m venv $(DVENV)
+	$(DBIN)/pip install -q --upgrade pip
+	$(DBIN)/pip install -q torch==2.13.0
+	$(DBIN)/pip install -q --no-deps eai-delphi==0.1.3
+	$(DBIN)/pip install -q 'transformers>=5.0,<6' safetensors jaxtyping tqdm simple_parsing blobfile orjson asyncer \
+	  faiss-cpu sentence-transformers numpy psutil
+	$(DBIN)/python -c "import delphi, torch, transformers; from delphi.latents import LatentCache, LatentDataset, constructor; print('delphi', delphi.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
+	touch $(DSTAMP)
+
+.PHONY: install-delphi bench-peer
+install-delphi: $(DSTAMP)
+
+# collect against delphi's LatentCache on identical token ids (README, Benchmarks);
+# PEER_ARGS, e.g. PEER_ARGS='--tokens 4096' for a smoke run
+bench-peer: install $(DSTAMP)
+	$(BIN)/python bench/peer_delphi.py --delphi-python $(DBIN)/python $(PEER_ARGS)

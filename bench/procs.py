@@ -1,0 +1,106 @@
+"""Helper of the bench scripts (not a bench): the memory and the processes of a run.
+
+`TreeMemory(pid)` samples, every `interval` seconds, every process in the tree under `pid`
+(the process itself and all its descendants: for a Ray driver that started a local
+cluster, that is GCS, raylet, the dashboard agents, log monitor and every worker process)
+and keeps, with the wall-clock time of each sample:
+
+* the peak of the summed private memory (USS: pages no other process maps; RSS counts the
+  pages of shared libraries and of Ray's object store, which Ray caps, in every process
+  that maps them) and of the summed RSS;
+* every distinct process seen, by name (a Ray worker's title: `ray::CollectWorker`,
+  `ray::IDLE`, ...), and the most processes alive at once.
+
+`peak(t0, t1)` gives the peaks over the samples taken between two wall-clock times (a
+stage inside a longer-lived process).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psutil
+
+
+def _name(p: psutil.Process) -> str:
+    try:
+        cmd = p.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return "?"
+    if not cmd:
+        return p.name()
+    first = cmd[0].split("/")[-1]
+    if first.startswith("ray::"):  # ray::Class or ray::Class.method (the task it runs)
+        return cmd[0].split()[0].split(".")[0]
+    if first.startswith("python") and len(cmd) > 1:  # python -m x / python script.py
+        arg = cmd[2] if cmd[1] == "-m" and len(cmd) > 2 else cmd[1]
+        return "python " + arg.split("/")[-1]
+    return first
+
+
+class TreeMemory:
+    def __init__(self, pid: int, interval: float = 0.5):
+        self.root, self.interval = pid, interval
+        self.samples: list[tuple[float, float, float, int]] = []  # (time, uss MB, rss MB, processes)
+        self.seen: dict[int, str] = {}
+        self.peak_by_name: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+
+    def _procs(self) -> list[psutil.Process]:
+        try:
+            root = psutil.Process(self.root)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def sample(self) -> None:
+        uss = rss = 0.0
+        n = 0
+        by_name: dict[str, float] = {}
+        for p in self._procs():
+            try:
+                mem = p.memory_full_info()
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+            n += 1
+            # a Ray worker's title changes (ray::IDLE, then the actor's class): keep the last
+            name = _name(p)
+            if name == "?":  # gone between listing and naming
+                name = self.seen.get(p.pid, name)
+            self.seen[p.pid] = name
+            uss, rss = uss + mem.uss / 2**20, rss + mem.rss / 2**20
+            by_name[name] = by_name.get(name, 0.0) + mem.uss / 2**20
+        if n:
+            self.samples.append((time.time(), uss, rss, n))
+            for k, v in by_name.items():
+                self.peak_by_name[k] = max(self.peak_by_name.get(k, 0.0), v)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *a):
+        self._stop.set()
+        self._t.join()
+
+    def peak(self, t0: float = 0.0, t1: float = float("inf")) -> dict:
+        """Peaks (MB) of the summed USS and RSS and the most processes at once, over the
+        samples taken in [t0, t1]."""
+        s = [x for x in self.samples if t0 <= x[0] <= t1] or self.samples[-1:]
+        return {"uss_mb": round(max(x[1] for x in s), 1) if s else None,
+                "rss_mb": round(max(x[2] for x in s), 1) if s else None,
+                "max_processes": max(x[3] for x in s) if s else 0, "samples": len(s)}
+
+    def processes(self) -> dict[str, int]:
+        """Every distinct process seen, counted by name."""
+        out: dict[str, int] = {}
+        for name in self.seen.values():
+            out[name] = out.get(name, 0) + 1
+        return dict(sorted(out.items()))
