@@ -162,10 +162,11 @@ class TransformersChat:
             raise ValueError(f"log-prob target {text!r} is {len(enc)} tokens for this tokenizer, not one")
         return enc[0]
 
-    def prefix_runs(self, ids: list[list[int]]) -> list[list[int]]:
-        """Indices of `ids` in runs of consecutive rows that share more than the common
-        prefix of all (e.g. one feature's scorer prompts: instructions + label); one run
-        when that would leave runs of fewer than two rows on average (rows of one feature)."""
+    def prefix_runs(self, ids: list[list[int]], offset: int = 0) -> list[list[int]]:
+        """Indices of `ids` (+ `offset`) in runs of consecutive rows that share more than the
+        common prefix of all, split again inside each run (e.g. a benchmark's instructions,
+        then one feature's instructions + label); a split is kept only when its runs have at
+        least two rows on average (rows of one feature are not split by chance)."""
         base = self._common_prefix(ids) if len(ids) > 1 else 0
         runs = [[0]] if ids else []
         for i in range(1, len(ids)):
@@ -173,7 +174,9 @@ class TransformersChat:
                 runs[-1].append(i)
             else:
                 runs.append([i])
-        return runs if len(runs) <= len(ids) / 2 else [list(range(len(ids)))]
+        if len(runs) == 1 or len(runs) > len(ids) / 2:
+            return [[offset + i for i in range(len(ids))]]
+        return [sub for run in runs for sub in self.prefix_runs(ids[run[0] : run[-1] + 1], offset + run[0])]
 
     @torch.inference_mode()
     def next_token_p(self, texts: list[str], targets: tuple[str, str]) -> tuple[list[float], list[str], list[int]]:
