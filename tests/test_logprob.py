@@ -200,3 +200,29 @@ def test_named_token_label_beats_control_on_logprobs(ray_local):
     # (alpha: feature 0's own label and the control that borrows it)
     first = [r for r in fake.requests if "Label: alpha\n" in r["messages"][1]["content"] and "marked" not in r["messages"][0]["content"]]
     assert len(first) == 40 and len({r["messages"][1]["content"].split("Excerpt:")[0] for r in first}) == 1
+
+
+# ------------------------------------------------------------------ the seed's study as jobs
+
+
+def test_seed_study_jobs_validate():
+    """jobs/seed_study.yaml (Claude scorer) and its log-prob alternative (vLLM scorer) load
+    with their methods checked against the registry; the log-prob benchmarks on the Claude
+    scorer are refused."""
+    from pathlib import Path
+
+    from baez_ray.jobs import load_job
+
+    jobs = Path(__file__).resolve().parents[1] / "jobs"
+    spec = load_job(jobs / "seed_study.yaml")
+    b = spec.benchmark
+    assert spec.job == "benchmark" and spec.features.endswith("ingest-gemma27b-l41/features")
+    assert (b.n_features, b.min_examples, b.split, b.train_examples, b.score.test_examples) == (40, 15, "top", 5, 10)
+    assert b.methods == ["baez", "baez_last", "eleuther_acts_top5"] and b.av_sidecar == "jobs/av/nla-gemma3-27b-L41.yaml"
+    assert (b.explainer.backend, b.explainer.model, b.score.scorer.model) == ("anthropic", "claude-sonnet-4-5", "claude-sonnet-4-6")
+    assert b.score.embedder is None  # the packaged all-MiniLM-L6-v2
+    alt = load_job(jobs / "seed_study_logprob.yaml")
+    assert {"detection_logprob", "fuzz_logprob"} <= set(alt.benchmark.score.benchmarks) and alt.benchmark.score.scorer.backend == "vllm"
+    assert alt.benchmark.model_copy(update={"score": b.score}) == b  # the same study, another scorer
+    with pytest.raises(ConfigError, match="anthropic backend does not give"):
+        load_job(jobs / "seed_study.yaml", ["benchmark.score.benchmarks=[detection, detection_logprob]"])
