@@ -226,3 +226,32 @@ def test_seed_study_jobs_validate():
     assert alt.benchmark.model_copy(update={"score": b.score}) == b  # the same study, another scorer
     with pytest.raises(ConfigError, match="anthropic backend does not give"):
         load_job(jobs / "seed_study.yaml", ["benchmark.score.benchmarks=[detection, detection_logprob]"])
+
+
+def test_benchmark_job_with_logprob_benchmarks_summary_and_report(ray_local, tmp_path):
+    """A benchmark job (token_freq labels, no explainer call) scored with the log-prob
+    benchmarks on the local log-prob server: scores, the summary (AUROC headline) and the
+    report with the log-prob columns."""
+    from baez_ray.jobs import execute
+    from baez_ray.rundir import write_table
+
+    fake = LogprobScorer()
+    write_table(synthetic_features(), tmp_path / "features")
+    with serve_local(fake.handler()) as url:
+        scorer = {"backend": "openai", "model": "fake-logprob", "base_url": url + "/v1", "max_retries": 1, "timeout_s": 10}
+        spec = validate({
+            "job": "benchmark", "name": "logprob-bench", "seed": 3, "features": str(tmp_path / "features"),
+            "benchmark": {"n_features": 6, "min_examples": 15, "methods": ["token_freq"], "explainer": scorer,
+                          "score": {"benchmarks": ["detection_logprob", "fuzz_logprob"], "max_retries": 1}},
+            "route": {"top_n": 5},
+        })
+        run = execute(spec, tmp_path / "run")
+    import pyarrow.parquet as pq
+
+    scores = pq.read_table(run.dir / "scores").to_pandas()
+    assert len(scores) == 6 * 2 * 2 and set(scores["benchmark"]) == {"detection_logprob", "fuzz_logprob"}
+    assert (scores["n_shown"] == 20).all() and scores["auroc"].notna().all()
+    summary = {(r["method"], r["benchmark"]): r for r in json.loads((run.dir / "manifest.json").read_text())["summary"]}
+    assert summary[("token_freq", "detection_logprob")]["metric"] == "auroc"
+    page = (run.dir / "report" / "index.html").read_text()
+    assert "detection_logprob" in page and "fuzz_logprob" in page
