@@ -12,7 +12,8 @@
   `SamplingParams`. A `binary_list:N` constraint becomes a structured-outputs regex that
   admits exactly a JSON list of N 0/1 integers (`[0, 1, 1]`). A `logprob:A,B` constraint
   (one token, `p_yes`) asks for `logprobs=TOP_LOGPROBS` and `max_tokens=1`; the Prompter
-  looks up the token ids of A and B (one token each, else the row's error), and `p_yes`
+  looks up the token ids of A and B (one token each: a tokenizer that splits one stops
+  the run with an error naming them: a setup error, not a row's), and `p_yes`
   comes from the first generated token's top log-probs (`p_from_top`, by token id).
   vLLM's automatic prefix caching runs a feature's shared prefix (instructions + label)
   once: the score stage sends each feature's excerpts one after another.
