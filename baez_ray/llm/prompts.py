@@ -205,3 +205,31 @@ You may reason in a few lines first. The last line of your answer must be:
 
 def nla_direct_messages(explanation: str) -> list[dict]:
     return [{"role": "system", "content": NLA_DIRECT_SYSTEM}, {"role": "user", "content": f"Description:\n{explanation.strip()}"}]
+
+
+# ---------------------------------------------------------------- scoring: log-prob
+# One excerpt per prompt, after a prefix shared by a feature's prompts (instructions +
+# label), so that a prefix cache runs it once per feature; the answer is one token, and the
+# score is the scorer's probability of "1" against "0" for it (constraint `logprob:1,0`).
+DETECTION_LOGPROB_VERSION = "detection_logprob/v1"
+FUZZ_LOGPROB_VERSION = "fuzz_logprob/v1"
+LOGPROB_CONSTRAINT = "logprob:1,0"
+
+DETECTION_LOGPROB_SYSTEM = """You check labels of language-model features. A feature is active on some tokens of some texts; its label says what it responds to.
+
+You get a label and one text excerpt. Decide whether the feature described by the label is active somewhere in the excerpt.
+
+Answer with one digit and nothing else: 1 if it is active, 0 if it is not."""
+
+FUZZ_LOGPROB_SYSTEM = """You check labels of language-model features. A feature is active on some tokens of some texts; its label says what it responds to.
+
+You get a label and one text excerpt in which some tokens are wrapped in << and >>. Decide whether the marked tokens are the ones where the feature described by the label is active, or were marked at random.
+
+Answer with one digit and nothing else: 1 if the marks are where the feature is active, 0 if they were marked at random."""
+
+
+def logprob_messages(benchmark: str, label: str, text: str) -> list[dict]:
+    """A `detection_logprob` or `fuzz_logprob` prompt: the label first, then the excerpt."""
+    system = {"detection_logprob": DETECTION_LOGPROB_SYSTEM, "fuzz_logprob": FUZZ_LOGPROB_SYSTEM}[benchmark]
+    body = f"Label: {one_line(label).strip()}\n\nExcerpt: {one_line(text).strip()}\n\nAnswer 1 or 0."
+    return [{"role": "system", "content": system}, {"role": "user", "content": body}]

@@ -8,7 +8,8 @@
 
 A prompt whose answer stays unreadable, or whose request failed in the backend (after the
 backend's own retries), ends with `value = None` and its `problem`: never dropped. Every
-try's tokens and cost are summed per prompt (`tally`).
+try's tokens and cost are summed per prompt (`tally`). Log-prob scorer rows (one answer
+token, `p_yes`) are not retried: their probability does not change when asked again.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pyarrow as pa
 
 from baez_ray import schema
 from baez_ray.llm import prompts
-from baez_ray.llm.backends import generate, prompt_table
+from baez_ray.llm.backends import generate, logprob_targets, prompt_table
 from baez_ray.rundir import log
 
 ANSWER_COLUMNS = {f.name for f in schema.ANSWER_FIELDS}
@@ -44,11 +45,12 @@ def rows_table(rows: list[dict], like: pa.Schema | None = None) -> pa.Table:
 
 
 def ask_until_parsed(pending, llm, parse: Callable[[dict, int], tuple], retry_messages: Callable[[dict, str, int], list],
-                     max_retries: int, what: str = "llm") -> list[dict]:
+                     max_retries: int, what: str = "llm", retryable: Callable[[dict], bool] | None = None) -> list[dict]:
     """Send `pending` (a Ray Dataset of prompt rows), parse every answer with
     `parse(row, attempt) -> (value, problem)`, resend the unreadable ones with
-    `retry_messages(row, problem, attempt)`. Returns one dict per prompt: its row (last
-    try), `value`, `problem`, and the tokens, cost and tries of all its tries."""
+    `retry_messages(row, problem, attempt)` (those for which `retryable(row)`, when given).
+    Returns one dict per prompt: its row (last try), `value`, `problem`, and the tokens,
+    cost and tries of all its tries."""
     import ray
 
     from baez_ray.ray_pool import gather
@@ -61,7 +63,8 @@ def ask_until_parsed(pending, llm, parse: Callable[[dict, int], tuple], retry_me
         for row in answered.to_pylist():
             tally(spent, row)
             value, problem = (None, row["error"]) if row["error"] else parse(row, attempt)
-            if value is not None or row["error"] is not None or attempt == max_retries:
+            final = attempt == max_retries or (retryable is not None and not retryable(row))
+            if value is not None or row["error"] is not None or final:
                 done.append({**row, "value": value, "problem": problem})
             else:
                 keep = {k: v for k, v in row.items() if k not in ANSWER_COLUMNS}
@@ -111,12 +114,18 @@ def label_rounds(pending, method: str, marker: str, version: str, llm, max_retri
 
 def score_rounds(rows: list[dict], llm, max_retries: int) -> list[dict]:
     """Scorer prompt rows (with `truth`, the 0/1 of each excerpt shown) → one dict per
-    prompt with `pred` (the parsed list; None when failed) and `problem`."""
+    prompt with `pred` (the parsed list; for a log-prob row, `logprob:A,B`, the probability
+    of A; None when failed) and `problem`."""
     if not rows:
         return []
     import ray
 
     def parse(row: dict, attempt: int):
+        targets = logprob_targets(row["constraint"])
+        if targets:
+            if row.get("p_yes") is None:
+                return None, f"neither {targets[0]!r} nor {targets[1]!r} was among the scorer's top log-probs"
+            return row["p_yes"], None
         return prompts.parse_binary_list(row["answer"], len(row["truth"]))
 
     def retry(row: dict, problem: str, attempt: int) -> list:
@@ -128,7 +137,8 @@ def score_rounds(rows: list[dict], llm, max_retries: int) -> list[dict]:
         ]
 
     first = rows_table(rows, pa.schema([pa.field("layer", pa.int32()), pa.field("truth", pa.list_(pa.int8()))]))
-    done = ask_until_parsed(ray.data.from_arrow(first), llm, parse, retry, max_retries, what="score")
+    done = ask_until_parsed(ray.data.from_arrow(first), llm, parse, retry, max_retries, what="score",
+                            retryable=lambda row: logprob_targets(row["constraint"]) is None)
     for r in done:
         r["pred"] = r.pop("value")
     return done

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from baez_ray.metrics import ALPHA, CHANCE, CONTROL, EXACT_MAX, HEADLINE, N_PERM, RELIABILITY_MIN, aggregate
 from baez_ray.report.html import STYLE, highlight, pyplot, save_figure
 
-BENCH_ORDER = ("detection", "fuzz", "embedding")
+BENCH_ORDER = ("detection", "fuzz", "embedding", "detection_logprob", "fuzz_logprob")
 
 
 def _methods(summary) -> list[str]:
@@ -109,7 +109,7 @@ def per_feature_table(scores, limit: int = 300) -> str:
     piv = scores.pivot_table(index=["feature", "method", "label"], columns="benchmark",
                              values=["balanced_accuracy", "auroc", "gap"], aggfunc="first", dropna=False)
     benches = [b for b in BENCH_ORDER if b in set(scores["benchmark"])]
-    cols = [(("auroc" if b == "embedding" else "balanced_accuracy"), b) for b in benches]
+    cols = [(HEADLINE[b], b) for b in benches]
     head = "<table class=perfeature><tr><th>feature</th><th>method</th><th>label</th>" + "".join(
         f"<th class=num>{b}</th>" for b in benches) + "</tr>"
     rows = []

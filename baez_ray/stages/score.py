@@ -9,13 +9,18 @@
                                └── retry round (the failed answer and the problem), all
                                    unreadable prompts together, up to max_retries times
     subjects × items ─embedder actor pool (one encode call per batch of subjects)─▶ gap, AUROC
+    detection_logprob, fuzz_logprob: subjects × items ─▶ one excerpt per prompt, a feature's
+       prompts one after another (shared prefix: instructions + label) ─backend─▶ p_yes =
+       P("1") / (P("1") + P("0")) of the first answer token ─▶ AUROC, balanced accuracy at 0.5
     ─▶ scores table (schema.SCORES), one row per (feature, method, benchmark), with the
        headline metric also on each half of the excerpts (score_half_a/b: the split-half
        reliability of metrics.py, from the same answers and similarities, no extra call)
 
 A prompt whose answer stays unreadable after the retries, or that failed in the backend,
 is a *failed batch*: its excerpts count in `n_failed` (and in `n_shown`), never silently
-dropped; the metrics use the answered excerpts. Positives are the feature's test examples
+dropped; the metrics use the answered excerpts. A log-prob prompt whose two tokens are
+both missing from the scorer's top log-probs is failed the same way (not retried: asking
+again gives the same probabilities). Positives are the feature's test examples
 (the caller splits: see baez_ray/splits.py); negatives are test examples of other features
 (default) or corpus windows where the feature does not fire (`negatives_table`).
 """
@@ -32,7 +37,7 @@ from baez_ray import schema
 from baez_ray.config import LLMConfig, ScoreConfig
 from baez_ray.llm import prompts
 from baez_ray.llm.rounds import score_rounds
-from baez_ray.metrics import binary_metrics, embedding_metrics, half_scores
+from baez_ray.metrics import auroc, binary_metrics, embedding_metrics, half_scores
 from baez_ray.models.windows import token_text
 from baez_ray.ray_pool import actor_map, gather
 from baez_ray.rundir import log
@@ -40,6 +45,8 @@ from baez_ray.stages.split import feature_seed
 
 RANDOM_LABEL = "random_label"
 EMBEDDING_VERSION = "embedding/v1"
+LIST_BENCHMARKS = ("detection", "fuzz")  # a list of 0/1 per prompt of examples_per_prompt excerpts
+LOGPROB_VERSIONS = {"detection_logprob": prompts.DETECTION_LOGPROB_VERSION, "fuzz_logprob": prompts.FUZZ_LOGPROB_VERSION}
 
 
 def example_text(ex: dict) -> str:
@@ -137,7 +144,7 @@ def prompt_rows(subs: list[dict], items: dict, cfg: ScoreConfig) -> list[dict]:
     per = cfg.examples_per_prompt
     # benchmark by benchmark: the backend's batches then share their system prompt, which
     # the transformers backend runs once per batch and vLLM caches as a prefix
-    for bench in [b for b in cfg.benchmarks if b != "embedding"]:
+    for bench in [b for b in cfg.benchmarks if b in LIST_BENCHMARKS]:
         for s in subs:
             it = items[(s["sae_id"], s["feature"])]
             texts = it.plain if bench == "detection" else it.fuzz
@@ -163,6 +170,52 @@ def _halves(rs: list[dict]) -> dict[str, float | None]:
     pred = [p for r in rs for p in (r["pred"] if r["pred"] is not None else [None] * len(r["truth"]))]
     a, b = half_scores(truth, pred, "balanced_accuracy")
     return {"score_half_a": None if math.isnan(a) else a, "score_half_b": None if math.isnan(b) else b}
+
+
+def logprob_prompt_rows(subs: list[dict], items: dict, cfg: ScoreConfig) -> list[dict]:
+    """Log-prob scorer prompt rows: every subject × log-prob benchmark × excerpt, one excerpt
+    each; a subject's rows follow one another, so that their shared prefix (instructions +
+    label) is computed once (the transformers backend's prefix runs, vLLM's prefix cache)."""
+    rows = []
+    for bench in [b for b in cfg.benchmarks if b in LOGPROB_VERSIONS]:
+        for s in subs:
+            it = items[(s["sae_id"], s["feature"])]
+            texts = it.plain if bench == "detection_logprob" else it.fuzz
+            for i, (text, truth) in enumerate(zip(texts, it.truth)):
+                rows.append({
+                    "request_id": f"{s['sae_id']}|{s['feature']}|{s['method']}|{bench}|{i}",
+                    "messages": prompts.logprob_messages(bench, s["label"], text),
+                    "max_tokens": 1, "temperature": 0.0, "stop": None, "constraint": prompts.LOGPROB_CONSTRAINT,
+                    "sae_id": s["sae_id"], "layer": s["layer"], "feature": s["feature"], "method": s["method"],
+                    "benchmark": bench, "label": s["label"], "truth": [truth],
+                })
+    return rows
+
+
+def _logprob_scores(done: list[dict]) -> list[dict]:
+    """Score rows of the log-prob benchmarks: AUROC of p_yes, and the binary metrics of
+    p_yes > 0.5 (balanced accuracy at 0.5); failed prompts count in n_failed."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in done:
+        groups.setdefault((r["sae_id"], r["layer"], r["feature"], r["method"], r["benchmark"], r["label"]), []).append(r)
+    out = []
+    for (sae_id, layer, feat, method, bench, label), rs in sorted(groups.items(), key=lambda kv: kv[0][:5]):
+        ok = [r for r in rs if r["pred"] is not None]
+        truth, p = [r["truth"][0] for r in ok], [float(r["pred"]) for r in ok]
+        m = binary_metrics(truth, [int(x > 0.5) for x in p]) if ok else {k: math.nan for k in ("balanced_accuracy", "accuracy", "precision", "recall", "f1")}
+        m["auroc"] = auroc(p, truth) if ok else math.nan
+        rs = sorted(rs, key=lambda r: int(r["request_id"].rsplit("|", 1)[1]))  # the excerpts in the order shown
+        half_a, half_b = half_scores([r["truth"][0] for r in rs], [None if r["pred"] is None else float(r["pred"]) for r in rs], "auroc")
+        out.append({
+            "sae_id": sae_id, "layer": layer, "feature": feat, "method": method, "benchmark": bench, "label": label,
+            "n_shown": len(rs), "n_failed": len(rs) - len(ok),
+            **{k: (None if math.isnan(v) else v) for k, v in m.items()},
+            "score_half_a": None if math.isnan(half_a) else half_a, "score_half_b": None if math.isnan(half_b) else half_b,
+            "prompt_version": LOGPROB_VERSIONS[bench],
+            "input_tokens": sum(r["input_tokens"] for r in rs), "output_tokens": sum(r["output_tokens"] for r in rs),
+            "cost_usd": sum(r["cost_usd"] for r in rs),
+        })
+    return out
 
 
 def _llm_scores(done: list[dict]) -> list[dict]:
@@ -241,11 +294,13 @@ def score_labels(tests: dict[tuple[str, int], list[dict]], labels: pa.Table, cfg
     and counts for the manifest."""
     items = build_items(tests, cfg, seed, negatives)
     subs = subjects(labels, set(items), cfg, seed)
-    rows = prompt_rows(subs, items, cfg)
+    rows = prompt_rows(subs, items, cfg) + logprob_prompt_rows(subs, items, cfg)
     log(f"[score] {len(items)} features, {len(subs)} labels (incl. control), {len(rows)} scorer prompts ({scorer.backend}:{scorer.model})")
     done = score_rounds(rows, scorer, cfg.max_retries)
     # (from_pylist takes its columns from the first row: each kind of row separately)
-    parts = [_llm_scores(done), _embedding_scores(subs, items, cfg, threads) if "embedding" in cfg.benchmarks else []]
+    parts = [_llm_scores([r for r in done if r["benchmark"] in LIST_BENCHMARKS]),
+             _logprob_scores([r for r in done if r["benchmark"] in LOGPROB_VERSIONS]),
+             _embedding_scores(subs, items, cfg, threads) if "embedding" in cfg.benchmarks else []]
     table = pa.concat_tables([schema.empty(schema.SCORES)] + [schema.conform(pa.Table.from_pylist(p), schema.SCORES) for p in parts if p])
     failed = [r for r in done if r["pred"] is None]
     info = {

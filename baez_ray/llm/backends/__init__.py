@@ -9,11 +9,22 @@ Data LLM), `anthropic` (Messages API with retries, or the Message Batches API), 
 (any OpenAI-compatible chat endpoint). A request that fails after the backend's retries
 gets `answer = null` and its `error`; the other rows are unaffected. A conversation that
 ends with an assistant message is a prefill: the answer continues that message.
+
+Log-prob rows: a row with `constraint = "logprob:A,B"` (e.g. `logprob:1,0`) asks for one
+answer token and gets `p_yes` = P(A) / (P(A) + P(B)) for that first token, read from the
+model's logits (transformers) or its top log-probs (vllm: `SamplingParams(logprobs=k)`;
+openai: `logprobs`, `top_logprobs=k`, `max_tokens=1`), k = TOP_LOGPROBS. Its `answer` is
+the text of the token the model put first. Where neither A nor B is among the top k,
+`p_yes` is null (the caller counts the row as failed); where one of them is missing, its
+probability is taken as the smallest listed one (an upper bound). Backends without
+log-probs (anthropic) answer such a row with an error. Every other row has `p_yes` null.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from importlib import import_module
 
 import pyarrow as pa
@@ -30,6 +41,32 @@ _MODULES = {
 }
 
 
+TOP_LOGPROBS = 20  # top log-probs asked of vllm and OpenAI-compatible servers (OpenAI's maximum)
+_LOGPROB = re.compile(r"logprob:([^,]+),([^,]+)")
+
+
+def logprob_targets(constraint: str | None) -> tuple[str, str] | None:
+    """(A, B) of a `logprob:A,B` constraint; None for any other constraint."""
+    m = _LOGPROB.fullmatch((constraint or "").strip())
+    return (m.group(1), m.group(2)) if m else None
+
+
+def p_from_top(top: dict[str, float], targets: tuple[str, str]) -> float | None:
+    """P(A) / (P(A) + P(B)) from the top log-probs of the first answer token (`top`: token
+    text → log-prob; tokens whose stripped text is A, or B, are summed). None when neither
+    is listed; a missing one counts as the smallest listed probability."""
+    mass = [0.0, 0.0]
+    for tok, lp in top.items():
+        for j, t in enumerate(targets):
+            if tok is not None and tok.strip() == t and lp is not None and math.isfinite(lp):
+                mass[j] += math.exp(lp)
+    if mass == [0.0, 0.0]:
+        return None
+    floor = min(math.exp(lp) for lp in top.values() if lp is not None and math.isfinite(lp))
+    a, b = (m if m > 0 else floor for m in mass)
+    return a / (a + b)
+
+
 def generate(ds, cfg: LLMConfig):
     """Prompt rows → prompt rows with answers (a lazy Ray Dataset)."""
     return import_module(_MODULES[cfg.backend]).generate(ds, cfg)
@@ -41,8 +78,9 @@ def cost(cfg: LLMConfig, input_tokens: int, output_tokens: int, batch: bool = Fa
 
 
 def with_answers(batch: pa.Table, answers: list[str | None], in_tok: list[int], out_tok: list[int],
-                 errors: list[str | None], cfg: LLMConfig, batch_mode: bool = False) -> pa.Table:
-    """Append the ANSWER_FIELDS columns to a batch of prompt rows."""
+                 errors: list[str | None], cfg: LLMConfig, batch_mode: bool = False,
+                 p_yes: list[float | None] | None = None) -> pa.Table:
+    """Append the ANSWER_FIELDS columns to a batch of prompt rows (`p_yes`: log-prob rows)."""
     n = batch.num_rows
     cols = {
         "answer": pa.array(answers, pa.string()),
@@ -52,6 +90,7 @@ def with_answers(batch: pa.Table, answers: list[str | None], in_tok: list[int], 
         "error": pa.array(errors, pa.string()),
         "backend": pa.array([cfg.backend] * n, pa.string()),
         "model": pa.array([cfg.model] * n, pa.string()),
+        "p_yes": pa.array(p_yes if p_yes is not None else [None] * n, pa.float64()),
     }
     for f in schema.ANSWER_FIELDS:
         if f.name in batch.column_names:

@@ -23,6 +23,10 @@ called and returns a materialised Dataset (`ray.data.from_arrow`).
 The API key is read only from the environment variable `api_key_env` (default
 `ANTHROPIC_API_KEY`) on the driver, travels to the actors as a `pydantic.SecretStr`, and is
 scrubbed from every error string and log line this module writes.
+
+The Messages API gives no log-probs: a log-prob row (`constraint: logprob:A,B`) is refused
+(`request_params` raises; in messages mode that is the row's error). Jobs that ask for the
+log-prob benchmarks with an anthropic scorer are refused when they are validated.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
 from pydantic import SecretStr
 
-from baez_ray.llm.backends import cut_at_stop, error_text, read_api_key, scrub, with_answers
+from baez_ray.llm.backends import cut_at_stop, error_text, logprob_targets, read_api_key, scrub, with_answers
 from baez_ray.config import LLMConfig
 
 log = logging.getLogger(__name__)
@@ -48,7 +52,11 @@ MAX_BATCH_BYTES = 128 * 2**20  # JSON bytes per Message Batch, far under the 256
 MAX_POLL_FAILURES = 10  # consecutive failed `retrieve` calls before a batch's rows are errored
 CUSTOM_ID_MAX = 64
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
-_ROW_COLS = ["request_id", "messages", "max_tokens", "temperature", "stop"]
+_ROW_COLS = ["request_id", "messages", "max_tokens", "temperature", "stop", "constraint"]
+
+
+def _request_rows(table: pa.Table) -> list[dict]:
+    return table.select([c for c in _ROW_COLS if c in table.column_names]).to_pylist()
 
 
 def api_key(cfg: LLMConfig) -> SecretStr:
@@ -58,7 +66,9 @@ def api_key(cfg: LLMConfig) -> SecretStr:
 def request_params(row: dict, cfg: LLMConfig) -> dict:
     """Messages API parameters for one prompt row. Role "system" messages become the
     `system` parameter; whitespace-only stop strings (rejected by the API) are applied on
-    the client side only (`cut_at_stop`)."""
+    the client side only (`cut_at_stop`). A log-prob row is refused: no log-probs here."""
+    if logprob_targets(row.get("constraint")):
+        raise ValueError(f"the anthropic backend gives no log-probs: cannot answer constraint {row['constraint']!r}")
     msgs = row["messages"] or []
     system = [m["content"] for m in msgs if m["role"] == "system" and m["content"]]
     params: dict = {
@@ -114,7 +124,7 @@ class AnthropicCaller:
             return None, 0, 0, err
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.select(_ROW_COLS).to_pylist()
+        rows = _request_rows(batch)
         results = list(self.pool.map(self._one, rows))
         answers, n_in, n_out, errors = (list(c) for c in zip(*results)) if results else ([], [], [], [])
         return with_answers(batch, answers, n_in, n_out, errors, self.cfg)
@@ -158,7 +168,7 @@ class _Chunk:
 
 def _split(table: pa.Table, cfg: LLMConfig) -> list[_Chunk]:
     """A table of ≤ MAX_BATCH_REQUESTS rows as chunks under MAX_BATCH_BYTES of JSON."""
-    rows = table.select(_ROW_COLS).to_pylist()
+    rows = _request_rows(table)
     params = [request_params(r, cfg) for r in rows]
     chunks, start, size = [], 0, 0
     for i, p in enumerate(params):

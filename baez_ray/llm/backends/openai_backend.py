@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
 from pydantic import SecretStr
 
-from baez_ray.llm.backends import cut_at_stop, error_text, read_api_key, with_answers
+from baez_ray.llm.backends import TOP_LOGPROBS, cut_at_stop, error_text, logprob_targets, p_from_top, read_api_key, with_answers
 from baez_ray.config import LLMConfig
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,21 @@ def request_body(row: dict, cfg: LLMConfig, structured: bool = True) -> dict:
     c = row.get("constraint")
     if structured and c and c.startswith("binary_list:"):
         body["response_format"] = binary_list_format(int(c.split(":", 1)[1]))
+    if logprob_targets(c):
+        body.update(logprobs=True, top_logprobs=TOP_LOGPROBS, max_tokens=1)
     return body
+
+
+def first_token_p(data: dict, targets: tuple[str, str] | None) -> float | None:
+    """`p_yes` of a log-prob row from a chat completion's first-token top log-probs."""
+    if not targets:
+        return None
+    content = ((data["choices"][0].get("logprobs") or {}).get("content") or [])
+    if not content:
+        return None
+    top = {t.get("token"): t.get("logprob") for t in content[0].get("top_logprobs") or []}
+    top.setdefault(content[0].get("token"), content[0].get("logprob"))
+    return p_from_top(top, targets)
 
 
 class OpenAICaller:
@@ -158,7 +172,7 @@ class OpenAICaller:
             time.sleep(delay)
             attempt += 1
 
-    def _one(self, row: dict) -> tuple[str | None, int, int, str | None]:
+    def _one(self, row: dict) -> tuple[str | None, int, int, str | None, float | None]:
         try:
             body = request_body(row, self.cfg, self.structured)
             try:
@@ -174,18 +188,19 @@ class OpenAICaller:
             msg = (data["choices"][0].get("message") or {})
             text = msg.get("content") or ""
             usage = data.get("usage") or {}
-            return cut_at_stop(text, row["stop"]), int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0), None
+            p = first_token_p(data, logprob_targets(row.get("constraint")))
+            return cut_at_stop(text, row["stop"]), int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0), None, p
         except Exception as e:  # after the retries: recorded on this row only
             err = error_text(e, self._key)
             log.warning("openai request %s failed: %s", row.get("request_id"), err)
-            return None, 0, 0, err
+            return None, 0, 0, err, None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         cols = [c for c in _ROW_COLS if c in batch.column_names]
         rows = batch.select(cols).to_pylist()
         results = list(self.pool.map(self._one, rows))
-        answers, n_in, n_out, errors = (list(c) for c in zip(*results)) if results else ([], [], [], [])
-        return with_answers(batch, answers, n_in, n_out, errors, self.cfg)
+        answers, n_in, n_out, errors, p_yes = (list(c) for c in zip(*results)) if results else ([], [], [], [], [])
+        return with_answers(batch, answers, n_in, n_out, errors, self.cfg, p_yes=p_yes)
 
 
 def generate(ds, cfg: LLMConfig):

@@ -1,5 +1,11 @@
 """Local causal LM (transformers) in a Ray actor pool: chat template, left-padded batched
-generation, greedy (temperature 0) or sampled; CPU or GPU."""
+generation, greedy (temperature 0) or sampled; CPU or GPU.
+
+Log-prob rows (`constraint: logprob:A,B`) are not generated: one forward pass of the
+prompts gives the next-token logits, and `p_yes` = softmax over the logits of the tokens A
+and B (each must be one token). Consecutive rows that share more than the call's common
+prefix (a scorer's instructions + label, one feature after another) run as one batch over
+that longer prefix's KV cache, so each feature's prefix is computed once."""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ import re
 import pyarrow as pa
 import torch
 
-from baez_ray.llm.backends import cut_at_stop, with_answers
+from baez_ray.llm.backends import cut_at_stop, logprob_targets, with_answers
 from baez_ray.config import LLMConfig
 
 
@@ -127,11 +133,15 @@ class TransformersChat:
         reuses the prefix it shares with the previous call's. Models with sliding-window
         layers (Gemma 3) take plain left-padded batches."""
         ids = [self.tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-        n_in = [len(x) for x in ids]
+        enc, _ = self._batch_inputs(ids)
+        return enc, [len(x) for x in ids]
+
+    def _batch_inputs(self, ids: list[list[int]]) -> tuple[dict, int]:
+        """`_inputs` of token ids; also the length of the shared prefix held as KV cache."""
         L = self._common_prefix(ids) if self.prefix_cache else 0
         if L < self.min_prefix:
             L = 0
-        S = max(n_in) - L
+        S = max(len(x) for x in ids) - L
         inp = torch.full((len(ids), L + S), self.tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(ids), L + S), dtype=torch.long)
         inp[:, :L] = torch.tensor(ids[0][:L], dtype=torch.long)
@@ -144,7 +154,49 @@ class TransformersChat:
             kv = copy.deepcopy(self._prefix_kv(ids[0][:L]))
             kv.batch_repeat_interleave(len(ids))
             enc[self._cache_kw] = kv
-        return enc, n_in
+        return enc, L
+
+    def _token_id(self, text: str) -> int:
+        enc = self.tok.encode(text, add_special_tokens=False)
+        if len(enc) != 1:
+            raise ValueError(f"log-prob target {text!r} is {len(enc)} tokens for this tokenizer, not one")
+        return enc[0]
+
+    def prefix_runs(self, ids: list[list[int]], offset: int = 0) -> list[list[int]]:
+        """Indices of `ids` (+ `offset`) in runs of consecutive rows that share more than the
+        common prefix of all, split again inside each run (e.g. a benchmark's instructions,
+        then one feature's instructions + label); a split is kept only when its runs have at
+        least two rows on average (rows of one feature are not split by chance)."""
+        base = self._common_prefix(ids) if len(ids) > 1 else 0
+        runs = [[0]] if ids else []
+        for i in range(1, len(ids)):
+            if self._common_prefix([ids[i - 1], ids[i]]) > base:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        if len(runs) == 1 or len(runs) > len(ids) / 2:
+            return [[offset + i for i in range(len(ids))]]
+        return [sub for run in runs for sub in self.prefix_runs(ids[run[0] : run[-1] + 1], offset + run[0])]
+
+    @torch.inference_mode()
+    def next_token_p(self, texts: list[str], targets: tuple[str, str]) -> tuple[list[float], list[str], list[int]]:
+        """P(A) / (P(A) + P(B)) of the next token after each prompt, the text of the most
+        likely next token, and the prompt lengths: one forward pass per prefix run, no
+        generation."""
+        a, b = self._token_id(targets[0]), self._token_id(targets[1])
+        ids = [self.tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        p, top = [0.0] * len(ids), [""] * len(ids)
+        for run in self.prefix_runs(ids):
+            enc, L = self._batch_inputs([ids[i] for i in run])
+            mask = enc["attention_mask"]
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            kw = {self._cache_kw: enc[self._cache_kw], "use_cache": True} if L else {"use_cache": False}
+            logits = self.model(input_ids=enc["input_ids"][:, L:], attention_mask=mask, position_ids=pos[:, L:], **kw).logits[:, -1, :].float()
+            pair = torch.softmax(logits[:, [a, b]], dim=-1)[:, 0].tolist()
+            best = logits.argmax(-1).tolist()
+            for j, i in enumerate(run):
+                p[i], top[i] = pair[j], self.tok.decode([best[j]])
+        return p, top, [len(x) for x in ids]
 
     @torch.inference_mode()
     def generate(self, texts: list[str], max_tokens: list[int], temperature: float, constraint: str | None = None) -> tuple[list[str], list[int], list[int]]:
@@ -178,23 +230,29 @@ class TransformersChat:
         rows = batch.select(cols).to_pylist()
         n = len(rows)
         answers: list[str | None] = [None] * n
-        n_in, n_out, errors = [0] * n, [0] * n, [None] * n
+        n_in, n_out, errors, p_yes = [0] * n, [0] * n, [None] * n, [None] * n
         # one generate call per sampling temperature and output constraint (a stage's
         # prompts usually share both)
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(rows):
             groups.setdefault((round(float(r["temperature"]), 6), r.get("constraint")), []).append(i)
         for (temp, constraint), idx in groups.items():
+            targets = logprob_targets(constraint)
             try:
                 texts = [self.prompt_text(rows[i]["messages"]) for i in idx]
-                a, ti, to = self.generate(texts, [int(rows[i]["max_tokens"]) for i in idx], temp, constraint)
+                if targets:
+                    p, a, ti = self.next_token_p(texts, targets)
+                    to = [1] * len(idx)
+                else:
+                    p = [None] * len(idx)
+                    a, ti, to = self.generate(texts, [int(rows[i]["max_tokens"]) for i in idx], temp, constraint)
             except Exception as e:  # recorded on the rows it touched, never dropped
                 for i in idx:
                     errors[i] = f"{type(e).__name__}: {e}"
                 continue
             for j, i in enumerate(idx):
-                answers[i], n_in[i], n_out[i] = cut_at_stop(a[j], rows[i]["stop"]), ti[j], to[j]
-        return with_answers(batch, answers, n_in, n_out, errors, self.cfg)
+                answers[i], n_in[i], n_out[i], p_yes[i] = cut_at_stop(a[j], rows[i]["stop"]), ti[j], to[j], p[j]
+        return with_answers(batch, answers, n_in, n_out, errors, self.cfg, p_yes=p_yes)
 
 
 def generate(ds, cfg: LLMConfig):

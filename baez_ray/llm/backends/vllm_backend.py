@@ -10,7 +10,13 @@
   own column names (`request_id`, `prompt`, `model`, `params`, ...).
 * preprocess: `max_tokens`, `temperature`, `stop` and the output `constraint` become vLLM
   `SamplingParams`. A `binary_list:N` constraint becomes a structured-outputs regex that
-  admits exactly a JSON list of N 0/1 integers (`[0, 1, 1]`).
+  admits exactly a JSON list of N 0/1 integers (`[0, 1, 1]`). A `logprob:A,B` constraint
+  (one token, `p_yes`) asks for `logprobs=TOP_LOGPROBS` and `max_tokens=1`; the Prompter
+  looks up the token ids of A and B (one token each: a tokenizer that splits one stops
+  the run with an error naming them: a setup error, not a row's), and `p_yes`
+  comes from the first generated token's top log-probs (`p_from_top`, by token id).
+  vLLM's automatic prefix caching runs a feature's shared prefix (instructions + label)
+  once: the score stage sends each feature's excerpts one after another.
 * Ray Data LLM's chat-template, tokenize and detokenize stages are off. Chat template and
   tokenize: Ray 2.60 cannot concatenate two of their output blocks when a nested struct
   (`sampling_params.structured_outputs`) is a struct in one and all-null in the other, which
@@ -33,12 +39,13 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 
 import pyarrow as pa
 
-from baez_ray.llm.backends import cut_at_stop, with_answers
+from baez_ray.llm.backends import TOP_LOGPROBS, cut_at_stop, logprob_targets, p_from_top, with_answers
 from baez_ray.config import LLMConfig
 
 ROW = "__baez_row"  # the packed input row
@@ -54,11 +61,11 @@ def binary_list_regex(n: int) -> str:
 
 def structured_outputs(constraint: str | None) -> dict | None:
     """Our output constraint as vLLM `StructuredOutputsParams` kwargs (None: unconstrained)."""
-    if not constraint:
+    if not constraint or logprob_targets(constraint):
         return None
     m = re.fullmatch(r"binary_list:(\d+)", constraint.strip())
     if m is None:
-        raise ValueError(f"unknown output constraint {constraint!r} (known: binary_list:N)")
+        raise ValueError(f"unknown output constraint {constraint!r} (known: binary_list:N, logprob:A,B)")
     return {"regex": binary_list_regex(int(m.group(1)))}
 
 
@@ -91,12 +98,25 @@ class Prompter:
             text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
+    def target_ids(self, constraint: str | None) -> str:
+        """The token ids of a `logprob:A,B` row's A and B as "idA,idB" ('' for other rows:
+        a string column, whose type no batch of only plain rows can change)."""
+        targets = logprob_targets(constraint)
+        if not targets:
+            return ""
+        ids = [self.tok.encode(t, add_special_tokens=False) for t in targets]
+        if any(len(x) != 1 for x in ids):
+            raise ValueError(f"log-prob targets {targets} are not one token each for this tokenizer")
+        return f"{ids[0][0]},{ids[1][0]}"
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
         ids = [self.token_ids(m) for m in batch["messages"].to_pylist()]
+        constraints = batch["constraint"].to_pylist() if "constraint" in batch.column_names else [None] * n
         cols = {
             ROW: pa.array([_ipc(batch.slice(i, 1)) for i in range(n)], pa.binary()),
             "tokenized_prompt": pa.array(ids, pa.list_(pa.int32())),
+            "__baez_targets": pa.array([self.target_ids(c) for c in constraints], pa.string()),
         }
         for name in ("max_tokens", "temperature", "stop", "constraint"):
             cols[name] = batch[name] if name in batch.column_names else pa.nulls(n)
@@ -117,12 +137,34 @@ def _preprocess(row: dict) -> dict:
     so = structured_outputs(row.get("constraint"))
     if so is not None:
         params["structured_outputs"] = so
+    if logprob_targets(row.get("constraint")):  # the key only where used, as structured_outputs
+        params.update(logprobs=TOP_LOGPROBS, max_tokens=1)
     return {"tokenized_prompt": _tolist(row["tokenized_prompt"]), "sampling_params": params}
 
 
+def first_token_p(logprobs, targets: str | None) -> float | None:
+    """`p_yes` from Ray Data LLM's `logprobs` column (per generated token, token id → {logprob,
+    rank, decoded_token}; the ids may arrive as strings, the mapping as key/value pairs) and
+    the Prompter's "idA,idB"."""
+    targets = (targets or "").split(",")
+    logprobs = _tolist(logprobs)
+    if len(targets) != 2 or not logprobs or logprobs[0] is None:
+        return None
+    first = logprobs[0]
+    items = first.items() if isinstance(first, dict) else (tuple(kv) for kv in first)
+    top = {}
+    for tid, info in items:
+        if info is not None:
+            top[str(int(tid))] = info.get("logprob") if isinstance(info, dict) else float(info)
+    return p_from_top(top, (str(int(targets[0])), str(int(targets[1]))))
+
+
 def _postprocess(row: dict) -> dict:
+    p = first_token_p(row.get("logprobs"), row.get("__baez_targets"))
     return {ROW: row[ROW], "__baez_text": row["generated_text"], "__baez_in": int(row["num_input_tokens"]),
-            "__baez_out": int(row["num_generated_tokens"])}
+            "__baez_out": int(row["num_generated_tokens"]),
+            # NaN, not None: a batch of plain rows must not turn the column's type to null
+            "__baez_p": math.nan if p is None else p}
 
 
 def _unpack(batch: pa.Table, cfg: dict) -> pa.Table:
@@ -133,19 +175,22 @@ def _unpack(batch: pa.Table, cfg: dict) -> pa.Table:
     col = lambda name, default=None: d.get(name) or [default] * n  # noqa: E731
     orig = pa.concat_tables([_unipc(b) for b in d[ROW]], promote_options="permissive")
     stops = orig["stop"].to_pylist() if "stop" in orig.column_names else [None] * n
-    answers, n_in, n_out, errors = [], [], [], []
+    answers, n_in, n_out, errors, p_yes = [], [], [], [], []
     for i, (text, err) in enumerate(zip(col("__baez_text"), col(_ERR))):
         if err or text is None:  # failed in the engine: no answer, the error recorded
             answers.append(None)
             errors.append(err or "vLLM returned no output")
             n_in.append(0)
             n_out.append(0)
+            p_yes.append(None)
             continue
         answers.append(cut_at_stop(text, stops[i]))  # vLLM cuts there already; the contract, exactly
         errors.append(None)
         n_in.append(int(col("__baez_in", 0)[i]))
         n_out.append(int(col("__baez_out", 0)[i]))
-    return with_answers(orig, answers, n_in, n_out, errors, cfg)
+        p = col("__baez_p", math.nan)[i]
+        p_yes.append(None if p is None or math.isnan(p) else float(p))
+    return with_answers(orig, answers, n_in, n_out, errors, cfg, p_yes=p_yes)
 
 
 def _gpus(cfg: LLMConfig) -> float:
