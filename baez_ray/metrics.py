@@ -26,7 +26,8 @@ RELIABILITY_MIN (0.5) and its CI's low end is above 0 (status 'reliable'); other
 ('too unreliable') its differences between methods are too noisy to mean anything. The
 reliability is undefined when a half scored every feature the same ('no spread', e.g. every
 label perfect: no spread across features to correlate) or under 3 features ('too few
-features'). Spearman–Brown is applied to negative r as well (2r / (1 + r) < r < 0).
+features'). The corrected reliability is floored at 0: halves that disagree (r ≤ 0) measure
+nothing, and 2r / (1 + r) would diverge towards −∞ as r → −1 (the raw r is kept).
 
 Paired comparisons (`paired_comparison`, `sign_flip_p`, `holm`, `comparison_table`): two
 methods on the same benchmark are compared on the features both have a headline metric for
@@ -229,9 +230,10 @@ def half_scores(truth: Sequence[int], values: Sequence, metric: str) -> tuple[fl
 
 
 def spearman_brown(r: float) -> float:
-    """Reliability of the full test from the correlation r of its two halves: 2r / (1 + r)
-    (NaN for r = −1 or NaN)."""
-    return 2 * r / (1 + r) if math.isfinite(r) and r > -1 else NAN
+    """Reliability of the full test from the correlation r of its two halves: 2r / (1 + r),
+    floored at 0 (halves that disagree, r ≤ 0, measure nothing: the formula would diverge
+    towards −∞ as r → −1); NaN for NaN."""
+    return max(0.0, 2 * r / (1 + r)) if math.isfinite(r) and r > -1 else (0.0 if math.isfinite(r) else NAN)
 
 
 def _pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -267,7 +269,7 @@ def split_half_reliability(a: Sequence[float], b: Sequence[float], n_boot: int =
     rb = _pearson_rows(x[idx], y[idx])
     rb = rb[np.isfinite(rb) & (rb > -1)]
     if rb.size:
-        sb = 2 * rb / (1 + rb)
+        sb = np.maximum(2 * rb / (1 + rb), 0.0)  # floored at 0, as spearman_brown
         lo, hi = np.quantile(sb, [(1 - level) / 2, 1 - (1 - level) / 2])
         out.update(ci_low=float(lo), ci_high=float(hi))
     out["reliable"] = bool(math.isfinite(out["reliability"]) and out["reliability"] >= RELIABILITY_MIN

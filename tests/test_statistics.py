@@ -88,7 +88,8 @@ def test_split_half_reliability_hand_computed():
     # Σa² = Σb² = .05 → r = 0.6, reliability = 1.2 / 1.6 = 0.75
     rel = split_half_reliability([0.5, 0.6, 0.7, 0.8], [0.6, 0.5, 0.8, 0.7])
     assert rel["r"] == pytest.approx(0.6) and rel["reliability"] == pytest.approx(0.75)
-    assert spearman_brown(0.0) == 0.0 and spearman_brown(1.0) == 1.0 and math.isnan(spearman_brown(-1.0))
+    assert spearman_brown(0.0) == 0.0 and spearman_brown(1.0) == 1.0 and math.isnan(spearman_brown(NAN))
+    assert spearman_brown(-0.5) == 0.0 and spearman_brown(-1.0) == 0.0  # disagreeing halves: floored at 0, never -inf
     # identical halves on many features: reliable; independent noise: not
     rng = np.random.default_rng(0)
     x = rng.uniform(0.4, 1.0, 40)
@@ -208,3 +209,16 @@ def test_scoring_section_opens_with_the_verdict(tmp_path):
     page = scoring_section(tmp_path / "p", tmp_path / "p")
     assert "reliability is unknown for good (undefined: a half scored every feature the same" in page
     assert "(too unreliable to compare methods)" not in page and "is too unreliable to compare methods for" not in page and "(reliability unknown)" in page
+
+
+def test_verdict_rows_read_back_with_missing_strings():
+    """A comparisons table read back through pandas/Parquet has NaN where no method won and
+    where no note was written (the demo's case): the verdict says no significant difference."""
+    from baez_ray.report.benchmark import verdict_section
+
+    cmp = comparison_table(scores_frame())
+    back = pa.Table.from_pandas(cmp.assign(winner=[None] * len(cmp)), preserve_index=False).to_pandas()
+    back["winner"], back["reliability_note"] = np.nan, np.nan  # what a column of missing strings can come back as
+    assert back["winner"].isna().all()
+    page = verdict_section(back, reliability_table(scores_frame()))
+    assert page.count("no significant difference") == len(cmp) and "beats" not in page.split("</p>", 1)[1]

@@ -175,12 +175,15 @@ def verdict_section(comparisons, reliability) -> str:
     rows = []
     for r in comparisons.to_dict(orient="records"):
         a, b = html.escape(r["method_a"]), html.escape(r["method_b"])
-        if r["winner"]:
-            loser = b if r["winner"] == r["method_a"] else a
-            verdict = f"<b>{html.escape(r['winner'])}</b> beats {loser} by {_fmt(abs(r['mean_diff']))}"
+        # pandas gives a missing string as NaN (a float): only a str names a winner or a note
+        winner = r["winner"] if isinstance(r["winner"], str) else None
+        note = r.get("reliability_note") if isinstance(r.get("reliability_note"), str) else ""
+        if winner:
+            loser = b if winner == r["method_a"] else a
+            verdict = f"<b>{html.escape(winner)}</b> beats {loser} by {_fmt(abs(r['mean_diff']))}"
         else:
             verdict = "no significant difference" if r["n"] else "no common features"
-        if "too unreliable" in (r.get("reliability_note") or ""):
+        if "too unreliable" in note:
             verdict += " <i>(too unreliable to compare methods)</i>"
         elif not r["interpretable"]:
             verdict += " <i>(reliability unknown)</i>"
