@@ -42,7 +42,9 @@ def test_vllm_backend_asks_for_logprobs_and_reads_them_by_token_id():
     row = {"max_tokens": 50, "temperature": 0.0, "stop": None, "constraint": "logprob:1,0", "tokenized_prompt": [1, 2]}
     params = _preprocess(row)["sampling_params"]
     assert params["logprobs"] == 20 and params["max_tokens"] == 1 and "structured_outputs" not in params
-    assert "logprobs" not in _preprocess({**row, "constraint": "binary_list:2"})["sampling_params"]
+    # other rows ask for the top 1 only, so that every block of the engine's output is stored alike
+    other = _preprocess({**row, "constraint": "binary_list:2"})["sampling_params"]
+    assert other["logprobs"] == 1 and other["max_tokens"] == 50
     # Ray Data LLM's logprobs: per generated token, token id -> {logprob, rank, decoded_token}
     lp = [{16: {"logprob": math.log(0.3), "rank": 2, "decoded_token": "1"}, 15: {"logprob": math.log(0.6), "rank": 1, "decoded_token": "0"}}]
     assert first_token_p(lp, "16,15") == pytest.approx(1 / 3)

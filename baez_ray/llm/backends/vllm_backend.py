@@ -137,7 +137,13 @@ def _preprocess(row: dict) -> dict:
     so = structured_outputs(row.get("constraint"))
     if so is not None:
         params["structured_outputs"] = so
-    if logprob_targets(row.get("constraint")):  # the key only where used, as structured_outputs
+    # every row asks for log-probs (1 for ordinary rows): Ray Data LLM gives them as
+    # {token id: ...} dicts that Arrow cannot hold, so a block with any of them is stored
+    # pickled, and a block without them as Arrow; the two cannot be concatenated, so a
+    # dataset mixing log-prob rows and other rows failed. Asking on every row keeps every
+    # block the same kind.
+    params["logprobs"] = 1
+    if logprob_targets(row.get("constraint")):
         params.update(logprobs=TOP_LOGPROBS, max_tokens=1)
     return {"tokenized_prompt": _tolist(row["tokenized_prompt"]), "sampling_params": params}
 
