@@ -40,6 +40,26 @@ def serve_local(handler):
         httpd.server_close()
 
 
+def json_handler(respond):
+    """A BaseHTTPRequestHandler class whose POSTs answer `respond(json body)` as JSON (200)."""
+    import json
+    from http.server import BaseHTTPRequestHandler
+
+    class H(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            payload = json.dumps(respond(json.loads(self.rfile.read(int(self.headers["content-length"]))))).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+    return H
+
+
 def our_pids_under(path: str) -> list[int]:
     """PIDs of this user's processes (not this one) whose command line, environment or
     working directory mentions `path`: the processes of a Ray session started with its temp

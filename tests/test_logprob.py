@@ -11,7 +11,6 @@ import json
 import math
 import re
 import threading
-from http.server import BaseHTTPRequestHandler
 
 import pyarrow as pa
 import pytest
@@ -20,7 +19,7 @@ from baez_ray import schema
 from baez_ray.config import ConfigError, LLMConfig, ScoreConfig, validate
 from baez_ray.llm import prompts
 from baez_ray.llm.backends import logprob_targets, p_from_top, prompt_table
-from conftest import serve_local
+from conftest import json_handler, serve_local
 from test_score import WORDS, synthetic_features
 
 # ------------------------------------------------------------------ pure parts
@@ -144,24 +143,12 @@ class LogprobScorer:
                 "usage": {"prompt_tokens": 80, "completion_tokens": 1, "total_tokens": 81}}
 
     def handler(self):
-        fake = self
+        def respond(body: dict) -> dict:
+            with self.lock:
+                self.requests.append(body)
+            return self.completion(body)
 
-        class H(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-                with fake.lock:
-                    fake.requests.append(body)
-                payload = json.dumps(fake.completion(body)).encode()
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-        return H
+        return json_handler(respond)
 
 
 def test_named_token_label_beats_control_on_logprobs(ray_local):

@@ -10,7 +10,6 @@ import math
 import re
 import threading
 from collections import Counter
-from http.server import BaseHTTPRequestHandler
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +21,7 @@ from baez_ray.config import LLMConfig, ScoreConfig
 from baez_ray.metrics import aggregate, auroc, binary_metrics, bootstrap_ci, embedding_metrics
 from baez_ray.llm.prompts import parse_binary_list
 from baez_ray.stages.split import identity, split_examples
-from conftest import serve_local
+from conftest import json_handler, serve_local
 
 # ------------------------------------------------------------------ metrics
 
@@ -169,27 +168,14 @@ class Scorer:
         return json.dumps(vals)
 
     def handler(self):
-        fake = self
+        def respond(body: dict) -> dict:
+            with self.lock:
+                self.requests.append(body)
+            return {"id": "c1", "object": "chat.completion", "created": 0, "model": body["model"],
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": self.answer(body)}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110}}
 
-        class H(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-                with fake.lock:
-                    fake.requests.append(body)
-                text = fake.answer(body)
-                payload = json.dumps({"id": "c1", "object": "chat.completion", "created": 0, "model": body["model"],
-                                      "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                                      "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110}}).encode()
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-        return H
+        return json_handler(respond)
 
 
 @pytest.fixture(scope="module")
