@@ -242,9 +242,9 @@ class LabelConfig(Section):
     av: AVRunConfig = AVRunConfig()
     max_retries: int = Field(2, ge=0)
     min_examples: int = Field(2, ge=1, description="features with fewer examples are counted, not labelled")
-    max_features: int | None = Field(None, ge=1, description="label only the first N routed features that have min_examples")
+    max_features: int | None = Field(None, ge=1, description="label only the first N routed features of each SAE (by feature index) that have min_examples")
     max_per_tier: dict[Literal[1, 2, 3], int] | None = Field(
-        None, description="label at most N features of a tier (the first by feature index), e.g. {2: 64, 3: 16}; the rest are counted")
+        None, description="label at most N features of a tier per SAE (the first by feature index), e.g. {2: 64, 3: 16}; the rest are counted")
     shard_features: int | None = Field(
         None, ge=1, description="resume: features per committed label shard; null: about 1/64 of a tier's work, within [256, 8192]")
     score: LabelScoreConfig | None = Field(None, description="score a sample of the labels (null: no scoring)")
@@ -254,7 +254,7 @@ class BenchmarkConfig(Section):
     """The `benchmark` job (SPEC §5): sample features, label them with each method from
     their train examples, score each label on the test examples."""
 
-    n_features: int = Field(40, ge=2)
+    n_features: int = Field(40, ge=2, description="features sampled per SAE")
     min_examples: int = Field(15, ge=2, description="sample only features with at least this many activating examples")
     split: Literal["top", "deciles", "random"] = Field("top", description="how train and test examples are chosen")
     train_examples: int = Field(5, ge=1, description="train examples (top ranks 1..N for top/deciles)")

@@ -130,24 +130,27 @@ def _with_route(labels: pa.Table, routes: pa.Table) -> pa.Table:
 
 
 def select(routes: pa.Table, cfg: LabelConfig) -> tuple[pa.Table, dict[int, set], dict]:
-    """The routed features to label: those with `min_examples`, the first `max_features`,
-    at most `max_per_tier[t]` of tier t. Returns (their routes, keys per tier, counts)."""
+    """The routed features to label: those with `min_examples`; of each SAE the first
+    `max_features` by feature index, and of those at most `max_per_tier[t]` of tier t.
+    Returns (their routes in (sae_id, feature) order, keys per tier, counts)."""
     # a feature needs a few examples to be labelled at all (dead or nearly dead features
     # stay in routes/ with their n_examples, and are counted, not labelled)
     live = pc.greater_equal(routes.column("n_examples"), cfg.min_examples)
     n_skipped = routes.num_rows - int(pc.sum(live).as_py() or 0)
     routes = routes.filter(live)
-    if cfg.max_features:
-        routes = routes.slice(0, cfg.max_features)
-    n_capped = 0
-    if cfg.max_per_tier:
-        seen: dict[int, int] = {}
-        keep = []
-        for t in routes.column("tier").to_pylist():
-            seen[t] = seen.get(t, 0) + 1
-            keep.append(cfg.max_per_tier.get(t) is None or seen[t] <= cfg.max_per_tier[t])
-        n_capped = keep.count(False)
-        routes = routes.filter(pa.array(keep, pa.bool_()))
+    routes = routes.take(pc.sort_indices(routes, sort_keys=[("sae_id", "ascending"), ("feature", "ascending")]))
+    per_sae: dict[str, int] = {}
+    per_tier: dict[tuple[str, int], int] = {}
+    keep, n_capped = [], 0
+    for s, t in zip(routes.column("sae_id").to_pylist(), routes.column("tier").to_pylist()):
+        per_sae[s] = per_sae.get(s, 0) + 1
+        if cfg.max_features and per_sae[s] > cfg.max_features:
+            keep.append(False)
+            continue
+        per_tier[s, t] = per_tier.get((s, t), 0) + 1
+        keep.append(per_tier[s, t] <= (cfg.max_per_tier or {}).get(t, per_tier[s, t]))
+        n_capped += not keep[-1]
+    routes = routes.filter(pa.array(keep, pa.bool_()))
     tiers = routes.column("tier").to_numpy()
     keys = {t: {(s, f) for s, f, tt in zip(routes.column("sae_id").to_pylist(), routes.column("feature").to_pylist(), tiers) if tt == t}
             for t in (1, 2, 3)}
@@ -233,11 +236,11 @@ def label_counts(labels: pa.Table, keys: dict[int, set]) -> dict:
 
 
 def score_sample(spec: JobSpec, run: Run, features_dir: Path) -> dict:
-    """`label.score`: a seeded sample of the labelled features, each scored on examples no
-    labeller saw: its decile samples that are not among its top examples (every labelling
+    """`label.score`: a seeded sample of the labelled features (`sample` per SAE), each
+    scored on examples no labeller saw: its decile samples that are not among its top examples (every labelling
     method reads top examples only)."""
     from baez_ray.stages.score import score_labels
-    from baez_ray.stages.split import split_examples
+    from baez_ray.stages.split import sample_per_sae, split_examples
 
     cfg = spec.label.score
     labels = pq.read_table(run.table_dir("labels"))
@@ -255,9 +258,7 @@ def score_sample(spec: JobSpec, run: Run, features_dir: Path) -> dict:
         else:  # a feature that fired in few contexts has all of them among its top examples
             too_few += 1
     keys = sorted(eligible)
-    if cfg.sample and len(keys) > cfg.sample:
-        rng = np.random.default_rng(spec.seed)
-        keys = [keys[i] for i in sorted(rng.choice(len(keys), size=cfg.sample, replace=False))]
+    keys = [keys[i] for i in sample_per_sae([s for s, _ in keys], cfg.sample, spec.seed)]
     tests = {k: eligible[k] for k in keys}
     negatives = None
     if cfg.negatives == "corpus":

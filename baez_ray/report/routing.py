@@ -35,8 +35,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from baez_ray.report.html import pyplot, save_figure
+from baez_ray.report.layers import KINDS, write_layers_section
 
-KINDS = ("input", "output", "cross", "obscure")
 SCORES = (("c_in", "C_in (input window)", "tau_in"), ("c_out", "C_out (output window)", "tau_out"), ("c_cross", "C_cross (cross window)", "tau_cross"))
 CHARS_PER_TOKEN = 4.0
 DEFAULT_FIXED_CHARS = 2000
@@ -210,9 +210,11 @@ def tokens_saved(
 
 
 # ------------------------------------------------------------------ all of it
-def write_routing_report(routes, out_dir: str | Path, taus: dict[str, float] | None = None, tokens_per_feature: float | dict | None = None, **saved_kwargs) -> dict[str, Any]:
-    """Write scores.png, tiers.png and routing.json into out_dir; return the summary with an
-    HTML fragment (`html`) for report/index.html."""
+def write_routing_report(routes, out_dir: str | Path, taus: dict[str, float] | None = None, tokens_per_feature: float | dict | None = None,
+                         seed: int = 0, **saved_kwargs) -> dict[str, Any]:
+    """Write scores.png, tiers.png and routing.json into out_dir, and the layers section
+    (report/layers.py: layers.png, layers.json); return the summary with an HTML fragment
+    (`html`) for report/index.html."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     df = _frame(routes)
@@ -236,5 +238,5 @@ def write_routing_report(routes, out_dir: str | Path, taus: dict[str, float] | N
         f"Estimated LLM tokens saved against the tier-2 method for all: {saved['saved_tokens']:,.0f} "
         f"({saved['saved_share']:.0%} of {saved['baseline_tokens']:,.0f}).</p>"
         f"{table}<img src='tiers.png'><img src='scores.png'>"
-    )
+    ) + write_layers_section(df, out_dir, seed)["html"]
     return summary

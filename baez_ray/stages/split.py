@@ -91,11 +91,27 @@ def n_distinct_examples(examples: list[dict]) -> int:
     return len({identity(e) for e in examples if e["value"] > 0})
 
 
+def sample_per_sae(sae_ids: Sequence[str], n: int | None, seed: int) -> list[int]:
+    """Positions (ascending) of a seeded sample of at most `n` items per SAE, from items
+    whose SAE is `sae_ids[i]` (None: all). One generator seeded with `seed` draws for the
+    SAEs in the order of their ids, so a table of one SAE gets the sample it got before
+    limits were per SAE."""
+    by_sae: dict[str, list[int]] = {}
+    for i, s in enumerate(sae_ids):
+        by_sae.setdefault(s, []).append(i)
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for s in sorted(by_sae):
+        pos = by_sae[s]
+        chosen += [pos[j] for j in rng.choice(len(pos), size=n, replace=False)] if n and len(pos) > n else pos
+    return sorted(chosen)
+
+
 def sample_and_split(features_dir: Path, n_features: int, min_examples: int, how: str, train_n: int, test_n: int,
                      seed: int) -> tuple[pa.Table, pa.Table, dict]:
-    """(train table, test table, counts): `n_features` features with at least
-    `min_examples` distinct activating examples, sampled with `seed`, their examples split
-    into train and test."""
+    """(train table, test table, counts): `n_features` features per SAE with at least
+    `min_examples` distinct activating examples, sampled with `seed` (`sample_per_sae`),
+    their examples split into train and test."""
     table = pq.read_table(features_dir)
     rows = table.to_pylist()
     need = max(min_examples, 2)
@@ -103,8 +119,7 @@ def sample_and_split(features_dir: Path, n_features: int, min_examples: int, how
     if len(eligible) < 2:
         raise ValueError(f"{features_dir}: only {len(eligible)} features have >= {need} activating examples; "
                          "collect over more tokens or lower benchmark.min_examples")
-    rng = np.random.default_rng(seed)
-    chosen = sorted(rng.choice(eligible, size=min(n_features, len(eligible)), replace=False).tolist())
+    chosen = [eligible[i] for i in sample_per_sae([rows[i]["sae_id"] for i in eligible], n_features, seed)]
     train_rows, test_rows = [], []
     for i in chosen:
         r = rows[i]

@@ -1,0 +1,256 @@
+"""The layers section of the routing report (SPEC §4, §5): tier and kind shares per layer
+with bootstrap 95% CIs, the distributions of C_in, C_out and C_cross per layer, and a
+verdict on the layer hypothesis — early layers mostly input features, middle layers mostly
+cross/obscure features, late layers mostly output features.
+
+    routes (schema.ROUTES, every SAE of the run) ─▶ live features, by layer
+      ─▶ kind and tier shares per layer, bootstrap 95% CIs   (layer_shares)
+      ─▶ quantiles of C_in, C_out, C_cross per layer          (score_quantiles)
+      ─▶ the three claims: supported | inconclusive | contradicted   (verdicts)
+      ─▶ layers.png, layers.json and the section's HTML       (write_layers_section)
+
+Live features: a feature without any example (it never fired over the corpus) has no
+window to score, so route puts it in tier 3; counted, dead features would make "obscure"
+mean "dead". They are left out of every share and distribution here and counted per layer.
+Several SAEs at one layer are pooled. Every function takes the routes table (schema.ROUTES)
+as a pandas DataFrame.
+
+Bootstrap over features: resampling a layer's n live features with replacement and counting
+their kinds is one draw from Multinomial(n, the observed kind shares), so each of N_BOOT
+replicates is one multinomial draw (the same bootstrap, at any n). Tier shares are sums of
+kind shares (tier 1 = input + output, tier 2 = cross, tier 3 = obscure). CI: the 2.5th and
+97.5th percentiles of the replicates; numpy's generator, seeded.
+
+Decision rule. "Mostly" is read as a comparison of layers routed with the same thresholds
+(absolute shares move with τ, which is calibrated per embedder; the order of the layers
+does not):
+* early  — the input share at the earliest layer is above the input share at every other layer;
+* middle — the cross + obscure share of the middle layers (those strictly between the
+  earliest and the latest, pooled) is above that share at the earliest and at the latest layer;
+* late   — the output share at the latest layer is above the output share at every other layer.
+A claim is *supported* when its 95% CI lies wholly above the CI of every layer it is
+compared with (disjoint CIs), *contradicted* when the CI of some compared layer lies wholly
+above its own, and *inconclusive* otherwise. The early and late claims need ≥ 2 layers with
+live features, the middle claim ≥ 3; with fewer a claim says so and is not judged.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from baez_ray.report.html import pyplot, save_figure
+
+KINDS = ("input", "output", "cross", "obscure")
+# every share is a sum of kind shares (kind indices into KINDS)
+SHARES = {"tier1": (0, 1), "tier2": (2,), "tier3": (3,), "input": (0,), "output": (1,), "cross": (2,), "obscure": (3,),
+          "cross_obscure": (2, 3)}
+SCORE_COLUMNS = (("c_in", "C_in"), ("c_out", "C_out"), ("c_cross", "C_cross"))
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+N_BOOT = 2000
+LEVEL = 0.95
+
+
+def live_routes(routes):
+    """The rows of features that fired (n_examples > 0)."""
+    return routes[routes["n_examples"] > 0]
+
+
+def kind_counts(df) -> np.ndarray:
+    """Features of each kind (in KINDS order) among the rows of `df`."""
+    return np.array([(df["kind"] == k).sum() for k in KINDS], dtype=np.int64)
+
+
+def shares_with_ci(counts: np.ndarray, n_boot: int = N_BOOT, seed: int = 0) -> dict[str, tuple[float, float, float]]:
+    """{share: (point, low, high)} for every share of SHARES from the kind counts of one
+    group of features (the multinomial bootstrap of the module docstring)."""
+    n = int(counts.sum())
+    if n == 0:
+        return {s: (np.nan, np.nan, np.nan) for s in SHARES}
+    draws = np.random.default_rng(seed).multinomial(n, counts / n, size=n_boot) / n
+    lo_q, hi_q = (1 - LEVEL) / 2, 1 - (1 - LEVEL) / 2
+    out = {}
+    for s, idx in SHARES.items():
+        reps = draws[:, idx].sum(axis=1)
+        lo, hi = np.quantile(reps, [lo_q, hi_q])
+        out[s] = (float(counts[list(idx)].sum() / n), float(lo), float(hi))
+    return out
+
+
+def layer_shares(routes, n_boot: int = N_BOOT, seed: int = 0):
+    """One row per layer (ascending): layer, saes (the SAE ids there), n (live features),
+    n_dead, and for every share of SHARES its point estimate `<share>` and 95% CI
+    `<share>_lo`, `<share>_hi` over the live features."""
+    import pandas as pd
+
+    rows = []
+    for layer, g in routes.groupby("layer", sort=True):
+        live = g[g["n_examples"] > 0]
+        row: dict[str, Any] = {"layer": int(layer), "saes": ", ".join(sorted(g["sae_id"].unique())),
+                               "n": len(live), "n_dead": len(g) - len(live)}
+        for s, (p, lo, hi) in shares_with_ci(kind_counts(live), n_boot, seed).items():
+            row.update({s: p, f"{s}_lo": lo, f"{s}_hi": hi})
+        rows.append(row)
+    cols = ["layer", "saes", "n", "n_dead"] + [f"{s}{x}" for s in SHARES for x in ("", "_lo", "_hi")]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def score_quantiles(routes):
+    """One row per (layer, score): n (live features with that score; C_cross exists only
+    for the features that failed both tier-1 tests) and the QUANTILES as q5 … q95."""
+    import pandas as pd
+
+    live = live_routes(routes)
+    names = [f"q{round(q * 100)}" for q in QUANTILES]
+    rows = []
+    for layer, g in live.groupby("layer", sort=True):
+        for col, title in SCORE_COLUMNS:
+            v = g[col].dropna().to_numpy(dtype=float)
+            qs = np.quantile(v, QUANTILES) if len(v) else [np.nan] * len(QUANTILES)
+            rows.append({"layer": int(layer), "score": title, "n": len(v), **dict(zip(names, map(float, qs)))})
+    return pd.DataFrame(rows, columns=["layer", "score", "n", *names])
+
+
+# ------------------------------------------------------------------ the verdict
+def _fmt(p: tuple[float, float, float]) -> str:
+    return f"{p[0]:.2f} ({p[1]:.2f}–{p[2]:.2f})"
+
+
+def judge(claim: tuple[float, float, float], others: dict[str, tuple[float, float, float]]) -> str:
+    """supported | contradicted | inconclusive: the claim's CI against each compared CI."""
+    if all(claim[1] > o[2] for o in others.values()):
+        return "supported"
+    if any(o[1] > claim[2] for o in others.values()):
+        return "contradicted"
+    return "inconclusive"
+
+
+def _claim(name: str, share: str, at: str, group: np.ndarray, others: dict[str, np.ndarray], n_boot: int, seed: int) -> dict:
+    mine = shares_with_ci(group, n_boot, seed)[share]
+    theirs = {k: shares_with_ci(c, n_boot, seed)[share] for k, c in others.items()}
+    verdict = judge(mine, theirs)
+    label = "cross + obscure" if share == "cross_obscure" else share
+    figure = f"{label} share at {at}: {_fmt(mine)}; " + ", ".join(f"{k}: {_fmt(v)}" for k, v in theirs.items())
+    return {"claim": name, "share": share, "at": at, "point": mine[0], "lo": mine[1], "hi": mine[2],
+            "compared": {k: list(v) for k, v in theirs.items()}, "verdict": verdict, "figure": figure,
+            "text": f"{figure}: {verdict}"}
+
+
+def _not_judged(name: str, need: int, have: int) -> dict:
+    figure = f"needs ≥ {need} layers with live features; this run has {have}"
+    return {"claim": name, "verdict": "not judged", "figure": figure, "text": f"{figure}: not judged"}
+
+
+def overall(claims: list[dict]) -> str:
+    """One sentence: the hypothesis as a whole."""
+    judged = [c for c in claims if c["verdict"] != "not judged"]
+    if not judged:
+        return "The layer hypothesis needs ≥ 2 layers with live features (3 for the middle claim): not judged."
+    said = "; ".join(f"{c['claim']} {c['verdict']}" for c in claims)
+    if all(c["verdict"] == "supported" for c in judged):
+        return f"The data support the layer hypothesis ({said})." if len(judged) == 3 else f"The data support the claims that could be judged ({said})."
+    return f"The data do not support the whole layer hypothesis ({said})."
+
+
+def verdicts(routes, n_boot: int = N_BOOT, seed: int = 0) -> list[dict]:
+    """The three claims of the layer hypothesis (early, middle, late), each with its figure,
+    CI, the layers compared and the verdict (decision rule in the module docstring)."""
+    live = live_routes(routes)
+    counts = {int(layer): kind_counts(g) for layer, g in live.groupby("layer", sort=True)}
+    layers = sorted(counts)
+    if len(layers) < 2:
+        return [_not_judged(c, 3 if c == "middle" else 2, len(layers)) for c in ("early", "middle", "late")]
+    first, last = layers[0], layers[-1]
+    name = lambda layer: f"layer {layer}"  # noqa: E731
+    early = _claim("early", "input", f"{name(first)} (earliest)", counts[first],
+                   {name(k): counts[k] for k in layers[1:]}, n_boot, seed)
+    late = _claim("late", "output", f"{name(last)} (latest)", counts[last],
+                  {name(k): counts[k] for k in layers[:-1]}, n_boot, seed)
+    if len(layers) < 3:
+        return [early, _not_judged("middle", 3, len(layers)), late]
+    middle = layers[1:-1]
+    at = f"{name(middle[0])}" if len(middle) == 1 else f"layers {', '.join(map(str, middle))} (pooled)"
+    mid = _claim("middle", "cross_obscure", at, sum(counts[k] for k in middle),
+                 {name(first): counts[first], name(last): counts[last]}, n_boot, seed)
+    return [early, mid, late]
+
+
+# ------------------------------------------------------------------ figure and HTML
+CLAIMS = {"early": "early layers: mostly input features", "middle": "middle layers: mostly cross/obscure features",
+          "late": "late layers: mostly output features"}
+RULE = ("Dead features (no example over the corpus) are left out. Shares with bootstrap 95% CIs over the live "
+        "features of a layer (several SAEs at one layer pooled). A claim is <b>supported</b> when its CI lies wholly "
+        "above the CI of every layer it is compared with, <b>contradicted</b> when some compared layer's CI lies wholly "
+        "above its own, <b>inconclusive</b> otherwise. Early: input share at the earliest layer against every other "
+        "layer; late: output share at the latest layer against every other layer; middle: cross + obscure share of "
+        "the layers strictly between (pooled) against the earliest and the latest. Needs ≥ 2 layers (3 for the middle claim).")
+
+
+def layers_figure(shares, quantiles, path: str | Path) -> Path:
+    """PNG (about 1,150 px wide): input, cross + obscure and output shares per layer with
+    their CIs, and per score a box per layer (box: quartiles, whiskers: 5th–95th percentiles)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 4, figsize=(10.5, 2.9))
+    x = shares["layer"].to_numpy()
+    for s, color in (("input", "#4c72b0"), ("cross_obscure", "#dd8452"), ("output", "#55a868")):
+        p = shares[s].to_numpy(dtype=float)
+        err = np.vstack([p - shares[f"{s}_lo"].to_numpy(dtype=float), shares[f"{s}_hi"].to_numpy(dtype=float) - p])
+        axes[0].errorbar(x, p, yerr=err, marker="o", capsize=3, color=color, label=s.replace("_", " + "))
+    axes[0].set(xlabel="layer", ylabel="share of live features", ylim=(0, 1), xticks=x)
+    axes[0].legend(fontsize=7, loc="best")
+    for ax, (_, title) in zip(axes[1:], SCORE_COLUMNS):
+        q = quantiles[(quantiles["score"] == title) & (quantiles["n"] > 0)]
+        stats = [{"med": r.q50, "q1": r.q25, "q3": r.q75, "whislo": r.q5, "whishi": r.q95, "label": str(r.layer)} for r in q.itertuples()]
+        if stats:
+            ax.bxp(stats, showfliers=False)
+        ax.set(title=title, xlabel="layer")
+    return save_figure(fig, path)
+
+
+def _ci_cell(row, s: str) -> str:
+    return "–" if row["n"] == 0 else f"{row[s]:.2f} <small>({row[s + '_lo']:.2f}–{row[s + '_hi']:.2f})</small>"
+
+
+def layers_html(shares, quantiles, claims: list[dict], figure: str | None) -> str:
+    """The section: shares table, verdict table, score quantiles, the figure."""
+    cols = ("tier1", "tier2", "tier3", "input", "output", "cross", "obscure")
+    t = ["<table><tr><th>layer</th><th>SAEs</th><th>live</th><th>dead</th>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>"]
+    for _, r in shares.iterrows():
+        t.append(f"<tr><td>{r['layer']}</td><td>{html.escape(r['saes'])}</td><td class=num>{r['n']:,}</td><td class=num>{r['n_dead']:,}</td>"
+                 + "".join(f"<td class=num style='white-space:nowrap'>{_ci_cell(r, c)}</td>" for c in cols) + "</tr>")
+    t.append("</table>")
+    v = ["<table><tr><th>claim</th><th>figure (95% CI)</th><th>verdict</th></tr>"]
+    for c in claims:
+        v.append(f"<tr><td>{CLAIMS[c['claim']]}</td><td>{html.escape(c['figure'])}</td><td><b>{c['verdict']}</b></td></tr>")
+    v.append("</table>")
+    names = [n for n in quantiles.columns if n.startswith("q")]
+    q = ["<table><tr><th>layer</th><th>score</th><th>n</th>" + "".join(f"<th>{n}</th>" for n in names) + "</tr>"]
+    for _, r in quantiles.iterrows():
+        q.append(f"<tr><td>{r['layer']}</td><td>{r['score']}</td><td class=num>{r['n']:,}</td>"
+                 + "".join(f"<td class=num>{r[n]:.2f}</td>" for n in names) + "</tr>")
+    q.append("</table>")
+    img = f"<img src='{figure}' style='max-width:100%'>" if figure else ""
+    return (f"<h2>Layers</h2><h3>The layer hypothesis</h3><p><b>{html.escape(overall(claims))}</b></p>{''.join(v)}<p><small>{RULE}</small></p>"
+            f"<h3>Tier and kind shares per layer</h3>{''.join(t)}{img}"
+            f"<h3>C_in, C_out, C_cross per layer (live features; quantiles)</h3>{''.join(q)}")
+
+
+def write_layers_section(routes, out_dir: str | Path, seed: int = 0, n_boot: int = N_BOOT) -> dict[str, Any]:
+    """Write layers.png and layers.json into out_dir; return {shares, quantiles, verdicts,
+    html} (shares and quantiles as records)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shares, quantiles = layer_shares(routes, n_boot, seed), score_quantiles(routes)
+    claims = verdicts(routes, n_boot, seed)
+    figure = None
+    if (shares["n"] > 0).any():
+        layers_figure(shares[shares["n"] > 0], quantiles, out_dir / "layers.png")
+        figure = "layers.png"
+    summary = {"shares": json.loads(shares.to_json(orient="records")), "quantiles": json.loads(quantiles.to_json(orient="records")),
+               "verdicts": claims}
+    (out_dir / "layers.json").write_text(json.dumps(summary, indent=2))
+    return {**summary, "html": layers_html(shares, quantiles, claims, figure)}
