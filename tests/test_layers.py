@@ -209,3 +209,32 @@ def test_benchmark_sampling_per_sae(tmp_path):
     assert all(f % 4 for f in train.column("feature").to_pylist())  # one example: not eligible
     again, _, _ = sample_and_split(tmp_path / "features", 4, 5, "top", 3, 3, seed=0)
     assert again.select(["sae_id", "feature"]).equals(train.select(["sae_id", "feature"]))
+
+
+def test_label_score_sample_per_sae(tmp_path):
+    from baez_ray.config import LabelScoreConfig
+    from baez_ray.jobs.label import held_out_sample
+
+    def example(kind, rank, ctx, decile=None):
+        return {"kind": kind, "rank": rank, "decile": decile, "context_id": ctx, "position": 2, "value": 1.0 + rank,
+                "top_index": 1, "token_strs": ["a", "b", "c"], "acts": [0.0, 1.0, 0.0]}
+
+    feats, labels = [], []
+    for sae, layer, n in (("L3", 3, 10), ("L9", 9, 7)):
+        for f in range(n):
+            n_samples = 2 if f == 0 else 6  # feature 0: too few held-out examples
+            ex = [example("top", r, 100 * f + r) for r in range(5)] + [example("sample", r, 100 * f + 50 + r, 10 - r) for r in range(n_samples)]
+            feats.append({"sae_id": sae, "model_id": "m", "layer": layer, "feature": f, "n_tokens": 100, "n_firing": 11,
+                          "max_activation": 6.0, "examples": ex})
+            labels.append({"sae_id": sae, "layer": layer, "feature": f, "method": "token_freq", "label": None if f == 1 else f"w{f}",
+                           "n_examples": 5, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0, "tries": 1})
+    write_table(schema.conform(pa.Table.from_pylist(feats, schema=schema.FEATURES), schema.FEATURES), tmp_path / "features", rows_per_file=5)
+    labels = schema.conform(pa.Table.from_pylist(labels), schema.LABELS)
+    cfg = LabelScoreConfig(sample=3, test_examples=5, min_test_examples=5)
+    tests, counts = held_out_sample(labels, tmp_path / "features", cfg, seed=0)
+    assert counts == {"labelled_features_too_few_test_examples": 2, "eligible": 8 + 5}
+    assert sorted(s for s, _ in tests) == ["L3"] * 3 + ["L9"] * 3
+    assert all(f not in (0, 1) for _, f in tests) and all(len(t) == 5 and t[0]["kind"] == "sample" for t in tests.values())
+    assert held_out_sample(labels, tmp_path / "features", cfg, seed=0)[0].keys() == tests.keys()
+    everything, _ = held_out_sample(labels, tmp_path / "features", cfg.model_copy(update={"sample": 6}), seed=0)
+    assert sorted(s for s, _ in everything) == ["L3"] * 6 + ["L9"] * 5

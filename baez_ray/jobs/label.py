@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from baez_ray import methods, schema
-from baez_ray.config import JobSpec, LabelConfig
+from baez_ray.config import JobSpec, LabelConfig, LabelScoreConfig
 from baez_ray.jobs.collect import features_source
 from baez_ray.rundir import Run, log, write_json_atomic, write_parquet_atomic, write_table
 from baez_ray.stages.route import route
@@ -235,15 +235,13 @@ def label_counts(labels: pa.Table, keys: dict[int, set]) -> dict:
     return info
 
 
-def score_sample(spec: JobSpec, run: Run, features_dir: Path) -> dict:
-    """`label.score`: a seeded sample of the labelled features (`sample` per SAE), each
-    scored on examples no labeller saw: its decile samples that are not among its top examples (every labelling
-    method reads top examples only)."""
-    from baez_ray.stages.score import score_labels
+def held_out_sample(labels: pa.Table, features_dir: Path, cfg: LabelScoreConfig, seed: int) -> tuple[dict, dict]:
+    """The features `label.score` scores: a seeded sample of the labelled ones (`cfg.sample`
+    per SAE) among those with `min_test_examples` examples no labeller saw — the decile
+    samples that are not among the feature's top examples (every labelling method reads top
+    examples only). Returns ({(sae_id, feature): test examples}, counts)."""
     from baez_ray.stages.split import sample_per_sae, split_examples
 
-    cfg = spec.label.score
-    labels = pq.read_table(run.table_dir("labels"))
     labelled = labels.filter(pc.is_valid(labels.column("label")))
     wanted = set(zip(labelled.column("sae_id").to_pylist(), labelled.column("feature").to_pylist()))
     feats = pq.read_table(features_dir, columns=["sae_id", "feature", "examples"], filters=[("feature", "in", sorted({f for _, f in wanted}))])
@@ -258,8 +256,17 @@ def score_sample(spec: JobSpec, run: Run, features_dir: Path) -> dict:
         else:  # a feature that fired in few contexts has all of them among its top examples
             too_few += 1
     keys = sorted(eligible)
-    keys = [keys[i] for i in sample_per_sae([s for s, _ in keys], cfg.sample, spec.seed)]
-    tests = {k: eligible[k] for k in keys}
+    keys = [keys[i] for i in sample_per_sae([s for s, _ in keys], cfg.sample, seed)]
+    return {k: eligible[k] for k in keys}, {"labelled_features_too_few_test_examples": too_few, "eligible": len(eligible)}
+
+
+def score_sample(spec: JobSpec, run: Run, features_dir: Path) -> dict:
+    """`label.score`: score the held-out sample (`held_out_sample`) of the labels."""
+    from baez_ray.stages.score import score_labels
+
+    cfg = spec.label.score
+    labels = pq.read_table(run.table_dir("labels"))
+    tests, counts = held_out_sample(labels, features_dir, cfg, spec.seed)
     negatives = None
     if cfg.negatives == "corpus":
         from baez_ray.stages.negatives import corpus_negatives
@@ -267,8 +274,7 @@ def score_sample(spec: JobSpec, run: Run, features_dir: Path) -> dict:
         negatives = corpus_negatives(run.table_dir("contexts"), spec.model, spec.sae, spec.corpus, spec.collect.window,
                                      spec.collect.batch_size, sorted(tests), cfg.n_negatives, spec.seed)
     scores, info = score_labels(tests, labels, cfg, cfg.scorer or spec.label.explainer, seed=spec.seed, negatives=negatives)
-    info.update(parts=write_table(scores, run.table_dir("scores")), rows=scores.num_rows,
-                labelled_features_too_few_test_examples=too_few, eligible=len(eligible))
+    info.update(parts=write_table(scores, run.table_dir("scores")), rows=scores.num_rows, **counts)
     return info
 
 
