@@ -202,7 +202,7 @@ def test_benchmark_sampling_per_sae(tmp_path):
             rows.append({"sae_id": sae, "model_id": "m", "layer": layer, "feature": f, "n_tokens": 100, "n_firing": 6,
                          "max_activation": 10.0, "examples": ex})
     write_table(schema.conform(pa.Table.from_pylist(rows, schema=schema.FEATURES), schema.FEATURES), tmp_path / "features", rows_per_file=7)
-    train, test, info = sample_and_split(tmp_path / "features", 4, 5, "top", 3, 3, seed=0)
+    train, _, info = sample_and_split(tmp_path / "features", 4, 5, "top", 3, 3, seed=0)
     assert sorted(train.group_by("sae_id").aggregate([("feature", "count")]).to_pylist(), key=str) == \
         [{"sae_id": "L3", "feature_count": 4}, {"sae_id": "L9", "feature_count": 4}]
     assert info["eligible"] == 9 + 15 and info["sampled"] == 8

@@ -165,17 +165,16 @@ def verdicts(routes, n_boot: int = N_BOOT, seed: int = 0) -> list[dict]:
     if len(layers) < 2:
         return [_not_judged(c, 3 if c == "middle" else 2, len(layers)) for c in ("early", "middle", "late")]
     first, last = layers[0], layers[-1]
-    name = lambda layer: f"layer {layer}"  # noqa: E731
-    early = _claim("early", "input", f"{name(first)} (earliest)", counts[first],
-                   {name(k): counts[k] for k in layers[1:]}, n_boot, seed)
-    late = _claim("late", "output", f"{name(last)} (latest)", counts[last],
-                  {name(k): counts[k] for k in layers[:-1]}, n_boot, seed)
+    early = _claim("early", "input", f"layer {first} (earliest)", counts[first],
+                   {f"layer {k}": counts[k] for k in layers[1:]}, n_boot, seed)
+    late = _claim("late", "output", f"layer {last} (latest)", counts[last],
+                  {f"layer {k}": counts[k] for k in layers[:-1]}, n_boot, seed)
     if len(layers) < 3:
         return [early, _not_judged("middle", 3, len(layers)), late]
     middle = layers[1:-1]
-    at = f"{name(middle[0])}" if len(middle) == 1 else f"layers {', '.join(map(str, middle))} (pooled)"
+    at = f"layer {middle[0]}" if len(middle) == 1 else f"layers {', '.join(map(str, middle))} (pooled)"
     mid = _claim("middle", "cross_obscure", at, sum(counts[k] for k in middle),
-                 {name(first): counts[first], name(last): counts[last]}, n_boot, seed)
+                 {f"layer {first}": counts[first], f"layer {last}": counts[last]}, n_boot, seed)
     return [early, mid, late]
 
 
