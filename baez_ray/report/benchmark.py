@@ -95,26 +95,27 @@ def summary_rows(summary) -> list[dict]:
 
 def per_feature_rows(scores, failed=None) -> list[dict]:
     """One row per (sae_id, feature, method) that has scores (a groupby on the rows that
-    exist, never a product of all features and methods), with its label, the headline
-    metric of each benchmark and the number of other features carrying the same label
-    (`shared`, the control left out: it reuses other features' labels by design); then one
-    row per label that failed (`failed`: a frame of sae_id, feature, method), label None."""
+    exist, never a product of all features and methods) and one per label that `failed` (a
+    frame of sae_id, feature, method; label None), by feature: the label, the headline
+    metric of each benchmark (`values`) and the number of features carrying the same label
+    (`shared`; the control is left out: it reuses other features' labels by design)."""
     import pandas as pd
 
     keys = ["sae_id", "feature", "method"]
     benches = [b for b in BENCH_ORDER if b in set(scores["benchmark"])]
     headline = np.select([scores["benchmark"] == b for b in benches], [scores[HEADLINE[b]].astype(float) for b in benches], np.nan)
     wide = scores.assign(value=headline).groupby(keys + ["benchmark"], sort=False)["value"].first().unstack("benchmark")
-    wide = wide.reindex(columns=benches).join(scores.groupby(keys, sort=False)["label"].first()).sort_index().reset_index()
+    wide = wide.reindex(columns=benches).join(scores.groupby(keys, sort=False)["label"].first()).reset_index()
     own = wide[wide["method"] != CONTROL]
     sharing = label_sharing(zip(own["sae_id"], own["feature"]), own["label"])
-    rows = [{**r, "values": [r[b] for b in benches],
-             "shared": sharing.get(label_key(r["label"]), 1) if r["method"] != CONTROL and r["label"] else 1}
-            for r in wide.to_dict(orient="records")]
+    rows = []
+    for r in wide.to_dict(orient="records"):
+        label = r["label"] if isinstance(r["label"], str) else None  # pandas gives a missing string as NaN
+        rows.append({**r, "label": label, "values": [r[b] for b in benches],
+                     "shared": sharing.get(label_key(label), 1) if label and r["method"] != CONTROL else 1})
     if failed is not None and len(failed):
-        rows += [{**r, "label": None, "values": [math.nan] * len(benches), "shared": 1}
-                 for r in pd.DataFrame(failed)[keys].sort_values(keys).to_dict(orient="records")]
-    return rows
+        rows += [{**r, "label": None, "values": [math.nan] * len(benches), "shared": 1} for r in pd.DataFrame(failed)[keys].to_dict(orient="records")]
+    return sorted(rows, key=lambda r: (r["sae_id"], r["feature"], r["method"]))
 
 
 def statistics(run_dir: Path, scores, seed: int = 0):

@@ -62,7 +62,7 @@ def label_sharing(features, labels) -> dict[str, int]:
     parallel columns of the rows that have a label."""
     seen: dict[str, set] = {}
     for f, lab in zip(features, labels):
-        if lab:
+        if isinstance(lab, str) and lab:
             seen.setdefault(label_key(lab), set()).add(f)
     return {k: len(v) for k, v in seen.items() if len(v) > 1}
 
