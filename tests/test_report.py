@@ -200,6 +200,21 @@ def test_labels_table_flags_shared_labels_and_failures(label_run):
     assert "Rerun the same command to retry only those" in page
 
 
+def test_label_report_banner_counts_a_scoring_that_scored_nothing(label_run, tmp_path):
+    from baez_ray.report.labels import write_label_report
+
+    d = tmp_path / "run"
+    shutil.copytree(label_run, d)
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["stages"]["score"] = {"prompts": 0, "failed_prompts": 0, "rows": 0}
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    write_table(schema.SCORES.empty_table(), d / "scores")
+    page = text(write_label_report(d))
+    banner = page.split("<div class=banner>", 1)[1].split("</div>", 1)[0]
+    assert "1 of 5 features failed" in banner and "scoring: no label was scored" in banner
+    assert "<h2>Scores</h2> <p>No label was scored.</p>" in page
+
+
 def test_benchmark_report_failure_banner_and_duplicates(benchmark_run):
     page = text(benchmark_run / "report" / "index.html")
     banner = page.split("<div class=banner>", 1)[1].split("</div>", 1)[0]

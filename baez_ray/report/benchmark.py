@@ -218,18 +218,25 @@ def distant_pairs(labels, a: str, b: str, n: int, embedder: str | None = None) -
 
 def failure_lines(labels, manifest: dict) -> list[str]:
     """A line per part of a benchmark run that failed: each method's features without a
-    label after their tries (counted from labels/), the scorer prompts that failed after
-    their retries, a scoring stage that scored nothing."""
+    label after their tries (counted from labels/), then `score_failures`."""
     out = []
     for method, g in labels.groupby("method", sort=False):
         n_failed = int(g["label"].isna().sum())
         if n_failed:
             out.append(f"{method}: {n_failed:,} of {len(g):,} features got no label; they are not scored")
-    sc = manifest["stages"].get("score", {})
+    return out + score_failures(manifest)
+
+
+def score_failures(manifest: dict) -> list[str]:
+    """A line each when the run's scoring stage had scorer prompts that failed after their
+    retries, or scored nothing."""
+    if "score" not in manifest["stages"]:
+        return []
+    sc, out = manifest["stages"]["score"], []
     if sc.get("failed_prompts"):
         out.append(f"scoring: {sc['failed_prompts']:,} of {sc.get('prompts', 0):,} scorer prompts failed after their retries; "
                    "their excerpts count as failed in the summary, not dropped")
-    if "score" in manifest["stages"] and not sc.get("rows"):
+    if not sc.get("rows"):
         out.append("scoring: no label was scored")
     return out
 

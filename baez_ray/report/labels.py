@@ -25,7 +25,7 @@ def label_rows(labels: list[dict]) -> list[dict]:
 
 
 def write_label_report(run_dir: str | Path, n_examples: int = 3) -> Path:
-    from baez_ray.report.benchmark import scoring_section
+    from baez_ray.report.benchmark import score_failures, scoring_section
     from baez_ray.report.routing import write_routing_report
 
     run_dir = Path(run_dir)
@@ -49,6 +49,7 @@ def write_label_report(run_dir: str | Path, n_examples: int = 3) -> Path:
     n_backend = st.get("backend_failed", 0)
     failures = [f"{n_backend:,} failed in the LLM backend", f"{n_failed - n_backend:,} answers could not be parsed",
                 "their errors are in the error column and in labels/"] if n_failed else []
+    failures += score_failures(manifest)
     facts = [("features labelled", f"{st.get('labelled', 0):,} of {st.get('features', 0):,} ({st.get('failed', 0):,} without a label)"),
              ("failed", f"{n_failed:,}"),
              ("LLM tokens in / out", f"{st.get('input_tokens', 0):,} / {st.get('output_tokens', 0):,}"),
