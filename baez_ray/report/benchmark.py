@@ -175,7 +175,7 @@ def reliability_section(reliability):
 
 def _constants() -> dict:
     return {"alpha": ALPHA, "exact_max": EXACT_MAX, "n_perm": N_PERM, "reliability_min": RELIABILITY_MIN,
-            "control": CONTROL, "status_words": STATUS_WORDS, "headline": HEADLINE}
+            "control": CONTROL, "status_words": STATUS_WORDS}
 
 
 def scoring_section(run_dir: Path, out: Path, seed: int = 0, verdict: bool = True, failed=None):
