@@ -10,16 +10,19 @@
   when a benchmark is too unreliable to compare methods;
 * `scoring_section`: the verdict (unless shown elsewhere), the charts, the summary table
   (with failure rates, negative-gap shares and the control beside each method), the
-  reliability table, the per-feature scores;
+  reliability table, the per-feature scores (`per_feature_rows`: one row per feature ×
+  method that exists, labels shared by several features marked);
 * `distant_pairs`: the features whose labels from two methods are furthest apart
   (embedding cosine), with their examples, for reading;
 * `write_benchmark_report`: report/index.html of a benchmark run (re-rendered from the
-  tables by `baez-ray report RUN_DIR`).
+  tables by `baez-ray report RUN_DIR`), opening with a banner when rows failed.
+
+The HTML is in templates/ (sections.html.j2 for the sections, benchmark.html.j2 for the
+page); this module computes what they show.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import math
 from pathlib import Path
@@ -28,18 +31,15 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from baez_ray.metrics import ALPHA, CHANCE, CONTROL, EXACT_MAX, HEADLINE, N_PERM, RELIABILITY_MIN, aggregate
-from baez_ray.report.html import STYLE, highlight, pyplot, save_figure
+from baez_ray.report.html import duplicates, label_key, label_sharing, pyplot, render_page, save_figure, section
 
 BENCH_ORDER = ("detection", "fuzz", "embedding", "detection_logprob", "fuzz_logprob")
+PER_FEATURE_ROWS = 1000  # rows of the per-feature table shown (all are in scores/)
 
 
 def _methods(summary) -> list[str]:
     ms = [m for m in dict.fromkeys(summary["method"]) if m != "random_label"]
     return ms + (["random_label"] if "random_label" in set(summary["method"]) else [])
-
-
-def _fmt(x, digits: int = 3) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
 def scores_chart(summary, path: Path) -> Path:
@@ -88,36 +88,34 @@ def gap_chart(scores, path: Path, seed: int = 0) -> Path | None:
     return save_figure(fig, path)
 
 
-def summary_table(summary) -> str:
-    head = ("<table class=summary><tr><th>method</th><th>benchmark</th><th>metric</th><th class=num>mean</th><th class=num>95% CI</th>"
-            "<th class=num>random label</th><th class=num>features</th><th class=num>accuracy</th><th class=num>precision</th>"
-            "<th class=num>recall</th><th class=num>F1</th><th class=num>gap</th><th class=num>negative gaps</th><th class=num>failed</th></tr>")
-    rows = []
-    for r in summary.sort_values(["benchmark", "method"], key=lambda s: s.map(lambda v: (v == "random_label", v)) if s.name == "method" else s).to_dict(orient="records"):
-        rows.append(
-            f"<tr><td>{html.escape(r['method'])}</td><td>{r['benchmark']}</td><td>{r['metric'].replace('_', ' ')}</td>"
-            f"<td class=num>{_fmt(r['mean'])}</td><td class=num>{_fmt(r['ci_low'])} – {_fmt(r['ci_high'])}</td>"
-            f"<td class=num>{_fmt(r.get('random_label_mean'))}</td><td class=num>{r['n_features']}</td>"
-            f"<td class=num>{_fmt(r['accuracy'])}</td><td class=num>{_fmt(r['precision'])}</td><td class=num>{_fmt(r['recall'])}</td>"
-            f"<td class=num>{_fmt(r['f1'])}</td><td class=num>{_fmt(r['gap'])}</td><td class=num>{_fmt(r['negative_gap_share'], 2)}</td>"
-            f"<td class=num>{_fmt(100 * r['failure_rate'], 1)}%</td></tr>"
-        )
-    return head + "".join(rows) + "</table>"
+def summary_rows(summary) -> list[dict]:
+    """The summary's rows in table order: by benchmark, the control last among the methods."""
+    return summary.sort_values(["benchmark", "method"], key=lambda s: s.map(lambda v: (v == CONTROL, v)) if s.name == "method" else s).to_dict(orient="records")
 
 
-def per_feature_table(scores, limit: int = 300) -> str:
-    piv = scores.pivot_table(index=["feature", "method", "label"], columns="benchmark",
-                             values=["balanced_accuracy", "auroc", "gap"], aggfunc="first", dropna=False)
+def per_feature_rows(scores, failed=None) -> list[dict]:
+    """One row per (sae_id, feature, method) that has scores (a groupby on the rows that
+    exist, never a product of all features and methods) and one per label that `failed` (a
+    frame of sae_id, feature, method; label None), by feature: the label, the headline
+    metric of each benchmark (`values`) and the number of features carrying the same label
+    (`shared`; the control is left out: it reuses other features' labels by design)."""
+    import pandas as pd
+
+    keys = ["sae_id", "feature", "method"]
     benches = [b for b in BENCH_ORDER if b in set(scores["benchmark"])]
-    cols = [(HEADLINE[b], b) for b in benches]
-    head = "<table class=perfeature><tr><th>feature</th><th>method</th><th>label</th>" + "".join(
-        f"<th class=num>{b}</th>" for b in benches) + "</tr>"
+    headline = np.select([scores["benchmark"] == b for b in benches], [scores[HEADLINE[b]].astype(float) for b in benches], np.nan)
+    wide = scores.assign(value=headline).groupby(keys + ["benchmark"], sort=False)["value"].first().unstack("benchmark")
+    wide = wide.reindex(columns=benches).join(scores.groupby(keys, sort=False)["label"].first()).reset_index()
+    own = wide[wide["method"] != CONTROL]
+    sharing = label_sharing(zip(own["sae_id"], own["feature"]), own["label"])
     rows = []
-    for (feat, method, label), r in list(piv.iterrows())[:limit]:
-        vals = "".join(f"<td class=num>{_fmt(r.get(c, np.nan), 2)}</td>" for c in cols)
-        rows.append(f"<tr><td>{feat}</td><td>{html.escape(method)}</td><td>{html.escape(str(label))}</td>{vals}</tr>")
-    more = f"<p>First {limit} of {len(piv):,} rows; all are in scores/.</p>" if len(piv) > limit else ""
-    return head + "".join(rows) + "</table>" + more
+    for r in wide.to_dict(orient="records"):
+        label = r["label"] if isinstance(r["label"], str) else None  # pandas gives a missing string as NaN
+        rows.append({**r, "label": label, "values": [r[b] for b in benches],
+                     "shared": sharing.get(label_key(label), 1) if label and r["method"] != CONTROL else 1})
+    if failed is not None and len(failed):
+        rows += [{**r, "label": None, "values": [math.nan] * len(benches), "shared": 1} for r in pd.DataFrame(failed)[keys].to_dict(orient="records")]
+    return sorted(rows, key=lambda r: (r["sae_id"], r["feature"], r["method"]))
 
 
 def statistics(run_dir: Path, scores, seed: int = 0):
@@ -139,112 +137,66 @@ STATUS_WORDS = {
 }
 
 
-def _unreliable_words(reliability, comparisons) -> str:
-    """A sentence per benchmark whose method scores are too unreliable to compare (or whose
-    reliability is undefined), and one when too few features could ever pass Holm."""
+def unreliable_notes(reliability, comparisons) -> dict:
+    """What the verdict must warn about: the benchmarks whose method scores are too
+    unreliable to compare (`too_unreliable`: benchmark → its rows), those whose reliability
+    is undefined (`unknown`), and (`holm_floor`) the most features any comparison had when
+    too few to ever pass Holm, else None."""
     rel = reliability[reliability["method"] != CONTROL]
-    out = []
-    for bench, g in rel[rel["status"] == "too unreliable"].groupby("benchmark", sort=False):
-        which = ", ".join(f"{html.escape(r['method'])} (reliability {_fmt(r['reliability'], 2)}, 95% CI {_fmt(r['ci_low'], 2)} – "
-                          f"{_fmt(r['ci_high'], 2)}, {r['n']} features)" for r in g.to_dict(orient="records"))
-        out.append(f"<li><b>{html.escape(bench)}</b> is too unreliable to compare methods for {which}: its split-half reliability "
-                   f"is below {RELIABILITY_MIN} or its CI reaches 0, so differences on it do not mean much.</li>")
-    for bench, g in rel[~rel["status"].isin(["reliable", "too unreliable"])].groupby("benchmark", sort=False):
-        which = ", ".join(f"{html.escape(r['method'])} ({STATUS_WORDS[r['status']]})" for r in g.to_dict(orient="records"))
-        out.append(f"<li>On <b>{html.escape(bench)}</b> the reliability is unknown for {which}: the paired tests below still "
-                   "hold, but whether the benchmark ranks features consistently is not known.</li>")
+    groups = {status: {bench: g.to_dict(orient="records") for bench, g in part.groupby("benchmark", sort=False)}
+              for status, part in (("too_unreliable", rel[rel["status"] == "too unreliable"]),
+                                   ("unknown", rel[~rel["status"].isin(["reliable", "too unreliable"])]))}
     n = int(comparisons["n"].max()) if len(comparisons) else 0
-    if 0 < n <= EXACT_MAX and len(comparisons) * 2 / 2**n >= ALPHA:
-        out.append(f"<li>With at most {n} features the smallest two-sided p is 2/2<sup>{n}</sup> = {2 / 2**n:.4f}; Holm across "
-                   f"{len(comparisons)} comparisons multiplies it by {len(comparisons)}, so no difference can reach {ALPHA}: "
-                   "score more features.</li>")
-    return f"<ul class=unreliable>{''.join(out)}</ul>" if out else ""
+    floor = n if 0 < n <= EXACT_MAX and len(comparisons) * 2 / 2**n >= ALPHA else None
+    return {**groups, "holm_floor": floor}
 
 
-def verdict_section(comparisons, reliability) -> str:
-    """The verdict table: which method beats which, on which benchmark, by how much."""
-    if not len(comparisons):
-        return ""
-    head = ("<h2>Verdict</h2><p>Every method against the random-label control and against each other, on the features both "
-            "scored (same excerpts): mean paired difference of the headline metric with its 95% bootstrap CI, a two-sided "
-            f"sign-flip permutation p-value (exact over all 2<sup>n</sup> sign flips up to {EXACT_MAX} features, else "
-            f"{N_PERM:,} seeded random flips), Holm-corrected across the {len(comparisons)} comparisons shown; a method "
-            f"<i>beats</i> another when the corrected p is below {ALPHA}.</p>" + _unreliable_words(reliability, comparisons) +
-            "<table class=verdict><tr><th>benchmark</th><th>A vs B</th><th class=num>features</th><th class=num>A</th><th class=num>B</th>"
-            "<th class=num>A − B (95% CI)</th><th class=num>p</th><th class=num>p (Holm)</th><th>verdict</th></tr>")
+def verdict_rows(comparisons) -> list[dict]:
+    """The comparisons' rows with the winner, the loser and the reliability note read back
+    as strings or None (pandas gives a missing string as NaN, a float)."""
     rows = []
     for r in comparisons.to_dict(orient="records"):
-        a, b = html.escape(r["method_a"]), html.escape(r["method_b"])
-        # pandas gives a missing string as NaN (a float): only a str names a winner or a note
         winner = r["winner"] if isinstance(r["winner"], str) else None
         note = r.get("reliability_note") if isinstance(r.get("reliability_note"), str) else ""
-        if winner:
-            loser = b if winner == r["method_a"] else a
-            verdict = f"<b>{html.escape(winner)}</b> beats {loser} by {_fmt(abs(r['mean_diff']))}"
-        else:
-            verdict = "no significant difference" if r["n"] else "no common features"
-        if "too unreliable" in note:
-            verdict += " <i>(too unreliable to compare methods)</i>"
-        elif not r["interpretable"]:
-            verdict += " <i>(reliability unknown)</i>"
-        rows.append(f"<tr><td>{html.escape(r['benchmark'])}</td><td>{a} vs {b}</td><td class=num>{r['n']}</td>"
-                    f"<td class=num>{_fmt(r['mean_a'])}</td><td class=num>{_fmt(r['mean_b'])}</td>"
-                    f"<td class=num>{_fmt(r['mean_diff'])} ({_fmt(r['ci_low'])} – {_fmt(r['ci_high'])})</td>"
-                    f"<td class=num>{_fmt(r['p_value'], 4)} ({r['p_method']})</td><td class=num>{_fmt(r['p_holm'], 4)}</td><td>{verdict}</td></tr>")
-    return head + "".join(rows) + "</table>"
+        loser = (r["method_b"] if winner == r["method_a"] else r["method_a"]) if winner else None
+        rows.append({**r, "winner": winner, "loser": loser, "too_unreliable": "too unreliable" in note})
+    return rows
 
 
-def reliability_section(reliability) -> str:
+def verdict_section(comparisons, reliability):
+    """The verdict table: which method beats which, on which benchmark, by how much."""
+    return section("verdict", verdict_rows(comparisons), unreliable_notes(reliability, comparisons), _constants())
+
+
+def reliability_section(reliability):
     """Split-half reliability per benchmark × method, in words where it is too low."""
-    if not len(reliability):
-        return ""
-    head = ("<h3>Reliability</h3><p>Each feature's excerpts are dealt into two halves (alternate positives, alternate "
-            "negatives) and scored on each from the same answers; the reliability is the Pearson correlation of half A "
-            "with half B across features, Spearman–Brown corrected (2r / (1 + r)), with a 95% bootstrap CI over features. "
-            f"Below {RELIABILITY_MIN}, or with a CI reaching 0, a benchmark is too unreliable to compare methods on. The "
-            "control has no signal to be reliable about.</p><table class=reliability><tr><th>benchmark</th><th>method</th>"
-            "<th>metric</th><th class=num>features</th><th class=num>r (halves)</th><th class=num>reliability</th>"
-            "<th class=num>95% CI</th><th>verdict</th></tr>")
-    rows = []
-    for r in reliability.to_dict(orient="records"):
-        words = "control" if r["method"] == CONTROL else STATUS_WORDS.get(r.get("status"), "too unreliable to compare methods")
-        rows.append(f"<tr><td>{html.escape(r['benchmark'])}</td><td>{html.escape(r['method'])}</td><td>{r['metric'].replace('_', ' ')}</td>"
-                    f"<td class=num>{r['n']}</td><td class=num>{_fmt(r['r'])}</td><td class=num>{_fmt(r['reliability'])}</td>"
-                    f"<td class=num>{_fmt(r['ci_low'])} – {_fmt(r['ci_high'])}</td><td>{words}</td></tr>")
-    return head + "".join(rows) + "</table>"
+    return section("reliability", reliability.to_dict(orient="records"), _constants())
 
 
-def scoring_section(run_dir: Path, out: Path, seed: int = 0, verdict: bool = True) -> str:
+def _constants() -> dict:
+    return {"alpha": ALPHA, "exact_max": EXACT_MAX, "n_perm": N_PERM, "reliability_min": RELIABILITY_MIN,
+            "control": CONTROL, "status_words": STATUS_WORDS}
+
+
+def scoring_section(run_dir: Path, out: Path, seed: int = 0, verdict: bool = True, failed=None):
     """The scoring part of a report (charts written into `out`): the verdict table (unless
-    the caller shows it elsewhere), charts, summary, reliability, per-feature scores; ''
-    when no scores."""
+    the caller shows it elsewhere), charts, summary, reliability, per-feature scores (and
+    the labels that `failed`, a frame of sae_id, feature, method); '' when no scores."""
     if not (run_dir / "scores").exists():
         return ""
     scores = pq.read_table(run_dir / "scores").to_pandas()
     if not len(scores):
-        return "<h2>Scores</h2><p>No label was scored.</p>"
+        return section("no_scores")
     reliability, comparisons = statistics(run_dir, scores, seed)
     summary = aggregate(scores, seed=seed)
     scores_chart(summary, out / "scores_by_method.png")
     gap = gap_chart(scores, out / "embedding_gap.png", seed=seed)
-    failed = int(scores["n_failed"].sum())
-    shown = int(scores["n_shown"].sum())
-    parts = [
-        verdict_section(comparisons, reliability) if verdict else "",
-        "<h2>Scores</h2>",
-        "<p>Headline metric per benchmark: balanced accuracy (detection, fuzz) and AUROC (embedding); chance is 0.5 "
-        "(dashed line). Error bars: 95% bootstrap CI over features. <code>random_label</code> scores each feature with "
-        "another feature's label (the control).</p>",
-        "<img id=chart src='scores_by_method.png' alt='scores by method and benchmark'>",
-        "<img src='embedding_gap.png' alt='embedding gap by method'>" if gap else "",
-        f"<p>Scorer answers: {shown - failed:,} of {shown:,} excerpts answered; {failed:,} in failed batches "
-        f"({100 * failed / max(shown, 1):.1f}%), counted, not dropped.</p>",
-        summary_table(summary),
-        reliability_section(reliability),
-        "<h3>Per feature</h3>",
-        per_feature_table(scores),
-    ]
-    return "".join(parts)
+    features = per_feature_rows(scores, failed)
+    ctx = {"verdict": verdict_section(comparisons, reliability) if verdict else "", "gap": gap is not None,
+           "failed": int(scores["n_failed"].sum()), "shown": int(scores["n_shown"].sum()), "summary": summary_rows(summary),
+           "reliability": reliability_section(reliability), "benches": [b for b in BENCH_ORDER if b in set(scores["benchmark"])],
+           "features": features[:PER_FEATURE_ROWS], "n_features": len(features), "duplicates": duplicates(features)}
+    return section("scoring", ctx, _constants())
 
 
 def distant_pairs(labels, a: str, b: str, n: int, embedder: str | None = None) -> list[dict]:
@@ -264,6 +216,66 @@ def distant_pairs(labels, a: str, b: str, n: int, embedder: str | None = None) -
     return [{"sae_id": keys[i][0], "feature": keys[i][1], "label_a": la[keys[i]], "label_b": lb[keys[i]], "cosine": float(cos[i])} for i in order]
 
 
+def failure_lines(labels, manifest: dict) -> list[str]:
+    """A line per part of a benchmark run that failed: each method's features without a
+    label after their tries (counted from labels/), then `score_failures`."""
+    out = []
+    for method, g in labels.groupby("method", sort=False):
+        n_failed = int(g["label"].isna().sum())
+        if n_failed:
+            out.append(f"{method}: {n_failed:,} of {len(g):,} features got no label; they are not scored")
+    return out + score_failures(manifest)
+
+
+def score_failures(manifest: dict) -> list[str]:
+    """A line each when the run's scoring stage had scorer prompts that failed after their
+    retries, or scored nothing."""
+    if "score" not in manifest["stages"]:
+        return []
+    sc, out = manifest["stages"]["score"], []
+    if sc.get("failed_prompts"):
+        out.append(f"scoring: {sc['failed_prompts']:,} of {sc.get('prompts', 0):,} scorer prompts failed after their retries; "
+                   "their excerpts count as failed in the summary, not dropped")
+    if not sc.get("rows"):
+        out.append("scoring: no label was scored")
+    return out
+
+
+def run_facts(manifest: dict) -> list[tuple[str, str]]:
+    """The benchmark run's facts: features, split, scorer, each method's labels, scoring."""
+    spec, st = manifest["spec"], manifest["stages"]
+    b = spec["benchmark"]
+    score = b.get("score") or {}
+    split = st.get("split", {})
+    facts = [("features", f"{split.get('sampled', '?')} sampled of {split.get('eligible', '?')} with ≥ {split.get('min_examples', '?')} activating examples"),
+             ("split", f"{split.get('split')} (train {b.get('train_examples')}, test {score.get('test_examples')} examples; disjoint)"),
+             ("scorer", str((score.get("scorer") or b["explainer"])["model"]))]
+    for m in b["methods"]:
+        s = st.get(f"label:{m}", {})
+        facts.append((m, f"{s.get('labelled', 0)} labelled, {s.get('failed', 0)} failed; "
+                         f"{s.get('input_tokens', 0):,} / {s.get('output_tokens', 0):,} tokens in / out, ${s.get('cost_usd', 0.0):.4f}"))
+    sc = st.get("score", {})
+    facts.append(("scoring", f"{sc.get('prompts', 0):,} prompts, {sc.get('failed_prompts', 0)} failed after retries, "
+                             f"{sc.get('retried_prompts', 0)} retried; {sc.get('scorer_input_tokens', 0):,} / {sc.get('scorer_output_tokens', 0):,} tokens, "
+                             f"${sc.get('scorer_cost_usd', 0.0):.4f}"))
+    return facts
+
+
+def distant_section(run_dir: Path, spec: dict, labels) -> dict | None:
+    """The most distant labels of the two compared methods, with their train examples."""
+    b = spec["benchmark"]
+    compare = b.get("compare") or b["methods"][:2]
+    if len(compare) != 2 or compare[0] == compare[1]:
+        return None
+    pairs = distant_pairs(labels, compare[0], compare[1], b.get("n_distant", 10), (b.get("score") or {}).get("embedder"))
+    if not pairs:
+        return None
+    keys = {(p["sae_id"], p["feature"]) for p in pairs}
+    train = {(r["sae_id"], r["feature"]): r["examples"][:3] for r in pq.read_table(
+        run_dir / "train", columns=["sae_id", "feature", "examples"], filters=[("feature", "in", sorted({f for _, f in keys}))]).to_pylist()}
+    return {"a": compare[0], "b": compare[1], "pairs": [{**p, "examples": train.get((p["sae_id"], p["feature"]), [])} for p in pairs]}
+
+
 def write_benchmark_report(run_dir: str | Path) -> Path:
     from baez_ray.report.routing import write_routing_report
 
@@ -272,51 +284,20 @@ def write_benchmark_report(run_dir: str | Path) -> Path:
     out.mkdir(exist_ok=True)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     spec = manifest["spec"]
-    b = spec["benchmark"]
     seed = spec.get("seed", 0)
-    labels = pq.read_table(run_dir / "labels").to_pylist()
-    split = manifest["stages"].get("split", {})
-    st = manifest["stages"]
-    head = [f"<h1>Benchmark: {html.escape(manifest['name'])}</h1><table>",
-            f"<tr><th>features</th><td>{split.get('sampled', '?')} sampled of {split.get('eligible', '?')} with ≥ {split.get('min_examples', '?')} activating examples</td></tr>",
-            f"<tr><th>split</th><td>{html.escape(str(split.get('split')))} (train {spec['score']['train_examples'] if spec.get('score') else 5}, "
-            f"test {spec['score']['test_examples'] if spec.get('score') else 10} examples; disjoint)</td></tr>",
-            f"<tr><th>scorer</th><td>{html.escape(str(((spec.get('score') or {}).get('scorer') or b['explainer'])['model']))}</td></tr>"]
-    for m in b["methods"]:
-        s = st.get(f"label:{m}", {})
-        head.append(f"<tr><th>{html.escape(m)}</th><td>{s.get('labelled', 0)} labelled, {s.get('failed', 0)} failed; "
-                    f"{s.get('input_tokens', 0):,} / {s.get('output_tokens', 0):,} tokens in / out, ${s.get('cost_usd', 0.0):.4f}</td></tr>")
-    sc = st.get("score", {})
-    head.append(f"<tr><th>scoring</th><td>{sc.get('prompts', 0):,} prompts, {sc.get('failed_prompts', 0)} failed after retries, "
-                f"{sc.get('retried_prompts', 0)} retried; {sc.get('scorer_input_tokens', 0):,} / {sc.get('scorer_output_tokens', 0):,} tokens, "
-                f"${sc.get('scorer_cost_usd', 0.0):.4f}</td></tr></table>")
+    labels = pq.read_table(run_dir / "labels", columns=["sae_id", "feature", "method", "label", "tries"]).to_pandas()
     verdict = ""
     if (run_dir / "scores").exists():
         scores = pq.read_table(run_dir / "scores").to_pandas()
         if len(scores):
             reliability, comparisons = statistics(run_dir, scores, seed)
             verdict = verdict_section(comparisons, reliability)
-    # the page opens with the verdict, then the run's facts, then the scores behind it
-    body = [head[0].replace("<table>", verdict + "<table>", 1), "".join(head[1:]), scoring_section(run_dir, out, seed, verdict=False)]
-
-    compare = b.get("compare") or b["methods"][:2]
-    if len(compare) == 2 and compare[0] != compare[1]:
-        pairs = distant_pairs(labels, compare[0], compare[1], b.get("n_distant", 10), (spec.get("score") or {}).get("embedder"))
-        if pairs:
-            train = {(r["sae_id"], r["feature"]): r["examples"] for r in pq.read_table(run_dir / "train", columns=["sae_id", "feature", "examples"]).to_pylist()}
-            body.append(f"<h2>Most distant labels: {html.escape(compare[0])} vs {html.escape(compare[1])}</h2>"
-                        "<table class=pairs><tr><th>feature</th><th>cosine</th>"
-                        f"<th>{html.escape(compare[0])}</th><th>{html.escape(compare[1])}</th><th>train examples</th></tr>")
-            for p in pairs:
-                ex = "<br>".join(f"<span class=ex>{highlight(e['token_strs'], e['acts'])}</span>" for e in train.get((p["sae_id"], p["feature"]), [])[:3])
-                body.append(f"<tr><td>{p['feature']}</td><td class=num>{p['cosine']:.2f}</td><td>{html.escape(p['label_a'])}</td>"
-                            f"<td>{html.escape(p['label_b'])}</td><td>{ex}</td></tr>")
-            body.append("</table>")
+    routing = None
     if (run_dir / "routes").exists():
-        routes = pq.read_table(run_dir / "routes")
         taus = {k: spec["route"][k] for k in ("tau_in", "tau_out", "tau_cross")}
-        body.append(write_routing_report(routes, out, taus=taus)["html"])
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>baez_ray benchmark</title><style>{STYLE}</style></head><body>"
-            f"{''.join(body)}</body></html>")
-    (out / "index.html").write_text(page, encoding="utf-8")
-    return out / "index.html"
+        routing = write_routing_report(pq.read_table(run_dir / "routes"), out, taus=taus)["html"]
+    # the page opens with the failures and the verdict, then the run's facts, then the scores behind it
+    return render_page("benchmark.html.j2", out / "index.html", name=manifest["name"], failures=failure_lines(labels, manifest),
+                       verdict=verdict, facts=run_facts(manifest), routing=routing,
+                       scoring=scoring_section(run_dir, out, seed, verdict=False, failed=labels[labels["label"].isna()]),
+                       distant=distant_section(run_dir, spec, labels[["sae_id", "feature", "method", "label"]].to_dict(orient="records")))

@@ -4,14 +4,13 @@ tokens highlighted."""
 
 from __future__ import annotations
 
-import html
 import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from baez_ray.report.html import STYLE, highlight, pyplot, save_figure
+from baez_ray.report.html import pyplot, render_page, save_figure
 
 
 def _plot_firing(freq: np.ndarray, path: Path) -> None:
@@ -54,26 +53,15 @@ def write_features_report(run_dir: str | Path, n_show: int = 25, n_examples: int
     rows = _shown_rows(run_dir / "features", meta, pick)
     manifest = json.loads((run_dir / "manifest.json").read_text()) if (run_dir / "manifest.json").exists() else {}
     stage = manifest.get("stages", {}).get("collect", {})
-    summary = [
-        ("SAE", html.escape(", ".join(sorted(set(meta.column("sae_id").to_pylist()))))),
+    facts = [
+        ("SAE", ", ".join(sorted(set(meta.column("sae_id").to_pylist())))),
         ("features", f"{meta.num_rows:,}"),
         ("tokens", f"{int(n_tok.max()) if len(n_tok) else 0:,}"),
         ("features that fired", f"{int((freq > 0).sum()):,} ({100 * (freq > 0).mean():.1f}%)"),
         ("median firing frequency (live)", f"{np.median(freq[freq > 0]):.2e}" if (freq > 0).any() else "-"),
         ("collect seconds", f"{stage.get('seconds', '-')}"),
     ]
-    body = [f"<h1>Features: {html.escape(manifest.get('name', run_dir.name))}</h1>",
-            "<table>" + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in summary) + "</table>",
-            "<img src='firing.png' alt='firing frequency histogram'>",
-            f"<h2>Top examples of {len(rows)} features</h2>",
-            f"<p>Of the {int((freq > 0).sum()):,} features that fired: the {min(n_show // 2, len(live))} that fired most often, "
-            "and the rest spread evenly over the rarer ones, most frequent first.</p>",
-            "<table><tr><th>feature</th><th class=num>firing</th><th class=num>max act</th><th>top examples (tokens ≥ 0.6 × the example's max marked)</th></tr>"]
     for r in rows:
-        top = [e for e in r["examples"] if e["kind"] == "top"][:n_examples]
-        ex = "<br>".join(f"<span class=ex>{highlight(e['token_strs'], e['acts'])}</span>" for e in top)
-        body.append(f"<tr><td>{r['feature']}</td><td class=num>{r['n_firing']:,}</td><td class=num>{r['max_activation']:.3g}</td><td>{ex}</td></tr>")
-    body.append("</table>")
-    page = f"<!doctype html><html><head><meta charset='utf-8'><title>baez_ray report</title><style>{STYLE}</style></head><body>{''.join(body)}</body></html>"
-    (out / name).write_text(page, encoding="utf-8")
-    return out / name
+        r["top"] = [e for e in r["examples"] if e["kind"] == "top"][:n_examples]
+    return render_page("features.html.j2", out / name, name=manifest.get("name", run_dir.name), facts=facts, rows=rows,
+                       n_live=len(live), n_features=meta.num_rows, n_most=min(n_show // 2, len(live)))

@@ -1,18 +1,31 @@
 """The `label` job's report: routing (tier shares, score histograms, tokens saved), the
-labels with their tier, method and cost, and the features section of collect."""
+scores of the sample, the labels with their tier, method and cost (failures as failures,
+labels shared by several features marked), and the features section of collect."""
 
 from __future__ import annotations
 
-import html
 import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from baez_ray.report.html import STYLE, highlight
+from baez_ray.report.html import duplicates, label_key, label_sharing, render_page
+
+N_SHOWN = 200  # labels shown (all are in labels/)
+
+
+def label_rows(labels: list[dict]) -> list[dict]:
+    """The labels by tier, then feature, each with the number of features sharing its label
+    (`shared`) and what stands in for a missing label (`missing`: failed, for a human, no
+    label): never an error text where a label goes."""
+    sharing = label_sharing([(r["sae_id"], r["feature"]) for r in labels], [r["label"] for r in labels])
+    return [{**r, "shared": sharing.get(label_key(r["label"]), 1) if r["label"] else 1,
+             "missing": "failed" if r["tries"] > 0 else "for a human" if r["tier"] == 3 else "no label"}
+            for r in sorted(labels, key=lambda r: (r["tier"] or 9, r["feature"]))]
 
 
 def write_label_report(run_dir: str | Path, n_examples: int = 3) -> Path:
+    from baez_ray.report.benchmark import score_failures, scoring_section
     from baez_ray.report.routing import write_routing_report
 
     run_dir = Path(run_dir)
@@ -20,43 +33,28 @@ def write_label_report(run_dir: str | Path, n_examples: int = 3) -> Path:
     out.mkdir(exist_ok=True)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     spec = manifest["spec"]
-    routes = pq.read_table(run_dir / "routes")
     taus = {k: spec["route"][k] for k in ("tau_in", "tau_out", "tau_cross")}
-    routing = write_routing_report(routes, out, taus=taus)
-    labels = pq.read_table(run_dir / "labels").to_pylist()
-    labels.sort(key=lambda r: (r["tier"] or 9, r["feature"]))
-    features_dir = Path(spec.get("features") or run_dir / "features")
-    shown = {r["feature"] for r in labels[:200]}
-    examples = {r["feature"]: [e for e in r["examples"] if e["kind"] == "top"][:n_examples]
-                for r in pq.read_table(features_dir, columns=["feature", "examples"]).to_pylist() if r["feature"] in shown}
+    routing = write_routing_report(pq.read_table(run_dir / "routes"), out, taus=taus)
+    labels = pq.read_table(run_dir / "labels", columns=["sae_id", "feature", "tier", "kind", "method", "label", "error", "tries"]).to_pylist()
+    rows = label_rows(labels)
+    shown = rows[:N_SHOWN]
+    # the examples of the features shown only: a filter on `feature` (Parquet statistics skip the other row groups)
+    keep = sorted({r["feature"] for r in shown})
+    features = pq.read_table(Path(spec.get("features") or run_dir / "features"), columns=["sae_id", "feature", "examples"],
+                             filters=[("feature", "in", keep)]).to_pylist() if keep else []
+    examples = {(r["sae_id"], r["feature"]): [e for e in r["examples"] if e["kind"] == "top"][:n_examples] for r in features}
+    shown = [{**r, "examples": examples.get((r["sae_id"], r["feature"]), [])} for r in shown]
     st = manifest["stages"].get("label", {})
     n_failed = sum(1 for r in labels if r["label"] is None and r["tries"] > 0)
-    banner = ""
-    if n_failed:
-        banner = (f"<div class=banner><b>{n_failed:,} of {len(labels):,} features failed</b> "
-                  f"({st.get('backend_failed', 0):,} in the LLM backend: rerun the same command to retry only those; "
-                  "the others' answers could not be parsed). Their errors are in the <i>error</i> column and in labels/.</div>")
-    head = (f"<h1>Labels: {html.escape(manifest['name'])}</h1>{banner}<table>"
-            f"<tr><th>features labelled</th><td>{st.get('labelled', 0):,} of {st.get('features', 0):,} ({st.get('failed', 0):,} without a label)</td></tr>"
-            f"<tr><th>failed</th><td>{n_failed:,}</td></tr>"
-            f"<tr><th>LLM tokens in / out</th><td>{st.get('input_tokens', 0):,} / {st.get('output_tokens', 0):,}</td></tr>"
-            f"<tr><th>cost (USD)</th><td>{st.get('cost_usd', 0.0):.4f}</td></tr></table>")
-    rows = ["<h2>Labels</h2><table><tr><th>feature</th><th>tier</th><th>kind</th><th>method</th><th>label</th><th>error</th><th>top examples</th></tr>"]
-    for r in labels[:200]:
-        # never an error text in the label column: a failure says so, its text goes to `error`
-        label = (html.escape(r["label"]) if r["label"] else "<span class=failed>failed</span>" if r["tries"] > 0
-                 else "<i>for a human</i>" if r["tier"] == 3 else "<i>no label</i>")
-        err = html.escape(r["error"] or "")
-        ex = "<br>".join(f"<span class=ex>{highlight(e['token_strs'], e['acts'])}</span>" for e in examples.get(r["feature"], []))
-        rows.append(f"<tr><td>{r['feature']}</td><td>{r['tier']}</td><td>{r['kind']}</td><td>{r['method']}</td><td>{label}</td><td>{err}</td><td>{ex}</td></tr>")
-    rows.append("</table>")
-    if len(labels) > 200:
-        rows.append(f"<p>First 200 of {len(labels):,} labels; all are in labels/.</p>")
-    from baez_ray.report.benchmark import scoring_section
-
-    scoring = scoring_section(run_dir, out, spec.get("seed", 0))
-    features_link = "<p><a href='features.html'>Features: firing statistics and examples</a></p>" if (out / "features.html").exists() else ""
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>baez_ray labels</title><style>{STYLE}</style></head><body>"
-            f"{head}{routing['html']}{scoring}{''.join(rows)}{features_link}</body></html>")
-    (out / "index.html").write_text(page, encoding="utf-8")
-    return out / "index.html"
+    n_backend = st.get("backend_failed", 0)
+    failures = [f"{n_backend:,} failed in the LLM backend", f"{n_failed - n_backend:,} answers could not be parsed",
+                "their errors are in the error column and in labels/"] if n_failed else []
+    failures += score_failures(manifest)
+    facts = [("features labelled", f"{st.get('labelled', 0):,} of {st.get('features', 0):,} ({st.get('failed', 0):,} without a label)"),
+             ("failed", f"{n_failed:,}"),
+             ("LLM tokens in / out", f"{st.get('input_tokens', 0):,} / {st.get('output_tokens', 0):,}"),
+             ("cost (USD)", f"{st.get('cost_usd', 0.0):.4f}")]
+    return render_page("labels.html.j2", out / "index.html", name=manifest["name"], n_failed=n_failed, n_labels=len(labels),
+                       failures=failures, retry=n_backend > 0, facts=facts, routing=routing["html"],
+                       scoring=scoring_section(run_dir, out, spec.get("seed", 0)), labels=shown, duplicates=duplicates(rows),
+                       features_link=(out / "features.html").exists())

@@ -36,14 +36,13 @@ live features, the middle claim ≥ 3; with fewer a claim says so and is not jud
 
 from __future__ import annotations
 
-import html
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from baez_ray.report.html import pyplot, save_figure
+from baez_ray.report.html import pyplot, save_figure, section
 
 KINDS = ("input", "output", "cross", "obscure")
 # every share is a sum of kind shares (kind indices into KINDS)
@@ -210,34 +209,6 @@ def layers_figure(shares, quantiles, path: str | Path) -> Path:
     return save_figure(fig, path)
 
 
-def _ci_cell(row, s: str) -> str:
-    return "–" if row["n"] == 0 else f"{row[s]:.2f} <small>({row[s + '_lo']:.2f}–{row[s + '_hi']:.2f})</small>"
-
-
-def layers_html(shares, quantiles, claims: list[dict], figure: str | None) -> str:
-    """The section: shares table, verdict table, score quantiles, the figure."""
-    cols = ("tier1", "tier2", "tier3", "input", "output", "cross", "obscure")
-    t = ["<table><tr><th>layer</th><th>SAEs</th><th>live</th><th>dead</th>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>"]
-    for _, r in shares.iterrows():
-        t.append(f"<tr><td>{r['layer']}</td><td>{html.escape(r['saes'])}</td><td class=num>{r['n']:,}</td><td class=num>{r['n_dead']:,}</td>"
-                 + "".join(f"<td class=num style='white-space:nowrap'>{_ci_cell(r, c)}</td>" for c in cols) + "</tr>")
-    t.append("</table>")
-    v = ["<table><tr><th>claim</th><th>figure (95% CI)</th><th>verdict</th></tr>"]
-    for c in claims:
-        v.append(f"<tr><td>{CLAIMS[c['claim']]}</td><td>{html.escape(c['figure'])}</td><td><b>{c['verdict']}</b></td></tr>")
-    v.append("</table>")
-    names = [n for n in quantiles.columns if n.startswith("q")]
-    q = ["<table><tr><th>layer</th><th>score</th><th>n</th>" + "".join(f"<th>{n}</th>" for n in names) + "</tr>"]
-    for _, r in quantiles.iterrows():
-        q.append(f"<tr><td>{r['layer']}</td><td>{r['score']}</td><td class=num>{r['n']:,}</td>"
-                 + "".join(f"<td class=num>{r[n]:.2f}</td>" for n in names) + "</tr>")
-    q.append("</table>")
-    img = f"<img src='{figure}' style='max-width:100%'>" if figure else ""
-    return (f"<h2>Layers</h2><h3>The layer hypothesis</h3><p><b>{html.escape(overall(claims))}</b></p>{''.join(v)}<p><small>{RULE}</small></p>"
-            f"<h3>Tier and kind shares per layer</h3>{''.join(t)}{img}"
-            f"<h3>C_in, C_out, C_cross per layer (live features; quantiles)</h3>{''.join(q)}")
-
-
 def write_layers_section(routes, out_dir: str | Path, seed: int = 0, n_boot: int = N_BOOT) -> dict[str, Any]:
     """Write layers.png and layers.json into out_dir; return {shares, quantiles, verdicts,
     html} (shares and quantiles as records)."""
@@ -252,4 +223,8 @@ def write_layers_section(routes, out_dir: str | Path, seed: int = 0, n_boot: int
     summary = {"shares": json.loads(shares.to_json(orient="records")), "quantiles": json.loads(quantiles.to_json(orient="records")),
                "verdicts": claims}
     (out_dir / "layers.json").write_text(json.dumps(summary, indent=2))
-    return {**summary, "html": layers_html(shares, quantiles, claims, figure)}
+    page = {"overall": overall(claims), "verdicts": claims, "claims": CLAIMS, "rule": RULE, "figure": figure,
+            "columns": ("tier1", "tier2", "tier3", "input", "output", "cross", "obscure"),
+            "shares": summary["shares"], "quantiles": summary["quantiles"],
+            "quantile_names": [n for n in quantiles.columns if n.startswith("q")]}
+    return {**summary, "html": section("layers", page)}

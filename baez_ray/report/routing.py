@@ -2,6 +2,10 @@
 the three correlation scores, and the LLM tokens saved against labelling every feature
 with the tier-2 method.
 
+A feature that never fired (no example: `n_examples` = 0) has no score and is routed to
+tier 3; here it is its own class, "never fired": counted apart, left out of the tier and
+kind shares and out of the tokens saved (no method would label it).
+
 All functions take the routes table (schema.ROUTES) as a pyarrow Table or a pandas
 DataFrame.
 
@@ -34,7 +38,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from baez_ray.report.html import pyplot, save_figure
+from baez_ray.report.html import pyplot, save_figure, section
 from baez_ray.report.layers import KINDS, write_layers_section
 
 SCORES = (("c_in", "C_in (input window)", "tau_in"), ("c_out", "C_out (output window)", "tau_out"), ("c_cross", "C_cross (cross window)", "tau_cross"))
@@ -52,11 +56,17 @@ def _frame(routes):
     return routes.to_pandas()
 
 
+def fired(df):
+    """The routes of the features that fired (at least one example)."""
+    return df[df["n_examples"] > 0]
+
+
 # ------------------------------------------------------------------ tier shares
 def tier_shares(routes, by: Sequence[str] | None = ("sae_id", "layer")):
-    """Share of features per tier and per kind: one row per group of `by` (None: one row,
-    all features). Columns: the group keys, n, tier1, tier2, tier3, input, output, cross,
-    obscure (shares in [0, 1])."""
+    """Share of features per tier and per kind among those that fired: one row per group of
+    `by` (None: one row, all features). Columns: the group keys, n (features that fired),
+    never_fired (a count), tier1, tier2, tier3, input, output, cross, obscure (shares of n,
+    in [0, 1])."""
     import pandas as pd
 
     df = _frame(routes)
@@ -65,15 +75,16 @@ def tier_shares(routes, by: Sequence[str] | None = ("sae_id", "layer")):
     rows = []
     for key, g in groups:
         key = key if isinstance(key, tuple) else (key,)
-        n = len(g)
         row: dict[str, Any] = dict(zip(keys, key))
-        row["n"] = n
+        row["never_fired"] = int((g["n_examples"] == 0).sum())
+        g = fired(g)
+        n = row["n"] = len(g)
         for t in (1, 2, 3):
             row[f"tier{t}"] = float((g["tier"] == t).sum() / n) if n else math.nan
         for k in KINDS:
             row[k] = float((g["kind"] == k).sum() / n) if n else math.nan
         rows.append(row)
-    return pd.DataFrame(rows, columns=keys + ["n", "tier1", "tier2", "tier3", *KINDS])
+    return pd.DataFrame(rows, columns=keys + ["n", "never_fired", "tier1", "tier2", "tier3", *KINDS])
 
 
 # ------------------------------------------------------------------ plots
@@ -93,7 +104,7 @@ def score_histograms(routes, path: str | Path, taus: dict[str, float] | None = N
     if len(groups) > max_groups:
         groups = [("all", df)]
     bins = np.linspace(-0.2, 1.0, 49)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), sharey=False)
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.4), sharey=False)
     for ax, (col, title, tau_key) in zip(axes, SCORES):
         for key, g in groups:
             vals = g[col].dropna().to_numpy(dtype=float)
@@ -178,9 +189,12 @@ def tokens_saved(
     price: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """LLM tokens (and, with `price` = {"input_per_mtok", "output_per_mtok"} in USD, cost)
-    saved by routing against sending every feature to the tier-2 method.
+    saved by routing against sending every feature that fired to the tier-2 method (those
+    that never fired are counted in `never_fired`, nothing else).
     `tokens_per_feature`: a number (total tokens) or the dict of `eleuther_tokens_per_feature`."""
     df = _frame(routes)
+    never_fired = int((df["n_examples"] == 0).sum())
+    df = fired(df)
     n = len(df)
     n1, n2, n3 = (int((df["tier"] == t).sum()) for t in (1, 2, 3))
     if isinstance(tokens_per_feature, dict):
@@ -192,6 +206,7 @@ def tokens_saved(
     routed = n2 * t + n1 * tier1_tokens_per_feature + n3 * tier3_tokens_per_feature
     out = {
         "features": n,
+        "never_fired": never_fired,
         "tier1": n1,
         "tier2": n2,
         "tier3": n3,
@@ -231,12 +246,5 @@ def write_routing_report(routes, out_dir: str | Path, taus: dict[str, float] | N
         "taus": taus or {},
     }
     (out_dir / "routing.json").write_text(json.dumps(summary, indent=2))
-    table = per_layer.to_html(index=False, float_format=lambda x: f"{x:.2f}")
-    summary["html"] = (
-        "<h2>Routing</h2>"
-        f"<p>{saved['features']} features: tier 1 {overall['tier1']:.0%}, tier 2 {overall['tier2']:.0%}, tier 3 {overall['tier3']:.0%}. "
-        f"Estimated LLM tokens saved against the tier-2 method for all: {saved['saved_tokens']:,.0f} "
-        f"({saved['saved_share']:.0%} of {saved['baseline_tokens']:,.0f}).</p>"
-        f"{table}<img src='tiers.png'><img src='scores.png'>"
-    ) + write_layers_section(df, out_dir, seed)["html"]
+    summary["html"] = section("routing", summary) + write_layers_section(df, out_dir, seed)["html"]
     return summary
