@@ -106,16 +106,17 @@ def summary_table(summary) -> str:
 
 
 def per_feature_table(scores, limit: int = 300) -> str:
-    piv = scores.pivot_table(index=["feature", "method", "label"], columns="benchmark",
+    piv = scores.pivot_table(index=["sae_id", "feature", "method", "label"], columns="benchmark",
                              values=["balanced_accuracy", "auroc", "gap"], aggfunc="first", dropna=False)
     benches = [b for b in BENCH_ORDER if b in set(scores["benchmark"])]
     cols = [(HEADLINE[b], b) for b in benches]
-    head = "<table class=perfeature><tr><th>feature</th><th>method</th><th>label</th>" + "".join(
+    head = "<table class=perfeature><tr><th>SAE</th><th>feature</th><th>method</th><th>label</th>" + "".join(
         f"<th class=num>{b}</th>" for b in benches) + "</tr>"
     rows = []
-    for (feat, method, label), r in list(piv.iterrows())[:limit]:
+    for (sae, feat, method, label), r in list(piv.iterrows())[:limit]:
         vals = "".join(f"<td class=num>{_fmt(r.get(c, np.nan), 2)}</td>" for c in cols)
-        rows.append(f"<tr><td>{feat}</td><td>{html.escape(method)}</td><td>{html.escape(str(label))}</td>{vals}</tr>")
+        rows.append(f"<tr><td>{html.escape(sae)}</td><td>{feat}</td><td>{html.escape(method)}</td>"
+                    f"<td>{html.escape(str(label))}</td>{vals}</tr>")
     more = f"<p>First {limit} of {len(piv):,} rows; all are in scores/.</p>" if len(piv) > limit else ""
     return head + "".join(rows) + "</table>" + more
 

@@ -24,11 +24,12 @@ def write_label_report(run_dir: str | Path, n_examples: int = 3) -> Path:
     taus = {k: spec["route"][k] for k in ("tau_in", "tau_out", "tau_cross")}
     routing = write_routing_report(routes, out, taus=taus)
     labels = pq.read_table(run_dir / "labels").to_pylist()
-    labels.sort(key=lambda r: (r["tier"] or 9, r["feature"]))
+    labels.sort(key=lambda r: (r["tier"] or 9, r["sae_id"], r["feature"]))
     features_dir = Path(spec.get("features") or run_dir / "features")
-    shown = {r["feature"] for r in labels[:200]}
-    examples = {r["feature"]: [e for e in r["examples"] if e["kind"] == "top"][:n_examples]
-                for r in pq.read_table(features_dir, columns=["feature", "examples"]).to_pylist() if r["feature"] in shown}
+    shown = {(r["sae_id"], r["feature"]) for r in labels[:200]}
+    examples = {(r["sae_id"], r["feature"]): [e for e in r["examples"] if e["kind"] == "top"][:n_examples]
+                for r in pq.read_table(features_dir, columns=["sae_id", "feature", "examples"]).to_pylist()
+                if (r["sae_id"], r["feature"]) in shown}
     st = manifest["stages"].get("label", {})
     n_failed = sum(1 for r in labels if r["label"] is None and r["tries"] > 0)
     banner = ""
@@ -41,14 +42,14 @@ def write_label_report(run_dir: str | Path, n_examples: int = 3) -> Path:
             f"<tr><th>failed</th><td>{n_failed:,}</td></tr>"
             f"<tr><th>LLM tokens in / out</th><td>{st.get('input_tokens', 0):,} / {st.get('output_tokens', 0):,}</td></tr>"
             f"<tr><th>cost (USD)</th><td>{st.get('cost_usd', 0.0):.4f}</td></tr></table>")
-    rows = ["<h2>Labels</h2><table><tr><th>feature</th><th>tier</th><th>kind</th><th>method</th><th>label</th><th>error</th><th>top examples</th></tr>"]
+    rows = ["<h2>Labels</h2><table><tr><th>SAE</th><th>feature</th><th>tier</th><th>kind</th><th>method</th><th>label</th><th>error</th><th>top examples</th></tr>"]
     for r in labels[:200]:
         # never an error text in the label column: a failure says so, its text goes to `error`
         label = (html.escape(r["label"]) if r["label"] else "<span class=failed>failed</span>" if r["tries"] > 0
                  else "<i>for a human</i>" if r["tier"] == 3 else "<i>no label</i>")
         err = html.escape(r["error"] or "")
-        ex = "<br>".join(f"<span class=ex>{highlight(e['token_strs'], e['acts'])}</span>" for e in examples.get(r["feature"], []))
-        rows.append(f"<tr><td>{r['feature']}</td><td>{r['tier']}</td><td>{r['kind']}</td><td>{r['method']}</td><td>{label}</td><td>{err}</td><td>{ex}</td></tr>")
+        ex = "<br>".join(f"<span class=ex>{highlight(e['token_strs'], e['acts'])}</span>" for e in examples.get((r["sae_id"], r["feature"]), []))
+        rows.append(f"<tr><td>{html.escape(r['sae_id'])}</td><td>{r['feature']}</td><td>{r['tier']}</td><td>{r['kind']}</td><td>{r['method']}</td><td>{label}</td><td>{err}</td><td>{ex}</td></tr>")
     rows.append("</table>")
     if len(labels) > 200:
         rows.append(f"<p>First 200 of {len(labels):,} labels; all are in labels/.</p>")
