@@ -5,9 +5,9 @@ where models come from: local folders, hub ids, or GGUF files shipped in PyPI pa
 `residuals(ids)` runs the model only as far as the deepest block read: a forward hook on
 each block read captures its output (a tensor, or the first element of a tuple, depending
 on the architecture), and the deepest one stops the forward pass, so the layers above it
-cost nothing. Layer L is
-the output of block L, i.e. HF `hidden_states[L + 1]` (except for the last block, whose
-`hidden_states` entry HF gives after the final norm; we always take the block's output).
+cost nothing. Layer L is the output of block L, i.e. HF `hidden_states[L + 1]` (except for
+the last block, whose `hidden_states` entry HF gives after the final norm; we always take
+the block's output).
 """
 
 from __future__ import annotations
