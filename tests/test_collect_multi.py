@@ -176,3 +176,31 @@ def test_resume_after_an_interrupted_multi_sae_collect(one_pass, parts, tmp_path
         return pq.read_table(run_dir / "features").sort_by([("sae_id", "ascending"), ("feature", "ascending")]).to_pylist()
 
     assert rows(tmp_path) == rows(one_pass)
+
+
+def test_corpus_negatives_of_two_saes(one_pass, parts):
+    """`score.negatives: corpus` with features of both SAEs: one forward pass reads both
+    layers, and every window returned is silent for its feature at its SAE's layer."""
+    from sae_lens import SAE
+    from transformers import AutoModelForCausalLM
+
+    from baez_ray.stages.negatives import corpus_negatives
+
+    spec = multi_job(parts)
+    keys = [(sid, f) for sid in LAYERS for f in range(0, 60, 7)]
+    neg = corpus_negatives(one_pass / "contexts", spec.model, spec.saes, spec.corpus, spec.collect.window,
+                           spec.collect.batch_size, keys, n=3, seed=0, n_contexts=12)
+    contexts = {r["context_id"]: r["tokens"] for r in pq.read_table(one_pass / "contexts").to_pylist()}
+    model = AutoModelForCausalLM.from_pretrained(parts[0]).eval()
+    saes = {sid: SAE.load_from_disk(parts[1][sid]) for sid in LAYERS}
+    found = {sid: 0 for sid in LAYERS}
+    for (sid, f), exs in neg.items():
+        for e in exs:
+            with torch.no_grad():
+                hs = model(input_ids=torch.tensor([contexts[e["context_id"]]]), output_hidden_states=True).hidden_states
+                acts = saes[sid].encode(hs[LAYERS[sid] + 1])[0, e["position"] : e["position"] + WINDOW, f]
+            assert float(acts.max()) <= 0, (sid, f, e["context_id"], e["position"])
+            found[sid] += 1
+    assert all(n >= 6 for n in found.values()), found
+    with pytest.raises(ValueError, match=r"features of SAE\(s\) \['other'\]"):
+        corpus_negatives(one_pass / "contexts", spec.model, spec.saes, spec.corpus, WINDOW, 3, [("other", 1)], n=1, seed=0)
