@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -35,7 +35,8 @@ class ModelConfig(Section):
     id: str = Field(description="model id written into the tables, e.g. gemma-3-270m")
     path: str
     gguf_file: str | None = None
-    layer: int = Field(ge=0, description="residual stream after block `layer` (HF hidden_states[layer+1])")
+    layer: int | None = Field(None, ge=0, description="the single `sae:` form: the SAE reads the residual stream after block "
+                                                   "`layer` (HF hidden_states[layer+1]); with `saes:` each SAE gives its layer")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_gpus: float = Field(0.0, ge=0)
@@ -44,9 +45,11 @@ class ModelConfig(Section):
 
 
 class SAEConfig(Section):
-    """An SAE loaded by sae-lens: from disk (`path`) or from a release (`release` + `sae_id`)."""
+    """An SAE loaded by sae-lens: from disk (`path`) or from a release (`release` + `sae_id`),
+    reading the residual stream after block `layer` (the single `sae:` form: `model.layer`)."""
 
     id: str = Field(description="SAE id written into the tables, e.g. 12-res-demo")
+    layer: int | None = Field(None, ge=0, description="residual stream after block `layer` (HF hidden_states[layer+1])")
     path: str | None = None
     release: str | None = None
     sae_id: str | None = None
@@ -88,7 +91,9 @@ class CollectConfig(Section):
     window_left: int = Field(16, ge=0, description="tokens kept before the top token")
     samples_per_decile: int = Field(2, ge=0)
     reservoir: int = Field(40, ge=0, description="uniform sample of firing contexts per feature, binned into deciles at the end")
-    keep_residual: bool = False
+    keep_residual: bool | list[int] = Field(
+        False, description="store the residual at each top example's top token (the AV reads it): true for every SAE, "
+                           "or a list of layers (the SAEs at those layers)")
     residual_top_n: int = Field(5, ge=0, description="store the residual for this many top examples")
     ignore_bos: bool = True
     batch_size: int = Field(8, ge=1, description="contexts per forward pass")
@@ -106,12 +111,44 @@ class CollectConfig(Section):
             raise ValueError("collect.window_left must be smaller than collect.window")
         return self
 
+    def keeps_residual(self, layer: int) -> bool:
+        return self.keep_residual is True or (isinstance(self.keep_residual, list) and layer in self.keep_residual)
+
+
+class IngestSource(Section):
+    """One Neuronpedia export folder, optionally kept to one modelId / source id."""
+
+    path: str = Field(description="directory of a Neuronpedia bulk export (features/, activations/, explanations/)")
+    model_id: str | None = None  # keep only this modelId
+    layer: str | None = None  # keep only this Neuronpedia layer/source id
+
 
 class IngestConfig(Section):
-    path: str = Field(description="directory of a Neuronpedia bulk export (features/, activations/, explanations/)")
+    """A Neuronpedia export (`path`, with the filters `model_id` / `layer`), or several
+    model/source pairs (`sources:`, e.g. one export per layer); read back as `sources`."""
+
+    path: str | None = Field(None, description="directory of a Neuronpedia bulk export (features/, activations/, explanations/)")
     top_k: int = Field(20, ge=1)
     model_id: str | None = None  # keep only this modelId
     layer: str | None = None  # keep only this Neuronpedia layer/source id
+    sources: list[IngestSource] = Field(default_factory=list, description="several exports / model-source pairs in one job")
+    _single: bool = PrivateAttr(False)  # written with `path`: messages name ingest.path
+
+    def source_key(self, i: int, field: str) -> str:
+        return f"ingest.{field}" if self._single else f"ingest.sources.{i}.{field}"
+
+    @model_validator(mode="after")
+    def _one_source_list(self) -> "IngestConfig":
+        if bool(self.path) == bool(self.sources):
+            raise ValueError("give exactly one of ingest.path (with ingest.model_id / ingest.layer) or ingest.sources")
+        if self.path:
+            one = IngestSource(path=self.path, model_id=self.model_id, layer=self.layer)
+            for name, value in (("sources", [one]), ("path", None), ("model_id", None), ("layer", None)):
+                object.__setattr__(self, name, value)
+            self._single = True
+        elif self.model_id or self.layer:
+            raise ValueError("ingest.model_id / ingest.layer go with ingest.path: with ingest.sources, give them per source")
+        return self
 
 
 class Price(Section):
@@ -276,7 +313,8 @@ class JobSpec(Section):
     out: str = "runs"
     ray: RayConfig = RayConfig()
     model: ModelConfig | None = None
-    sae: SAEConfig | None = None
+    sae: SAEConfig | None = Field(None, description="one SAE at model.layer; read back as `saes` (a list of one)")
+    saes: list[SAEConfig] = Field(default_factory=list, description="SAEs, each with its layer, collected in one pass")
     corpus: CorpusConfig | None = None
     collect: CollectConfig = CollectConfig()
     ingest: IngestConfig | None = None
@@ -284,26 +322,64 @@ class JobSpec(Section):
     route: RouteConfig = RouteConfig()
     label: LabelConfig | None = None
     benchmark: BenchmarkConfig | None = None
+    _single_sae: bool = PrivateAttr(False)  # written with `sae:` + `model.layer`: messages name those keys
+
+    def sae_key(self, i: int, field: str) -> str:
+        """The job file's key of SAE i's `field` (path, layer, ...), as the file spells it."""
+        if self._single_sae:
+            return "model.layer" if field == "layer" else f"sae.{field}"
+        return f"saes.{i}.{field}"
+
+    @model_validator(mode="after")
+    def _one_sae_list(self) -> "JobSpec":
+        """`sae:` + `model.layer` and `saes:` are two spellings of one list: after
+        validation `saes` holds every SAE with its layer, and `sae` and `model.layer` are
+        unset (a run's stored spec is always in the list form)."""
+        if self.sae is not None:
+            if self.saes:
+                raise ValueError("give either sae (with model.layer) or saes (each with its layer), not both")
+            layer = self.model.layer if self.model is not None else None
+            if self.sae.layer is not None and layer is not None and self.sae.layer != layer:
+                raise ValueError(f"sae.layer is {self.sae.layer} but model.layer is {layer}: give one")
+            layer = layer if layer is not None else self.sae.layer
+            if layer is None:
+                raise ValueError("sae needs a layer: set model.layer (or sae.layer)")
+            object.__setattr__(self, "saes", [self.sae.model_copy(update={"layer": layer})])
+            object.__setattr__(self, "sae", None)
+            self._single_sae = True
+        elif self.model is not None and self.model.layer is not None and self.saes:
+            raise ValueError("model.layer is for the single sae form: with saes, give each SAE's layer (saes.N.layer)")
+        if self.model is not None and self.model.layer is not None:
+            object.__setattr__(self, "model", self.model.model_copy(update={"layer": None}))
+        seen: dict[str, int] = {}
+        for i, s in enumerate(self.saes):
+            if s.layer is None:
+                raise ValueError(f"saes.{i}.layer: missing (the block whose output SAE {s.id!r} reads)")
+            if s.id in seen:
+                raise ValueError(f"saes.{i}.id: {s.id!r} is the id of saes.{seen[s.id]} too; SAE ids key the tables' rows, so they must differ")
+            seen[s.id] = i
+        return self
 
     @model_validator(mode="after")
     def _sections_for_job(self) -> "JobSpec":
         need = {
-            "collect": ("model", "sae", "corpus"),
+            "collect": ("model", "saes", "corpus"),
             "ingest": ("ingest",),
-            "label": ("label",) if self.features else ("label", "model", "sae", "corpus"),
-            "benchmark": ("benchmark",) if self.features else ("benchmark", "model", "sae", "corpus"),
+            "label": ("label",) if self.features else ("label", "model", "saes", "corpus"),
+            "benchmark": ("benchmark",) if self.features else ("benchmark", "model", "saes", "corpus"),
         }[self.job]
-        missing = [s for s in need if getattr(self, s) is None]
+        missing = [s for s in need if getattr(self, s) in (None, [])]
         if missing:
-            raise ValueError(f"job '{self.job}' needs section(s): {', '.join(missing)}")
+            raise ValueError(f"job '{self.job}' needs section(s): {', '.join('sae (or saes)' if m == 'saes' else m for m in missing)}")
         score = self.label.score if self.job == "label" else self.benchmark.score if self.job == "benchmark" else None
         if score is not None:
             section = "label" if self.job == "label" else "benchmark"
             _check_logprob_scorer(score, score.scorer or getattr(self, section).explainer, f"{section}.score")
         if score is not None and score.negatives == "corpus":
-            missing = [s for s in ("model", "sae", "corpus") if getattr(self, s) is None]
+            missing = [s for s in ("model", "saes", "corpus") if getattr(self, s) in (None, [])]
             if missing:
-                raise ValueError(f"score.negatives = corpus runs the model and SAE over the corpus: it needs section(s) {', '.join(missing)}")
+                raise ValueError("score.negatives = corpus runs the model and SAE over the corpus: it needs section(s) "
+                                 f"{', '.join('sae (or saes)' if m == 'saes' else m for m in missing)}")
         return self
 
 

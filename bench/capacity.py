@@ -419,7 +419,7 @@ def measure_gpu(args) -> dict:
 
     sys.path.insert(0, str(ROOT))
     from baez_ray.config import CollectConfig
-    from baez_ray.stages.collect import CollectWorker
+    from baez_ray.stages.collect import CollectWorker, _Dictionary
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     tiny = args.tiny or dev == "cpu"
@@ -457,6 +457,9 @@ def measure_gpu(args) -> dict:
         def residual(self, ids):
             return self.model.model(input_ids=ids).last_hidden_state
 
+        def residuals(self, ids):
+            return {layer: self.residual(ids)}
+
     class SAE:
         def __init__(self, d_in, d):
             self.W = (torch.randn(d_in, d, device=dev) / d_in**0.5).to(torch.bfloat16)
@@ -477,12 +480,8 @@ def measure_gpu(args) -> dict:
                         residual_top_n=15, batch_size=batch)
     w = CollectWorker.__new__(CollectWorker)
     w.cfg, w.lm, w.device = cfg, LM(lm), dev
-    w.sae = SAE(shape["hidden_size"], d_sae)
-    w.sae_dtype, w.F, w.seed, w.bos_id = torch.bfloat16, d_sae, 0, 2
-    w.top_key = torch.zeros(d_sae, cfg.top_k, device=dev, dtype=torch.float32)
-    w.top_ctx = torch.full((d_sae, cfg.top_k), -1, dtype=torch.int64, device=dev)
-    w.smp_key = torch.full((d_sae, cfg.reservoir), 2.0, dtype=torch.float64, device=dev)
-    w.smp_ctx = torch.full((d_sae, cfg.reservoir), -1, dtype=torch.int64, device=dev)
+    w.dicts = [_Dictionary(SAE(shape["hidden_size"], d_sae), layer, d_sae, 0, cfg, dev)]
+    w.F, w.seed, w.bos_id = d_sae, 0, 2
     rng = np.random.default_rng(0)
 
     def part(i):
@@ -513,8 +512,8 @@ def measure_gpu(args) -> dict:
         if args.steady_parts:
             # late in a long corpus the running top-k and reservoir are full and almost
             # nothing enters them: model them as full of keys no new context beats
-            w.top_key.fill_(3.0e38)
-            w.smp_key.fill_(0.0)
+            w.dicts[0].top_key.fill_(3.0e38)
+            w.dicts[0].smp_key.fill_(0.0)
             t0 = time.perf_counter()
             rows = 0
             for i in range(args.parts + 1, args.parts + 1 + args.steady_parts):

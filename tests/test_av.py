@@ -195,8 +195,8 @@ def test_real_configuration_job():
     from baez_ray.jobs import load_job
 
     spec = load_job(ROOT / "jobs" / "gemma27b_l41_label.yaml")
-    assert spec.job == "label" and spec.model.path == "google/gemma-3-27b-it" and spec.model.layer == 41
-    assert (spec.sae.release, spec.sae.sae_id) == ("gemma-scope-2-27b-it-res-all", "layer_41_width_262k_l0_small")
+    assert spec.job == "label" and spec.model.path == "google/gemma-3-27b-it" and spec.saes[0].layer == 41
+    assert (spec.saes[0].release, spec.saes[0].sae_id) == ("gemma-scope-2-27b-it-res-all", "layer_41_width_262k_l0_small")
     lab = spec.label
     assert lab.explainer.backend == "anthropic" and lab.explainer.model == "claude-sonnet-4-5"
     assert lab.explainer.price.input_per_mtok > 0 and lab.explainer.price.output_per_mtok > 0
@@ -204,7 +204,7 @@ def test_real_configuration_job():
     assert lab.av.engine == "vllm" and lab.av.num_gpus >= 1 and lab.av.device == "cuda"
     assert spec.model.num_gpus >= 1 and spec.collect.keep_residual
     sc = load_sidecar(ROOT / lab.av_sidecar)
-    assert sc.av_model == "kitft/nla-gemma3-27b-L41-av" and sc.extraction_layer == spec.model.layer
+    assert sc.av_model == "kitft/nla-gemma3-27b-L41-av" and sc.extraction_layer == spec.saes[0].layer
 
 
 def test_nla_meta_yaml_reads_as_a_sidecar(tmp_path):

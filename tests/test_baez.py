@@ -80,13 +80,13 @@ def test_nla_direct_labels_each_feature_from_its_decoder_row(ray_local, tiny_gem
     keys = [{"sae_id": "s", "layer": 0, "feature": f} for f in (0, 5, 17)] + [
         {"sae_id": "s", "layer": 0, "feature": 500}, {"sae_id": "other", "layer": 0, "feature": 1}]
     features = ray_local.data.from_items(keys)
-    labels = label_nla_direct(features, str(sidecar), SAEConfig(id="s", path=str(random_sae)), av=AVRunConfig(num_cpus=0.5, batch_size=2)).to_pylist()
+    labels = label_nla_direct(features, str(sidecar), [SAEConfig(id="s", path=str(random_sae), layer=0)], av=AVRunConfig(num_cpus=0.5, batch_size=2)).to_pylist()
     by = {(r["sae_id"], r["feature"]): r for r in labels}
     assert len(labels) == len(keys) and set(by) == {(k["sae_id"], k["feature"]) for k in keys}
     version = f"{prompts.NLA_DIRECT_VERSION}+av:tiny-self"
     assert all(r["method"] == "nla_direct" and r["prompt_version"] == version for r in labels)
     assert "not in the SAE (it has 96 features)" in by[("s", 500)]["error"] and by[("s", 500)]["label"] is None
-    assert "decoder loaded is SAE 's'" in by[("other", 1)]["error"]
+    assert "but the job's SAEs are ['s']" in by[("other", 1)]["error"]
     # the label is what the AV says about the decoder row, computed here directly
     sae = SAE.load_from_disk(random_sae, device="cpu")
     threads = torch.get_num_threads()

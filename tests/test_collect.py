@@ -176,7 +176,7 @@ def test_merger_compaction_is_exact(one_shard, tiny_gemma, random_sae, corpus):
 
     spec = job(tiny_gemma, random_sae, corpus)
     ctx = pq.read_table(one_shard / "contexts").to_pydict()
-    worker = CollectWorker(spec.model.model_dump(), spec.sae.model_dump(), spec.collect.model_dump(), 0, 96, 2, 1)
+    worker = CollectWorker(spec.model.model_dump(), [spec.saes[0].model_dump()], spec.collect.model_dump(), 0, [96], 2, 1)
     batches = []
     for i in range(0, len(ctx["context_id"]), 4):
         batches.append(worker({"context_id": np.array(ctx["context_id"][i : i + 4]), "tokens": np.array(ctx["tokens"][i : i + 4], dtype=object)}))
@@ -186,19 +186,19 @@ def test_merger_compaction_is_exact(one_shard, tiny_gemma, random_sae, corpus):
         eager.add(bt)
         lazy.add(bt)
     text = lambda ids: [str(i) for i in ids]  # noqa: E731
-    assert eager.features_table("s", "m", 0, text).equals(lazy.features_table("s", "m", 0, text))
+    assert eager.features_table([("s", 0, 96)], "m", text).equals(lazy.features_table([("s", 0, 96)], "m", text))
     # one context at a time through the SAE (a wide dictionary's budget) changes nothing
     import baez_ray.stages.collect as collect_mod
 
     budget, collect_mod.ACTS_BUDGET = collect_mod.ACTS_BUDGET, 1
     try:
         narrow = Merger(96, cfg)
-        worker1 = CollectWorker(spec.model.model_dump(), spec.sae.model_dump(), spec.collect.model_dump(), 0, 96, 2, 1)
+        worker1 = CollectWorker(spec.model.model_dump(), [spec.saes[0].model_dump()], spec.collect.model_dump(), 0, [96], 2, 1)
         for i in range(0, len(ctx["context_id"]), 4):
             narrow.add(worker1({"context_id": np.array(ctx["context_id"][i : i + 4]), "tokens": np.array(ctx["tokens"][i : i + 4], dtype=object)}))
     finally:
         collect_mod.ACTS_BUDGET = budget
-    assert narrow.features_table("s", "m", 0, text).equals(lazy.features_table("s", "m", 0, text))
+    assert narrow.features_table([("s", 0, 96)], "m", text).equals(lazy.features_table([("s", 0, 96)], "m", text))
     # later batches emit fewer candidates than the first: the running top-k filters them
     top_rows = [bt.filter(np.array([k == "top" for k in bt.column("kind").to_pylist()])).num_rows for bt in batches]
     assert top_rows[-1] < top_rows[0]

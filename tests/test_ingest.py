@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from baez_ray import schema
-from baez_ray.config import validate
+from baez_ray.config import ConfigError, validate
 from baez_ray.jobs import execute
 from baez_ray.stages.ingest import IngestError
 
@@ -305,3 +306,26 @@ def test_missing_export_is_a_clear_error(tmp_path):
         run_ingest(tmp_path / "empty", tmp_path / "run2")
     manifest = json.loads((tmp_path / "run2" / "manifest.json").read_text())
     assert manifest["status"] == "failed" and "no activation files" in manifest["stages"]["ingest"]["error"]
+
+
+def test_ingest_sources_several_exports_in_one_job(ray_local, export, tmp_path):
+    """`ingest.sources`: two exports (here two copies of one), each kept to one of its
+    model/source pairs: one features table with both pairs, as the whole export gives, and
+    the rejects named by export."""
+    root, exp = export
+    other = tmp_path / "copy"
+    shutil.copytree(root, other)
+    spec = validate({"job": "ingest", "name": "t", "ingest": {"top_k": TOP_K, "sources": [
+        {"path": str(root), "model_id": A[0], "layer": A[1]}, {"path": str(other), "model_id": B[0], "layer": B[1]}]}})
+    run = execute(spec, out=tmp_path / "run")
+    got = {(r["sae_id"], r["feature"]): r for r in read_table(run.dir, "features").to_pylist()}
+    want = expected_features(exp, TOP_K)
+    assert set(got) == set(want) and {r["layer"] for r in got.values()} == {41, 5}
+    for key, w in want.items():
+        assert [e["acts"] for e in got[key]["examples"]] == [e["acts"] for e in w["examples"]], key
+    sources = {r["source"] for r in read_table(run.dir, "rejects").to_pylist()}
+    assert sources and all(s.startswith((f"{root}/", f"{other}/")) for s in sources), sources
+    info = json.loads((run.dir / "manifest.json").read_text())["stages"]["ingest"]
+    assert info["files"] == 8 and info["activation_rows"] == 15
+    with pytest.raises(ConfigError, match="with ingest.sources, give them per source"):
+        validate({"job": "ingest", "ingest": {"sources": [{"path": str(root)}], "layer": A[1]}})

@@ -191,7 +191,7 @@ def test_labels_table_flags_shared_labels_and_failures(label_run):
     page = text(label_run / "report" / "index.html")
     assert "<b>2 labels are duplicates</b>: 1 distinct label(s)" in page
     rows = table_rows(page, "labels")
-    label_cells = [r.split("<td>")[5] for r in rows]
+    label_cells = [r.split("<td>")[6] for r in rows]  # SAE, feature, tier, kind, method, label
     assert sum("<span class=dup" in c and "×2</span>" in c for c in label_cells) == 2
     assert sum("<span class=failed>failed</span>" in c for c in label_cells) == 1
     assert sum("<i>for a human</i>" in c for c in label_cells) == 1

@@ -379,12 +379,12 @@ def test_corpus_negatives_are_windows_where_the_feature_is_silent(ray_local, tin
     })
     run = Run(spec, tmp_path / "run")
     keys = [("0-res-random", f) for f in range(0, 96, 8)]
-    neg = corpus_negatives(run.table_dir("contexts"), spec.model, spec.sae, spec.corpus, spec.collect.window, spec.collect.batch_size,
+    neg = corpus_negatives(run.table_dir("contexts"), spec.model, spec.saes, spec.corpus, spec.collect.window, spec.collect.batch_size,
                            keys, n=3, seed=0, n_contexts=16)
     # recompute every returned window from its context (the model reads the whole context)
     contexts = {r["context_id"]: r["tokens"] for r in pq.read_table(run.table_dir("contexts")).to_pylist()}
-    lm = ResidualReader(spec.model)
-    sae = load_sae(spec.sae, lm.device, lm.d_model)
+    lm = ResidualReader(spec.model, layers=[spec.saes[0].layer])
+    sae = load_sae(spec.saes[0], lm.device, lm.d_model)
     n_found = 0
     for (_, f), exs in neg.items():
         for e in exs:

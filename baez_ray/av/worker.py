@@ -86,13 +86,16 @@ def verbalize_vectors(rows, sidecar_path: str, run: AVRunConfig = AVRunConfig())
                      batch_size=run.batch_size, **extra)
 
 
-def top_example_vectors(n_examples: int):
+def top_example_vectors(n_examples: int, layer: int | None = None):
     """A map_batches function: FEATURES rows → one row per top example: the vector the AV
-    reads (the residual at the top token, kept by collect) and its 1-10 activation score."""
+    reads (the residual at the top token, kept by collect) and its 1-10 activation score.
+    `layer`: only features of SAEs at that layer (the AV's extraction layer)."""
 
     def build(batch: pa.Table) -> pa.Table:
         rows = []
         for f in batch.select(["sae_id", "layer", "feature", "max_activation", "examples"]).to_pylist():
+            if layer is not None and f["layer"] != layer:
+                continue
             for e in [e for e in f["examples"] if e["kind"] == "top"][:n_examples]:
                 rows.append({
                     "sae_id": f["sae_id"], "layer": f["layer"], "feature": f["feature"], "rank": e["rank"],
@@ -109,9 +112,11 @@ def top_example_vectors(n_examples: int):
 def verbalize(features, sidecar_path: str, n_examples: int = 10, run: AVRunConfig = AVRunConfig()) -> pa.Table:
     """AV explanations of each feature's top examples: rows (feature, rank, score,
     explanation, verbalizer, av_engine, av_error). Examples need the residual vector
-    (collect with keep_residual)."""
+    (collect with keep_residual) of the AV's extraction layer: features of SAEs at other
+    layers get none."""
     from baez_ray.ray_pool import gather
 
-    rows = features.map_batches(top_example_vectors(n_examples), batch_format="pyarrow")
+    layer = load_sidecar(sidecar_path).extraction_layer
+    rows = features.map_batches(top_example_vectors(n_examples, layer), batch_format="pyarrow")
     rows = rows.filter(lambda r: r["vector"] is not None)
     return gather(verbalize_vectors(rows, sidecar_path, run).drop_columns(["vector"]))

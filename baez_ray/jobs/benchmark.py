@@ -28,7 +28,7 @@ from baez_ray.stages.split import sample_and_split
 def method_context(spec: JobSpec, name: str, routes_dir: Path) -> methods.LabelContext:
     b = spec.benchmark
     return methods.LabelContext(name=name, explainer=b.explainer, max_retries=b.max_retries, n_examples=b.train_examples,
-                                av_sidecar=b.av_sidecar, av=b.av, sae=spec.sae, route=spec.route, routes_dir=routes_dir)
+                                av_sidecar=b.av_sidecar, av=b.av, saes=tuple(spec.saes), route=spec.route, routes_dir=routes_dir)
 
 
 def label_method(spec: JobSpec, run: Run, method: str, train_dir: Path, labels_dir: Path) -> dict:
@@ -58,7 +58,7 @@ def score_stage(spec: JobSpec, run: Run, labels_dir: Path, test_dir: Path) -> di
     if sc.negatives == "corpus":
         from baez_ray.stages.negatives import corpus_negatives
 
-        negatives = corpus_negatives(run.table_dir("contexts"), spec.model, spec.sae, spec.corpus, spec.collect.window,
+        negatives = corpus_negatives(run.table_dir("contexts"), spec.model, spec.saes, spec.corpus, spec.collect.window,
                                      spec.collect.batch_size, sorted(tests), sc.n_negatives, spec.seed)
     scores, counts = score_labels(tests, labels, sc, sc.scorer or b.explainer, seed=spec.seed, negatives=negatives)
     return {**counts, "parts": write_table(scores, run.table_dir("scores")), "rows": scores.num_rows}

@@ -35,7 +35,7 @@ def collect_features(spec: JobSpec, run: Run) -> Path:
     if not run.completed("collect"):
         init_ray(spec.ray)
         with run.stage("collect") as info:
-            info.update(collect(contexts_dir, state_root, run.table_dir("features"), spec.model, spec.sae, spec.collect,
+            info.update(collect(contexts_dir, state_root, run.table_dir("features"), spec.model, spec.saes, spec.collect,
                                 spec.seed, tokenizer, run.manifest["stages"]["contexts"]["tokens"]))
         shutil.rmtree(state_root, ignore_errors=True)  # the features table is committed now
     return run.table_dir("features")

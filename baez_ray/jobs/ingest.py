@@ -1,14 +1,12 @@
-"""The `ingest` job: a Neuronpedia bulk export → the features table (and rejects/, the
-lines that could not be used, with their reasons)."""
+"""The `ingest` job: Neuronpedia bulk exports (one, or several model/source pairs) → the
+features table (and rejects/, the lines that could not be used, with their reasons)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from baez_ray.config import JobSpec
 from baez_ray.ray_pool import init_ray
 from baez_ray.rundir import Run, log
-from baez_ray.stages.ingest import export_files, ingest
+from baez_ray.stages.ingest import ingest, source_files
 
 
 def run_job(spec: JobSpec, run: Run) -> None:
@@ -16,8 +14,7 @@ def run_job(spec: JobSpec, run: Run) -> None:
         log("[ingest] already done in this run directory: nothing to do")
         return
     with run.stage("ingest") as info:
-        root = Path(spec.ingest.path).expanduser().resolve()
-        files = export_files(root)  # a missing or empty export is an error before Ray starts
+        files = source_files(spec.ingest)  # a missing or empty export is an error before Ray starts
         init_ray(spec.ray)
-        log(f"[ingest] {len(files)} files in {root}")
+        log(f"[ingest] {len(files)} files in {', '.join(sorted({s.path for s in spec.ingest.sources}))}")
         info.update(ingest(spec.ingest, files, run.table_dir("features"), run.table_dir("rejects")))

@@ -160,7 +160,7 @@ def select(routes: pa.Table, cfg: LabelConfig) -> tuple[pa.Table, dict[int, set]
 def method_context(spec: JobSpec, name: str, routes_dir: Path) -> methods.LabelContext:
     cfg = spec.label
     return methods.LabelContext(name=name, explainer=cfg.explainer, small_llm=cfg.small_llm, max_retries=cfg.max_retries,
-                                n_examples=cfg.av_examples, av_sidecar=cfg.av_sidecar, av=cfg.av, sae=spec.sae,
+                                n_examples=cfg.av_examples, av_sidecar=cfg.av_sidecar, av=cfg.av, saes=tuple(spec.saes),
                                 route=spec.route, routes_dir=routes_dir)
 
 
@@ -271,7 +271,7 @@ def score_sample(spec: JobSpec, run: Run, features_dir: Path) -> dict:
     if cfg.negatives == "corpus":
         from baez_ray.stages.negatives import corpus_negatives
 
-        negatives = corpus_negatives(run.table_dir("contexts"), spec.model, spec.sae, spec.corpus, spec.collect.window,
+        negatives = corpus_negatives(run.table_dir("contexts"), spec.model, spec.saes, spec.corpus, spec.collect.window,
                                      spec.collect.batch_size, sorted(tests), cfg.n_negatives, spec.seed)
     scores, info = score_labels(tests, labels, cfg, cfg.scorer or spec.label.explainer, seed=spec.seed, negatives=negatives)
     info.update(parts=write_table(scores, run.table_dir("scores")), rows=scores.num_rows, **counts)

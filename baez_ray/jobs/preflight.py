@@ -6,8 +6,8 @@ call (`baez-ray validate`, and the start of `run` and `submit`).
 Each problem is one line `<file or key>: <problem>`; all are collected, none raised. What
 is checked: every path exists and has the right kind (corpus files, the SAE folder and its
 `cfg.json`, the model folder or the form of a hub id, AV sidecars, a features table, an
-ingest export), the SAE's `d_in` against the model's hidden size and `model.layer`
-against its layer count (both read from the model's `config.json`, no weights loaded), API
+ingest export), each SAE's `d_in` against the model's hidden size and its layer
+(`model.layer`, or `saes.N.layer`) against its layer count (both read from the model's `config.json`, no weights loaded), API
 keys for the backends used, the AV sidecar's marker and neighbours against the AV's
 tokenizer, that the run directory can be created, and that `ray.address` answers within a
 few seconds. A hub id is looked up only when not `offline` and the hub answers; otherwise
@@ -99,27 +99,38 @@ def text_config(cfg: dict) -> dict:
     return cfg.get("text_config") or cfg
 
 
+def sae_config(chk: Checks, spec: JobSpec, i: int) -> dict | None:
+    """The cfg.json of the job's SAE i when it is a folder (None otherwise, or when it
+    cannot be read: a problem is recorded)."""
+    sae = spec.saes[i]
+    if not sae.path:
+        return None
+    key, p = spec.sae_key(i, "path"), Path(sae.path)
+    if not p.exists():
+        chk.bad(key, f"{p}: no such SAE folder")
+    elif not p.is_dir():
+        chk.bad(key, f"{p}: not a folder (an SAE folder holds cfg.json and the weights)")
+    elif not (p / "cfg.json").is_file():
+        chk.bad(key, f"{p}: no cfg.json in this folder (not a sae-lens SAE folder)")
+    else:
+        return json.loads((p / "cfg.json").read_text())
+    return None
+
+
 def check_model_and_sae(chk: Checks, spec: JobSpec) -> None:
+    """The model's folder or hub id; each SAE's folder, its d_in against the model's hidden
+    size and its layer against the model's layer count."""
     cfg = model_config(chk, "model.path", spec.model.path) if spec.model else None
-    sae = None
-    if spec.sae and spec.sae.path:
-        p = Path(spec.sae.path)
-        if not p.exists():
-            chk.bad("sae.path", f"{p}: no such SAE folder")
-        elif not p.is_dir():
-            chk.bad("sae.path", f"{p}: not a folder (an SAE folder holds cfg.json and the weights)")
-        elif not (p / "cfg.json").is_file():
-            chk.bad("sae.path", f"{p}: no cfg.json in this folder (not a sae-lens SAE folder)")
-        else:
-            sae = json.loads((p / "cfg.json").read_text())
+    saes = [sae_config(chk, spec, i) for i in range(len(spec.saes))]
     if cfg is None or spec.model is None:
         return
     tc = text_config(cfg)
     n_layers, hidden = tc.get("num_hidden_layers", tc.get("n_layer")), tc.get("hidden_size", tc.get("n_embd"))
-    if n_layers is not None and spec.model.layer >= n_layers:
-        chk.bad("model.layer", f"{spec.model.layer}, but {spec.model.path} has {n_layers} layers (0..{n_layers - 1})")
-    if sae is not None and hidden is not None and sae.get("d_in") != hidden:
-        chk.bad("sae.path", f"{spec.sae.path}: d_in={sae.get('d_in')} does not match the hidden size {hidden} of {spec.model.path}")
+    for i, (sae, found) in enumerate(zip(spec.saes, saes)):
+        if n_layers is not None and sae.layer >= n_layers:
+            chk.bad(spec.sae_key(i, "layer"), f"{sae.layer}, but {spec.model.path} has {n_layers} layers (0..{n_layers - 1})")
+        if found is not None and hidden is not None and found.get("d_in") != hidden:
+            chk.bad(spec.sae_key(i, "path"), f"{sae.path}: d_in={found.get('d_in')} does not match the hidden size {hidden} of {spec.model.path}")
 
 
 def check_inputs(chk: Checks, spec: JobSpec) -> None:
@@ -138,8 +149,9 @@ def check_inputs(chk: Checks, spec: JobSpec) -> None:
             chk.bad("features", f"{p}: no such features folder")
         elif not any(p.glob("*.parquet")):
             chk.bad("features", f"{p}: no Parquet parts (run collect or ingest first)")
-    if spec.ingest and not Path(spec.ingest.path).is_dir():
-        chk.bad("ingest.path", f"{spec.ingest.path}: no such export folder")
+    for i, src in enumerate(spec.ingest.sources if spec.ingest else []):
+        if not Path(src.path).is_dir():
+            chk.bad(spec.ingest.source_key(i, "path"), f"{src.path}: no such export folder")
 
 
 def llms(spec: JobSpec) -> list[tuple[str, LLMConfig]]:

@@ -6,8 +6,8 @@ examples instead of the examples themselves.
          example's activation as an integer 1-10 (ceil(10·act/max_act))
       ─llm.rounds─▶ LABELS rows (evidence: the explanations shown, evidence_scores: 1-10)
 
-A feature without a usable explanation (no residual kept, or the AV failed) gets its row
-with the reason, never dropped.
+A feature without a usable explanation (no residual kept, its SAE at another layer than
+the AV's extraction layer, or the AV failed) gets its row with the reason, never dropped.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from baez_ray import schema
 from baez_ray.av.prompt import last_paragraph
+from baez_ray.av.sidecar import load_sidecar
 from baez_ray.av.worker import verbalize
 from baez_ray.config import AVRunConfig
 from baez_ray.llm import prompts
@@ -25,6 +26,10 @@ from baez_ray.ray_pool import gather
 
 LABEL_ROW_TYPES = pa.schema([pa.field("layer", pa.int32())])
 NO_RESIDUAL = "no AV explanation: the top examples carry no residual vector (collect with keep_residual)"
+
+
+def other_layer(layer: int, av_layer: int) -> str:
+    return f"no AV explanation: the AV reads layer-{av_layer} vectors, this feature's SAE is at layer {layer}"
 
 
 def _prompt_rows(expl: pa.Table, method: str, last_only: bool, max_tokens: int) -> list[dict]:
@@ -58,10 +63,11 @@ def label_baez(features, sidecar_path: str, llm, last_only: bool = False, n_exam
                            prompts.BAEZ_VERSION, llm, max_retries) if rows else schema.empty(schema.LABELS))
     have = {(r["sae_id"], r["feature"]) for r in rows}
     errors = {(r["sae_id"], r["feature"]): r["av_error"] for r in (expl.to_pylist() if expl.num_rows else []) if r["av_error"]}
+    av_layer = load_sidecar(sidecar_path).extraction_layer
     missing = [
         {"sae_id": k["sae_id"], "layer": k["layer"], "feature": k["feature"], "method": method, "label": None,
          "prompt_version": prompts.BAEZ_VERSION, "n_examples": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0, "tries": 0,
-         "error": errors.get((k["sae_id"], k["feature"])) or NO_RESIDUAL}
+         "error": errors.get((k["sae_id"], k["feature"])) or (NO_RESIDUAL if k["layer"] == av_layer else other_layer(k["layer"], av_layer))}
         for k in gather(features.select_columns(["sae_id", "layer", "feature"])).to_pylist()
         if (k["sae_id"], k["feature"]) not in have
     ]

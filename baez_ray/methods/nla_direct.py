@@ -20,38 +20,49 @@ from baez_ray.av.worker import verbalize_vectors
 from baez_ray.config import AVRunConfig, SAEConfig
 from baez_ray.llm import prompts
 from baez_ray.llm.rounds import label_rounds, rows_table
+from baez_ray.methods.av_explanations import other_layer
 from baez_ray.methods.registry import LabelContext, register
 from baez_ray.ray_pool import actor_map, gather
 
 
 class DecoderRows:
-    """Ray Data actor: feature keys in; `vector` (the SAE decoder row W_dec[feature], which
-    the AV then reads) and `decoder_error` added. Loads the SAE once and keeps only W_dec."""
+    """Ray Data actor: feature keys in; `vector` (the decoder row W_dec[feature] of the
+    feature's SAE, which the AV then reads) and `decoder_error` added (a feature of an SAE
+    at another layer than the AV's extraction layer gets an error). Loads each SAE of the
+    job once, when a feature of it first comes, and keeps only its W_dec."""
 
-    def __init__(self, sae: dict):
+    def __init__(self, saes: list[dict], av_layer: int):
+        self.cfgs = {s["id"]: SAEConfig(**s) for s in saes}
+        self.w_dec: dict[str, object] = {}
+        self.av_layer = av_layer
+
+    def _decoder(self, sae_id: str):
         import torch
 
         from baez_ray.models.sae import load_sae
 
-        cfg = SAEConfig(**sae)
-        with torch.no_grad():
-            model = load_sae(cfg, "cpu")
-            self.w_dec = model.W_dec.detach().float().cpu().numpy()  # [d_sae, d_in]
-        del model
-        self.sae_id = cfg.id
+        if sae_id not in self.w_dec:
+            with torch.no_grad():
+                model = load_sae(self.cfgs[sae_id], "cpu")
+                self.w_dec[sae_id] = model.W_dec.detach().float().cpu().numpy()  # [d_sae, d_in]
+            del model
+        return self.w_dec[sae_id]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         vectors, errors = [], []
-        n = len(self.w_dec)
         for s, f in zip(batch.column("sae_id").to_pylist(), batch.column("feature").to_pylist()):
-            if s != self.sae_id:
+            w_dec = self._decoder(s) if s in self.cfgs and self.cfgs[s].layer == self.av_layer else None
+            if s not in self.cfgs:
                 vectors.append(None)
-                errors.append(f"feature of SAE {s!r}, but the decoder loaded is SAE {self.sae_id!r}")
-            elif not 0 <= f < n:
+                errors.append(f"feature of SAE {s!r}, but the job's SAEs are {sorted(self.cfgs)}")
+            elif w_dec is None:
                 vectors.append(None)
-                errors.append(f"feature {f} is not in the SAE (it has {n} features)")
+                errors.append(other_layer(self.cfgs[s].layer, self.av_layer))
+            elif not 0 <= f < len(w_dec):
+                vectors.append(None)
+                errors.append(f"feature {f} is not in the SAE (it has {len(w_dec)} features)")
             else:
-                vectors.append(self.w_dec[f])
+                vectors.append(w_dec[f])
                 errors.append(None)
         col = pa.array([v.tolist() if v is not None else None for v in vectors], pa.list_(pa.float32()))
         return batch.append_column("vector", col).append_column("decoder_error", pa.array(errors, pa.string()))
@@ -80,7 +91,7 @@ def _rows(expl: pa.Table, shorten: bool, engine: str, av_model: str, version: st
     return out, prompt_rows
 
 
-def label_nla_direct(features, sidecar_path: str, sae: SAEConfig, llm=None, shorten: bool | None = None,
+def label_nla_direct(features, sidecar_path: str, saes: list[SAEConfig], llm=None, shorten: bool | None = None,
                      max_retries: int = 2, av: AVRunConfig = AVRunConfig(), max_tokens: int = 200) -> pa.Table:
     """`nla_direct` of every feature of `features` (a Ray Dataset with sae_id, layer,
     feature); `shorten` defaults to `av.nla_direct_shorten`."""
@@ -92,7 +103,7 @@ def label_nla_direct(features, sidecar_path: str, sae: SAEConfig, llm=None, shor
         raise ValueError("nla_direct with shorten needs an explainer LLM")
     version = f"{prompts.NLA_DIRECT_VERSION}+av:{sc.name}"
     keys = features.select_columns(["sae_id", "layer", "feature"])
-    rows = actor_map(keys, DecoderRows, {"sae": sae.model_dump()}, num_cpus=0.5, batch_size=max(64, av.batch_size))
+    rows = actor_map(keys, DecoderRows, {"saes": [s.model_dump() for s in saes], "av_layer": sc.extraction_layer}, num_cpus=0.5, batch_size=max(64, av.batch_size))
     # one pass: rows without a decoder row reach the AV actor too, which skips them
     expl = gather(verbalize_vectors(rows, sidecar_path, av).drop_columns(["vector"]))
     out, prompt_rows = _rows(expl, shorten, av.engine, sc.av_model, version, max_tokens)
@@ -105,4 +116,4 @@ def label_nla_direct(features, sidecar_path: str, sae: SAEConfig, llm=None, shor
 
 @register("nla_direct", tiers=(3,), needs=("av_sidecar", "sae"))
 def nla_direct(features, ctx: LabelContext) -> pa.Table:
-    return label_nla_direct(features, ctx.av_sidecar, ctx.sae, ctx.explainer, max_retries=ctx.max_retries, av=ctx.av)
+    return label_nla_direct(features, ctx.av_sidecar, list(ctx.saes), ctx.explainer, max_retries=ctx.max_retries, av=ctx.av)

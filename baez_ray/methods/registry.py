@@ -29,7 +29,7 @@ class LabelContext:
     n_examples: int = 10  # examples an AV-based method verbalizes per feature
     av_sidecar: str | None = None
     av: AVRunConfig = AVRunConfig()
-    sae: SAEConfig | None = None  # nla_direct reads its decoder rows
+    saes: tuple[SAEConfig, ...] = ()  # the job's SAEs: nla_direct reads their decoder rows
     route: RouteConfig = RouteConfig()  # token_freq counts over route.top_n examples and its windows
     routes_dir: Path | None = None  # the routes table (kinds) of these features
 
@@ -94,16 +94,16 @@ def check_job_methods(spec: JobSpec) -> list[tuple[str, str]]:
             problem = _problem(getattr(spec.label, f"tier{t}"), t)
             if problem:
                 out.append((f"label.tier{t}", problem))
-        if not out and spec.label.av_sidecar and "sae" in get(spec.label.tier3).needs and spec.sae is None:
-            out.append(("label.tier3", f"{spec.label.tier3} reads the SAE's decoder rows: the job needs the sae section"))
+        if not out and spec.label.av_sidecar and "sae" in get(spec.label.tier3).needs and not spec.saes:
+            out.append(("label.tier3", f"{spec.label.tier3} reads the SAE's decoder rows: the job needs the sae (or saes) section"))
     if spec.job == "benchmark" and spec.benchmark is not None:
         b = spec.benchmark
         for i, name in enumerate(b.methods):
             problem = _problem(name, None)
             if problem is None and "av_sidecar" in get(name).needs and not b.av_sidecar:
                 problem = f"{name} needs benchmark.av_sidecar (an activation verbalizer)"
-            if problem is None and "sae" in get(name).needs and spec.sae is None:
-                problem = f"{name} reads the SAE's decoder rows: the job needs the sae section"
+            if problem is None and "sae" in get(name).needs and not spec.saes:
+                problem = f"{name} reads the SAE's decoder rows: the job needs the sae (or saes) section"
             if problem:
                 out.append((f"benchmark.methods.{i}", problem))
         if len(set(b.methods)) != len(b.methods):

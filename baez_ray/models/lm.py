@@ -1,11 +1,13 @@
-"""The base model (any HF causal LM) read at one layer (`ResidualReader`), and where models
-come from: local folders, hub ids, or GGUF files shipped in PyPI packages (`pypi:<name>`).
+"""The base model (any HF causal LM) read at one or more layers (`ResidualReader`), and
+where models come from: local folders, hub ids, or GGUF files shipped in PyPI packages
+(`pypi:<name>`).
 
-`residual(ids)` runs the model only as far as block `layer`: a forward hook on that block
-captures its output (a tensor, or the first element of a tuple, depending on the
-architecture) and stops the forward pass, so the layers above it cost nothing. Layer L is
-the output of block L, i.e. HF `hidden_states[L + 1]` (except for the last block, whose
-`hidden_states` entry HF gives after the final norm; we always take the block's output).
+`residuals(ids)` runs the model only as far as the deepest block read: a forward hook on
+each block read captures its output (a tensor, or the first element of a tuple, depending
+on the architecture), and the deepest one stops the forward pass, so the layers above it
+cost nothing. Layer L is the output of block L, i.e. HF `hidden_states[L + 1]` (except for
+the last block, whose `hidden_states` entry HF gives after the final norm; we always take
+the block's output).
 """
 
 from __future__ import annotations
@@ -145,9 +147,10 @@ class _Stop(Exception):
 
 
 class ResidualReader:
-    """A causal LM read at block `layer`."""
+    """A causal LM read at one or more blocks (`layers`; default `cfg.layer`), in one
+    forward pass that stops after the deepest of them."""
 
-    def __init__(self, cfg: ModelConfig, device: str | None = None):
+    def __init__(self, cfg: ModelConfig, device: str | None = None, layers: list[int] | None = None):
         from transformers import AutoModelForCausalLM
 
         self.cfg = cfg
@@ -158,31 +161,44 @@ class ResidualReader:
             path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, **kw
         ).to(self.device).eval()
         self.layers = decoder_layers(self.model)
-        if not 0 <= cfg.layer < len(self.layers):
-            raise ValueError(f"model.layer={cfg.layer} but {path} has {len(self.layers)} layers (0..{len(self.layers) - 1})")
+        self.read = sorted(set(layers if layers is not None else [cfg.layer]))
+        for layer in self.read:
+            if layer is None or not 0 <= layer < len(self.layers):
+                raise ValueError(f"model.layer={layer} but {path} has {len(self.layers)} layers (0..{len(self.layers) - 1})")
         text_cfg = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
         self.d_model = text_cfg.hidden_size
-        self._captured: torch.Tensor | None = None
-        self.layers[cfg.layer].register_forward_hook(self._hook)
-        # the forward never runs past the hook: free the blocks above it (Gemma-3-27B read
-        # at layer 41: 20 of its 62 blocks; the embedding, tied to the LM head, stays)
-        del self.layers[cfg.layer + 1 :]
+        self._captured: dict[int, torch.Tensor] = {}
+        for layer in self.read:
+            self.layers[layer].register_forward_hook(self._hook(layer, stop=layer == self.read[-1]))
+        # the forward never runs past the deepest hook: free the blocks above it (Gemma-3-27B
+        # read at layer 41: 20 of its 62 blocks; the embedding, tied to the LM head, stays)
+        del self.layers[self.read[-1] + 1 :]
 
-    def _hook(self, module, args, output):
-        self._captured = output[0] if isinstance(output, tuple) else output
-        raise _Stop
+    def _hook(self, layer: int, stop: bool):
+        def hook(module, args, output):
+            self._captured[layer] = output[0] if isinstance(output, tuple) else output
+            if stop:
+                raise _Stop
+
+        return hook
 
     @torch.inference_mode()
-    def residual(self, ids: torch.Tensor) -> torch.Tensor:
-        """[B, T] token ids → [B, T, d_model] residual stream after block `layer`."""
-        self._captured = None
+    def residuals(self, ids: torch.Tensor) -> dict[int, torch.Tensor]:
+        """[B, T] token ids → {layer: [B, T, d_model] residual stream after block `layer`}
+        for every layer read."""
+        self._captured = {}
         try:
             self.model(input_ids=ids.to(self.device), use_cache=False)
         except _Stop:
             pass
-        out, self._captured = self._captured, None
-        if out is None:
-            raise RuntimeError("the layer hook did not fire")
+        out, self._captured = self._captured, {}
+        if len(out) != len(self.read):
+            raise RuntimeError(f"the hooks of layers {sorted(set(self.read) - set(out))} did not fire")
+        return out
+
+    def residual(self, ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] token ids → [B, T, d_model]: a reader of one layer."""
+        (out,) = self.residuals(ids).values()
         return out
 
 

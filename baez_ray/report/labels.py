@@ -15,13 +15,13 @@ N_SHOWN = 200  # labels shown (all are in labels/)
 
 
 def label_rows(labels: list[dict]) -> list[dict]:
-    """The labels by tier, then feature, each with the number of features sharing its label
+    """The labels by tier, then SAE and feature, each with the number of features sharing its label
     (`shared`) and what stands in for a missing label (`missing`: failed, for a human, no
     label): never an error text where a label goes."""
     sharing = label_sharing([(r["sae_id"], r["feature"]) for r in labels], [r["label"] for r in labels])
     return [{**r, "shared": sharing.get(label_key(r["label"]), 1) if r["label"] else 1,
              "missing": "failed" if r["tries"] > 0 else "for a human" if r["tier"] == 3 else "no label"}
-            for r in sorted(labels, key=lambda r: (r["tier"] or 9, r["feature"]))]
+            for r in sorted(labels, key=lambda r: (r["tier"] or 9, r["sae_id"], r["feature"]))]
 
 
 def write_label_report(run_dir: str | Path, n_examples: int = 3) -> Path:

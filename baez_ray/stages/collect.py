@@ -1,5 +1,6 @@
-"""collect: run the base model and SAE over a corpus; keep, per feature, its top-k
-examples, examples sampled across activation deciles, and firing counts.
+"""collect: run the base model and one or more SAEs (`saes:`, each at its layer) over a
+corpus; keep, per feature of each SAE, its top-k examples, examples sampled across
+activation deciles, and firing counts.
 
 Path of the data:
 
@@ -17,6 +18,14 @@ the top-k of the worker that saw it when it saw it, so merging what the workers 
 the exact global result, whatever the number of workers or the order of batches; and what
 a worker emits shrinks as its running top-k fills up. Memory: the workers hold O(F·k)
 keys, the merger O(F·(k+R)) windows; neither grows with the corpus.
+
+Several SAEs. A worker runs the base model once per batch, as far as the deepest layer an
+SAE reads (hooks capture every layer read, `models.lm.ResidualReader`), and each SAE
+encodes its layer's residual into its own running state. The candidate rows and the merge
+number the features of all SAEs with one index (SAE i's feature f is f + the features of
+the SAEs before it), so the merge, its snapshots and its memory bound (O(F·(k+R)) with F
+the sum over the SAEs: the bound of each SAE, added) are those of one SAE; the features
+table gives every row back its SAE's id, layer and own feature number.
 
 Resume and faults. The same argument holds for a worker that starts empty in the middle of
 the corpus (a restarted actor, or a rerun): it emits a superset of what it would have, and
@@ -86,26 +95,41 @@ def _list_array(values: np.ndarray, lengths: np.ndarray, type_: pa.DataType) -> 
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=type_.value_type))
 
 
-class CollectWorker:
-    """Ray Data actor: contexts in, candidate rows out (see module docstring)."""
+class _Dictionary:
+    """One SAE inside a CollectWorker: the block it reads, its features' place in the
+    candidate rows (features offset .. offset+F-1: one index over every SAE of the run), and
+    its running top-k and reservoir. Each SAE's state is its own: a run of several SAEs
+    gives each the numbers a run of it alone gives."""
 
-    def __init__(self, model: dict, sae: dict, collect: dict, seed: int, n_features: int, bos_id: int | None, threads: int):
+    def __init__(self, sae, layer: int, n_features: int, offset: int, cfg: CollectConfig, device: str):
+        self.sae, self.layer, self.F, self.offset = sae, layer, n_features, offset
+        self.dtype = next(sae.parameters()).dtype
+        self.keep_residual = cfg.keeps_residual(layer)
+        k, r = cfg.top_k, cfg.reservoir
+        self.top_key = torch.zeros(n_features, k, device=device)  # 0: empty (values > 0 only)
+        self.top_ctx = torch.full((n_features, k), -1, dtype=torch.int64, device=device)
+        self.smp_key = torch.full((n_features, r), EMPTY_SAMPLE, dtype=torch.float64, device=device)
+        self.smp_ctx = torch.full((n_features, r), -1, dtype=torch.int64, device=device)
+
+
+class CollectWorker:
+    """Ray Data actor: contexts in, candidate rows out (see module docstring). One forward
+    pass per batch reads every SAE's layer (`ResidualReader` stops after the deepest)."""
+
+    def __init__(self, model: dict, saes: list[dict], collect: dict, seed: int, n_features: list[int], bos_id: int | None,
+                 threads: int):
         from baez_ray.models.lm import ResidualReader
         from baez_ray.models.sae import load_sae
 
         torch.set_num_threads(threads)
         self.cfg = CollectConfig(**collect)
-        self.lm = ResidualReader(ModelConfig(**model))
+        cfgs = [SAEConfig(**s) for s in saes]
+        self.lm = ResidualReader(ModelConfig(**model), layers=[c.layer for c in cfgs])
         self.device = self.lm.device
-        self.sae = load_sae(SAEConfig(**sae), self.device, self.lm.d_model)
-        self.sae_dtype = next(self.sae.parameters()).dtype
-        self.F, self.seed, self.bos_id = n_features, seed, bos_id
-        k, r = self.cfg.top_k, self.cfg.reservoir
-        dev = self.device
-        self.top_key = torch.zeros(n_features, k, device=dev)  # 0: empty (values > 0 only)
-        self.top_ctx = torch.full((n_features, k), -1, dtype=torch.int64, device=dev)
-        self.smp_key = torch.full((n_features, r), EMPTY_SAMPLE, dtype=torch.float64, device=dev)
-        self.smp_ctx = torch.full((n_features, r), -1, dtype=torch.int64, device=dev)
+        offsets = np.r_[0, np.cumsum(n_features)].astype(int)
+        self.dicts = [_Dictionary(load_sae(c, self.device, self.lm.d_model), c.layer, n, int(o), self.cfg, self.device)
+                      for c, n, o in zip(cfgs, n_features, offsets)]
+        self.F, self.seed, self.bos_id = int(offsets[-1]), seed, bos_id
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -137,13 +161,15 @@ class CollectWorker:
         for s in range(0, B, self.cfg.batch_size):
             ids = torch.from_numpy(tokens[s : s + self.cfg.batch_size]).to(self.device)
             ctx = torch.from_numpy(cids[s : s + self.cfg.batch_size]).to(self.device)
-            resid = self.lm.residual(ids)
-            # the SAE's activations of a wide dictionary do not fit for a whole batch
-            # (8 × 1024 tokens × 262k features): encode and merge a few contexts at a time;
-            # merging sub-batch by sub-batch gives the same result
-            step = max(1, ACTS_BUDGET // (T * self.F))
-            for i in range(0, ids.shape[0], step):
-                parts += self._merge(ids[i : i + step], ctx[i : i + step], resid[i : i + step], counts)
+            resid = self.lm.residuals(ids)
+            for d in self.dicts:
+                # the SAE's activations of a wide dictionary do not fit for a whole batch
+                # (8 × 1024 tokens × 262k features): encode and merge a few contexts at a
+                # time; merging sub-batch by sub-batch gives the same result
+                step = max(1, ACTS_BUDGET // (T * d.F))
+                for i in range(0, ids.shape[0], step):
+                    sl = slice(i, i + step)
+                    parts += self._merge(d, ids[sl], ctx[sl], resid[d.layer][sl], counts[d.offset : d.offset + d.F])
         # firing counts; feature -1 carries the number of tokens seen, feature -2 the number
         # of contexts; `context_id` carries the contexts part (-1: not tracked), so the merge
         # counts each part once and knows when a part is complete (see Merger.add)
@@ -167,8 +193,8 @@ class CollectWorker:
         )
         return parts
 
-    def _merge(self, ids, ctx, resid, counts) -> list[pa.Table]:
-        acts = self.sae.encode(resid.to(self.sae_dtype))[..., : self.F].float()
+    def _merge(self, d: _Dictionary, ids, ctx, resid, counts) -> list[pa.Table]:
+        acts = d.sae.encode(resid.to(d.dtype))[..., : d.F].float()
         if self.cfg.ignore_bos and self.bos_id is not None:
             acts[ids == self.bos_id] = 0.0
         vmax, pmax = acts.max(dim=1)  # [b, F]: each feature's max in each context
@@ -177,19 +203,22 @@ class CollectWorker:
         parts = []
         # top-k by value
         cand = torch.where(fires, vmax, torch.full_like(vmax, -1.0)).T  # [F, b]
-        self.top_key, self.top_ctx, order = merge_topk(self.top_key, self.top_ctx, cand, ctx[None, :], largest=True)
-        new = (order >= self.cfg.top_k) & (self.top_key > 0)
-        parts.append(self._emit("top", new, order - self.cfg.top_k, ids, ctx, acts, vmax, pmax, resid, self.top_key))
-        # reservoir of firing contexts by hashed key
+        d.top_key, d.top_ctx, order = merge_topk(d.top_key, d.top_ctx, cand, ctx[None, :], largest=True)
+        new = (order >= self.cfg.top_k) & (d.top_key > 0)
+        kept = resid if d.keep_residual else None
+        parts.append(self._emit("top", new, order - self.cfg.top_k, ids, ctx, acts, vmax, pmax, kept, d.top_key, d.offset))
+        # reservoir of firing contexts by hashed key (of the SAE's own feature index)
         if self.cfg.reservoir:
-            keys = hash_keys(ctx, self.F, self.seed)
+            keys = hash_keys(ctx, d.F, self.seed)
             cand = torch.where(fires.T, keys, torch.full_like(keys, EMPTY_SAMPLE + 1))
-            self.smp_key, self.smp_ctx, order = merge_topk(self.smp_key, self.smp_ctx, cand, ctx[None, :], largest=False)
-            new = (order >= self.cfg.reservoir) & (self.smp_key < 1.0)
-            parts.append(self._emit("sample", new, order - self.cfg.reservoir, ids, ctx, acts, vmax, pmax, None, self.smp_key))
+            d.smp_key, d.smp_ctx, order = merge_topk(d.smp_key, d.smp_ctx, cand, ctx[None, :], largest=False)
+            new = (order >= self.cfg.reservoir) & (d.smp_key < 1.0)
+            parts.append(self._emit("sample", new, order - self.cfg.reservoir, ids, ctx, acts, vmax, pmax, None, d.smp_key, d.offset))
         return parts
 
-    def _emit(self, kind, new, src, ids, ctx, acts, vmax, pmax, resid, state_key) -> pa.Table:
+    def _emit(self, kind, new, src, ids, ctx, acts, vmax, pmax, resid, state_key, offset: int) -> pa.Table:
+        """Candidate rows of the entries `new` of a state; `resid`: store the residual of
+        the first `residual_top_n` slots (None: store none)."""
         f_idx, slot = torch.nonzero(new, as_tuple=True)
         b = src[f_idx, slot]
         pos = pmax[b, f_idx]
@@ -203,7 +232,7 @@ class CollectWorker:
         lengths = valid.sum(1).cpu().numpy()
         valid_np = valid.cpu().numpy()
         residual = None
-        if resid is not None and self.cfg.keep_residual:
+        if resid is not None:
             keep = (slot < self.cfg.residual_top_n).cpu().numpy()
             vecs = resid[b, pos].float().cpu().numpy()
             d = vecs.shape[1]
@@ -215,7 +244,7 @@ class CollectWorker:
         return pa.Table.from_pydict(
             {
                 "kind": pa.array([kind] * len(b), pa.string()),
-                "feature": f_idx.cpu().numpy().astype(np.int64),
+                "feature": f_idx.cpu().numpy().astype(np.int64) + offset,
                 "value": vmax[b, f_idx].cpu().numpy().astype(np.float32),
                 "key": state_key[f_idx, slot].double().cpu().numpy(),
                 "context_id": ctx[b].cpu().numpy(),
@@ -350,8 +379,11 @@ class Merger:
         self.n_tokens, self.rows_in = int(info["n_tokens"]), int(info["rows_in"])
         self.done, self.pending, self.buffered = set(done), {}, 0
 
-    def features_table(self, sae_id: str, model_id: str, layer: int, token_text) -> pa.Table:
-        """The FEATURES table for features 0..F-1 (non-firing ones with no examples)."""
+    def features_table(self, dictionaries: list[tuple[str, int, int]], model_id: str, token_text) -> pa.Table:
+        """The FEATURES table of every SAE: `dictionaries` is (sae id, layer, features) of
+        each, in the order of their features in the merge (SAE i's feature f is merge
+        feature f + the features of the SAEs before it); non-firing features have no
+        examples."""
         self.compact()
         top, smp, F = self.top[0], self.smp[0], self.F
         max_act = np.zeros(F, np.float32)
@@ -369,12 +401,16 @@ class Merger:
         per_feature = np.bincount(feat, minlength=F)
         offsets = np.zeros(F + 1, np.int32)
         np.cumsum(per_feature, out=offsets[1:])
+        sizes = [n for _, _, n in dictionaries]
+        if sum(sizes) != F:
+            raise ValueError(f"collect: {sum(sizes)} features in the SAEs named, {F} merged")
+        starts = np.repeat(np.r_[0, np.cumsum(sizes)[:-1]], sizes).astype(np.int64)
         table = pa.table(
             {
-                "sae_id": pa.array([sae_id] * F),
+                "sae_id": pa.array(np.repeat([i for i, _, _ in dictionaries], sizes).astype(object), pa.string()),
                 "model_id": pa.array([model_id] * F),
-                "layer": pa.array(np.full(F, layer, np.int32)),
-                "feature": pa.array(np.arange(F, dtype=np.int64)),
+                "layer": pa.array(np.repeat([layer for _, layer, _ in dictionaries], sizes).astype(np.int32)),
+                "feature": pa.array(np.arange(F, dtype=np.int64) - starts),
                 "n_tokens": pa.array(np.full(F, self.n_tokens, np.int64)),
                 "n_firing": pa.array(self.counts),
                 "max_activation": pa.array(max_act),
@@ -509,8 +545,8 @@ class Checkpoints:
                 shutil.rmtree(d) if d.is_dir() else d.unlink()
 
 
-def _worker_stream(part_paths: list[Path], todo: list[int], model: ModelConfig, sae: SAEConfig, cfg: CollectConfig,
-                   seed: int, n_features: int, bos_id: int | None):
+def _worker_stream(part_paths: list[Path], todo: list[int], model: ModelConfig, saes: list[SAEConfig], cfg: CollectConfig,
+                   seed: int, n_features: list[int], bos_id: int | None):
     """The candidate rows of the contexts parts `todo`, from an actor pool of CollectWorkers."""
     import ray
 
@@ -520,7 +556,7 @@ def _worker_stream(part_paths: list[Path], todo: list[int], model: ModelConfig, 
     # per part, all at once). Each actor call takes one whole part (batch_size=None) and
     # runs it in forward passes of batch_size.
     ds = ray.data.from_items([{"path": str(part_paths[i]), "part": i} for i in todo], override_num_blocks=len(todo))
-    kwargs = dict(model=model.model_dump(), sae=sae.model_dump(), collect=cfg.model_dump(), seed=seed,
+    kwargs = dict(model=model.model_dump(), saes=[s.model_dump() for s in saes], collect=cfg.model_dump(), seed=seed,
                   n_features=n_features, bos_id=bos_id, threads=max(1, math.ceil(model.num_cpus)))
     # a restarted actor starts with an empty running top-k: it emits more candidates, never
     # fewer, and its part is counted once (Merger.add)
@@ -554,13 +590,14 @@ def _merge_stream(out, merger: Merger, checkpoints: Checkpoints, total: int) -> 
     return t0, t_first, first_tokens
 
 
-def collect(contexts_dir: Path, state_root: Path, features_dir: Path, model: ModelConfig, sae: SAEConfig, cfg: CollectConfig,
-            seed: int, tokenizer, total_tokens: int) -> dict:
-    """contexts/ → features/: the base model and SAE over every context, top-k and decile
-    samples merged per feature (resuming from the snapshot in `state_root`). Returns the
+def collect(contexts_dir: Path, state_root: Path, features_dir: Path, model: ModelConfig, saes: list[SAEConfig],
+            cfg: CollectConfig, seed: int, tokenizer, total_tokens: int) -> dict:
+    """contexts/ → features/: the base model (one forward pass per batch, as far as the
+    deepest SAE's layer) and every SAE over every context, top-k and decile samples merged
+    per feature of each SAE (resuming from the snapshot in `state_root`). Returns the
     stage's counts."""
-    d_sae = n_sae_features(sae)
-    n_features = min(cfg.features or d_sae, d_sae)
+    per_sae = [min(cfg.features or d, d) for d in (n_sae_features(s) for s in saes)]
+    n_features = sum(per_sae)
     part_paths = sorted(contexts_dir.glob("part-*.parquet"))
     sizes = {i: pq.ParquetFile(p).metadata.num_rows for i, p in enumerate(part_paths)}
     merger = Merger(n_features, cfg, part_sizes=sizes)
@@ -571,18 +608,18 @@ def collect(contexts_dir: Path, state_root: Path, features_dir: Path, model: Mod
         log(f"[collect] resuming: {resumed} of {len(part_paths)} contexts parts merged by an earlier attempt")
     t0, t_first, first_tokens = time.perf_counter(), None, None
     if todo:
-        out = _worker_stream(part_paths, todo, model, sae, cfg, seed, n_features, tokenizer.bos_token_id)
+        out = _worker_stream(part_paths, todo, model, saes, cfg, seed, per_sae, tokenizer.bos_token_id)
         t0, t_first, first_tokens = _merge_stream(out, merger, checkpoints, total_tokens)
     if merger.pending or len(merger.done) != len(part_paths):
         missing = sorted(set(range(len(part_paths))) - merger.done)
         raise RuntimeError(f"collect: contexts parts {[part_paths[i].name for i in missing][:5]} were not fully merged: a batch was lost")
-    table = merger.features_table(sae.id, model.id, model.layer, token_texts(tokenizer))
+    table = merger.features_table([(s.id, s.layer, n) for s, n in zip(saes, per_sae)], model.id, token_texts(tokenizer))
     parts = write_table(table, features_dir)
     t_done = time.perf_counter()
     if merger.n_tokens != total_tokens:
         raise RuntimeError(f"collect saw {merger.n_tokens} tokens but the corpus has {total_tokens}: a batch was lost")
     return dict(
-        features=n_features, tokens=merger.n_tokens, firing_features=int((merger.counts > 0).sum()),
+        features=n_features, features_per_sae={s.id: n for s, n in zip(saes, per_sae)}, tokens=merger.n_tokens, firing_features=int((merger.counts > 0).sum()),
         candidate_rows=merger.rows_in, parts=parts, resumed_parts=resumed, checkpoints=checkpoints.written,
         contexts_run=sum(sizes[i] for i in todo),
         # start-up (actors, model load, first batch) apart from the steady rate, which

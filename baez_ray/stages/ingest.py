@@ -27,7 +27,11 @@ number of tokens it is a fraction of, so no count can be derived. Every key seen
 the three folders gives a feature row.
 
 `ingest.model_id` / `ingest.layer`, when set, keep only the rows of that modelId / source
-id (the others are counted as filtered out, not rejected).
+id (the others are counted as filtered out, not rejected). `ingest.sources` lists several
+exports or model/source pairs (Neuronpedia exports one folder per model and source: one
+per layer) with a filter each; every folder is read once, keeping the rows that match
+any of its sources, and all go into the one features table (one `sae_id`,
+`<modelId>/<source>`, per pair).
 
 A line that cannot be used (bad gzip, UTF-8 or JSON, a missing key, a wrong type, tokens
 and values of different lengths, a NaN/inf activation, no tokens, a maxValueTokenIndex
@@ -126,22 +130,40 @@ def _batch_number(path: Path) -> tuple[float, str]:
     return (int(m.group(1)) if m else math.inf, path.name)
 
 
-def export_files(root: Path) -> list[dict]:
+def export_files(root: Path, key: str = "ingest.path", prefix: str = "") -> list[dict]:
     """The export's files, features then activations then explanations, each folder in
-    batch-number order; raises IngestError when there is nothing to ingest."""
+    batch-number order (`source`: prefix + the path inside the export); raises
+    IngestError, naming `key`, when there is nothing to ingest."""
     if not root.exists():
-        raise IngestError(f"ingest.path {root}: no such directory")
+        raise IngestError(f"{key} {root}: no such directory")
     if not root.is_dir():
-        raise IngestError(f"ingest.path {root}: not a directory")
+        raise IngestError(f"{key} {root}: not a directory")
     files = []
     for folder, kind in KINDS.items():
         found = sorted((root / folder).glob("*.jsonl.gz"), key=_batch_number) if (root / folder).is_dir() else []
         if kind == "activation" and not found:
             raise IngestError(
-                f"ingest.path {root}: no activation files ({root / folder}/batch-N.jsonl.gz); "
+                f"{key} {root}: no activation files ({root / folder}/batch-N.jsonl.gz); "
                 "is this a Neuronpedia bulk export?"
             )
-        files += [{"path": str(p), "source": f"{folder}/{p.name}", "kind": kind} for p in found]
+        files += [{"path": str(p), "source": f"{prefix}{folder}/{p.name}", "kind": kind} for p in found]
+    return files
+
+
+def source_files(cfg: IngestConfig) -> list[dict]:
+    """The files of every export of `ingest.sources` (an export named by several sources is
+    read once), each with the (model_id, layer) filters it is read with (`keep`: a row
+    matching any pair is kept; None matches anything). With one export, `source` is the
+    path inside it; with several, the export's path as given, then that."""
+    by_path: dict[str, list] = {}
+    for src in cfg.sources:
+        by_path.setdefault(src.path, []).append([src.model_id, src.layer])
+    files = []
+    for path, keep in by_path.items():
+        first = next(j for j, s in enumerate(cfg.sources) if s.path == path)
+        root = Path(path).expanduser().resolve()
+        prefix = f"{path.rstrip('/')}/" if len(by_path) > 1 else ""
+        files += [{**f, "keep": keep} for f in export_files(root, cfg.source_key(first, "path"), prefix)]
     for i, f in enumerate(files):
         f["file"] = i
     return files
@@ -278,13 +300,18 @@ def parse_line(raw: bytes, kind: str) -> dict:
 # ---------------------------------------------------------------- stage 1: parse files
 
 
-def parse_file(batch: pa.Table, model_id: str | None, layer: str | None, chunk_rows: int) -> Iterator[pa.Table]:
-    """map_batches UDF: one row (a file) in, its RECORDS rows out, `chunk_rows` at a time."""
+def parse_file(batch: pa.Table, chunk_rows: int) -> Iterator[pa.Table]:
+    """map_batches UDF: one row (a file, with its filters `keep`) in, its RECORDS rows out,
+    `chunk_rows` at a time."""
     for f in batch.to_pylist():
-        yield from _parse_one(f, model_id, layer, chunk_rows)
+        yield from _parse_one(f, chunk_rows)
 
 
-def _parse_one(f: dict, model_id: str | None, layer: str | None, chunk_rows: int) -> Iterator[pa.Table]:
+def _kept(row: dict, keep: list) -> bool:
+    return any((m is None or row["model_id"] == m) and (ly is None or row["layer"] == ly) for m, ly in keep)
+
+
+def _parse_one(f: dict, chunk_rows: int) -> Iterator[pa.Table]:
     kind, source, file = f["kind"], f["source"], f["file"]
     rows: list[dict] = []
     n = dict.fromkeys(FILE_COUNTS, 0)
@@ -307,7 +334,7 @@ def _parse_one(f: dict, model_id: str | None, layer: str | None, chunk_rows: int
                 except Reject as e:
                     reject(lineno, str(e), raw[: RECORD_CHARS * 4].decode("utf-8", "replace")[:RECORD_CHARS])
                 else:
-                    if (model_id is not None and row["model_id"] != model_id) or (layer is not None and row["layer"] != layer):
+                    if not _kept(row, f["keep"]):
                         n["n_filtered"] += 1
                     else:
                         n["n_kept"] += 1
@@ -405,15 +432,14 @@ def _rows_written(out_dir: Path, table_schema: pa.Schema) -> int:
 # ---------------------------------------------------------------- the job
 
 
-def _parse_all(files: list[dict], cfg: IngestConfig):
+def _parse_all(files: list[dict]):
     """Every file parsed in its own task: RECORDS rows (kept records, rejects, one
     summary row per file), materialised once for the passes below."""
     import ray
 
     return (
         ray.data.from_items(files, override_num_blocks=len(files))
-        .map_batches(parse_file, batch_size=1, batch_format="pyarrow",
-                     fn_kwargs=dict(model_id=cfg.model_id, layer=cfg.layer, chunk_rows=CHUNK_ROWS))
+        .map_batches(parse_file, batch_size=1, batch_format="pyarrow", fn_kwargs=dict(chunk_rows=CHUNK_ROWS))
         .materialize()
     )
 
@@ -449,11 +475,11 @@ def _write_features(parsed, features_dir: Path, top_k: int, any_kept: bool) -> i
 
 
 def ingest(cfg: IngestConfig, files: list[dict], features_dir: Path, rejects_dir: Path) -> dict:
-    """The files of a Neuronpedia export (`export_files`) → features/ and rejects/; returns
+    """The files of the Neuronpedia exports (`source_files`) → features/ and rejects/; returns
     the stage's counts. Ray must be running."""
     from ray.data.expressions import col
 
-    parsed = _parse_all(files, cfg)
+    parsed = _parse_all(files)
     counts = parsed.filter(expr=col("kind") == "file").select_columns(["source", *FILE_COUNTS])
     stats = [r for b in counts.iter_batches(batch_format="pyarrow", batch_size=None) for r in b.to_pylist()]
     kind_of = {f["source"]: f["kind"] for f in files}

@@ -49,7 +49,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from baez_ray.config import ConfigError, CorpusConfig, ModelConfig, Section, read_yaml_mapping, validate_model
 
@@ -99,6 +99,12 @@ class TrainSAEJob(Section):
     sae: SAEArch = SAEArch()
     train: TrainSettings = TrainSettings()
     eval: EvalSettings = EvalSettings()
+
+    @model_validator(mode="after")
+    def _layer(self) -> "TrainSAEJob":
+        if self.model.layer is None:
+            raise ValueError("model.layer: missing (the block whose output the SAE reads)")
+        return self
 
 
 def load_train_job(path: str | Path, overrides: list[str] | None = None) -> TrainSAEJob:
