@@ -90,7 +90,7 @@ class Bar:
         tty = sys.stderr.isatty()
         # off a terminal, the bar is a log line: "[collect] 4.10k/8.33k tok (49%), 1.27k tok/s, 00:09 elapsed, ETA 00:03"
         fmt = None if tty else "{n_fmt}/{total_fmt}{unit} ({percentage:.0f}%), {rate_fmt}, {elapsed} elapsed, ETA {remaining}"
-        self.tqdm = tqdm(total=total, initial=initial, unit=f" {unit}", desc=name, unit_scale=True, dynamic_ncols=True,
+        self.tqdm = tqdm(total=total, initial=initial, unit=f" {unit}", desc=name, unit_scale=(total or 0) >= 100_000, dynamic_ncols=True,
                          file=sys.stderr if tty else open(os.devnull, "w"), mininterval=POLL_S, bar_format=fmt)
         self.tty, self.last_log = tty, time.monotonic()
         self.stop = threading.Event()

@@ -58,19 +58,24 @@ def init_ray(cfg: RayConfig) -> None:
         kwargs: dict[str, Any] = {"num_cpus": cfg.num_cpus, "include_dashboard": False}
         if cfg.object_store_mb:
             kwargs["object_store_memory"] = cfg.object_store_mb * 2**20
+        if cfg.resources:
+            kwargs["resources"] = dict(cfg.resources)
         progress.start_ray(**kwargs)
     if signal.getsignal(signal.SIGINT) is _raise_stop:  # the CLI's handlers: keep them
         stop_on_signals()
 
 
 def actor_map(ds, cls, kwargs: dict | None = None, *, size: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0,
-              batch_size: int | None = None, batch_format: str = "pyarrow", fault_tolerant: bool = False, **options):
-    """`ds.map_batches(cls)` on a pool of `size` actors built with `cls(**kwargs)` (lazy)."""
+              resources: dict[str, float] | None = None, batch_size: int | None = None, batch_format: str = "pyarrow",
+              fault_tolerant: bool = False, **options):
+    """`ds.map_batches(cls)` on a pool of `size` actors built with `cls(**kwargs)` (lazy);
+    each actor reserves `num_cpus`, `num_gpus` and the custom `resources` (a job's
+    `model.resources`, ...: e.g. {"accelerator_type:H100": 0.001})."""
     import ray
 
     return ds.map_batches(
         cls, fn_constructor_kwargs=kwargs or {}, batch_size=batch_size, batch_format=batch_format,
-        compute=ray.data.ActorPoolStrategy(size=size), num_cpus=num_cpus, num_gpus=num_gpus or None,
+        compute=ray.data.ActorPoolStrategy(size=size), num_cpus=num_cpus, num_gpus=num_gpus or None, resources=resources or None,
         **(ACTOR_FAULT_TOLERANCE if fault_tolerant else {}), **options,
     )
 

@@ -526,7 +526,7 @@ def _worker_stream(part_paths: list[Path], todo: list[int], model: ModelConfig, 
     # a restarted actor starts with an empty running top-k: it emits more candidates, never
     # fewer, and its part is counted once (Merger.add)
     return actor_map(ds, CollectWorker, kwargs, size=cfg.num_actors, num_cpus=model.num_cpus, num_gpus=model.num_gpus,
-                     batch_format="numpy", fault_tolerant=True)
+                     resources=model.resources, batch_format="numpy", fault_tolerant=True)
 
 
 def _merge_stream(out, merger: Merger, checkpoints: Checkpoints) -> None:

@@ -77,7 +77,7 @@ def corpus_negatives(contexts_dir: Path, model: ModelConfig, sae: SAEConfig, cor
     features = sorted({f for _, f in keys})
     kwargs = dict(model=model.model_dump(), sae=sae.model_dump(), features=features, window=window, threads=max(1, math.ceil(model.num_cpus)))
     ds = actor_map(ray.data.from_arrow(contexts.take(pa.array(take))), NegativeWorker, kwargs, num_cpus=model.num_cpus,
-                   num_gpus=model.num_gpus, batch_size=batch_size, batch_format="numpy")
+                   num_gpus=model.num_gpus, resources=model.resources, batch_size=batch_size, batch_format="numpy")
     rows = ds.take_all()
     if not rows:
         return {k: [] for k in keys}

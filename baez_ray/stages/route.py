@@ -191,7 +191,7 @@ def route_dataset(features, cfg: RouteConfig):
         # blocks of one batch each (streaming, no shuffle), so that every actor gets work
         ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
     return actor_map(ds, RouteWorker, {"cfg": cfg.model_dump(mode="json")}, size=cfg.num_actors, num_cpus=cfg.num_cpus,
-                     num_gpus=cfg.num_gpus, batch_size=cfg.batch_size, zero_copy_batch=True)
+                     num_gpus=cfg.num_gpus, resources=cfg.resources, batch_size=cfg.batch_size, zero_copy_batch=True)
 
 
 def route_table(features, cfg: RouteConfig) -> pa.Table:
