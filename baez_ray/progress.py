@@ -87,7 +87,7 @@ class Bar:
         self.name, self.stats = name, {}
         self.counter = ray.remote(Counter).options(name=ACTOR_NAME, get_if_exists=True, num_cpus=0).remote()
         ray.get(self.counter.reset.remote())
-        tty = sys.stderr.isatty()
+        tty = _terminal_width() > 0  # (a terminal of width 0, e.g. a bare pty, shows no bar: log lines then)
         # off a terminal, the bar is a log line: "[collect] 4.10k/8.33k tok (49%), 1.27k tok/s, 00:09 elapsed, ETA 00:03"
         fmt = None if tty else "{n_fmt}/{total_fmt}{unit} ({percentage:.0f}%), {rate_fmt}, {elapsed} elapsed, ETA {remaining}"
         self.tqdm = tqdm(total=total, initial=initial, unit=f" {unit}", desc=name, unit_scale=(total or 0) >= 100_000, dynamic_ncols=True,
@@ -141,6 +141,13 @@ class Bar:
         span = s["t_last"] - s["t_first"]
         steady = (s["n"] - s["n_first"]) / span if span > 0 else s["n"] / max(s["t_last"] - s["t_open"], 1e-9)
         return {"startup_s": round(s["t_first"] - s["t_open"], 3), "steady_per_s": round(steady, 1)}
+
+
+def _terminal_width() -> int:
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns if sys.stderr.isatty() else 0
+    except (OSError, ValueError, AttributeError):  # stderr replaced by an object without a descriptor
+        return 0
 
 
 @contextmanager

@@ -204,9 +204,9 @@ def route_table(features, cfg: RouteConfig) -> pa.Table:
 
 def route(features_dir: str | Path, out_dir: str | Path, cfg: RouteConfig) -> dict:
     """The route stage: features/ Parquet → routes/ Parquet. Returns counts for the manifest."""
-    import pyarrow.parquet as pq
+    import pyarrow.dataset as pads
 
-    with progress.bar("route", total=pq.ParquetDataset(str(features_dir)).count_rows(), unit="feature"):
+    with progress.bar("route", total=pads.dataset(str(features_dir), format="parquet").count_rows(), unit="feature"):
         table = route_table(features_dir, cfg)
     parts = write_table(table, Path(out_dir))
     tiers = np.asarray(table.column("tier").to_numpy())
