@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from baez_ray import progress
 from baez_ray.av.sidecar import Sidecar, load_sidecar
 from baez_ray.config import AVRunConfig
 
@@ -63,6 +64,7 @@ class AVWorker:
                 for i in ok:
                     errors[i] = f"{type(e).__name__}: {e}"
         kind = "self" if self.sc.self_verbalizer else "av"
+        progress.tick(n)
         return (batch.append_column("explanation", pa.array(texts, pa.string()))
                 .append_column("verbalizer", pa.array([kind] * n))
                 .append_column("av_engine", pa.array([self.engine] * n))
@@ -114,4 +116,8 @@ def verbalize(features, sidecar_path: str, n_examples: int = 10, run: AVRunConfi
 
     rows = features.map_batches(top_example_vectors(n_examples), batch_format="pyarrow")
     rows = rows.filter(lambda r: r["vector"] is not None)
-    return gather(verbalize_vectors(rows, sidecar_path, run).drop_columns(["vector"]))
+    at_most = features.count() * n_examples  # features with fewer top examples (or no residuals) send fewer
+    with progress.bar("av", total=at_most, unit="example") as bar:
+        out = gather(verbalize_vectors(rows, sidecar_path, run).drop_columns(["vector"]))
+        bar.add_total(out.num_rows - at_most)  # the examples there were
+    return out
