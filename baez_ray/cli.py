@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="baez-ray", description="Label, score and route SAE features on Ray.")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="print the traceback of an error")
+    common.add_argument("--verbose", action="store_true",
+                        help="show third-party warnings and logs: Ray's and Ray Data's, the Ray workers' output, sae_lens, transformers")
     sub = ap.add_subparsers(dest="cmd", required=True)
     overrides = dict(dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     p = sub.add_parser("validate", parents=[common], help="check a job file and its inputs (preflight); print the resolved job")
@@ -207,11 +209,13 @@ def _failed(exc: BaseException, debug: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from baez_ray import progress
     from baez_ray.ray_pool import stop_on_signals
 
     import signal
 
     args = _parser().parse_args(argv)
+    progress.set_verbose(args.verbose or args.debug)
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     stop_on_signals()
     try:

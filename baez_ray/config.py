@@ -8,10 +8,10 @@ silently ignored setting. `load_job(path, overrides)` applies `--set a.b=value` 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -22,10 +22,28 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def _resources(r: dict[str, float]) -> dict[str, float]:
+    for name, amount in r.items():
+        if name in RAY_BUILTIN_RESOURCES:
+            raise ValueError(f"{name!r} is Ray's own resource: use num_cpus / num_gpus (or ray.object_store_mb)")
+        if not amount > 0:
+            raise ValueError(f"{name!r}: the amount must be > 0, got {amount}")
+    return r
+
+
+# Ray custom resources an actor asks for, e.g. {"accelerator_type:H100": 0.001} (a GPU type:
+# Ray advertises one unit per GPU of that type) or {"gpu_80gb": 1} (cluster.yaml's nodes)
+Resources = Annotated[dict[str, float], AfterValidator(_resources)]
+
+
 class RayConfig(Section):
     address: str | None = None  # None: start (or join) a local cluster
     num_cpus: int | None = 4  # logical CPUs for a local cluster (oversubscribe small boxes)
     object_store_mb: int | None = None
+    resources: Resources = Field(default_factory=dict, description="custom resources a local cluster advertises (ignored when joining one)")
 
 
 class ModelConfig(Section):
@@ -41,6 +59,7 @@ class ModelConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_gpus: float = Field(0.0, ge=0)
     num_cpus: float = Field(1.0, gt=0)
+    resources: Resources = Field(default_factory=dict, description="Ray custom resources per base-model actor")
     trust_remote_code: bool = False
 
 
@@ -170,6 +189,7 @@ class LLMConfig(Section):
     num_actors: int = Field(1, ge=1)
     num_gpus: float = Field(0.0, ge=0)
     num_cpus: float = Field(1.0, gt=0)
+    resources: Resources = Field(default_factory=dict, description="Ray custom resources per engine actor (vllm: per engine worker)")
     batch_size: int = Field(16, ge=1, description="prompts per generate call (local) or per Ray Data batch (API)")
     # API backends
     base_url: str | None = None
@@ -187,6 +207,12 @@ class LLMConfig(Section):
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description="vllm: share of each GPU's memory (null: 0.9, scaled by a fractional num_gpus)")
     concurrency: int | tuple[int, int] | None = Field(None, description="vllm: engine replicas, or (min, max) to autoscale; null: num_actors")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vllm: further engine arguments (enable_prefix_caching, max_num_seqs, ...)")
+
+    @model_validator(mode="after")
+    def _local_resources(self):
+        if self.resources and self.backend in ("anthropic", "openai"):
+            raise ValueError(f"resources: the {self.backend} backend runs no local model (resources are for transformers and vllm)")
+        return self
 
 
 class RouteWindows(Section):
@@ -218,6 +244,7 @@ class RouteConfig(Section):
     num_actors: int = Field(1, ge=1)
     num_cpus: float = Field(0.5, gt=0, description="Ray CPUs reserved per embedder actor")
     num_gpus: float = Field(0.0, ge=0)
+    resources: Resources = Field(default_factory=dict, description="Ray custom resources per embedder actor")
     threads: int | None = Field(None, ge=1, description="torch threads per actor; null: the node's cores / num_actors")
 
 
@@ -227,6 +254,7 @@ class AVRunConfig(Section):
     num_actors: int = Field(1, ge=1)
     num_cpus: float = Field(1.0, gt=0)
     num_gpus: float = Field(0.0, ge=0)
+    resources: Resources = Field(default_factory=dict, description="Ray custom resources per AV actor")
     batch_size: int = Field(8, ge=1)
     device: Literal["cpu", "cuda"] = "cpu"
     engine: Literal["transformers", "vllm"] = Field(

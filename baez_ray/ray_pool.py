@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 from typing import Any
 
 import pyarrow as pa
 
+from baez_ray import progress
 from baez_ray.config import RayConfig
 
 # Ray options of every actor pool that holds a model or a client (collect, the transformers
@@ -53,26 +53,29 @@ def init_ray(cfg: RayConfig) -> None:
         # address None: ray.init reads RAY_ADDRESS, which Ray Jobs sets (host:port of the GCS)
         # for a submitted job's driver (`baez-ray submit`), so it joins the cluster it runs on.
         # An http(s) RAY_ADDRESS is a Jobs API URL for `baez-ray submit`, not a cluster to join.
-        ray.init(address=cfg.address, log_to_driver=True)
+        progress.start_ray(address=cfg.address)
     else:
         kwargs: dict[str, Any] = {"num_cpus": cfg.num_cpus, "include_dashboard": False}
         if cfg.object_store_mb:
             kwargs["object_store_memory"] = cfg.object_store_mb * 2**20
-        ray.init(**kwargs)
+        if cfg.resources:
+            kwargs["resources"] = dict(cfg.resources)
+        progress.start_ray(**kwargs)
     if signal.getsignal(signal.SIGINT) is _raise_stop:  # the CLI's handlers: keep them
         stop_on_signals()
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = sys.stderr.isatty()
 
 
 def actor_map(ds, cls, kwargs: dict | None = None, *, size: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0,
-              batch_size: int | None = None, batch_format: str = "pyarrow", fault_tolerant: bool = False, **options):
-    """`ds.map_batches(cls)` on a pool of `size` actors built with `cls(**kwargs)` (lazy)."""
+              resources: dict[str, float] | None = None, batch_size: int | None = None, batch_format: str = "pyarrow",
+              fault_tolerant: bool = False, **options):
+    """`ds.map_batches(cls)` on a pool of `size` actors built with `cls(**kwargs)` (lazy);
+    each actor reserves `num_cpus`, `num_gpus` and the custom `resources` (a job's
+    `model.resources`, ...: e.g. {"accelerator_type:H100": 0.001})."""
     import ray
 
     return ds.map_batches(
         cls, fn_constructor_kwargs=kwargs or {}, batch_size=batch_size, batch_format=batch_format,
-        compute=ray.data.ActorPoolStrategy(size=size), num_cpus=num_cpus, num_gpus=num_gpus or None,
+        compute=ray.data.ActorPoolStrategy(size=size), num_cpus=num_cpus, num_gpus=num_gpus or None, resources=resources or None,
         **(ACTOR_FAULT_TOLERANCE if fault_tolerant else {}), **options,
     )
 

@@ -140,9 +140,13 @@ class Run:
         os.replace(tmp, self.manifest_path)
 
     def completed(self, name: str) -> bool:
-        """True when an earlier attempt of this run finished stage `name` (resume skips it)."""
+        """True when an earlier attempt of this run finished stage `name` (resume skips it;
+        a line says so)."""
         info = self.manifest["stages"].get(name)
-        return bool(info) and "error" not in info and "seconds" in info
+        done = bool(info) and "error" not in info and "seconds" in info
+        if done:
+            log(f"[{name}] done in an earlier run ({info['seconds']:.1f}s{_counts(info, ', ')}), skipped")
+        return done
 
     @contextmanager
     def stage(self, name: str):
@@ -162,7 +166,7 @@ class Run:
         info["seconds"] = round(time.perf_counter() - t0, 3)
         self.manifest["stages"][name] = info
         self.save()
-        log(f"[{name}] done in {info['seconds']:.1f}s " + " ".join(f"{k}={v}" for k, v in info.items() if k != "seconds" and not isinstance(v, (dict, list))))
+        log(f"[{name}] done in {info['seconds']:.1f}s{_counts(info, ' ')}")
 
     def finish(self) -> None:
         self.manifest["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -170,8 +174,18 @@ class Run:
         self.save()
 
 
+def _counts(info: dict, sep: str) -> str:
+    """A stage's scalar counts as `k=v` pairs, for its log lines."""
+    pairs = [f"{k}={v}" for k, v in info.items() if k != "seconds" and not isinstance(v, (dict, list))]
+    return sep + " ".join(pairs) if pairs else ""
+
+
 def log(msg: str) -> None:
-    print(f"{datetime.now().strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
+    """A line on stderr, with the time; above an open progress bar, which it leaves intact."""
+    from tqdm import tqdm
+
+    tqdm.write(f"{datetime.now().strftime('%H:%M:%S')} {msg}", file=sys.stderr)
+    sys.stderr.flush()
 
 
 def write_table(table, out_dir: Path, rows_per_file: int = 4096) -> int:

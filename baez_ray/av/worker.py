@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from baez_ray import progress
 from baez_ray.av.sidecar import Sidecar, load_sidecar
 from baez_ray.config import AVRunConfig
 
@@ -63,6 +64,7 @@ class AVWorker:
                 for i in ok:
                     errors[i] = f"{type(e).__name__}: {e}"
         kind = "self" if self.sc.self_verbalizer else "av"
+        progress.tick(n)
         return (batch.append_column("explanation", pa.array(texts, pa.string()))
                 .append_column("verbalizer", pa.array([kind] * n))
                 .append_column("av_engine", pa.array([self.engine] * n))
@@ -83,7 +85,7 @@ def verbalize_vectors(rows, sidecar_path: str, run: AVRunConfig = AVRunConfig())
     kwargs = {"sidecar_path": sidecar_path, "device": run.device, "threads": max(1, math.ceil(run.num_cpus)),
               "engine": run.engine, "engine_kwargs": dict(run.engine_kwargs) or None}
     return actor_map(rows, AVWorker, kwargs, size=run.num_actors, num_cpus=run.num_cpus, num_gpus=run.num_gpus,
-                     batch_size=run.batch_size, **extra)
+                     resources=run.resources, batch_size=run.batch_size, **extra)
 
 
 def top_example_vectors(n_examples: int, layer: int | None = None):
@@ -119,4 +121,8 @@ def verbalize(features, sidecar_path: str, n_examples: int = 10, run: AVRunConfi
     layer = load_sidecar(sidecar_path).extraction_layer
     rows = features.map_batches(top_example_vectors(n_examples, layer), batch_format="pyarrow")
     rows = rows.filter(lambda r: r["vector"] is not None)
-    return gather(verbalize_vectors(rows, sidecar_path, run).drop_columns(["vector"]))
+    at_most = features.count() * n_examples  # features with fewer top examples (or no residuals) send fewer
+    with progress.bar("av", total=at_most, unit="example") as bar:
+        out = gather(verbalize_vectors(rows, sidecar_path, run).drop_columns(["vector"]))
+        bar.add_total(out.num_rows - at_most)  # the examples there were
+    return out

@@ -285,7 +285,7 @@ def run_job(spec: JobSpec, run: Run) -> None:
             info.update(route(features_dir, run.table_dir("routes"), spec.route))
     routes, keys, counts = select(pq.read_table(run.table_dir("routes")), spec.label)
     prev = run.manifest["stages"].get("label") or {}
-    if not run.completed("label") or prev.get("backend_failed"):
+    if prev.get("backend_failed") or not run.completed("label"):  # (completed() says it skips)
         with run.stage("label") as info:
             labels, resume = label_stage(spec, run, features_dir, routes, keys)
             info.update(resume)

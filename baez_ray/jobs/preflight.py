@@ -236,12 +236,42 @@ def check_ray_address(chk: Checks, address: str | None) -> None:
         chk.bad("ray.address", f"{address}: nothing answers there within {CONNECT_TIMEOUT_S:.0f} s (is the cluster up?)")
 
 
+def check_resources(chk: Checks, spec: JobSpec) -> None:
+    """The custom resources the job's actors ask for, against what a local cluster will
+    advertise (`ray.resources`, and `accelerator_type:<GPU>`, which Ray adds for a GPU it
+    finds): an actor asking for a resource that no node has would wait for ever. A joined
+    cluster is not checked (its autoscaler may start a node type that has it)."""
+    if spec.ray.address or os.environ.get("RAY_ADDRESS"):
+        return
+    asked = [("route.resources", spec.route.resources)] + ([("model.resources", spec.model.resources)] if spec.model else [])
+    asked += [(f"{key}.resources", llm.resources) for key, llm in llms(spec)]
+    asked += [(f"{sec}.av.resources", getattr(spec, sec).av.resources) for sec in ("label", "benchmark") if getattr(spec, sec) is not None]
+    have = spec.ray.resources
+    for key, resources in asked:
+        for name, amount in resources.items():
+            if name.startswith("accelerator_type:") and name not in have and local_gpus():
+                continue
+            if name not in have:
+                chk.bad(key, f"{name!r}: no node of the local Ray cluster has this resource (ray.resources: "
+                             f"{', '.join(sorted(have)) or 'none'}), so the actors would wait for ever; add it to ray.resources or set ray.address")
+            elif amount > have[name]:
+                chk.bad(key, f"{name!r}: {amount} per actor, but the local Ray cluster has {have[name]} (ray.resources)")
+
+
+def local_gpus() -> bool:
+    """Whether this machine has a CUDA GPU (Ray then advertises its accelerator_type)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def preflight(spec: JobSpec, out: str | Path | None = None, offline: bool = False, ray_address: bool = True) -> tuple[list[str], list[str]]:
     """(problems, notes) of `spec`; `out`: the run directory to check (None: not checked)."""
     chk = Checks(offline)
     check_inputs(chk, spec)
     check_model_and_sae(chk, spec)
     check_llms(chk, spec)
+    check_resources(chk, spec)
     for sec in ("label", "benchmark"):
         cfg = getattr(spec, sec)
         if cfg is not None and cfg.av_sidecar:

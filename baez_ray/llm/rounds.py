@@ -18,7 +18,7 @@ from typing import Callable
 
 import pyarrow as pa
 
-from baez_ray import schema
+from baez_ray import progress, schema
 from baez_ray.llm import prompts
 from baez_ray.llm.backends import generate, logprob_targets, prompt_table
 from baez_ray.rundir import log
@@ -50,29 +50,33 @@ def ask_until_parsed(pending, llm, parse: Callable[[dict, int], tuple], retry_me
     `parse(row, attempt) -> (value, problem)`, resend the unreadable ones with
     `retry_messages(row, problem, attempt)` (those for which `retryable(row)`, when given).
     Returns one dict per prompt: its row (last try), `value`, `problem`, and the tokens,
-    cost and tries of all its tries."""
+    cost and tries of all its tries. A progress bar counts the prompts answered, retry
+    rounds included."""
     import ray
 
     from baez_ray.ray_pool import gather
 
     spent: dict[str, list] = {}
     done: list[dict] = []
-    for attempt in range(max_retries + 1):
-        answered = gather(generate(pending, llm))
-        retry = []
-        for row in answered.to_pylist():
-            tally(spent, row)
-            value, problem = (None, row["error"]) if row["error"] else parse(row, attempt)
-            final = attempt == max_retries or (retryable is not None and not retryable(row))
-            if value is not None or row["error"] is not None or final:
-                done.append({**row, "value": value, "problem": problem})
-            else:
-                keep = {k: v for k, v in row.items() if k not in ANSWER_COLUMNS}
-                retry.append(keep | {"messages": retry_messages(row, problem, attempt)})
-        if not retry:
-            break
-        log(f"[{what}] retry {attempt + 1}/{max_retries}: {len(retry)} unreadable answers")
-        pending = ray.data.from_arrow(rows_table(retry, answered.schema))
+    pending = pending.materialize()  # the prompts, counted for the bar
+    with progress.bar(what, total=pending.count(), unit="prompt") as bar:
+        for attempt in range(max_retries + 1):
+            answered = gather(generate(pending, llm))
+            retry = []
+            for row in answered.to_pylist():
+                tally(spent, row)
+                value, problem = (None, row["error"]) if row["error"] else parse(row, attempt)
+                final = attempt == max_retries or (retryable is not None and not retryable(row))
+                if value is not None or row["error"] is not None or final:
+                    done.append({**row, "value": value, "problem": problem})
+                else:
+                    keep = {k: v for k, v in row.items() if k not in ANSWER_COLUMNS}
+                    retry.append(keep | {"messages": retry_messages(row, problem, attempt)})
+            if not retry:
+                break
+            log(f"[{what}] retry {attempt + 1}/{max_retries}: {len(retry)} unreadable answers")
+            bar.add_total(len(retry))  # the retry round's prompts join the bar
+            pending = ray.data.from_arrow(rows_table(retry, answered.schema))
     for row in done:
         row["input_tokens"], row["output_tokens"], row["cost_usd"], row["tries"] = spent[row["request_id"]]
     return done

@@ -51,7 +51,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from baez_ray import schema
+from baez_ray import progress, schema
 from baez_ray.config import CollectConfig, ModelConfig, SAEConfig
 from baez_ray.models.lm import token_texts
 from baez_ray.models.sae import n_sae_features
@@ -162,6 +162,7 @@ class CollectWorker:
             ids = torch.from_numpy(tokens[s : s + self.cfg.batch_size]).to(self.device)
             ctx = torch.from_numpy(cids[s : s + self.cfg.batch_size]).to(self.device)
             resid = self.lm.residuals(ids)
+            progress.tick(ids.numel())  # progress hook: tokens through the model, for the driver's bar
             for d in self.dicts:
                 # the SAE's activations of a wide dictionary do not fit for a whole batch
                 # (8 × 1024 tokens × 262k features): encode and merge a few contexts at a
@@ -561,33 +562,22 @@ def _worker_stream(part_paths: list[Path], todo: list[int], model: ModelConfig, 
     # a restarted actor starts with an empty running top-k: it emits more candidates, never
     # fewer, and its part is counted once (Merger.add)
     return actor_map(ds, CollectWorker, kwargs, size=cfg.num_actors, num_cpus=model.num_cpus, num_gpus=model.num_gpus,
-                     batch_format="numpy", fault_tolerant=True)
+                     resources=model.resources, batch_format="numpy", fault_tolerant=True)
 
 
-def _merge_stream(out, merger: Merger, checkpoints: Checkpoints, total: int) -> tuple[float, float | None, int | None]:
-    """Merge every candidate batch, snapshot when due, log progress; returns (start, time
-    of the first batch, tokens merged by then)."""
-    t0, t_first, first_tokens, last_log = time.perf_counter(), None, None, 0.0
-    start_tokens = merger.n_tokens
+def _merge_stream(out, merger: Merger, checkpoints: Checkpoints) -> None:
+    """Merge every candidate batch, snapshot when due (progress: the workers' ticks)."""
     try:
         # prefetch_batches=0: the iterator's default read-ahead of one block held each
         # part's candidates back until the actor had finished the next part
         for batch in out.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
             if merger.add(batch) and checkpoints.due(merger):
                 checkpoints.save(merger)
-            if t_first is None:
-                t_first, first_tokens = time.perf_counter(), merger.n_tokens
-            now = time.perf_counter()
-            if now - last_log > 10:
-                last_log = now
-                log(f"[collect] {merger.n_tokens:,}/{total:,} tokens ({100 * merger.n_tokens / total:.0f}%), "
-                    f"{(merger.n_tokens - start_tokens) / (now - t0):,.0f} tok/s")
     except KeyboardInterrupt:  # SIGINT / SIGTERM: keep what is merged, for the rerun
         if merger.done - checkpoints.saved_parts:
             checkpoints.save(merger)
         log(f"[collect] stopped: snapshot of {len(merger.done)} of {len(checkpoints.names)} contexts parts kept for the rerun")
         raise
-    return t0, t_first, first_tokens
 
 
 def collect(contexts_dir: Path, state_root: Path, features_dir: Path, model: ModelConfig, saes: list[SAEConfig],
@@ -606,24 +596,24 @@ def collect(contexts_dir: Path, state_root: Path, features_dir: Path, model: Mod
     todo = [i for i in range(len(part_paths)) if i not in merger.done]
     if resumed:
         log(f"[collect] resuming: {resumed} of {len(part_paths)} contexts parts merged by an earlier attempt")
-    t0, t_first, first_tokens = time.perf_counter(), None, None
+    rates = {"startup_s": None, "steady_per_s": None}
     if todo:
         out = _worker_stream(part_paths, todo, model, saes, cfg, seed, per_sae, tokenizer.bos_token_id)
-        t0, t_first, first_tokens = _merge_stream(out, merger, checkpoints, total_tokens)
+        with progress.bar("collect", total=total_tokens, unit="tok", initial=merger.n_tokens) as bar:
+            _merge_stream(out, merger, checkpoints)
+        rates = bar.rates()  # worker-side: when the tokens went through the model, not when they reached the driver
     if merger.pending or len(merger.done) != len(part_paths):
         missing = sorted(set(range(len(part_paths))) - merger.done)
         raise RuntimeError(f"collect: contexts parts {[part_paths[i].name for i in missing][:5]} were not fully merged: a batch was lost")
     table = merger.features_table([(s.id, s.layer, n) for s, n in zip(saes, per_sae)], model.id, token_texts(tokenizer))
     parts = write_table(table, features_dir)
-    t_done = time.perf_counter()
     if merger.n_tokens != total_tokens:
         raise RuntimeError(f"collect saw {merger.n_tokens} tokens but the corpus has {total_tokens}: a batch was lost")
     return dict(
         features=n_features, features_per_sae={s.id: n for s, n in zip(saes, per_sae)}, tokens=merger.n_tokens, firing_features=int((merger.counts > 0).sum()),
         candidate_rows=merger.rows_in, parts=parts, resumed_parts=resumed, checkpoints=checkpoints.written,
         contexts_run=sum(sizes[i] for i in todo),
-        # start-up (actors, model load, first batch) apart from the steady rate, which
-        # includes the merge and writing the features table
-        startup_s=round((t_first or t0) - t0, 3),
-        steady_tokens_per_s=round((merger.n_tokens - (first_tokens or 0)) / max(t_done - (t_first or t0), 1e-9), 1) if todo else None,
+        # start-up (actors, model load, first forward batch) apart from the steady rate of
+        # the forward passes after it, both from the workers' progress reports
+        startup_s=rates["startup_s"], steady_tokens_per_s=rates["steady_per_s"],
     )

@@ -86,7 +86,7 @@ def corpus_negatives(contexts_dir: Path, model: ModelConfig, saes: list[SAEConfi
     take = np.sort(rng.choice(contexts.num_rows, size=min(n_contexts, contexts.num_rows), replace=False))
     kwargs = dict(model=model.model_dump(), saes=[s.model_dump() for s in used], features=features, window=window, threads=max(1, math.ceil(model.num_cpus)))
     ds = actor_map(ray.data.from_arrow(contexts.take(pa.array(take))), NegativeWorker, kwargs, num_cpus=model.num_cpus,
-                   num_gpus=model.num_gpus, batch_size=batch_size, batch_format="numpy")
+                   num_gpus=model.num_gpus, resources=model.resources, batch_size=batch_size, batch_format="numpy")
     rows = ds.take_all()
     if not rows:
         return {k: [] for k in keys}

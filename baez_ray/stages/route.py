@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pyarrow as pa
 
-from baez_ray import schema
+from baez_ray import progress, schema
 from baez_ray.config import RouteConfig  # noqa: F401  (the job file's `route` section)
 from baez_ray.models.embedder import grouped_correlation
 from baez_ray.models.windows import TopExamples
@@ -158,7 +158,9 @@ class RouteWorker:
         self.embedder = Embedder(self.cfg.embedder, device=self.cfg.device, batch_size=self.cfg.encode_batch_size, threads=threads)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return route_batch(batch, self.cfg, self.embedder.encode)
+        out = route_batch(batch, self.cfg, self.embedder.encode)
+        progress.tick(batch.num_rows)
+        return out
 
 
 def default_threads(cfg: RouteConfig) -> int:
@@ -189,7 +191,7 @@ def route_dataset(features, cfg: RouteConfig):
         # blocks of one batch each (streaming, no shuffle), so that every actor gets work
         ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
     return actor_map(ds, RouteWorker, {"cfg": cfg.model_dump(mode="json")}, size=cfg.num_actors, num_cpus=cfg.num_cpus,
-                     num_gpus=cfg.num_gpus, batch_size=cfg.batch_size, zero_copy_batch=True)
+                     num_gpus=cfg.num_gpus, resources=cfg.resources, batch_size=cfg.batch_size, zero_copy_batch=True)
 
 
 def route_table(features, cfg: RouteConfig) -> pa.Table:
@@ -202,7 +204,10 @@ def route_table(features, cfg: RouteConfig) -> pa.Table:
 
 def route(features_dir: str | Path, out_dir: str | Path, cfg: RouteConfig) -> dict:
     """The route stage: features/ Parquet → routes/ Parquet. Returns counts for the manifest."""
-    table = route_table(features_dir, cfg)
+    import pyarrow.dataset as pads
+
+    with progress.bar("route", total=pads.dataset(str(features_dir), format="parquet").count_rows(), unit="feature"):
+        table = route_table(features_dir, cfg)
     parts = write_table(table, Path(out_dir))
     tiers = np.asarray(table.column("tier").to_numpy())
     kinds = table.column("kind").to_pylist()

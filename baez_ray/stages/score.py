@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from baez_ray import schema
+from baez_ray import progress, schema
 from baez_ray.config import LLMConfig, ScoreConfig
 from baez_ray.llm import prompts
 from baez_ray.llm.rounds import score_rounds
@@ -264,6 +264,7 @@ class EmbedScorer:
             for k, v in m.items():
                 cols[k].append(v if k == "n_dropped" or not math.isnan(v) else None)
         out = batch.drop_columns(["texts", "truth"])
+        progress.tick(batch.num_rows)
         for k, v in cols.items():
             out = out.append_column(k, pa.array(v, pa.int32() if k == "n_dropped" else pa.float64()))
         return out
@@ -276,7 +277,8 @@ def _embedding_scores(subs: list[dict], items: dict, cfg: ScoreConfig, threads: 
     import ray
 
     ds = ray.data.from_arrow(pa.Table.from_pylist(rows))
-    out = gather(actor_map(ds, EmbedScorer, {"embedder": cfg.embedder, "threads": threads}, num_cpus=0.5, batch_size=batch_size))
+    with progress.bar("score:embedding", total=len(rows), unit="label"):
+        out = gather(actor_map(ds, EmbedScorer, {"embedder": cfg.embedder, "threads": threads}, num_cpus=0.5, batch_size=batch_size))
     res = []
     for r in out.to_pylist():
         n = len(items[(r["sae_id"], r["feature"])].truth)

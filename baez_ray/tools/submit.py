@@ -112,6 +112,7 @@ def plan_submission(
     env: list[str] | None = None,
     driver_cpus: float = DRIVER_NUM_CPUS,
     driver_gpus: float = DRIVER_NUM_GPUS,
+    verbose: bool = False,
 ) -> Submission:
     """Validate `job` locally (ConfigError names the key) and build the submission."""
     overrides = list(overrides or [])
@@ -133,6 +134,8 @@ def plan_submission(
         cmd += ["--set", item]
     if out:
         cmd += ["--out", out]
+    if verbose:  # the driver on the cluster shows Ray's and the workers' output too
+        cmd.append("--verbose")
 
     excludes, warnings = _excludes_and_warnings(spec, out)
     runtime_env: dict[str, Any] = {"working_dir": str(wd), "excludes": excludes}
@@ -264,7 +267,7 @@ def cmd_submit(args) -> int:
     try:
         sub = plan_submission(
             args.job, args.overrides, working_dir=args.working_dir, out=args.out, env=args.env,
-            driver_cpus=args.driver_cpus, driver_gpus=args.driver_gpus,
+            driver_cpus=args.driver_cpus, driver_gpus=args.driver_gpus, verbose=args.verbose,
         )
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

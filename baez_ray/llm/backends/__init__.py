@@ -30,7 +30,7 @@ from importlib import import_module
 import pyarrow as pa
 from pydantic import SecretStr
 
-from baez_ray import schema
+from baez_ray import progress, schema
 from baez_ray.config import LLMConfig
 
 _MODULES = {
@@ -96,6 +96,7 @@ def with_answers(batch: pa.Table, answers: list[str | None], in_tok: list[int], 
         if f.name in batch.column_names:
             batch = batch.drop_columns([f.name])
         batch = batch.append_column(f, cols[f.name])
+    progress.tick(n)  # the answered prompts, for the driver's bar
     return batch
 
 
