@@ -66,17 +66,22 @@ def model_config(chk: Checks, key: str, path: str) -> dict | None:
             chk.bad(key, str(e))
             return None
     if looks_local(path):
-        p = Path(path).expanduser()
-        if not p.exists():
-            chk.bad(key, f"{path}: no such local model folder")
-        elif not p.is_dir():
-            chk.bad(key, f"{path}: not a folder (a model folder holds config.json and the weights)")
-        elif not (p / "config.json").is_file():
-            chk.bad(key, f"{path}: no config.json in this folder (not a Hugging Face model folder)")
-        else:
-            return json.loads((p / "config.json").read_text())
-        return None
+        return folder_json(chk, key, Path(path).expanduser(), "config.json", "local model", "a Hugging Face model")
     return hub_config(chk, key, path)
+
+
+def folder_json(chk: Checks, key: str, p: Path, name: str, what: str, kind: str) -> dict | None:
+    """The JSON file `name` of the folder `p` (a model or SAE folder), or None with the
+    problem recorded under `key`: no such folder, not a folder, no `name` in it."""
+    if not p.exists():
+        chk.bad(key, f"{p}: no such {what} folder")
+    elif not p.is_dir():
+        chk.bad(key, f"{p}: not a folder ({kind} folder holds {name} and the weights)")
+    elif not (p / name).is_file():
+        chk.bad(key, f"{p}: no {name} in this folder (not {kind} folder)")
+    else:
+        return json.loads((p / name).read_text())
+    return None
 
 
 def hub_config(chk: Checks, key: str, repo: str) -> dict | None:
@@ -105,16 +110,7 @@ def sae_config(chk: Checks, spec: JobSpec, i: int) -> dict | None:
     sae = spec.saes[i]
     if not sae.path:
         return None
-    key, p = spec.sae_key(i, "path"), Path(sae.path)
-    if not p.exists():
-        chk.bad(key, f"{p}: no such SAE folder")
-    elif not p.is_dir():
-        chk.bad(key, f"{p}: not a folder (an SAE folder holds cfg.json and the weights)")
-    elif not (p / "cfg.json").is_file():
-        chk.bad(key, f"{p}: no cfg.json in this folder (not a sae-lens SAE folder)")
-    else:
-        return json.loads((p / "cfg.json").read_text())
-    return None
+    return folder_json(chk, spec.sae_key(i, "path"), Path(sae.path), "cfg.json", "SAE", "a sae-lens SAE")
 
 
 def check_model_and_sae(chk: Checks, spec: JobSpec) -> None:
