@@ -31,7 +31,7 @@ chromium:
 	  else echo "the report test needs Debian's chromium: sudo apt-get install chromium" >&2; exit 1; fi; }
 
 test: install chromium
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 # exit code 3: the run finished and some rows failed (its summary says which; the report
 # shows them): the demo's small models leave a few, so that still makes a demo

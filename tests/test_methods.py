@@ -70,7 +70,7 @@ def test_job_files_are_checked_against_the_registry(tmp_path):
         load_job(write(tmp_path, base + "  tier2: eleuther_top5\n"))
     with pytest.raises(ConfigError, match=r"key 'label.tier1': baez cannot label tier-1 features; tier 1 methods: .*token_freq"):
         load_job(write(tmp_path, base + "  tier1: baez\n"))
-    with pytest.raises(ConfigError, match=r"key 'label.tier3': nla_direct reads the SAE's decoder rows: the job needs the sae section"):
+    with pytest.raises(ConfigError, match=r"key 'label.tier3': nla_direct reads the SAE's decoder rows: the job needs the sae \(or saes\) section"):
         load_job(write(tmp_path, base + "  tier3: nla_direct\n  av_sidecar: jobs/av/x.yaml\n"))
     bench = "job: benchmark\nfeatures: f/\nbenchmark:\n  explainer: {model: x}\n  methods: [token_freq, baez, np_max_act, np_max_act]\n"
     with pytest.raises(ConfigError) as e:

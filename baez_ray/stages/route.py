@@ -209,10 +209,13 @@ def route(features_dir: str | Path, out_dir: str | Path, cfg: RouteConfig) -> di
     with progress.bar("route", total=pads.dataset(str(features_dir), format="parquet").count_rows(), unit="feature"):
         table = route_table(features_dir, cfg)
     parts = write_table(table, Path(out_dir))
-    tiers = np.asarray(table.column("tier").to_numpy())
-    kinds = table.column("kind").to_pylist()
+    # a feature that never fired (no example) is a class of its own, not tier 3 / obscure
+    fired = np.asarray(table.column("n_examples").to_numpy()) > 0
+    tiers = np.asarray(table.column("tier").to_numpy())[fired]
+    kinds = np.asarray(table.column("kind").to_pylist(), dtype=object)[fired].tolist()
     return {
         "features": table.num_rows,
+        "never_fired": int((~fired).sum()),
         "parts": parts,
         "tier1": int((tiers == 1).sum()),
         "tier2": int((tiers == 2).sum()),
