@@ -181,9 +181,9 @@ def verdicts(routes, n_boot: int = N_BOOT, seed: int = 0) -> list[dict]:
 CLAIMS = {"early": "early layers: mostly input features", "middle": "middle layers: mostly cross/obscure features",
           "late": "late layers: mostly output features"}
 RULE = ("Dead features (no example over the corpus) are left out. Shares with bootstrap 95% CIs over the live "
-        "features of a layer (several SAEs at one layer pooled). A claim is <b>supported</b> when its CI lies wholly "
-        "above the CI of every layer it is compared with, <b>contradicted</b> when some compared layer's CI lies wholly "
-        "above its own, <b>inconclusive</b> otherwise. Early: input share at the earliest layer against every other "
+        "features of a layer (several SAEs at one layer pooled). A claim is supported when its CI lies wholly "
+        "above the CI of every layer it is compared with, contradicted when some compared layer's CI lies wholly "
+        "above its own, inconclusive otherwise. Early: input share at the earliest layer against every other "
         "layer; late: output share at the latest layer against every other layer; middle: cross + obscure share of "
         "the layers strictly between (pooled) against the earliest and the latest. Needs ≥ 2 layers (3 for the middle claim).")
 

@@ -62,6 +62,12 @@ def fired(df):
 
 
 # ------------------------------------------------------------------ tier shares
+def by_depth(keys: list[str], key) -> tuple:
+    """Sort key of a group: by layer first (shallow to deep) when `keys` has one."""
+    key = key if isinstance(key, tuple) else (key,)
+    return tuple(sorted(zip(keys, key), key=lambda kv: kv[0] != "layer"))
+
+
 def tier_shares(routes, by: Sequence[str] | None = ("sae_id", "layer")):
     """Share of features per tier and per kind among those that fired: one row per group of
     `by` (None: one row, all features). Columns: the group keys, n (features that fired),
@@ -71,7 +77,7 @@ def tier_shares(routes, by: Sequence[str] | None = ("sae_id", "layer")):
 
     df = _frame(routes)
     keys = list(by) if by else []
-    groups = df.groupby(keys, sort=True) if keys else [((), df)]
+    groups = sorted(df.groupby(keys), key=lambda kg: by_depth(keys, kg[0])) if keys else [((), df)]
     rows = []
     for key, g in groups:
         key = key if isinstance(key, tuple) else (key,)
@@ -100,7 +106,7 @@ def score_histograms(routes, path: str | Path, taus: dict[str, float] | None = N
     plt = pyplot()
     df = _frame(routes)
     taus = taus or {}
-    groups = list(df.groupby(list(by), sort=True)) if by and df.groupby(list(by)).ngroups > 1 else [("all", df)]
+    groups = sorted(df.groupby(list(by)), key=lambda kg: by_depth(list(by), kg[0])) if by and df.groupby(list(by)).ngroups > 1 else [("all", df)]
     if len(groups) > max_groups:
         groups = [("all", df)]
     bins = np.linspace(-0.2, 1.0, 49)
