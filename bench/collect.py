@@ -184,7 +184,7 @@ def figures(res: dict, num_actors: int = 1) -> dict:
     load = max((c["init"][1] - c["init"][0] for c in calls), default=0.0)
     later = calls[1:]
     out = {"tokens": st["tokens"], "stage_s": round(s1 - s0, 2), "ray_init_s": round(s0 - r0, 2),
-           "model_load_s": round(load, 2), "first_result_s": st.get("startup_s"),
+           "model_load_s": round(load, 2), "first_batch_s": st.get("startup_s"),
            "forward_s": round(sum(c["forward_s"] for c in calls), 2)}
     if later:
         window = s1 - calls[0]["t1"]
@@ -285,7 +285,7 @@ def main() -> None:
         "tokens_per_s": f3.get("steady_tokens_per_s"), "forward_bound_tokens_per_s": f3.get("forward_bound_tokens_per_s"),
         "ratio": f3.get("ratio"), "ratio_small": f1.get("ratio"),
         "marginal_tokens_per_s": round((f3["tokens"] - f1["tokens"]) / (f3["stage_s"] - f1["stage_s"]), 1),
-        "stage_s": [f1["stage_s"], f3["stage_s"]], "first_result_s": [f1["first_result_s"], f3["first_result_s"]],
+        "stage_s": [f1["stage_s"], f3["stage_s"]], "first_batch_s": [f1["first_batch_s"], f3["first_batch_s"]],
         "model_load_s": [f1["model_load_s"], f3["model_load_s"]], "ray_init_s": [f1["ray_init_s"], f3["ray_init_s"]],
         "peak_uss_mb": [m1["stage"]["uss_mb"], m3["stage"]["uss_mb"]],
         "peak_rss_mb": [m1["stage"]["rss_mb"], m3["stage"]["rss_mb"]],
