@@ -6,13 +6,30 @@
   holding a model or a client; with `fault_tolerant=True` an actor that dies (OOM kill,
   segfault, preempted node) is restarted and its batch retried (`ACTOR_FAULT_TOLERANCE`).
 * `gather(ds)`: a (small) Dataset's rows as one Arrow table, for the driver.
+
+Kept pools. A model in an actor costs its start-up (a process, the imports, the weights:
+5-10 s for a small LLM on CPU, minutes for a large one on a GPU) every time a Dataset runs
+through a new Ray Data actor pool. A stage that sends several Datasets to the same model
+(the label stage's shards, every retry round, the two LLM rounds of a method, a scorer
+that is also the explainer) asks with `keep=True`: inside `kept_pools()` (`jobs.execute`
+opens one around a job) the first such call starts `size` long-lived actors and every
+later call with the same class and arguments reuses them; Ray Data then maps light tasks
+that hand each batch to one of them (in turn). Kept actors are killed when the scope
+ends, or earlier when another pool needs their resources: a pool is evicted (oldest
+first) whenever what the kept pools hold plus what a new pool asks for would leave less
+than one CPU of the cluster free, so keeping never starves a stage of the job.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 import threading
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -67,17 +84,150 @@ def init_ray(cfg: RayConfig) -> None:
 
 def actor_map(ds, cls, kwargs: dict | None = None, *, size: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0,
               resources: dict[str, float] | None = None, batch_size: int | None = None, batch_format: str = "pyarrow",
-              fault_tolerant: bool = False, **options):
+              fault_tolerant: bool = False, keep: bool = False, **options):
     """`ds.map_batches(cls)` on a pool of `size` actors built with `cls(**kwargs)` (lazy);
     each actor reserves `num_cpus`, `num_gpus` and the custom `resources` (a job's
-    `model.resources`, ...: e.g. {"accelerator_type:H100": 0.001})."""
+    `model.resources`, ...: e.g. {"accelerator_type:H100": 0.001}). `keep`: inside
+    `kept_pools()`, the actors outlive this Dataset and serve every later call with the
+    same class and arguments (see the module docstring)."""
     import ray
 
+    need = _need(size, num_cpus, num_gpus, resources)
+    key = _pool_key(cls, kwargs, size, num_cpus, num_gpus, resources, fault_tolerant, options)
+    if keep and _kept is not None and set(options) <= {"runtime_env"} and (key in _kept or _make_room(need)):
+        if key not in _kept:
+            _kept[key] = _KeptPool.start(cls, kwargs or {}, size, need, num_cpus, num_gpus, resources, fault_tolerant, options)
+        _kept.move_to_end(key)  # the most recently used is evicted last
+        pool = _kept[key]
+        return ds.map_batches(_hand_over, fn_kwargs={"actors": pool.actors, "turn": pool.turn}, batch_size=batch_size,
+                              batch_format=batch_format, num_cpus=HAND_OVER_CPUS, concurrency=2 * size)
+    if _kept is not None:
+        _make_room(need)  # (a pool too big to keep beside FREE_CPUS runs as a plain Ray Data pool)
     return ds.map_batches(
         cls, fn_constructor_kwargs=kwargs or {}, batch_size=batch_size, batch_format=batch_format,
         compute=ray.data.ActorPoolStrategy(size=size), num_cpus=num_cpus, num_gpus=num_gpus or None, resources=resources or None,
         **(ACTOR_FAULT_TOLERANCE if fault_tolerant else {}), **options,
     )
+
+
+# ---- kept pools ---------------------------------------------------------------------------
+
+HAND_OVER_CPUS = 0.01  # a task that passes a batch to a kept actor and waits for its answer
+FREE_CPUS = 1.0  # what kept pools always leave free for the rest of a stage (reads, light maps)
+
+_kept: OrderedDict[str, "_KeptPool"] | None = None
+
+
+class _Host:
+    """A kept actor: holds `cls(**kwargs)` and calls it on each batch it is handed."""
+
+    def __init__(self, cls, kwargs: dict):
+        self.fn = cls(**kwargs)
+
+    def call(self, batch):
+        return self.fn(batch)
+
+
+class _Turn:
+    """Whose turn it is among a kept pool's actors (round robin over the batches)."""
+
+    def __init__(self):
+        self.n = -1
+
+    def next(self) -> int:
+        self.n += 1
+        return self.n
+
+
+@dataclass
+class _KeptPool:
+    actors: list
+    turn: Any
+    need: dict[str, float]
+
+    @classmethod
+    def start(cls_, cls, kwargs, size, need, num_cpus, num_gpus, resources, fault_tolerant, options) -> "_KeptPool":
+        import ray
+
+        opts: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": dict(resources or {}), **options}
+        if fault_tolerant:  # an actor that dies is restarted (its model reloaded) and the call retried
+            opts.update(ACTOR_FAULT_TOLERANCE)
+        host = ray.remote(_Host)
+        actors = [host.options(**opts).remote(cls, kwargs) for _ in range(size)]
+        return cls_(actors, ray.remote(_Turn).options(num_cpus=0).remote(), need)
+
+    def kill(self) -> None:
+        import ray
+
+        for a in [*self.actors, self.turn]:
+            ray.kill(a)
+
+
+def _hand_over(batch, actors: list, turn):
+    """A Ray Data task: the batch to the kept actor whose turn it is; its answer back."""
+    import ray
+
+    i = ray.get(turn.next.remote()) % len(actors)
+    return ray.get(actors[i].call.remote(batch))
+
+
+@contextmanager
+def kept_pools():
+    """A scope (a job) in which `actor_map(..., keep=True)` pools are started once and
+    reused; every kept actor is killed when it ends. Nested scopes share the outer one."""
+    global _kept
+    if _kept is not None:
+        yield
+        return
+    _kept = OrderedDict()
+    try:
+        yield
+    finally:
+        pools, _kept = list(_kept.values()), None
+        for pool in pools:
+            try:
+                pool.kill()
+            except Exception:  # noqa: BLE001 - Ray already down (a stopped run): nothing left to kill
+                pass
+
+
+def _need(size: int, num_cpus: float, num_gpus: float, resources: dict | None) -> dict[str, float]:
+    need = {"CPU": size * num_cpus, "GPU": size * (num_gpus or 0.0)}
+    need.update({k: size * v for k, v in (resources or {}).items()})
+    return need
+
+
+def _pool_key(cls, kwargs, *rest) -> str:
+    """Which pool: the class and every argument (a secret as its hash, never its text)."""
+
+    def plain(o):
+        if hasattr(o, "get_secret_value"):
+            return "secret:" + hashlib.sha256(o.get_secret_value().encode()).hexdigest()
+        return repr(o)
+
+    text = json.dumps([f"{cls.__module__}.{cls.__qualname__}", id(cls), kwargs, *rest], sort_keys=True, default=plain)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _make_room(need: dict[str, float]) -> bool:
+    """Evict kept pools, oldest first, until they and `need` leave FREE_CPUS of the
+    cluster's CPUs free and fit its other resources; False if `need` alone does not."""
+    import ray
+
+    total = ray.cluster_resources()
+
+    def fits() -> bool:
+        held: dict[str, float] = {}
+        for pool in _kept.values():
+            for k, v in pool.need.items():
+                held[k] = held.get(k, 0.0) + v
+        floor = {"CPU": FREE_CPUS}
+        return all(total.get(k, 0.0) - held.get(k, 0.0) - need.get(k, 0.0) >= floor.get(k, 0.0) for k in {*need, "CPU"} if need.get(k) or k == "CPU")
+
+    while _kept and not fits():
+        _, pool = _kept.popitem(last=False)
+        pool.kill()
+    return fits()
 
 
 def gather(ds) -> pa.Table:

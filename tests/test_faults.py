@@ -5,6 +5,7 @@ error in the labels table, and the same command run again retries only those row
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -85,15 +86,18 @@ def chat_model(tmp_path_factory):
 
 
 @pytest.mark.timeout(300)
-def test_llm_actor_dies_mid_batch_is_restarted_and_batch_retried(ray_local, chat_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kept", [False, True], ids=["ray-data-pool", "kept-pool"])
+def test_llm_actor_dies_mid_batch_is_restarted_and_batch_retried(ray_local, chat_model, tmp_path, monkeypatch, kept):
     from baez_ray.llm.backends import generate, prompt_table, transformers_backend
+    from baez_ray.ray_pool import kept_pools
 
     DyingChat.state = str(tmp_path)
     monkeypatch.setattr(transformers_backend, "TransformersChat", DyingChat)
     rows = [{"request_id": f"r{i}", "messages": [{"role": "user", "content": f"question {i}"}], "max_tokens": 4,
              "temperature": 0.0, "stop": None, "constraint": None, "feature": i} for i in range(8)]
     cfg = LLMConfig(backend="transformers", model=str(chat_model), batch_size=2, num_actors=1, num_cpus=0.5)
-    out = generate(ray_local.data.from_arrow(prompt_table(rows)), cfg).to_pandas().sort_values("feature")
+    with kept_pools() if kept else contextlib.nullcontext():  # a job's long-lived pool, or Ray Data's
+        out = generate(ray_local.data.from_arrow(prompt_table(rows)), cfg).to_pandas().sort_values("feature")
 
     dead = int((tmp_path / "died").read_text())
     served = {int(p.name.split("-")[1]) for p in tmp_path.glob("served-*")}

@@ -85,7 +85,7 @@ def verbalize_vectors(rows, sidecar_path: str, run: AVRunConfig = AVRunConfig())
     kwargs = {"sidecar_path": sidecar_path, "device": run.device, "threads": max(1, math.ceil(run.num_cpus)),
               "engine": run.engine, "engine_kwargs": dict(run.engine_kwargs) or None}
     return actor_map(rows, AVWorker, kwargs, size=run.num_actors, num_cpus=run.num_cpus, num_gpus=run.num_gpus,
-                     resources=run.resources, batch_size=run.batch_size, **extra)
+                     resources=run.resources, batch_size=run.batch_size, keep=True, **extra)
 
 
 def top_example_vectors(n_examples: int, layer: int | None = None):

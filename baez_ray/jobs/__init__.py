@@ -32,10 +32,14 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
 
 
 def execute(spec: JobSpec, out: str | Path | None = None) -> Run:
-    """Run a job to completion and return its Run."""
+    """Run a job to completion and return its Run. A model that several of its stages or
+    rounds call is loaded once (`ray_pool.kept_pools`)."""
+    from baez_ray.ray_pool import kept_pools
+
     run = Run(spec, out)
     log(f"run {spec.name} ({spec.job}) → {run.dir}")
-    import_module(f"baez_ray.jobs.{spec.job}").run_job(spec, run)
+    with kept_pools():
+        import_module(f"baez_ray.jobs.{spec.job}").run_job(spec, run)
     run.finish()
     log(f"run finished: {run.dir}")
     return run

@@ -54,9 +54,9 @@ SHARD_DIR = "label_shards"
 
 def shard_size(n_todo: int, fixed: int | None = None) -> int:
     """Features per committed shard: `label.shard_features`, else about 1/64 of the tier's
-    work, within [256, 8192]. Each shard is one pass through the labelling method (its
-    actors start once per shard), so shards trade start-up cost against the work a crash
-    can lose."""
+    work, within [256, 8192]. Each shard is one Dataset through the labelling method (its
+    model is loaded once per run: `ray_pool.kept_pools`; a vLLM engine once per shard), so
+    shards trade a Dataset's fixed cost against the work a crash can lose."""
     if fixed:
         return fixed
     return min(8192, max(256, math.ceil(n_todo / 64)))

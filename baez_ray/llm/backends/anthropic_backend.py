@@ -280,4 +280,4 @@ def generate(ds, cfg: LLMConfig):
         return generate_batches(ds, cfg, key)
     # an actor that dies mid-batch is restarted and the batch retried
     return actor_map(ds, AnthropicCaller, {"cfg": cfg.model_dump(), "key": key}, size=cfg.num_actors, num_cpus=ACTOR_CPUS,
-                     batch_size=cfg.batch_size, fault_tolerant=True)
+                     batch_size=cfg.batch_size, fault_tolerant=True, keep=True)

@@ -208,4 +208,4 @@ def generate(ds, cfg: LLMConfig):
 
     key = api_key(cfg)
     return actor_map(ds, OpenAICaller, {"cfg": cfg.model_dump(), "key": key}, size=cfg.num_actors, num_cpus=ACTOR_CPUS,
-                     batch_size=cfg.batch_size)
+                     batch_size=cfg.batch_size, keep=True)

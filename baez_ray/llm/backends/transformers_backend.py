@@ -260,4 +260,4 @@ def generate(ds, cfg: LLMConfig):
 
     # an actor that dies mid-batch is restarted and the batch retried
     return actor_map(ds, TransformersChat, {"cfg": cfg.model_dump()}, size=cfg.num_actors, num_cpus=cfg.num_cpus,
-                     num_gpus=cfg.num_gpus, resources=cfg.resources, batch_size=cfg.batch_size, fault_tolerant=True)
+                     num_gpus=cfg.num_gpus, resources=cfg.resources, batch_size=cfg.batch_size, fault_tolerant=True, keep=True)
