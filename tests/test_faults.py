@@ -244,7 +244,7 @@ def test_llm_outage_fails_only_its_rows_and_rerun_retries_only_them(ray_local, o
     assert all(per_feature[f] == 3 for f in outage.failing)  # 1 try + the SDK's 2 retries
     assert all(per_feature[f] == 1 for f in set(range(8)) - outage.failing)
     st = run.manifest["stages"]["label"]
-    assert st["backend_failed"] == 2 and st["failed"] == 2 and st["labelled"] == 6 and run.manifest["status"] == "done"
+    assert st["backend_failed"] == 2 and st["llm_failed"] == 2 and st["not_tried"] == 0 and st["labelled"] == 6 and run.manifest["status"] == "done"
 
     # 2. the same command with the backend healthy again: only the two failed rows are sent
     outage.down = False

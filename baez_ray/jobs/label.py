@@ -219,7 +219,10 @@ def label_counts(labels: pa.Table, keys: dict[int, set]) -> dict:
     tokens the frontier method would have spent on the other tiers too."""
     total = lambda c: pc.sum(labels.column(c)).as_py() or 0  # noqa: E731
     info = {"features": labels.num_rows, "labelled": int(pc.sum(pc.is_valid(labels.column("label"))).as_py() or 0)}
-    info["failed"] = labels.num_rows - info["labelled"]
+    # rows without a label that no LLM was asked for: tier 3 flagged for a human (no AV), or
+    # at a layer the AV does not read (the row says why); not failures
+    untried = pc.and_(pc.is_null(labels.column("label")), pc.equal(labels.column("tries"), 0))
+    info["not_tried"] = int(pc.sum(untried).as_py() or 0) if labels.num_rows else 0
     # rows whose LLM request failed after the backend's retries: the same command run
     # again retries exactly these (and nothing else)
     info["backend_failed"] = int(backend_failed(labels).sum())

@@ -50,7 +50,7 @@ def write_label_report(run_dir: str | Path, n_examples: int = 3) -> Path:
     failures = [f"{n_backend:,} failed in the LLM backend", f"{n_failed - n_backend:,} answers could not be parsed",
                 "their errors are in the error column and in labels/"] if n_failed else []
     failures += score_failures(manifest)
-    facts = [("features labelled", f"{st.get('labelled', 0):,} of {st.get('features', 0):,} ({st.get('failed', 0):,} without a label)"),
+    facts = [("features labelled", f"{st.get('labelled', 0):,} of {st.get('features', 0):,} ({st.get('features', 0) - st.get('labelled', 0):,} without a label)"),
              ("failed", f"{n_failed:,}"),
              ("LLM tokens in / out", f"{st.get('input_tokens', 0):,} / {st.get('output_tokens', 0):,}"),
              ("cost (USD)", f"{st.get('cost_usd', 0.0):.4f}")]
