@@ -166,14 +166,20 @@ def run_child(spec: dict, work: Path, extra_env: dict | None = None) -> dict:
     cmd = [sys.executable, __file__, "--child", str(work / "spec.json"), str(work), str(work / "result.json")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **(extra_env or {})}
     proc = subprocess.Popen(cmd, env=env)
+    cpu0 = time.process_time()
     with TreeMemory(proc.pid) as mem:
         rc = proc.wait()
+    sampler_cpu_s = time.process_time() - cpu0  # what the sampling itself took from the cores
     if rc:
         sys.exit(f"collect child failed ({rc}): {work}")
     res = json.loads((work / "result.json").read_text())
     t0, t1 = res["times"]["ray_init"][0], res["times"]["stage"][1]
     res["memory"] = {"stage": mem.peak(t0, t1), "run": mem.peak(), "processes": mem.processes(),
-                     "peak_uss_by_name_mb": {k: round(v) for k, v in sorted(mem.peak_by_name.items())}}
+                     "peak_uss_by_name_mb": {k: round(v) for k, v in sorted(mem.peak_by_name.items())},
+                     "cpu_s_by_name": mem.cpu_by_name(t0, t1), "sampler_cpu_s": round(sampler_cpu_s, 1)}
+    if res["calls"]:  # the steady window: after the first part, to the stage's end
+        first = min(c["t1"] for c in res["calls"])
+        res["memory"]["cpu_s_steady_by_name"] = mem.cpu_by_name(first, t1)
     return res
 
 
@@ -292,6 +298,8 @@ def main() -> None:
         "run_peak_uss_mb": [m1["run"]["uss_mb"], m3["run"]["uss_mb"]],
         "processes": [m1["stage"]["max_processes"], m3["stage"]["max_processes"]],
         "process_names": m3["processes"], "peak_uss_by_process_mb": m3["peak_uss_by_name_mb"],
+        "cpu_s_by_process": m3["cpu_s_by_name"], "cpu_s_steady_by_process": m3.get("cpu_s_steady_by_name"),
+        "sampler_cpu_s": [m1["sampler_cpu_s"], m3["sampler_cpu_s"]],
         "threads": args.threads, "batch_size": args.batch_size, "tmp": str(tmp),
     }))
 
