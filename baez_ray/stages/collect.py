@@ -777,10 +777,7 @@ class MergePool:
     def save(self) -> list[dict]:
         import ray
 
-        done = set(self.done)
-        infos = ray.get([h.save.remote() for h in self.handles])
-        self.saved = done
-        return infos
+        return ray.get([h.save.remote() for h in self.handles])
 
     def status(self) -> list[dict]:
         import ray
@@ -825,6 +822,7 @@ class Checkpoints:
 
     def save(self, pool: MergePool) -> None:
         t0 = time.monotonic()
+        received = set(pool.done)
         infos = pool.save()
         common = set.intersection(*(set(i["done"]) for i in infos))
         self.root.mkdir(parents=True, exist_ok=True)
@@ -832,6 +830,7 @@ class Checkpoints:
         write_json_atomic({"generation": self.generation, "parts": self.names, "done": sorted(common),
                            "actors": [{"dir": i["dir"], "generation": i["generation"], "range": list(r)}
                                       for i, r in zip(infos, pool.ranges)]}, self.root / COMMITTED)
+        pool.saved = received
         self.last = time.monotonic()
         self.cost, self.written = self.last - t0, self.written + 1
 
@@ -866,9 +865,11 @@ def _merge_stream(out, pool: MergePool, checkpoints: Checkpoints) -> None:
             if batch.num_rows and checkpoints.due(pool):
                 checkpoints.save(pool)
     except KeyboardInterrupt:  # SIGINT / SIGTERM: keep what is merged, for the rerun
-        if pool.done - pool.saved:
-            checkpoints.save(pool)
-        log(f"[collect] stopped: snapshot of {len(pool.saved)} of {len(checkpoints.names)} contexts parts kept for the rerun")
+        # always a round: the merge actors may be ahead of the receipts, and the signal may
+        # have landed between a round's actor snapshots and its summary marker
+        checkpoints.save(pool)
+        kept = json.loads((checkpoints.root / COMMITTED).read_text())["done"]
+        log(f"[collect] stopped: snapshot of {len(kept)} of {len(checkpoints.names)} contexts parts kept for the rerun")
         raise
 
 
