@@ -177,6 +177,11 @@ def test_resume_after_an_interrupted_multi_sae_collect(one_pass, parts, tmp_path
     # the worker pushes its second part only once the first snapshot round is committed
     # (the merge actors merge what they are pushed at once: they may be ahead of the
     # receipts the driver has seen, and a snapshot covers what they have merged)
+    import sys
+
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the class travels to the Ray workers
     WaitingWorker.marker = str(tmp_path / "collect_state" / "COMMITTED.json")
     monkeypatch.setattr(collect_mod, "CollectWorker", WaitingWorker)
 

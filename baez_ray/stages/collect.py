@@ -769,7 +769,7 @@ class MergePool:
         sets = [set(d) for d in ray.get([h.load.remote() for h in self.handles])]
         self.done = set.intersection(*sets)
         self.saved = set(self.done)
-        return self.done
+        return set(self.done)
 
     def receipt(self, table: pa.Table) -> None:
         self.done.update(int(p) for p in table.column("part").to_pylist())
