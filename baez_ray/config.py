@@ -117,6 +117,14 @@ class CollectConfig(Section):
     ignore_bos: bool = True
     batch_size: int = Field(8, ge=1, description="contexts per forward pass")
     num_actors: int = Field(1, ge=1)
+    merge_actors: int = Field(
+        1, ge=1, description="merge actors (Ray actors), each owning a contiguous range of the features of all SAEs: it merges "
+                             "their candidate rows, snapshots them and writes their rows of the features table. One is enough "
+                             "up to ~64k features; a 262k dictionary wants ~4 (each holds its range's top-k and reservoir windows)")
+    merge_num_cpus: float = Field(0.5, gt=0, description="Ray CPUs reserved per merge actor")
+    merge_buffer_mb: int = Field(
+        256, ge=1, description="a merge actor compacts (sorts, keeps each feature's top-k and reservoir) once this many MB of "
+                               "candidate rows are buffered: its memory is its range's state plus this, whatever the corpus length")
     features: int | None = Field(None, ge=1, description="keep only the first N features")
     checkpoint_s: float = Field(
         300.0, ge=0, description="resume: snapshot the merge state when a part completes and this long (and 10x the last snapshot's time) has passed")

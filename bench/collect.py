@@ -117,9 +117,13 @@ def timed_worker_class():
         def __call__(self, batch):
             t0, f0 = time.time(), self.bench_fwd
             out = super().__call__(batch)
-            cnt = out.filter(pc.and_(pc.equal(out.column("kind"), "count"), pc.equal(out.column("feature"), -1)))
+            if "tokens" in out.column_names and "kind" not in out.column_names:  # receipts (rows pushed to the merge actors)
+                tokens = int(np.sum(out.column("tokens").to_numpy()))
+            else:
+                cnt = out.filter(pc.and_(pc.equal(out.column("kind"), "count"), pc.equal(out.column("feature"), -1)))
+                tokens = int(np.sum(cnt.column("count").to_numpy()))
             rec = {"pid": os.getpid(), "init": self.bench_init, "t0": t0, "t1": time.time(),
-                   "forward_s": self.bench_fwd - f0, "tokens": int(np.sum(cnt.column("count").to_numpy()))}
+                   "forward_s": self.bench_fwd - f0, "tokens": tokens}
             with open(Path(os.environ[CALL_LOG]) / f"calls-{os.getpid()}.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
             return out

@@ -11,6 +11,7 @@ import torch
 
 from baez_ray.config import ConfigError, validate
 from baez_ray.jobs import execute
+from baez_ray.stages.collect import CollectWorker
 from conftest import build_random_sae, build_tiny_gemma, make_text
 
 TOP_K, WINDOW, LEFT, CTX_LEN, RES, PER_DEC = 5, 8, 5, 24, 12, 2
@@ -148,6 +149,22 @@ def test_saes_job_file_validates_and_refuses_duplicate_ids(parts, tmp_path):
     assert any(p.startswith("saes.0.path: ") and "d_in=32" in p for p in problems), problems
 
 
+class WaitingWorker(CollectWorker):
+    """Waits (up to 60 s) for the file `marker` before its second call."""
+
+    marker = ""
+
+    def __call__(self, batch):
+        import time
+        from pathlib import Path
+
+        self.calls = getattr(self, "calls", 0) + 1
+        deadline = time.monotonic() + 60
+        while self.calls > 1 and not Path(self.marker).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return super().__call__(batch)
+
+
 def test_resume_after_an_interrupted_multi_sae_collect(one_pass, parts, tmp_path, monkeypatch):
     """A run that dies right after its first snapshot, run again: the same tables as the
     uninterrupted run (every SAE's rows), and the rerun merged only the other parts."""
@@ -157,6 +174,16 @@ def test_resume_after_an_interrupted_multi_sae_collect(one_pass, parts, tmp_path
 
     spec = multi_job(parts, batch_size=3, checkpoint_s=0, checkpoint_contexts=1)
     save = collect_mod.Checkpoints.save
+    # the worker pushes its second part only once the first snapshot round is committed
+    # (the merge actors merge what they are pushed at once: they may be ahead of the
+    # receipts the driver has seen, and a snapshot covers what they have merged)
+    import sys
+
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the class travels to the Ray workers
+    WaitingWorker.marker = str(tmp_path / "collect_state" / "COMMITTED.json")
+    monkeypatch.setattr(collect_mod, "CollectWorker", WaitingWorker)
 
     def save_then_die(self, merger):
         save(self, merger)
@@ -166,6 +193,7 @@ def test_resume_after_an_interrupted_multi_sae_collect(one_pass, parts, tmp_path
     with pytest.raises(RuntimeError, match="killed after the first snapshot"):
         execute(spec, tmp_path)
     monkeypatch.setattr(collect_mod.Checkpoints, "save", save)
+    monkeypatch.setattr(collect_mod, "CollectWorker", CollectWorker)
     marker = json.loads((tmp_path / "collect_state" / "COMMITTED.json").read_text())
     assert 0 < len(marker["done"]) < len(marker["parts"])
     execute(spec, tmp_path)

@@ -181,3 +181,49 @@ def test_sigkill_mid_collect_and_mid_label_then_rerun_equals_uninterrupted(tmp_p
         assert len(labels) >= 8 and all(r["tries"] == 1 and r["raw"] is not None for r in labels)
     finally:
         runner.close()
+
+
+@pytest.mark.timeout(600)
+def test_sigkill_mid_collect_with_three_merge_actors_then_rerun_equals_uninterrupted(tmp_path):
+    """collect with its features split over three merge actors, killed (SIGKILL, the whole
+    process group) once the first snapshot round is committed, run again: each merge actor
+    resumes from its own snapshot, and the features table has one row per feature and
+    equals that of an uninterrupted run."""
+    model = build_tiny_gemma(tmp_path / "model")
+    sae = build_random_sae(tmp_path / "sae")
+    (tmp_path / "corpus.txt").write_text(make_text(2600, 7))
+    spec = {
+        "job": "collect", "name": "resume-merge",
+        "model": {"id": "tiny", "path": str(model), "layer": 0, "num_cpus": 0.5},
+        "sae": {"id": "s", "path": str(sae)},
+        "corpus": {"paths": [str(tmp_path / "corpus.txt")], "context_len": 24},
+        "collect": {"top_k": 6, "window": 10, "window_left": 5, "reservoir": 8, "batch_size": 1, "checkpoint_s": 0,
+                    "merge_actors": 3, "merge_num_cpus": 0.25},
+    }
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(spec))
+    runner = Runner(tmp_path)
+    try:
+        whole, killed = tmp_path / "whole", tmp_path / "killed"
+        runner.run(job, whole)
+        runner.run_until(job, killed, "collect_state/COMMITTED.json")
+        snap = json.loads((killed / "collect_state" / "COMMITTED.json").read_text())
+        assert 0 < len(snap["done"]) < len(snap["parts"]), "killed before the end of collect"
+        assert len(snap["actors"]) == 3
+        for a in snap["actors"]:  # each merge actor's own commit marker, for its own range
+            own = json.loads((killed / "collect_state" / a["dir"] / "COMMITTED.json").read_text())
+            assert own["lo"] == a["range"][0] and own["lo"] + own["n_features"] == a["range"][1]
+            assert set(snap["done"]) <= set(own["done"])
+        runner.run(job, killed)
+        m = manifest(killed)
+        assert m["status"] == "done" and m["attempts"] == 2
+        st = m["stages"]["collect"]
+        assert st["merge_actors"] == 3 and st["resumed_parts"] >= len(snap["done"])
+        assert st["tokens"] == manifest(whole)["stages"]["collect"]["tokens"]
+        assert 0 < st["contexts_run"] < m["stages"]["contexts"]["contexts"]
+        assert not (killed / "collect_state").exists()
+        rows = table(killed, "features", ["feature"])
+        assert [r["feature"] for r in rows] == list(range(st["features"]))  # exactly one row per feature
+        assert rows == table(whole, "features", ["feature"])
+    finally:
+        runner.close()

@@ -7,33 +7,59 @@ Path of the data:
     corpus files ──write_contexts──▶ contexts/ (Parquet: context_id, tokens)
     contexts parts ──ray.data (rows (path, part), one block per part)──▶ map_batches(CollectWorker,
              actor pool: each actor reads the parts it is given)
-             ──▶ candidate rows (schema.CANDIDATES) ──Merger (driver)──▶ features/ (schema.FEATURES)
+             ──▶ candidate rows (schema.CANDIDATES), split by feature range, pushed by the
+                 worker straight to the MergeActors (Ray actors, `collect.merge_actors`,
+                 each owning a contiguous range of the global feature index)
+             ──▶ features/ (schema.FEATURES: each merge actor writes its range's parts,
+                 `part-NNN-MMMMM.parquet`; one table, read by pq.read_table(dir))
+    Ray Data's output is one receipt row per part (part, contexts, tokens, rows): the
+    driver keeps counters only, never a candidate row, whatever the width or corpus.
 
 Each worker keeps a running top-k per feature (by the feature's max activation in a
 context, ties broken by the smaller context id) and a reservoir of firing contexts per
 feature (bottom-R of a hash of (seed, context, feature): a uniform sample that does not
-depend on how the corpus is sharded). Per batch it emits only the entries that entered its
+depend on how the corpus is sharded). Per part it emits only the entries that entered its
 own top-k or reservoir, with their windows. An entry of the global top-k is necessarily in
 the top-k of the worker that saw it when it saw it, so merging what the workers emit gives
 the exact global result, whatever the number of workers or the order of batches; and what
-a worker emits shrinks as its running top-k fills up. Memory: the workers hold O(F·k)
-keys, the merger O(F·(k+R)) windows; neither grows with the corpus.
+a worker emits shrinks as its running top-k fills up.
+
+Threshold feedback. After each compaction a merge actor knows, per feature of its range,
+the k-th best value among the distinct rows it has merged and the R-th smallest reservoir
+key; it answers each worker's push with them (when newer than what the worker has). Both
+are bounds of the final ones (the final k-th best is at least the k-th best of a subset;
+the final R-th smallest key at most), so a worker drops top candidates below a feature's
+threshold and reservoir candidates above its key bound: such a row cannot be in the final
+top-k or reservoir, and the result stays exact (ties are kept: a tie may win on its
+smaller context id).
+
+Memory. Workers hold O(F·k + F·R) keys and encode a wide SAE a chunk of features at a time
+(`_Dictionary.blocks`: at most ACTS_BUDGET activations at once, the firing counts summed
+from the JumpReLU mask the encode makes anyway, no boolean copy of the activations). A
+merge actor holds O(F_range·(k+R)) windows plus a buffer of `collect.merge_buffer_mb`
+(compacted when full) and builds its features rows 4096 features at a time. The driver
+holds counters.
 
 Several SAEs. A worker runs the base model once per batch, as far as the deepest layer an
 SAE reads (hooks capture every layer read, `models.lm.ResidualReader`), and each SAE
 encodes its layer's residual into its own running state. The candidate rows and the merge
 number the features of all SAEs with one index (SAE i's feature f is f + the features of
-the SAEs before it), so the merge, its snapshots and its memory bound (O(F·(k+R)) with F
-the sum over the SAEs: the bound of each SAE, added) are those of one SAE; the features
-table gives every row back its SAE's id, layer and own feature number.
+the SAEs before it), and the merge actors split that index into contiguous ranges, so the
+merge, its snapshots and its memory bound (with F the sum over the SAEs) are those of one
+SAE; the features table gives every row back its SAE's id, layer and own feature number.
 
 Resume and faults. The same argument holds for a worker that starts empty in the middle of
 the corpus (a restarted actor, or a rerun): it emits a superset of what it would have, and
-duplicates of a (feature, context) are dropped by the merge. Firing counts are counted per
-contexts part, once. So the driver snapshots its merge state with the set of parts it
-covers (`Checkpoints`: `collect_state/`, commit marker written last), and a rerun after a
-crash merges only the other parts into the restored state: the features table equals that
-of an uninterrupted run (each part is always run in the same forward-pass batches).
+duplicates of a (feature, context) are dropped by the merge. A worker pushes each part to
+every merge actor in one call per actor and returns the part's receipt once every actor has
+merged it; each merge actor counts a part's firing counts once (`Merger.add`: a part pushed
+again is not counted again). Each merge actor snapshots its own state with the set of parts
+it covers (`Snapshots`: `collect_state/merge-NNN/`, its commit marker written last), in
+rounds the driver starts (`Checkpoints`, which then writes the summary marker
+`collect_state/COMMITTED.json`); a rerun after a crash restores each actor from its own
+snapshot and runs the parts some actor lacks (an actor that has a part ignores it again):
+the features table equals that of an uninterrupted run (each part is always run in the
+same forward-pass batches).
 """
 
 from __future__ import annotations
@@ -53,19 +79,18 @@ import torch
 
 from baez_ray import progress, schema
 from baez_ray.config import CollectConfig, ModelConfig, SAEConfig
-from baez_ray.models.lm import token_texts
 from baez_ray.models.sae import n_sae_features
 from baez_ray.ray_pool import actor_map
-from baez_ray.rundir import fsync_path, log, write_json_atomic, write_table
+from baez_ray.rundir import fsync_path, log, write_json_atomic
 
 EMPTY_SAMPLE = 2.0  # reservoir keys live in [0, 1)
-ACTS_BUDGET = 2**28  # SAE activations held at once (elements): 1 GiB of float32
+ACTS_BUDGET = 2**24  # SAE activations held at once (elements): 64 MiB of float32, per block of features
 
 
-def hash_keys(context_ids: torch.Tensor, n_features: int, seed: int) -> torch.Tensor:
+def hash_keys(context_ids: torch.Tensor, n_features: int, seed: int, first: int = 0) -> torch.Tensor:
     """Uniform [0,1) float64 keys for every (context, feature): splitmix64 of the pair.
-    [B] context ids → [F, B] keys."""
-    f = torch.arange(n_features, dtype=torch.int64, device=context_ids.device)[:, None]
+    [B] context ids → [F, B] keys of the features first .. first+F-1."""
+    f = torch.arange(first, first + n_features, dtype=torch.int64, device=context_ids.device)[:, None]
     x = context_ids[None, :] * 0x9E3779B1 + f * 0x85EBCA77 + (seed + 1) * 0x27D4EB2F165667C5
     mask30, mask37, mask33 = (1 << 34) - 1, (1 << 37) - 1, (1 << 33) - 1
     x = x ^ ((x >> 30) & mask30)  # logical shifts on int64 (arithmetic >> then mask)
@@ -99,25 +124,75 @@ class _Dictionary:
     """One SAE inside a CollectWorker: the block it reads, its features' place in the
     candidate rows (features offset .. offset+F-1: one index over every SAE of the run), and
     its running top-k and reservoir. Each SAE's state is its own: a run of several SAEs
-    gives each the numbers a run of it alone gives."""
+    gives each the numbers a run of it alone gives.
+
+    Encoding. A JumpReLU or ReLU SAE (sae-lens `JumpReLUSAE`, `StandardSAE` with a ReLU) is
+    encoded a chunk of features at a time (`sae_in @ W_enc[:, a:b] + b_enc[a:b]`, the
+    operations of sae-lens' encode, on a column block), so the activations held at once are
+    bounded by ACTS_BUDGET whatever the width; its firing mask (pre-activation above
+    max(threshold, 0), zero at BOS) is the one the activation function needs anyway, and the
+    firing counts are summed from it: no boolean copy of the activations. W_dec is dropped
+    (collect never decodes). Any other SAE is encoded whole per sub-batch and sliced."""
 
     def __init__(self, sae, layer: int, n_features: int, offset: int, cfg: CollectConfig, device: str):
         self.sae, self.layer, self.F, self.offset = sae, layer, n_features, offset
         self.dtype = next(sae.parameters()).dtype
         self.keep_residual = cfg.keeps_residual(layer)
+        name = type(sae).__name__
+        self.chunked = name in ("JumpReLUSAE", "StandardSAE") and isinstance(getattr(sae, "activation_fn", None), torch.nn.ReLU)
+        if self.chunked:
+            thr = sae.threshold.detach() if name == "JumpReLUSAE" else torch.zeros(sae.W_enc.shape[1], dtype=self.dtype, device=device)
+            self.min_act = thr[:n_features].clamp(min=0)  # fires ⇔ pre > max(threshold, 0) (ReLU, then the jump)
+            with torch.no_grad():
+                sae.W_dec.data = torch.empty(0, dtype=self.dtype, device=device)
         k, r = cfg.top_k, cfg.reservoir
         self.top_key = torch.zeros(n_features, k, device=device)  # 0: empty (values > 0 only)
         self.top_ctx = torch.full((n_features, k), -1, dtype=torch.int64, device=device)
         self.smp_key = torch.full((n_features, r), EMPTY_SAMPLE, dtype=torch.float64, device=device)
         self.smp_ctx = torch.full((n_features, r), -1, dtype=torch.int64, device=device)
+        # threshold feedback from the merge actors: lower bounds of each feature's final k-th
+        # best value and upper bounds of its final R-th smallest reservoir key
+        self.floor_top = torch.zeros(n_features, device=device)
+        self.floor_smp = torch.full((n_features,), EMPTY_SAMPLE, dtype=torch.float64, device=device)
+
+    def blocks(self, resid: torch.Tensor, ids: torch.Tensor, bos_id: int | None):
+        """(first feature, activations [b, T, c] float32, firing counts [c]) per feature chunk
+        of a sub-batch of contexts."""
+        b, T = ids.shape
+        chunk = max(1, min(self.F, ACTS_BUDGET // max(1, b * T)))
+        bos = (ids == bos_id) if bos_id is not None else None
+        if not self.chunked:
+            acts = self.sae.encode(resid.to(self.dtype))[..., : self.F].float()
+            if bos is not None:
+                acts[bos] = 0.0
+            for a in range(0, self.F, chunk):
+                block = acts[..., a : a + chunk]
+                yield a, block, (block > 0).sum(dim=(0, 1))
+            return
+        sae_in = self.sae.process_sae_in(resid)
+        W, bias = self.sae.W_enc, self.sae.b_enc
+        for a in range(0, self.F, chunk):
+            e = min(self.F, a + chunk)
+            pre = sae_in @ W[:, a:e] + bias[a:e]
+            mask = pre > self.min_act[a:e]
+            if bos is not None:
+                mask[bos] = False
+            acts = pre.clamp_(min=0).mul_(mask).float()  # = relu(pre) · (pre > threshold), as sae-lens
+            yield a, acts, mask.sum(dim=(0, 1))
 
 
 class CollectWorker:
     """Ray Data actor: contexts in, candidate rows out (see module docstring). One forward
-    pass per batch reads every SAE's layer (`ResidualReader` stops after the deepest)."""
+    pass per batch reads every SAE's layer (`ResidualReader` stops after the deepest).
+
+    With `merge` (the merge actors' handles and feature ranges, what `collect` gives) each
+    part's candidate rows go straight to the merge actors, split by feature range, and the
+    call returns one small receipt row per part (part, contexts, tokens, rows); each merge
+    actor answers with its current thresholds (threshold feedback). Without it the call
+    returns the candidate rows themselves (a worker used directly: tests, benches)."""
 
     def __init__(self, model: dict, saes: list[dict], collect: dict, seed: int, n_features: list[int], bos_id: int | None,
-                 threads: int):
+                 threads: int, merge: dict | None = None):
         from baez_ray.models.lm import ResidualReader
         from baez_ray.models.sae import load_sae
 
@@ -130,29 +205,56 @@ class CollectWorker:
         self.dicts = [_Dictionary(load_sae(c, self.device, self.lm.d_model), c.layer, n, int(o), self.cfg, self.device)
                       for c, n, o in zip(cfgs, n_features, offsets)]
         self.F, self.seed, self.bos_id = int(offsets[-1]), seed, bos_id
+        self.merge = merge
+        self.thr_gen = [-1] * len(merge["handles"]) if merge else []
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        """Candidate rows out, for either contexts parts to read (columns `path`, `part`:
-        what `collect` sends, one part per call) or contexts given inline (columns
-        `context_id`, `tokens`, and optionally `part`). The contexts of each part are run
-        in forward passes of `batch_size` in context order, so a part gives the same
-        numbers whichever actor runs it and whatever else that actor ran before."""
+        """Candidate rows (or receipts, see the class) for either contexts parts to read
+        (columns `path`, `part`: what `collect` sends, one part per call) or contexts given
+        inline (columns `context_id`, `tokens`, and optionally `part`). The contexts of each
+        part are run in forward passes of `batch_size` in context order, so a part gives the
+        same numbers whichever actor runs it and whatever else that actor ran before."""
         if "path" in batch:
-            out = []
-            for path, part in zip(batch["path"], batch["part"]):
-                tokens, cids = read_part(str(path))
-                out += self._part(tokens, cids, int(part))
+            work = [(*read_part(str(path)), int(part)) for path, part in zip(batch["path"], batch["part"])]
         else:
             tokens = np.stack(batch["tokens"]).astype(np.int64)
             cids = np.asarray(batch["context_id"], dtype=np.int64)
             parts = np.asarray(batch["part"], dtype=np.int64) if "part" in batch else np.full(len(cids), -1, np.int64)
-            out = []
+            work = []
             for p in np.unique(parts):
                 idx = np.flatnonzero(parts == p)
                 idx = idx[np.argsort(cids[idx], kind="stable")]
-                out += self._part(tokens[idx], cids[idx], int(p))
-        return pa.concat_tables([schema.conform(t, schema.CANDIDATES) for t in out])
+                work.append((tokens[idx], cids[idx], int(p)))
+        out = []
+        for tokens, cids, part in work:
+            rows = pa.concat_tables([schema.conform(t, schema.CANDIDATES) for t in self._part(tokens, cids, part)])
+            out.append(self._push(rows, part, tokens.shape) if self.merge else rows)
+        return pa.concat_tables(out)
+
+    def _push(self, rows: pa.Table, part: int, shape: tuple[int, int]) -> pa.Table:
+        """Send a part's rows to the merge actors (each its feature range, and the token and
+        context counts of feature −1/−2) and wait until each has merged them; take the
+        thresholds they answer with. Returns the part's receipt."""
+        import ray
+
+        feat = rows.column("feature").to_numpy()
+        refs = []
+        for m, (lo, hi) in enumerate(self.merge["bounds"]):
+            sel = (feat < 0) | ((feat >= lo) & (feat < hi))
+            refs.append(self.merge["handles"][m].add.remote(rows.filter(pa.array(sel)), self.thr_gen[m]))
+        for m, answer in enumerate(ray.get(refs)):
+            if answer is None:
+                continue
+            self.thr_gen[m], top, smp = answer
+            lo, hi = self.merge["bounds"][m]
+            for d in self.dicts:
+                a, e = max(lo, d.offset), min(hi, d.offset + d.F)
+                if a < e:
+                    d.floor_top[a - d.offset : e - d.offset] = torch.tensor(top[a - lo : e - lo], device=self.device)
+                    d.floor_smp[a - d.offset : e - d.offset] = torch.tensor(smp[a - lo : e - lo], device=self.device)
+        n_rows = rows.num_rows - int(pc.sum(pc.equal(rows.column("kind"), "count")).as_py() or 0)
+        return pa.table({"part": [part], "contexts": [shape[0]], "tokens": [shape[0] * shape[1]], "rows": [n_rows]})
 
     def _part(self, tokens: np.ndarray, cids: np.ndarray, part: int) -> list[pa.Table]:
         B, T = tokens.shape
@@ -164,13 +266,16 @@ class CollectWorker:
             resid = self.lm.residuals(ids)
             progress.tick(ids.numel())  # progress hook: tokens through the model, for the driver's bar
             for d in self.dicts:
-                # the SAE's activations of a wide dictionary do not fit for a whole batch
-                # (8 × 1024 tokens × 262k features): encode and merge a few contexts at a
-                # time; merging sub-batch by sub-batch gives the same result
-                step = max(1, ACTS_BUDGET // (T * d.F))
+                # a few contexts at a time when even a chunk of 1024 features of a whole batch
+                # passes the budget (long contexts), then chunks of features (see _Dictionary);
+                # merging block by block gives the same result
+                step = max(1, ACTS_BUDGET // (T * min(d.F, 1024)))
                 for i in range(0, ids.shape[0], step):
                     sl = slice(i, i + step)
-                    parts += self._merge(d, ids[sl], ctx[sl], resid[d.layer][sl], counts[d.offset : d.offset + d.F])
+                    r = resid[d.layer][sl]
+                    for a, acts, fired in d.blocks(r, ids[sl], self.bos_id if self.cfg.ignore_bos else None):
+                        counts[d.offset + a : d.offset + a + acts.shape[2]] += fired
+                        parts += self._merge(d, a, ids[sl], ctx[sl], r, acts)
         # firing counts; feature -1 carries the number of tokens seen, feature -2 the number
         # of contexts; `context_id` carries the contexts part (-1: not tracked), so the merge
         # counts each part once and knows when a part is complete (see Merger.add)
@@ -194,34 +299,46 @@ class CollectWorker:
         )
         return parts
 
-    def _merge(self, d: _Dictionary, ids, ctx, resid, counts) -> list[pa.Table]:
-        acts = d.sae.encode(resid.to(d.dtype))[..., : d.F].float()
-        if self.cfg.ignore_bos and self.bos_id is not None:
-            acts[ids == self.bos_id] = 0.0
-        vmax, pmax = acts.max(dim=1)  # [b, F]: each feature's max in each context
+    def _merge(self, d: _Dictionary, a: int, ids, ctx, resid, acts) -> list[pa.Table]:
+        """Merge one block (features a .. a+c-1 of `d`, a sub-batch of contexts) into the
+        running states; only the features with a candidate that can enter are touched."""
+        c = acts.shape[2]
+        vmax, pmax = acts.max(dim=1)  # [b, c]: each feature's max in each context
         fires = vmax > 0
-        counts += (acts > 0).sum(dim=(0, 1))
-        parts = []
+        out = []
+        k, R = self.cfg.top_k, self.cfg.reservoir
         # top-k by value
-        cand = torch.where(fires, vmax, torch.full_like(vmax, -1.0)).T  # [F, b]
-        d.top_key, d.top_ctx, order = merge_topk(d.top_key, d.top_ctx, cand, ctx[None, :], largest=True)
-        new = (order >= self.cfg.top_k) & (d.top_key > 0)
-        kept = resid if d.keep_residual else None
-        parts.append(self._emit("top", new, order - self.cfg.top_k, ids, ctx, acts, vmax, pmax, kept, d.top_key, d.offset))
+        cand = torch.where(fires, vmax, torch.full_like(vmax, -1.0)).T  # [c, b]
+        best = cand.max(dim=1).values
+        rows = torch.nonzero((best > 0) & (best >= d.top_key[a : a + c, -1])).flatten()
+        if len(rows):
+            g = rows + a
+            key, cx, order = merge_topk(d.top_key[g], d.top_ctx[g], cand[rows], ctx[None, :], largest=True)
+            d.top_key[g], d.top_ctx[g] = key, cx
+            # threshold feedback: below a feature's merged k-th best, a row cannot enter
+            new = (order >= k) & (key > 0) & (key >= d.floor_top[g, None])
+            kept = resid if d.keep_residual else None
+            out.append(self._emit("top", rows, new, order - k, ids, ctx, acts, vmax, pmax, kept, key, d.offset + a))
         # reservoir of firing contexts by hashed key (of the SAE's own feature index)
-        if self.cfg.reservoir:
-            keys = hash_keys(ctx, d.F, self.seed)
+        if R:
+            keys = hash_keys(ctx, c, self.seed, first=a)
             cand = torch.where(fires.T, keys, torch.full_like(keys, EMPTY_SAMPLE + 1))
-            d.smp_key, d.smp_ctx, order = merge_topk(d.smp_key, d.smp_ctx, cand, ctx[None, :], largest=False)
-            new = (order >= self.cfg.reservoir) & (d.smp_key < 1.0)
-            parts.append(self._emit("sample", new, order - self.cfg.reservoir, ids, ctx, acts, vmax, pmax, None, d.smp_key, d.offset))
-        return parts
+            rows = torch.nonzero(cand.min(dim=1).values <= d.smp_key[a : a + c, -1]).flatten()
+            if len(rows):
+                g = rows + a
+                key, cx, order = merge_topk(d.smp_key[g], d.smp_ctx[g], cand[rows], ctx[None, :], largest=False)
+                d.smp_key[g], d.smp_ctx[g] = key, cx
+                new = (order >= R) & (key < 1.0) & (key <= d.floor_smp[g, None])
+                out.append(self._emit("sample", rows, new, order - R, ids, ctx, acts, vmax, pmax, None, key, d.offset + a))
+        return out
 
-    def _emit(self, kind, new, src, ids, ctx, acts, vmax, pmax, resid, state_key, offset: int) -> pa.Table:
-        """Candidate rows of the entries `new` of a state; `resid`: store the residual of
-        the first `residual_top_n` slots (None: store none)."""
-        f_idx, slot = torch.nonzero(new, as_tuple=True)
-        b = src[f_idx, slot]
+    def _emit(self, kind, rows, new, src, ids, ctx, acts, vmax, pmax, resid, state_key, offset: int) -> pa.Table:
+        """Candidate rows of the entries `new` of the merged states of the block's features
+        `rows`; `resid`: store the residual of the first `residual_top_n` slots (None: store
+        none)."""
+        r_idx, slot = torch.nonzero(new, as_tuple=True)
+        f_idx = rows[r_idx]  # feature inside the block
+        b = src[r_idx, slot]
         pos = pmax[b, f_idx]
         W, left, T = self.cfg.window, self.cfg.window_left, ids.shape[1]
         start = pos - left
@@ -247,7 +364,7 @@ class CollectWorker:
                 "kind": pa.array([kind] * len(b), pa.string()),
                 "feature": f_idx.cpu().numpy().astype(np.int64) + offset,
                 "value": vmax[b, f_idx].cpu().numpy().astype(np.float32),
-                "key": state_key[f_idx, slot].double().cpu().numpy(),
+                "key": state_key[r_idx, slot].double().cpu().numpy(),
                 "context_id": ctx[b].cpu().numpy(),
                 "position": pos.cpu().numpy().astype(np.int32),
                 "top_index": (pos - start.clamp(min=0)).cpu().numpy().astype(np.int32),
@@ -288,7 +405,15 @@ def _select(table: pa.Table, k: int, largest: bool) -> pa.Table:
 
 
 class Merger:
-    """Driver-side merge of candidate rows into the global result, in bounded memory.
+    """The merge of the candidate rows of one feature range [lo, lo+F) (all of it for one
+    merge actor; the class is used directly by tests and benches), in bounded memory.
+
+    Rows are buffered and compacted (sorted, each feature's top-k and reservoir kept,
+    duplicates of a (feature, context) dropped) once the buffer passes `buffer_bytes`
+    (`collect.merge_buffer_mb`) or `buffer_rows`: the state is O(F·(k+R)) windows plus the
+    buffer, whatever the corpus length. Each compaction refreshes the thresholds sent back
+    to the workers (`thresholds`): a feature's current k-th best value (a lower bound of
+    its final one) and R-th smallest reservoir key (an upper bound of its final one).
 
     Counts are kept per contexts part (the `context_id` of count rows, see CollectWorker):
     a part's firing and token counts are added once, when its every context has been
@@ -299,18 +424,22 @@ class Merger:
     context), so resuming from a snapshot gives the same table as an uninterrupted run."""
 
     def __init__(self, n_features: int, cfg: CollectConfig, buffer_rows: int | None = None,
-                 part_sizes: dict[int, int] | None = None):
-        self.F, self.cfg = n_features, cfg
+                 part_sizes: dict[int, int] | None = None, lo: int = 0, buffer_bytes: int | None = None):
+        self.F, self.cfg, self.lo = n_features, cfg, lo
         self.counts = np.zeros(n_features, dtype=np.int64)
         self.n_tokens = 0
         self.top: list[pa.Table] = []
         self.smp: list[pa.Table] = []
-        self.buffered = 0
-        self.buffer_rows = buffer_rows or max(50_000, n_features * (cfg.top_k + cfg.reservoir))
+        self.buffered = self.buffered_bytes = 0
+        self.buffer_rows = buffer_rows
+        self.buffer_bytes = buffer_bytes if buffer_bytes is not None else (None if buffer_rows else cfg.merge_buffer_mb * 2**20)
         self.rows_in = 0
         self.part_sizes = part_sizes or {}  # part → contexts in it
         self.done: set[int] = set()
         self.pending: dict[int, list] = {}  # part → [contexts counted, [(features, counts)]]
+        self.thr_top = np.zeros(n_features, np.float32)
+        self.thr_smp = np.full(n_features, EMPTY_SAMPLE, np.float64)
+        self.thr_gen = 0
 
     def add(self, batch: pa.Table) -> int:
         """Merge one batch of candidate rows; returns the number of parts it completed."""
@@ -328,8 +457,10 @@ class Merger:
         self.top.append(top)
         self.smp.append(smp)
         self.buffered += top.num_rows + smp.num_rows
+        self.buffered_bytes += top.nbytes + smp.nbytes
         self.rows_in += top.num_rows + smp.num_rows
-        if self.buffered > self.buffer_rows:
+        if (self.buffer_rows is not None and self.buffered > self.buffer_rows) or (
+                self.buffer_bytes is not None and self.buffered_bytes > self.buffer_bytes):
             self.compact()
         return completed
 
@@ -352,13 +483,22 @@ class Merger:
 
     def _apply(self, feat: np.ndarray, c: np.ndarray) -> None:
         self.n_tokens += int(c[feat == -1].sum())
-        np.add.at(self.counts, feat[feat >= 0], c[feat >= 0])
+        np.add.at(self.counts, feat[feat >= 0] - self.lo, c[feat >= 0])
 
     def compact(self) -> None:
         empty = schema.empty(schema.CANDIDATES)
         self.top = [_select(pa.concat_tables(self.top or [empty]), self.cfg.top_k, largest=True)]
         self.smp = [_select(pa.concat_tables(self.smp or [empty]), self.cfg.reservoir, largest=False)]
-        self.buffered = 0
+        self.buffered = self.buffered_bytes = 0
+        for table, k, thr in ((self.top[0], self.cfg.top_k, self.thr_top), (self.smp[0], self.cfg.reservoir, self.thr_smp)):
+            f = table.column("feature").to_numpy()
+            at = _rank_within(f) == k - 1  # the k-th best row of each feature that has k rows
+            thr[f[at] - self.lo] = table.column("key").to_numpy()[at]
+        self.thr_gen += 1
+
+    def thresholds(self, known: int):
+        """(generation, k-th best values, R-th smallest keys) when newer than `known`."""
+        return None if known == self.thr_gen else (self.thr_gen, self.thr_top, self.thr_smp)
 
     def save(self, path: Path) -> dict:
         """Write the merge state of the parts in `done` into the new directory `path`;
@@ -368,7 +508,7 @@ class Merger:
         pq.write_table(self.top[0], path / "top.parquet")
         pq.write_table(self.smp[0], path / "sample.parquet")
         np.save(path / "counts.npy", self.counts)
-        return {"n_features": self.F, "n_tokens": self.n_tokens, "rows_in": self.rows_in}
+        return {"n_features": self.F, "lo": self.lo, "n_tokens": self.n_tokens, "rows_in": self.rows_in}
 
     def load(self, path: Path, info: dict, done: set[int]) -> None:
         self.top = [schema.conform(pq.read_table(path / "top.parquet"), schema.CANDIDATES)]
@@ -378,17 +518,35 @@ class Merger:
             raise ValueError(f"{path}: counts of {counts.shape[0]} features, expected {self.F}")
         self.counts = counts
         self.n_tokens, self.rows_in = int(info["n_tokens"]), int(info["rows_in"])
-        self.done, self.pending, self.buffered = set(done), {}, 0
+        self.done, self.pending = set(done), {}
+        self.compact()
 
-    def features_table(self, dictionaries: list[tuple[str, int, int]], model_id: str, token_text) -> pa.Table:
-        """The FEATURES table of every SAE: `dictionaries` is (sae id, layer, features) of
-        each, in the order of their features in the merge (SAE i's feature f is merge
+    def features_tables(self, dictionaries: list[tuple[str, int, int]], model_id: str, token_text, chunk: int = 4096):
+        """The FEATURES rows of this range, `chunk` features at a time (memory: one chunk's
+        rows besides the state): `dictionaries` is (sae id, layer, features) of every SAE of
+        the job, in the order of their features in the merge (SAE i's feature f is merge
         feature f + the features of the SAEs before it); non-firing features have no
         examples."""
         self.compact()
-        top, smp, F = self.top[0], self.smp[0], self.F
+        sizes = [n for _, _, n in dictionaries]
+        if self.lo + self.F > sum(sizes):
+            raise ValueError(f"collect: {sum(sizes)} features in the SAEs named, features up to {self.lo + self.F} merged")
+        top, smp = self.top[0], self.smp[0]
+        tf_all, sf_all = top.column("feature").to_numpy(), smp.column("feature").to_numpy()
+        for f0 in range(self.lo, self.lo + self.F, chunk):
+            f1 = min(self.lo + self.F, f0 + chunk)
+            t0, t1 = np.searchsorted(tf_all, [f0, f1])
+            s0, s1 = np.searchsorted(sf_all, [f0, f1])
+            yield self._features_chunk(top.slice(t0, t1 - t0), smp.slice(s0, s1 - s0), f0, f1, dictionaries, model_id, token_text)
+
+    def features_table(self, dictionaries: list[tuple[str, int, int]], model_id: str, token_text) -> pa.Table:
+        """The whole range's FEATURES rows as one table (small runs, tests)."""
+        return pa.concat_tables(list(self.features_tables(dictionaries, model_id, token_text)))
+
+    def _features_chunk(self, top, smp, f0: int, f1: int, dictionaries, model_id: str, token_text) -> pa.Table:
+        F = f1 - f0
         max_act = np.zeros(F, np.float32)
-        tf = top.column("feature").to_numpy()
+        tf = top.column("feature").to_numpy() - f0
         first = np.r_[True, tf[1:] != tf[:-1]] if len(tf) else np.zeros(0, bool)
         max_act[tf[first]] = top.column("value").to_numpy()[first]
         top_rank = _rank_within(tf)
@@ -397,23 +555,23 @@ class Merger:
         res = top.column("residual").combine_chunks()
         drop = pa.array(top_rank >= self.cfg.residual_top_n)
         top = top.set_column(top.schema.get_field_index("residual"), "residual", pc.if_else(drop, pa.nulls(len(res), res.type), res))
-        smp, sf, dec, smp_rank = _decile_samples(smp, top, max_act, self.cfg.samples_per_decile)
-        feat, examples = _examples(top, smp, np.r_[tf, sf].astype(np.int64), np.r_[top_rank, smp_rank], dec, token_text)
+        smp, sf, dec, smp_rank = _decile_samples(smp, top, max_act, self.cfg.samples_per_decile, f0)
+        feat, examples = _examples(top, smp, np.r_[tf, sf - f0].astype(np.int64), np.r_[top_rank, smp_rank], dec, token_text)
         per_feature = np.bincount(feat, minlength=F)
         offsets = np.zeros(F + 1, np.int32)
         np.cumsum(per_feature, out=offsets[1:])
-        sizes = [n for _, _, n in dictionaries]
-        if sum(sizes) != F:
-            raise ValueError(f"collect: {sum(sizes)} features in the SAEs named, {F} merged")
-        starts = np.repeat(np.r_[0, np.cumsum(sizes)[:-1]], sizes).astype(np.int64)
+        sizes = np.array([n for _, _, n in dictionaries], np.int64)
+        starts = np.r_[0, np.cumsum(sizes)[:-1]]
+        glob = np.arange(f0, f1, dtype=np.int64)
+        which = np.searchsorted(starts, glob, side="right") - 1  # the SAE of each feature
         table = pa.table(
             {
-                "sae_id": pa.array(np.repeat([i for i, _, _ in dictionaries], sizes).astype(object), pa.string()),
+                "sae_id": pa.array(np.array([i for i, _, _ in dictionaries], dtype=object)[which], pa.string()),
                 "model_id": pa.array([model_id] * F),
-                "layer": pa.array(np.repeat([layer for _, layer, _ in dictionaries], sizes).astype(np.int32)),
-                "feature": pa.array(np.arange(F, dtype=np.int64) - starts),
+                "layer": pa.array(np.array([layer for _, layer, _ in dictionaries], np.int32)[which]),
+                "feature": pa.array(glob - starts[which]),
                 "n_tokens": pa.array(np.full(F, self.n_tokens, np.int64)),
-                "n_firing": pa.array(self.counts),
+                "n_firing": pa.array(self.counts[f0 - self.lo : f1 - self.lo]),
                 "max_activation": pa.array(max_act),
                 "examples": pa.ListArray.from_arrays(pa.array(offsets), examples),
             }
@@ -421,10 +579,11 @@ class Merger:
         return schema.conform(table, schema.FEATURES)
 
 
-def _decile_samples(smp: pa.Table, top: pa.Table, max_act: np.ndarray, per_decile: int):
+def _decile_samples(smp: pa.Table, top: pa.Table, max_act: np.ndarray, per_decile: int, first: int = 0):
     """Decile samples: drop contexts already among the feature's top examples, bin the
-    reservoir by ceil(10·value/max), keep the first `per_decile` keys per bin. Returns
-    (rows, their features, deciles, ranks within each feature)."""
+    reservoir by ceil(10·value/max), keep the first `per_decile` keys per bin (`max_act`:
+    of the features first, first+1, ...). Returns (rows, their features, deciles, ranks
+    within each feature)."""
     if not (smp.num_rows and per_decile):
         return smp.slice(0, 0), np.zeros(0, np.int64), np.zeros(0, np.int8), np.zeros(0, np.int64)
     tf = top.column("feature").to_numpy()
@@ -435,7 +594,7 @@ def _decile_samples(smp: pa.Table, top: pa.Table, max_act: np.ndarray, per_decil
     smp = smp.filter(pa.array(~in_top))
     sf = smp.column("feature").to_numpy()
     sv = smp.column("value").to_numpy()
-    dec = np.clip(np.ceil(10 * sv / np.maximum(max_act[sf], 1e-30)), 1, 10).astype(np.int8)
+    dec = np.clip(np.ceil(10 * sv / np.maximum(max_act[sf - first], 1e-30)), 1, 10).astype(np.int8)
     order = np.lexsort((smp.column("key").to_numpy(), -dec, sf))
     smp = smp.take(pa.array(order))
     sf, dec = sf[order], dec[order]
@@ -471,59 +630,50 @@ def read_part(path: str) -> tuple[np.ndarray, np.ndarray]:
     return tokens[order], cids[order].astype(np.int64)
 
 
-# ---- resume inside the stage ------------------------------------------------------------
+# ---- the merge actors, their snapshots, and the driver's side ----------------------------
 
 STATE_DIR = "collect_state"
 COMMITTED = "COMMITTED.json"
 
 
-class Checkpoints:
-    """Snapshots of the merge state under `<run>/collect_state/`: `gen-NNNNNN/` (top and
-    sample rows, firing counts) and the commit marker `COMMITTED.json`, written last and
-    atomically, naming the snapshot in force and the contexts parts it covers. A snapshot
-    is taken when a part has completed and `collect.checkpoint_s` has passed or
-    `collect.checkpoint_contexts` contexts were merged since the previous one, but never
-    sooner than 10 × the last snapshot's time: a wide dictionary's state (262k features ×
-    (top_k + reservoir) windows) takes a while to write, and snapshots never take more
-    than ~10% of the stage. A stop (SIGINT, SIGTERM: KeyboardInterrupt) takes one too
-    (`_merge_stream`). Older snapshots are removed once the marker has moved on."""
+def feature_ranges(n_features: int, n_actors: int) -> list[tuple[int, int]]:
+    """Contiguous ranges [lo, hi) of the global feature index, one per merge actor (as
+    equal as can be; never an empty one)."""
+    n = max(1, min(n_actors, n_features))
+    edges = [round(i * n_features / n) for i in range(n + 1)]
+    return [(edges[i], edges[i + 1]) for i in range(n)]
 
-    def __init__(self, root: Path, part_names: list[str], interval_s: float, every_contexts: int | None = None):
-        self.root, self.names = root, part_names
-        self.interval, self.every = interval_s, every_contexts
+
+class Snapshots:
+    """One merge actor's snapshots, under `<run>/collect_state/merge-NNN/`: `gen-NNNNNN/`
+    (its top and sample rows, firing counts) and its commit marker `COMMITTED.json`, written
+    last and atomically, naming the snapshot in force, the feature range and the contexts
+    parts it covers. Older snapshots are removed once the marker has moved on."""
+
+    def __init__(self, root: Path, part_names: list[str], lo: int, hi: int):
+        self.root, self.names, self.lo, self.hi = root, part_names, lo, hi
         self.generation = 0
-        self.last, self.cost, self.written = time.monotonic(), 0.0, 0
-        self.saved_parts: set[int] = set()
 
-    def load(self, merger: Merger) -> int:
+    def load(self, merger: Merger) -> set[int]:
         """Restore the committed snapshot into `merger`; returns the parts it covers."""
         self.root.mkdir(parents=True, exist_ok=True)
         marker = self.root / COMMITTED
         if not marker.exists():
             self._clean(keep=None)
-            return 0
+            return set()
         info = json.loads(marker.read_text())
-        if info.get("parts") != self.names or info.get("n_features") != merger.F:
-            log(f"[collect] {marker}: a snapshot of other contexts parts or features; starting the stage over")
+        if info.get("parts") != self.names or (info.get("lo"), info.get("lo", 0) + info.get("n_features", 0)) != (self.lo, self.hi):
+            log(f"[collect] {marker}: a snapshot of other contexts parts or features; this range starts over")
             self._clean(keep=None)
             marker.unlink()
-            return 0
+            return set()
         index = {n: i for i, n in enumerate(self.names)}
         merger.load(self.root / info["dir"], info, {index[n] for n in info["done"]})
         self.generation = int(info["generation"])
-        self.saved_parts = set(merger.done)
         self._clean(keep=info["dir"])
-        return len(merger.done)
+        return set(merger.done)
 
-    def due(self, merger: Merger) -> bool:
-        since = time.monotonic() - self.last
-        if since < 10 * self.cost:
-            return False
-        new = sum(merger.part_sizes.get(p, 0) for p in merger.done - self.saved_parts)
-        return since >= self.interval or (self.every is not None and new >= self.every)
-
-    def save(self, merger: Merger) -> None:
-        t0 = time.monotonic()
+    def save(self, merger: Merger) -> dict:
         name = f"gen-{self.generation + 1:06d}"
         tmp = self.root / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -532,13 +682,11 @@ class Checkpoints:
             fsync_path(f)
         os.replace(tmp, self.root / name)
         done = sorted(self.names[i] for i in merger.done)
-        write_json_atomic({"generation": self.generation + 1, "dir": name, "parts": self.names, "done": done, **info},
-                          self.root / COMMITTED)
+        marker = {"generation": self.generation + 1, "dir": name, "parts": self.names, "done": done, **info}
+        write_json_atomic(marker, self.root / COMMITTED)
         self.generation += 1
         self._clean(keep=name)
-        self.last = time.monotonic()
-        self.cost, self.written = self.last - t0, self.written + 1
-        self.saved_parts = set(merger.done)
+        return {"dir": self.root.name, "generation": self.generation, "done": done}
 
     def _clean(self, keep: str | None) -> None:
         for d in self.root.iterdir():
@@ -546,37 +694,182 @@ class Checkpoints:
                 shutil.rmtree(d) if d.is_dir() else d.unlink()
 
 
+class MergeActor:
+    """A Ray actor owning the features [lo, hi) of the global index: the workers push it the
+    candidate rows of that range (`add`, one call per contexts part), it merges them
+    (`Merger`), snapshots them (`save`, `Snapshots`) and writes their rows of the features
+    table (`write_features`). It ignores SIGINT: a Ctrl-C to the process group stops the
+    driver, which then asks every merge actor for a last snapshot."""
+
+    def __init__(self, index: int, lo: int, hi: int, collect: dict, part_sizes: dict[int, int], state_root: str,
+                 part_names: list[str]):
+        import signal
+
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        except ValueError:  # not the main thread
+            pass
+        torch.set_num_threads(1)
+        self.index, self.lo, self.hi = index, lo, hi
+        cfg = CollectConfig(**collect)
+        self.merger = Merger(hi - lo, cfg, part_sizes={int(k): v for k, v in part_sizes.items()}, lo=lo)
+        self.snapshots = Snapshots(Path(state_root) / f"merge-{index:03d}", part_names, lo, hi)
+
+    def load(self) -> list[int]:
+        return sorted(self.snapshots.load(self.merger))
+
+    def add(self, rows: pa.Table, known_thresholds: int):
+        """Merge one part's rows; answers with the thresholds when newer than the worker's."""
+        self.merger.add(rows)
+        return self.merger.thresholds(known_thresholds)
+
+    def save(self) -> dict:
+        return self.snapshots.save(self.merger)
+
+    def status(self) -> dict:
+        m = self.merger
+        return {"done": sorted(m.done), "pending": sorted(m.pending), "n_tokens": m.n_tokens, "rows_in": m.rows_in,
+                "firing": int((m.counts > 0).sum())}
+
+    def write_features(self, features_dir: str, dictionaries: list, model: dict, rows_per_file: int = 4096) -> int:
+        """This range's rows of the features table: `part-NNN-MMMMM.parquet` (NNN: this
+        actor), each written to a temp name, then renamed. Returns the files written."""
+        from baez_ray.models.lm import load_tokenizer, token_texts
+
+        cfg = ModelConfig(**model)
+        text = token_texts(load_tokenizer(cfg))
+        out = Path(features_dir)
+        n = 0
+        for n, table in enumerate(self.merger.features_tables(dictionaries, cfg.id, text, chunk=rows_per_file), 1):
+            tmp = out / f".part-{self.index:03d}-{n - 1:05d}.parquet.tmp"
+            pq.write_table(table, tmp)
+            tmp.rename(out / f"part-{self.index:03d}-{n - 1:05d}.parquet")
+        return n
+
+
+class MergePool:
+    """The driver's side of the merge actors: their handles and ranges, and counters only
+    (no candidate rows)."""
+
+    def __init__(self, ranges: list[tuple[int, int]], cfg: CollectConfig, part_sizes: dict[int, int], state_root: Path,
+                 part_names: list[str]):
+        import ray
+
+        self.ranges = ranges
+        cls = ray.remote(MergeActor).options(num_cpus=cfg.merge_num_cpus, max_restarts=0)
+        self.handles = [cls.remote(i, lo, hi, cfg.model_dump(), part_sizes, str(state_root), part_names)
+                        for i, (lo, hi) in enumerate(ranges)]
+        self.part_sizes = part_sizes
+        self.done: set[int] = set()  # parts merged by every actor
+        self.saved: set[int] = set()  # ... and covered by every actor's last snapshot
+
+    def load(self) -> set[int]:
+        import ray
+
+        sets = [set(d) for d in ray.get([h.load.remote() for h in self.handles])]
+        self.done = set.intersection(*sets)
+        self.saved = set(self.done)
+        return set(self.done)
+
+    def receipt(self, table: pa.Table) -> None:
+        self.done.update(int(p) for p in table.column("part").to_pylist())
+
+    def save(self) -> list[dict]:
+        import ray
+
+        return ray.get([h.save.remote() for h in self.handles])
+
+    def status(self) -> list[dict]:
+        import ray
+
+        return ray.get([h.status.remote() for h in self.handles])
+
+    def write_features(self, features_dir: Path, dictionaries: list, model: ModelConfig) -> int:
+        import ray
+
+        return sum(ray.get([h.write_features.remote(str(features_dir), dictionaries, model.model_dump()) for h in self.handles]))
+
+    def close(self) -> None:
+        import ray
+
+        for h in self.handles:
+            ray.kill(h)
+
+
+class Checkpoints:
+    """The driver's snapshot rounds: every merge actor snapshots its own state (`Snapshots`),
+    then the driver writes the summary marker `collect_state/COMMITTED.json` (the parts
+    every actor's snapshot covers; resume reads the actors' own markers). A round is taken
+    when a part has completed and `collect.checkpoint_s` has passed or
+    `collect.checkpoint_contexts` contexts were merged since the previous one, but never
+    sooner than 10 × the last round's time: a wide dictionary's state (262k features ×
+    (top_k + reservoir) windows) takes a while to write, and snapshots never take more
+    than ~10% of the stage. A stop (SIGINT, SIGTERM: KeyboardInterrupt) takes one too
+    (`_merge_stream`)."""
+
+    def __init__(self, root: Path, part_names: list[str], interval_s: float, every_contexts: int | None = None):
+        self.root, self.names = root, part_names
+        self.interval, self.every = interval_s, every_contexts
+        self.generation = 0
+        self.last, self.cost, self.written = time.monotonic(), 0.0, 0
+
+    def due(self, pool: MergePool) -> bool:
+        since = time.monotonic() - self.last
+        if since < 10 * self.cost:
+            return False
+        new = sum(pool.part_sizes.get(p, 0) for p in pool.done - pool.saved)
+        return since >= self.interval or (self.every is not None and new >= self.every)
+
+    def save(self, pool: MergePool) -> None:
+        t0 = time.monotonic()
+        received = set(pool.done)
+        infos = pool.save()
+        common = set.intersection(*(set(i["done"]) for i in infos))
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.generation += 1
+        write_json_atomic({"generation": self.generation, "parts": self.names, "done": sorted(common),
+                           "actors": [{"dir": i["dir"], "generation": i["generation"], "range": list(r)}
+                                      for i, r in zip(infos, pool.ranges)]}, self.root / COMMITTED)
+        pool.saved = received
+        self.last = time.monotonic()
+        self.cost, self.written = self.last - t0, self.written + 1
+
+
 def _worker_stream(part_paths: list[Path], todo: list[int], model: ModelConfig, saes: list[SAEConfig], cfg: CollectConfig,
-                   seed: int, n_features: list[int], bos_id: int | None):
-    """The candidate rows of the contexts parts `todo`, from an actor pool of CollectWorkers."""
+                   seed: int, n_features: list[int], bos_id: int | None, pool: MergePool):
+    """The receipts of the contexts parts `todo`, from an actor pool of CollectWorkers that
+    push their candidate rows to the merge actors."""
     import ray
 
     # one row and one block per contexts part, and the actors read their parts themselves:
-    # no read tasks, so the stage's processes are the driver and `num_actors` actors
-    # whatever the corpus length (a read task per part made Ray start a worker process
-    # per part, all at once). Each actor call takes one whole part (batch_size=None) and
-    # runs it in forward passes of batch_size.
+    # no read tasks, so the stage's processes are the driver, `num_actors` workers and the
+    # merge actors whatever the corpus length (a read task per part made Ray start a worker
+    # process per part, all at once). Each actor call takes one whole part (batch_size=None)
+    # and runs it in forward passes of batch_size.
     ds = ray.data.from_items([{"path": str(part_paths[i]), "part": i} for i in todo], override_num_blocks=len(todo))
     kwargs = dict(model=model.model_dump(), saes=[s.model_dump() for s in saes], collect=cfg.model_dump(), seed=seed,
-                  n_features=n_features, bos_id=bos_id, threads=max(1, math.ceil(model.num_cpus)))
+                  n_features=n_features, bos_id=bos_id, threads=max(1, math.ceil(model.num_cpus)),
+                  merge={"handles": pool.handles, "bounds": pool.ranges})
     # a restarted actor starts with an empty running top-k: it emits more candidates, never
-    # fewer, and its part is counted once (Merger.add)
+    # fewer, and its part is counted once by each merge actor (Merger.add)
     return actor_map(ds, CollectWorker, kwargs, size=cfg.num_actors, num_cpus=model.num_cpus, num_gpus=model.num_gpus,
                      resources=model.resources, batch_format="numpy", fault_tolerant=True)
 
 
-def _merge_stream(out, merger: Merger, checkpoints: Checkpoints) -> None:
-    """Merge every candidate batch, snapshot when due (progress: the workers' ticks)."""
+def _merge_stream(out, pool: MergePool, checkpoints: Checkpoints) -> None:
+    """Count the receipts (each: a part merged by every merge actor), snapshot when due
+    (progress: the workers' ticks)."""
     try:
-        # prefetch_batches=0: the iterator's default read-ahead of one block held each
-        # part's candidates back until the actor had finished the next part
         for batch in out.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
-            if merger.add(batch) and checkpoints.due(merger):
-                checkpoints.save(merger)
+            pool.receipt(batch)
+            if batch.num_rows and checkpoints.due(pool):
+                checkpoints.save(pool)
     except KeyboardInterrupt:  # SIGINT / SIGTERM: keep what is merged, for the rerun
-        if merger.done - checkpoints.saved_parts:
-            checkpoints.save(merger)
-        log(f"[collect] stopped: snapshot of {len(merger.done)} of {len(checkpoints.names)} contexts parts kept for the rerun")
+        # always a round: the merge actors may be ahead of the receipts, and the signal may
+        # have landed between a round's actor snapshots and its summary marker
+        checkpoints.save(pool)
+        kept = json.loads((checkpoints.root / COMMITTED).read_text())["done"]
+        log(f"[collect] stopped: snapshot of {len(kept)} of {len(checkpoints.names)} contexts parts kept for the rerun")
         raise
 
 
@@ -584,35 +877,46 @@ def collect(contexts_dir: Path, state_root: Path, features_dir: Path, model: Mod
             cfg: CollectConfig, seed: int, tokenizer, total_tokens: int) -> dict:
     """contexts/ → features/: the base model (one forward pass per batch, as far as the
     deepest SAE's layer) and every SAE over every context, top-k and decile samples merged
-    per feature of each SAE (resuming from the snapshot in `state_root`). Returns the
-    stage's counts."""
+    per feature of each SAE by the merge actors (resuming from their snapshots in
+    `state_root`), who write the features table. Returns the stage's counts."""
     per_sae = [min(cfg.features or d, d) for d in (n_sae_features(s) for s in saes)]
     n_features = sum(per_sae)
     part_paths = sorted(contexts_dir.glob("part-*.parquet"))
     sizes = {i: pq.ParquetFile(p).metadata.num_rows for i, p in enumerate(part_paths)}
-    merger = Merger(n_features, cfg, part_sizes=sizes)
-    checkpoints = Checkpoints(state_root, [p.name for p in part_paths], cfg.checkpoint_s, cfg.checkpoint_contexts)
-    resumed = checkpoints.load(merger)
-    todo = [i for i in range(len(part_paths)) if i not in merger.done]
-    if resumed:
-        log(f"[collect] resuming: {resumed} of {len(part_paths)} contexts parts merged by an earlier attempt")
-    rates = {"startup_s": None, "steady_per_s": None}
-    if todo:
-        out = _worker_stream(part_paths, todo, model, saes, cfg, seed, per_sae, tokenizer.bos_token_id)
-        with progress.bar("collect", total=total_tokens, unit="tok", initial=merger.n_tokens) as bar:
-            _merge_stream(out, merger, checkpoints)
-        rates = bar.rates()  # worker-side: when the tokens went through the model, not when they reached the driver
-    if merger.pending or len(merger.done) != len(part_paths):
-        missing = sorted(set(range(len(part_paths))) - merger.done)
-        raise RuntimeError(f"collect: contexts parts {[part_paths[i].name for i in missing][:5]} were not fully merged: a batch was lost")
-    table = merger.features_table([(s.id, s.layer, n) for s, n in zip(saes, per_sae)], model.id, token_texts(tokenizer))
-    parts = write_table(table, features_dir)
-    if merger.n_tokens != total_tokens:
-        raise RuntimeError(f"collect saw {merger.n_tokens} tokens but the corpus has {total_tokens}: a batch was lost")
+    names = [p.name for p in part_paths]
+    pool = MergePool(feature_ranges(n_features, cfg.merge_actors), cfg, sizes, state_root, names)
+    try:
+        checkpoints = Checkpoints(state_root, names, cfg.checkpoint_s, cfg.checkpoint_contexts)
+        resumed = pool.load()
+        todo = [i for i in range(len(part_paths)) if i not in resumed]
+        if resumed:
+            log(f"[collect] resuming: {len(resumed)} of {len(part_paths)} contexts parts merged by an earlier attempt")
+        rates = {"startup_s": None, "steady_per_s": None}
+        if todo:
+            out = _worker_stream(part_paths, todo, model, saes, cfg, seed, per_sae, tokenizer.bos_token_id, pool)
+            initial = sum(sizes[i] for i in resumed) * (total_tokens // max(1, sum(sizes.values())))
+            with progress.bar("collect", total=total_tokens, unit="tok", initial=initial) as bar:
+                _merge_stream(out, pool, checkpoints)
+            rates = bar.rates()  # worker-side: when the tokens went through the model, not when they reached the driver
+        status = pool.status()
+        for st, (lo, hi) in zip(status, pool.ranges):
+            if st["pending"] or len(st["done"]) != len(part_paths):
+                missing = sorted(set(range(len(part_paths))) - set(st["done"]))
+                raise RuntimeError(f"collect: contexts parts {[names[i] for i in missing][:5]} were not fully merged "
+                                   f"for features {lo}..{hi - 1}: a batch was lost")
+            if st["n_tokens"] != total_tokens:
+                raise RuntimeError(f"collect saw {st['n_tokens']} tokens but the corpus has {total_tokens}: a batch was lost")
+        features_dir.mkdir(parents=True, exist_ok=True)
+        for old in list(features_dir.glob("part-*.parquet")) + list(features_dir.glob(".part-*.tmp")):
+            old.unlink()
+        parts = pool.write_features(features_dir, [(s.id, s.layer, n) for s, n in zip(saes, per_sae)], model)
+    finally:
+        pool.close()
     return dict(
-        features=n_features, features_per_sae={s.id: n for s, n in zip(saes, per_sae)}, tokens=merger.n_tokens, firing_features=int((merger.counts > 0).sum()),
-        candidate_rows=merger.rows_in, parts=parts, resumed_parts=resumed, checkpoints=checkpoints.written,
-        contexts_run=sum(sizes[i] for i in todo),
+        features=n_features, features_per_sae={s.id: n for s, n in zip(saes, per_sae)}, tokens=status[0]["n_tokens"],
+        firing_features=sum(st["firing"] for st in status), candidate_rows=sum(st["rows_in"] for st in status), parts=parts,
+        resumed_parts=len(resumed), checkpoints=checkpoints.written, contexts_run=sum(sizes[i] for i in todo),
+        merge_actors=len(pool.ranges),
         # start-up (actors, model load, first forward batch) apart from the steady rate of
         # the forward passes after it, both from the workers' progress reports
         startup_s=rates["startup_s"], steady_tokens_per_s=rates["steady_per_s"],
