@@ -40,6 +40,10 @@ together. Every method is compared with the random-label control and with every 
 method; a comparison between methods counts as interpretable when each non-control
 method's reliability on that benchmark is reliable (the control has no signal to be
 reliable about).
+
+Bootstraps and random sign vectors are drawn in blocks of at most BOOT_ELEMENTS values
+(`boot_rows`): all replicates at once for small tables (the same draws as one call), fewer
+per block at hundreds of thousands of features, so that memory stays bounded.
 """
 
 from __future__ import annotations
@@ -135,6 +139,16 @@ def embedding_metrics(sim: Sequence[float], truth: Sequence[int]) -> dict[str, f
     return {"gap": gap, "auroc": auroc(s, t), "n_dropped": dropped}
 
 
+BOOT_ELEMENTS = 4_000_000  # resampled values a bootstrap or permutation holds at once (32 MB of float64)
+
+
+def boot_rows(n_rows: int, n: int) -> int:
+    """Replicates drawn at once over n values: all `n_rows` while n_rows × n ≤ BOOT_ELEMENTS,
+    else fewer per draw, so that memory stays bounded at any number of features (the
+    replicates of a draw come from the same seeded generator, in order)."""
+    return max(1, min(n_rows, BOOT_ELEMENTS // max(1, n)))
+
+
 def bootstrap_ci(values: Iterable[float], n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
     """(mean, low, high): the mean of the finite values and the percentile bootstrap
     interval of that mean. NaN values (features whose metric is undefined) are left out;
@@ -146,7 +160,8 @@ def bootstrap_ci(values: Iterable[float], n_boot: int = 2000, level: float = 0.9
     if v.size == 1:
         return m, m, m
     rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, v.size, size=(n_boot, v.size))].mean(axis=1)
+    step = boot_rows(n_boot, v.size)
+    means = np.concatenate([v[rng.integers(0, v.size, size=(min(step, n_boot - i), v.size))].mean(axis=1) for i in range(0, n_boot, step)])
     lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
     return m, float(lo), float(hi)
 
@@ -265,8 +280,9 @@ def split_half_reliability(a: Sequence[float], b: Sequence[float], n_boot: int =
     out.update(r=r, reliability=spearman_brown(r), status="no spread" if math.isnan(r) else "too unreliable")
     if math.isnan(r):  # a half scored every feature the same (e.g. all perfect): nothing to correlate
         return out
-    idx = np.random.default_rng(seed).integers(0, x.size, size=(n_boot, x.size))
-    rb = _pearson_rows(x[idx], y[idx])
+    rng, step = np.random.default_rng(seed), boot_rows(n_boot, x.size)
+    draws = (rng.integers(0, x.size, size=(min(step, n_boot - i), x.size)) for i in range(0, n_boot, step))
+    rb = np.concatenate([_pearson_rows(x[idx], y[idx]) for idx in draws])
     rb = rb[np.isfinite(rb) & (rb > -1)]
     if rb.size:
         sb = np.maximum(2 * rb / (1 + rb), 0.0)  # floored at 0, as spearman_brown
@@ -297,8 +313,9 @@ def sign_flip_p(diffs: Sequence[float], n_perm: int = N_PERM, seed: int = 0, exa
         return hits / 2**n, "exact"
     rng = np.random.default_rng(seed)
     hits = 0
-    for start in range(0, n_perm, 1000):
-        signs = 1 - 2 * rng.integers(0, 2, size=(min(1000, n_perm - start), n), dtype=np.int8)
+    step = boot_rows(1000, n)
+    for start in range(0, n_perm, step):
+        signs = 1 - 2 * rng.integers(0, 2, size=(min(step, n_perm - start), n), dtype=np.int8)
         hits += int((np.abs(signs @ d) >= observed - tol).sum())
     return (1 + hits) / (1 + n_perm), "monte carlo"
 

@@ -33,6 +33,20 @@ from baez_ray.stages.route import route
 SUBSET_BLOCK = 64  # features per Ray Data block of a subset (blocks spread over the actors)
 
 
+def key_table(keys) -> pa.Table:
+    """(sae_id, feature) keys as a two-column table (for joins)."""
+    keys = list(keys)
+    return pa.table({"sae_id": pa.array([s for s, _ in keys], pa.string()), "feature": pa.array([f for _, f in keys], pa.int64())})
+
+
+def rows_of(table: pa.Table, keys: pa.Table) -> pa.Array:
+    """Indices (ascending) of the rows of `table` whose (sae_id, feature) is among `keys`: a
+    semi join on the two key columns alone (Acero joins carry no list columns)."""
+    rows = pa.table({"sae_id": table.column("sae_id"), "feature": table.column("feature"), "row": pa.array(np.arange(table.num_rows))})
+    hit = rows.join(keys, ["sae_id", "feature"], join_type="left semi")
+    return pa.array(np.sort(hit.column("row").to_numpy()), pa.int64())
+
+
 def _subset(features_dir: Path, keys: set[tuple[str, int]]):
     """The FEATURES rows of `keys` as a Ray Dataset. Read on the driver with a filter on
     `feature` (Parquet row-group statistics skip the rest of a big table: a shard of
@@ -41,8 +55,7 @@ def _subset(features_dir: Path, keys: set[tuple[str, int]]):
 
     feats = sorted({f for _, f in keys})
     table = pq.read_table(features_dir, filters=[("feature", "in", feats)]) if feats else schema.empty(schema.FEATURES)
-    mask = [(s, f) in keys for s, f in zip(table.column("sae_id").to_pylist(), table.column("feature").to_pylist())]
-    table = table.filter(pa.array(mask, pa.bool_())).combine_chunks()
+    table = table.take(rows_of(table, key_table(keys))).combine_chunks()
     blocks = [table.slice(i, SUBSET_BLOCK) for i in range(0, table.num_rows, SUBSET_BLOCK)] or [table]
     return ray.data.from_arrow(blocks)
 
@@ -102,10 +115,10 @@ class LabelShards:
         relabelled by a later attempt (a backend failure retried) replaces its old row."""
         parts = [pq.read_table(m.with_suffix(".parquet")) for m in sorted(self.root.glob("*.done"))]
         table = pa.concat_tables([schema.conform(t, schema.LABELS) for t in parts]) if parts else schema.empty(schema.LABELS)
-        last: dict[tuple, int] = {}
-        for i, k in enumerate(zip(*(table.column(c).to_pylist() for c in ("sae_id", "feature", "method")))):
-            last[k] = i
-        return table.take(pa.array(sorted(last.values()), pa.int64())) if len(last) < table.num_rows else table
+        # the last row of each key (parts in commit order): a pyarrow group-by, no Python dict
+        keys = table.select(["sae_id", "feature", "method"]).append_column("row", pa.array(np.arange(table.num_rows)))
+        last = keys.group_by(["sae_id", "feature", "method"]).aggregate([("row", "max")]).column("row_max")
+        return table.take(pa.array(np.sort(last.to_numpy()), pa.int64())) if len(last) < table.num_rows else table
 
     def commit(self, tier: int, labels: pa.Table) -> None:
         name = f"a{self.attempt:05d}-t{tier}-{self.n:05d}"
@@ -120,41 +133,50 @@ def _keys(t: pa.Table) -> list[tuple[str, int]]:
 
 
 def _with_route(labels: pa.Table, routes: pa.Table) -> pa.Table:
-    """Fill `tier` and `kind` of label rows from the routes table."""
+    """Fill `tier` and `kind` of label rows from the routes table (a join on the keys)."""
     if labels.num_rows == 0:
         return labels
-    where = {(s, f): i for i, (s, f) in enumerate(zip(routes.column("sae_id").to_pylist(), routes.column("feature").to_pylist()))}
-    idx = [where[(s, f)] for s, f in zip(labels.column("sae_id").to_pylist(), labels.column("feature").to_pylist())]
-    labels = labels.set_column(labels.schema.get_field_index("tier"), "tier", routes.column("tier").take(pa.array(idx)))
-    return labels.set_column(labels.schema.get_field_index("kind"), "kind", routes.column("kind").take(pa.array(idx)))
+    rows = pa.table({"sae_id": labels.column("sae_id"), "feature": labels.column("feature"), "row": pa.array(np.arange(labels.num_rows))})
+    found = rows.join(routes.select(["sae_id", "feature", "tier", "kind"]), ["sae_id", "feature"], join_type="left outer").sort_by("row")
+    labels = labels.set_column(labels.schema.get_field_index("tier"), "tier", found.column("tier"))
+    return labels.set_column(labels.schema.get_field_index("kind"), "kind", found.column("kind"))
+
+
+def _rank_within(codes: np.ndarray) -> np.ndarray:
+    """Each row's rank (0, 1, …) among the rows of the same code, in row order."""
+    order = np.argsort(codes, kind="stable")
+    ranks = np.empty(len(codes), dtype=np.int64)
+    if len(codes):
+        srt = codes[order]
+        starts = np.flatnonzero(np.r_[True, srt[1:] != srt[:-1]])
+        ranks[order] = np.arange(len(codes)) - np.repeat(starts, np.diff(np.r_[starts, len(codes)]))
+    return ranks
 
 
 def select(routes: pa.Table, cfg: LabelConfig) -> tuple[pa.Table, dict[int, set], dict]:
     """The routed features to label: those with `min_examples`; of each SAE the first
     `max_features` by feature index, and of those at most `max_per_tier[t]` of tier t.
-    Returns (their routes in (sae_id, feature) order, keys per tier, counts)."""
+    Returns (their routes in (sae_id, feature) order, keys per tier, counts). Ranks and
+    caps are numpy over the columns; only the keys per tier are Python objects."""
     # a feature needs a few examples to be labelled at all (dead or nearly dead features
     # stay in routes/ with their n_examples, and are counted, not labelled)
     live = pc.greater_equal(routes.column("n_examples"), cfg.min_examples)
     n_skipped = routes.num_rows - int(pc.sum(live).as_py() or 0)
     routes = routes.filter(live)
     routes = routes.take(pc.sort_indices(routes, sort_keys=[("sae_id", "ascending"), ("feature", "ascending")]))
-    per_sae: dict[str, int] = {}
-    per_tier: dict[tuple[str, int], int] = {}
-    keep, n_capped = [], 0
-    for s, t in zip(routes.column("sae_id").to_pylist(), routes.column("tier").to_pylist()):
-        per_sae[s] = per_sae.get(s, 0) + 1
-        if cfg.max_features and per_sae[s] > cfg.max_features:
-            keep.append(False)
-            continue
-        per_tier[s, t] = per_tier.get((s, t), 0) + 1
-        keep.append(per_tier[s, t] <= (cfg.max_per_tier or {}).get(t, per_tier[s, t]))
-        n_capped += not keep[-1]
-    routes = routes.filter(pa.array(keep, pa.bool_()))
-    tiers = routes.column("tier").to_numpy()
-    keys = {t: {(s, f) for s, f, tt in zip(routes.column("sae_id").to_pylist(), routes.column("feature").to_pylist(), tiers) if tt == t}
+    sae = pc.dictionary_encode(routes.column("sae_id")).combine_chunks().indices.to_numpy().astype(np.int64) if routes.num_rows else np.zeros(0, np.int64)
+    if cfg.max_features:
+        first = _rank_within(sae) < cfg.max_features
+        routes, sae = routes.filter(pa.array(first)), sae[first]
+    tiers = routes.column("tier").to_numpy().astype(np.int64) if routes.num_rows else np.zeros(0, np.int64)
+    cap = np.full(len(tiers), np.iinfo(np.int64).max)
+    for t, n in (cfg.max_per_tier or {}).items():
+        cap[tiers == t] = n
+    keep = _rank_within(sae * 4 + tiers) < cap
+    routes, tiers = routes.filter(pa.array(keep)), tiers[keep]
+    keys = {t: set(zip(routes.column("sae_id").filter(pa.array(tiers == t)).to_pylist(), routes.column("feature").filter(pa.array(tiers == t)).to_pylist()))
             for t in (1, 2, 3)}
-    return routes, keys, {"skipped_few_examples": n_skipped, "not_labelled_max_per_tier": n_capped}
+    return routes, keys, {"skipped_few_examples": n_skipped, "not_labelled_max_per_tier": int((~keep).sum())}
 
 
 def method_context(spec: JobSpec, name: str, routes_dir: Path) -> methods.LabelContext:
@@ -166,12 +188,13 @@ def method_context(spec: JobSpec, name: str, routes_dir: Path) -> methods.LabelC
 
 def manual_rows(routes: pa.Table, chunk: set[tuple[str, int]]) -> pa.Table:
     """Tier-3 features flagged for a human, without an AV configured: a row each, no label."""
-    rows = [{"sae_id": s, "layer": int(r), "feature": f, "method": "manual", "label": None, "n_examples": 0,
-             "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0, "tries": 0,
-             "error": "tier 3: flagged for manual labelling (no AV configured)"}
-            for s, f, r in zip(routes.column("sae_id").to_pylist(), routes.column("feature").to_pylist(), routes.column("layer").to_pylist())
-            if (s, f) in chunk]
-    return schema.conform(pa.Table.from_pylist(rows), schema.LABELS)
+    rows = routes.take(rows_of(routes, key_table(chunk)))
+    n = rows.num_rows
+    return schema.conform(pa.table({
+        "sae_id": rows.column("sae_id"), "layer": rows.column("layer"), "feature": rows.column("feature"), "method": pa.array(["manual"] * n),
+        "n_examples": pa.array(np.zeros(n, np.int32)), "input_tokens": pa.array(np.zeros(n, np.int64)),
+        "output_tokens": pa.array(np.zeros(n, np.int64)), "cost_usd": pa.array(np.zeros(n)), "tries": pa.array(np.zeros(n, np.int32)),
+        "error": pa.array(["tier 3: flagged for manual labelling (no AV configured)"] * n)}), schema.LABELS)
 
 
 def label_shard(spec: JobSpec, t: int, chunk: set[tuple[str, int]], features_dir: Path, routes: pa.Table, routes_dir: Path) -> pa.Table:

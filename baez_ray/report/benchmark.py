@@ -10,28 +10,32 @@
   when a benchmark is too unreliable to compare methods;
 * `scoring_section`: the verdict (unless shown elsewhere), the charts, the summary table
   (with failure rates, negative-gap shares and the control beside each method), the
-  reliability table, the per-feature scores (`per_feature_rows`: one row per feature ×
-  method that exists, labels shared by several features marked);
+  reliability table, the per-feature scores (`per_feature_frame`: one row per feature ×
+  method that exists, labels shared by several features marked; the first
+  PER_FEATURE_ROWS shown);
 * `distant_pairs`: the features whose labels from two methods are furthest apart
   (embedding cosine), with their examples, for reading;
 * `write_benchmark_report`: report/index.html of a benchmark run (re-rendered from the
   tables by `baez-ray report RUN_DIR`), opening with a banner when rows failed.
 
-The HTML is in templates/ (sections.html.j2 for the sections, benchmark.html.j2 for the
-page); this module computes what they show.
+The tables are read as the columns a section uses (`read_scores`, routing.read_routes,
+the labels' keys and label) and counted with pandas / pyarrow group-bys; only the rows a
+page shows become Python dicts. The HTML is in templates/ (sections.html.j2 for the
+sections, benchmark.html.j2 for the page); this module computes what they show.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from baez_ray.metrics import ALPHA, CHANCE, CONTROL, EXACT_MAX, HEADLINE, N_PERM, RELIABILITY_MIN, aggregate
-from baez_ray.report.html import duplicates, label_key, label_sharing, pyplot, render_page, save_figure, section
+from baez_ray.report.html import duplicates, label_shared, pyplot, render_page, save_figure, section
 
 BENCH_ORDER = ("detection", "fuzz", "embedding", "detection_logprob", "fuzz_logprob")
 PER_FEATURE_ROWS = 1000  # rows of the per-feature table shown (all are in scores/)
@@ -93,12 +97,13 @@ def summary_rows(summary) -> list[dict]:
     return summary.sort_values(["benchmark", "method"], key=lambda s: s.map(lambda v: (v == CONTROL, v)) if s.name == "method" else s).to_dict(orient="records")
 
 
-def per_feature_rows(scores, failed=None) -> list[dict]:
+def per_feature_frame(scores, failed=None):
     """One row per (sae_id, feature, method) that has scores (a groupby on the rows that
     exist, never a product of all features and methods) and one per label that `failed` (a
-    frame of sae_id, feature, method; label None), by feature: the label, the headline
-    metric of each benchmark (`values`) and the number of features carrying the same label
-    (`shared`; the control is left out: it reuses other features' labels by design)."""
+    frame of sae_id, feature, method; label None), sorted by feature: the label, the
+    headline metric of each benchmark (a column each) and the number of features carrying
+    the same label (`shared`, html.label_shared; the control is left out: it reuses other
+    features' labels by design). Vectorised: no Python object per row."""
     import pandas as pd
 
     keys = ["sae_id", "feature", "method"]
@@ -106,16 +111,41 @@ def per_feature_rows(scores, failed=None) -> list[dict]:
     headline = np.select([scores["benchmark"] == b for b in benches], [scores[HEADLINE[b]].astype(float) for b in benches], np.nan)
     wide = scores.assign(value=headline).groupby(keys + ["benchmark"], sort=False)["value"].first().unstack("benchmark")
     wide = wide.reindex(columns=benches).join(scores.groupby(keys, sort=False)["label"].first()).reset_index()
-    own = wide[wide["method"] != CONTROL]
-    sharing = label_sharing(zip(own["sae_id"], own["feature"]), own["label"])
-    rows = []
-    for r in wide.to_dict(orient="records"):
-        label = r["label"] if isinstance(r["label"], str) else None  # pandas gives a missing string as NaN
-        rows.append({**r, "label": label, "values": [r[b] for b in benches],
-                     "shared": sharing.get(label_key(label), 1) if label and r["method"] != CONTROL else 1})
+    own = (wide["method"] != CONTROL).to_numpy()
+    shared = np.ones(len(wide), dtype=np.int64)
+    if own.any():
+        mine = wide[own]
+        shared[own] = label_shared(pa.array(mine["sae_id"], pa.string()), pa.array(mine["feature"], pa.int64()),
+                                   pa.array(mine["label"], pa.string(), from_pandas=True))
+    wide = wide.assign(shared=shared)
     if failed is not None and len(failed):
-        rows += [{**r, "label": None, "values": [math.nan] * len(benches), "shared": 1} for r in pd.DataFrame(failed)[keys].to_dict(orient="records")]
-    return sorted(rows, key=lambda r: (r["sae_id"], r["feature"], r["method"]))
+        wide = pd.concat([wide, pd.DataFrame(failed)[keys].assign(label=None, shared=1)], ignore_index=True)
+    return wide.sort_values(keys, kind="stable", ignore_index=True)
+
+
+def per_feature_rows(scores, failed=None, limit: int | None = None, frame=None) -> list[dict]:
+    """The first `limit` rows (all: None) of `per_feature_frame` (`frame` when the caller
+    has it) as dicts, the benchmarks' values in `values` (BENCH_ORDER), a missing label None."""
+    frame = per_feature_frame(scores, failed) if frame is None else frame
+    benches = [b for b in BENCH_ORDER if b in frame.columns]
+    rows = []
+    for r in (frame if limit is None else frame.head(limit)).to_dict(orient="records"):
+        label = r["label"] if isinstance(r["label"], str) else None  # pandas gives a missing string as NaN
+        rows.append({**r, "label": label, "values": [r[b] for b in benches], "shared": int(r["shared"]) if label else 1})
+    return rows
+
+
+SCORE_COLUMNS = ["sae_id", "feature", "method", "benchmark", "label", "n_shown", "n_failed", "balanced_accuracy", "accuracy",
+                 "precision", "recall", "f1", "gap", "auroc", "score_half_a", "score_half_b"]
+
+
+def read_scores(run_dir: Path):
+    """The scores table as a pandas frame of the columns the report reads (SCORE_COLUMNS
+    that the table has: prompt versions, tokens and costs are left on disk)."""
+    import pyarrow.dataset as pads
+
+    names = set(pads.dataset(run_dir / "scores", format="parquet").schema.names)
+    return pq.read_table(run_dir / "scores", columns=[c for c in SCORE_COLUMNS if c in names]).to_pandas()
 
 
 def statistics(run_dir: Path, scores, seed: int = 0):
@@ -178,24 +208,26 @@ def _constants() -> dict:
             "control": CONTROL, "status_words": STATUS_WORDS}
 
 
-def scoring_section(run_dir: Path, out: Path, seed: int = 0, verdict: bool = True, failed=None):
+def scoring_section(run_dir: Path, out: Path, seed: int = 0, verdict: bool = True, failed=None, scores=None):
     """The scoring part of a report (charts written into `out`): the verdict table (unless
-    the caller shows it elsewhere), charts, summary, reliability, per-feature scores (and
-    the labels that `failed`, a frame of sae_id, feature, method); '' when no scores."""
+    the caller shows it elsewhere), charts, summary, reliability, per-feature scores (the
+    first PER_FEATURE_ROWS; and the labels that `failed`, a frame of sae_id, feature,
+    method); '' when no scores. `scores`: read_scores(run_dir) when the caller has it."""
     if not (run_dir / "scores").exists():
         return ""
-    scores = pq.read_table(run_dir / "scores").to_pandas()
+    scores = read_scores(run_dir) if scores is None else scores
     if not len(scores):
         return section("no_scores")
     reliability, comparisons = statistics(run_dir, scores, seed)
     summary = aggregate(scores, seed=seed)
     scores_chart(summary, out / "scores_by_method.png")
     gap = gap_chart(scores, out / "embedding_gap.png", seed=seed)
-    features = per_feature_rows(scores, failed)
+    table = per_feature_frame(scores, failed)
     ctx = {"verdict": verdict_section(comparisons, reliability) if verdict else "", "gap": gap is not None,
            "failed": int(scores["n_failed"].sum()), "shown": int(scores["n_shown"].sum()), "summary": summary_rows(summary),
            "reliability": reliability_section(reliability), "benches": [b for b in BENCH_ORDER if b in set(scores["benchmark"])],
-           "features": features[:PER_FEATURE_ROWS], "n_features": len(features), "duplicates": duplicates(features)}
+           "features": per_feature_rows(scores, failed, PER_FEATURE_ROWS, frame=table), "n_features": len(table),
+           "duplicates": duplicates(pa.array(table["label"], pa.string(), from_pandas=True), table["shared"].to_numpy())}
     return section("scoring", ctx, _constants())
 
 
@@ -216,14 +248,15 @@ def distant_pairs(labels, a: str, b: str, n: int, embedder: str | None = None) -
     return [{"sae_id": keys[i][0], "feature": keys[i][1], "label_a": la[keys[i]], "label_b": lb[keys[i]], "cosine": float(cos[i])} for i in order]
 
 
-def failure_lines(labels, manifest: dict) -> list[str]:
+def failure_lines(labels: pa.Table, manifest: dict) -> list[str]:
     """A line per part of a benchmark run that failed: each method's features without a
-    label after their tries (counted from labels/), then `score_failures`."""
+    label after their tries (counted from labels/ with a pyarrow group-by), then
+    `score_failures`."""
     out = []
-    for method, g in labels.groupby("method", sort=False):
-        n_failed = int(g["label"].isna().sum())
+    counts = labels.group_by("method", use_threads=False).aggregate([([], "count_all"), ("label", "count", pc.CountOptions(mode="only_null"))])
+    for method, n, n_failed in zip(*(counts.column(c).to_pylist() for c in ("method", "count_all", "label_count"))):
         if n_failed:
-            out.append(f"{method}: {n_failed:,} of {len(g):,} features got no label; they are not scored")
+            out.append(f"{method}: {n_failed:,} of {n:,} features got no label; they are not scored")
     return out + score_failures(manifest)
 
 
@@ -261,13 +294,15 @@ def run_facts(manifest: dict) -> list[tuple[str, str]]:
     return facts
 
 
-def distant_section(run_dir: Path, spec: dict, labels) -> dict | None:
-    """The most distant labels of the two compared methods, with their train examples."""
+def distant_section(run_dir: Path, spec: dict, labels: pa.Table) -> dict | None:
+    """The most distant labels of the two compared methods (of the labels table's sae_id,
+    feature, method, label), with their train examples."""
     b = spec["benchmark"]
     compare = b.get("compare") or b["methods"][:2]
     if len(compare) != 2 or compare[0] == compare[1]:
         return None
-    pairs = distant_pairs(labels, compare[0], compare[1], b.get("n_distant", 10), (b.get("score") or {}).get("embedder"))
+    compared = labels.filter(pc.and_(pc.is_in(labels.column("method"), pa.array(compare)), pc.is_valid(labels.column("label"))))
+    pairs = distant_pairs(compared.to_pylist(), compare[0], compare[1], b.get("n_distant", 10), (b.get("score") or {}).get("embedder"))
     if not pairs:
         return None
     keys = {(p["sae_id"], p["feature"]) for p in pairs}
@@ -277,7 +312,7 @@ def distant_section(run_dir: Path, spec: dict, labels) -> dict | None:
 
 
 def write_benchmark_report(run_dir: str | Path) -> Path:
-    from baez_ray.report.routing import write_routing_report
+    from baez_ray.report.routing import read_routes, write_routing_report
 
     run_dir = Path(run_dir)
     out = run_dir / "report"
@@ -285,19 +320,20 @@ def write_benchmark_report(run_dir: str | Path) -> Path:
     manifest = json.loads((run_dir / "manifest.json").read_text())
     spec = manifest["spec"]
     seed = spec.get("seed", 0)
-    labels = pq.read_table(run_dir / "labels", columns=["sae_id", "feature", "method", "label", "tries"]).to_pandas()
-    verdict = ""
+    labels = pq.read_table(run_dir / "labels", columns=["sae_id", "feature", "method", "label"])
+    verdict, scores = "", None
     if (run_dir / "scores").exists():
-        scores = pq.read_table(run_dir / "scores").to_pandas()
+        scores = read_scores(run_dir)
         if len(scores):
             reliability, comparisons = statistics(run_dir, scores, seed)
             verdict = verdict_section(comparisons, reliability)
     routing = None
     if (run_dir / "routes").exists():
         taus = {k: spec["route"][k] for k in ("tau_in", "tau_out", "tau_cross")}
-        routing = write_routing_report(pq.read_table(run_dir / "routes"), out, taus=taus)["html"]
+        routing = write_routing_report(read_routes(run_dir / "routes"), out, taus=taus)["html"]
+    failed = labels.filter(pc.is_null(labels.column("label"))).select(["sae_id", "feature", "method"]).to_pandas()
     # the page opens with the failures and the verdict, then the run's facts, then the scores behind it
     return render_page("benchmark.html.j2", out / "index.html", name=manifest["name"], failures=failure_lines(labels, manifest),
                        verdict=verdict, facts=run_facts(manifest), routing=routing,
-                       scoring=scoring_section(run_dir, out, seed, verdict=False, failed=labels[labels["label"].isna()]),
-                       distant=distant_section(run_dir, spec, labels[["sae_id", "feature", "method", "label"]].to_dict(orient="records")))
+                       scoring=scoring_section(run_dir, out, seed, verdict=False, failed=failed, scores=scores),
+                       distant=distant_section(run_dir, spec, labels))

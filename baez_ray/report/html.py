@@ -1,7 +1,8 @@
 """What every report page shares: the Jinja2 environment that renders the pages from the
 templates in `report/templates/` (autoescaped; the page layout and style are in
 `base.html.j2`, the shared pieces in `macros.html.j2`), matplotlib on the Agg backend,
-saving figures as PNG, and the count of features sharing each label.
+saving figures as PNG, and the count of features sharing each label (pyarrow aggregates:
+no Python object per row).
 
 Every figure is at most FIGURE_WIDTH_IN × dpi = 1,100 px wide, and the style scales images
 and scrolls long or wide tables inside a box, so that every page fits 1,200 px."""
@@ -13,6 +14,9 @@ import math
 from pathlib import Path
 
 import jinja2
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from markupsafe import Markup, escape
 
 DPI = 110
@@ -56,26 +60,33 @@ def section(name: str, *args) -> Markup:
     return Markup(getattr(environment().get_template("sections.html.j2").module, name)(*args))
 
 
-def label_sharing(features, labels) -> dict[str, int]:
-    """How many distinct features carry each label (whitespace and case ignored): label key →
-    count, for the labels that more than one feature carries. `features`, `labels`: the
-    parallel columns of the rows that have a label."""
-    seen: dict[str, set] = {}
-    for f, lab in zip(features, labels):
-        if isinstance(lab, str) and lab:
-            seen.setdefault(label_key(lab), set()).add(f)
-    return {k: len(v) for k, v in seen.items() if len(v) > 1}
+def label_keys(labels: pa.Array | pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
+    """Each label with its whitespace runs made one space and lower-cased: labels that differ
+    only there are the same label. Null stays null."""
+    return pc.utf8_lower(pc.binary_join(pc.utf8_split_whitespace(labels), " "))
 
 
-def label_key(label: str) -> str:
-    return " ".join(label.split()).casefold()
+def label_shared(sae_id, feature, label) -> np.ndarray:
+    """Per row of the parallel columns `sae_id`, `feature`, `label` (pyarrow arrays): how
+    many distinct features carry its label (`label_keys`), 1 for a row without a label or
+    whose label no other feature carries. A pyarrow group-by and a join: no Python object
+    per row."""
+    keys = label_keys(label)
+    n = len(keys)
+    rows = pa.table({"key": keys, "sae_id": sae_id, "feature": feature})
+    rows = rows.filter(pc.and_(pc.is_valid(keys), pc.not_equal(keys, "")))
+    per_key = rows.group_by(["key", "sae_id", "feature"]).aggregate([]).group_by("key").aggregate([("feature", "count")])
+    joined = pa.table({"key": keys, "row": pa.array(np.arange(n))}).join(per_key, "key", join_type="left outer")
+    joined = joined.sort_by("row")
+    return pc.fill_null(joined.column("feature_count"), 1).to_numpy() if n else np.ones(0, np.int64)
 
 
-def duplicates(rows: list[dict]) -> dict[str, int]:
-    """Of rows with `label` and `shared` (the features carrying that label): how many carry
-    a label another feature carries too (`rows`), and how many distinct such labels (`texts`)."""
-    dup = [r for r in rows if r["shared"] > 1]
-    return {"rows": len(dup), "texts": len({label_key(r["label"]) for r in dup})}
+def duplicates(label, shared: np.ndarray) -> dict[str, int]:
+    """Of the rows with `label` and `shared` (label_shared): how many carry a label another
+    feature carries too (`rows`), and how many distinct such labels (`texts`)."""
+    dup = pa.array(np.asarray(shared) > 1)
+    keys = label_keys(label).filter(dup) if len(shared) else pa.array([], pa.string())
+    return {"rows": len(keys), "texts": len(pc.unique(keys))}
 
 
 def pyplot():

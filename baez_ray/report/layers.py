@@ -12,8 +12,9 @@ cross/obscure features, late layers mostly output features.
 Live features: a feature without any example (it never fired over the corpus) has no
 window to score, so route puts it in tier 3; counted, dead features would make "obscure"
 mean "dead". They are left out of every share and distribution here and counted per layer.
-Several SAEs at one layer are pooled. Every function takes the routes table (schema.ROUTES)
-as a pandas DataFrame.
+Several SAEs at one layer are pooled. Every function takes the routes table (schema.ROUTES;
+`feature` is not read) as a pyarrow Table, or a pandas DataFrame (converted), and counts
+with pyarrow group-bys: no Python object per feature.
 
 Bootstrap over features: resampling a layer's n live features with replacement and counting
 their kinds is one draw from Multinomial(n, the observed kind shares), so each of N_BOOT
@@ -41,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from baez_ray.report.html import pyplot, save_figure, section
 
@@ -54,14 +57,25 @@ N_BOOT = 2000
 LEVEL = 0.95
 
 
-def live_routes(routes):
+def as_table(routes) -> pa.Table:
+    """The routes as a pyarrow Table (a pandas DataFrame is converted)."""
+    return routes if isinstance(routes, pa.Table) else pa.Table.from_pandas(routes, preserve_index=False)
+
+
+def live_routes(routes: pa.Table) -> pa.Table:
     """The rows of features that fired (n_examples > 0)."""
-    return routes[routes["n_examples"] > 0]
+    return routes.filter(pc.greater(routes.column("n_examples"), 0))
 
 
-def kind_counts(df) -> np.ndarray:
-    """Features of each kind (in KINDS order) among the rows of `df`."""
-    return np.array([(df["kind"] == k).sum() for k in KINDS], dtype=np.int64)
+def kind_counts(routes: pa.Table) -> dict[int, np.ndarray]:
+    """Per layer (ascending) with live features: the live features of each kind (in KINDS order)."""
+    agg = live_routes(routes).group_by(["layer", "kind"]).aggregate([([], "count_all")])
+    out: dict[int, np.ndarray] = {}
+    for layer, kind, n in zip(agg.column("layer").to_pylist(), agg.column("kind").to_pylist(), agg.column("count_all").to_pylist()):
+        counts = out.setdefault(int(layer), np.zeros(len(KINDS), dtype=np.int64))
+        if kind in KINDS:
+            counts[KINDS.index(kind)] += n
+    return dict(sorted(out.items()))
 
 
 def shares_with_ci(counts: np.ndarray, n_boot: int = N_BOOT, seed: int = 0) -> dict[str, tuple[float, float, float]]:
@@ -86,16 +100,27 @@ def layer_shares(routes, n_boot: int = N_BOOT, seed: int = 0):
     `<share>_lo`, `<share>_hi` over the live features."""
     import pandas as pd
 
+    routes = as_table(routes)
+    per_layer = routes.group_by("layer").aggregate([("sae_id", "distinct"), ([], "count_all")]).sort_by("layer")
+    live = kind_counts(routes)
     rows = []
-    for layer, g in routes.groupby("layer", sort=True):
-        live = g[g["n_examples"] > 0]
-        row: dict[str, Any] = {"layer": int(layer), "saes": ", ".join(sorted(g["sae_id"].unique())),
-                               "n": len(live), "n_dead": len(g) - len(live)}
-        for s, (p, lo, hi) in shares_with_ci(kind_counts(live), n_boot, seed).items():
+    for layer, saes, n_all in zip(per_layer.column("layer").to_pylist(), per_layer.column("sae_id_distinct").to_pylist(),
+                                  per_layer.column("count_all").to_pylist()):
+        counts = live.get(int(layer), np.zeros(len(KINDS), dtype=np.int64))
+        n = int(counts.sum())
+        row: dict[str, Any] = {"layer": int(layer), "saes": ", ".join(sorted(saes)), "n": n, "n_dead": n_all - n}
+        for s, (p, lo, hi) in shares_with_ci(counts, n_boot, seed).items():
             row.update({s: p, f"{s}_lo": lo, f"{s}_hi": hi})
         rows.append(row)
     cols = ["layer", "saes", "n", "n_dead"] + [f"{s}{x}" for s in SHARES for x in ("", "_lo", "_hi")]
     return pd.DataFrame(rows, columns=cols)
+
+
+def score_values(routes: pa.Table, col: str, mask=None) -> np.ndarray:
+    """The non-missing values of score `col` (of the rows of `mask`), float."""
+    v = routes.column(col) if mask is None else routes.column(col).filter(mask)
+    v = v.drop_null().to_numpy().astype(float) if len(v) else np.zeros(0)
+    return v[~np.isnan(v)]
 
 
 def score_quantiles(routes):
@@ -103,12 +128,13 @@ def score_quantiles(routes):
     for the features that failed both tier-1 tests) and the QUANTILES as q5 … q95."""
     import pandas as pd
 
-    live = live_routes(routes)
+    live = live_routes(as_table(routes))
     names = [f"q{round(q * 100)}" for q in QUANTILES]
     rows = []
-    for layer, g in live.groupby("layer", sort=True):
+    for layer in sorted(set(pc.unique(live.column("layer")).to_pylist())):
+        at = pc.equal(live.column("layer"), layer)
         for col, title in SCORE_COLUMNS:
-            v = g[col].dropna().to_numpy(dtype=float)
+            v = score_values(live, col, at)
             qs = np.quantile(v, QUANTILES) if len(v) else [np.nan] * len(QUANTILES)
             rows.append({"layer": int(layer), "score": title, "n": len(v), **dict(zip(names, map(float, qs)))})
     return pd.DataFrame(rows, columns=["layer", "score", "n", *names])
@@ -158,8 +184,7 @@ def overall(claims: list[dict]) -> str:
 def verdicts(routes, n_boot: int = N_BOOT, seed: int = 0) -> list[dict]:
     """The three claims of the layer hypothesis (early, middle, late), each with its figure,
     CI, the layers compared and the verdict (decision rule in the module docstring)."""
-    live = live_routes(routes)
-    counts = {int(layer): kind_counts(g) for layer, g in live.groupby("layer", sort=True)}
+    counts = kind_counts(as_table(routes))
     layers = sorted(counts)
     if len(layers) < 2:
         return [_not_judged(c, 3 if c == "middle" else 2, len(layers)) for c in ("early", "middle", "late")]
@@ -214,6 +239,7 @@ def write_layers_section(routes, out_dir: str | Path, seed: int = 0, n_boot: int
     html} (shares and quantiles as records)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    routes = as_table(routes)
     shares, quantiles = layer_shares(routes, n_boot, seed), score_quantiles(routes)
     claims = verdicts(routes, n_boot, seed)
     figure = None

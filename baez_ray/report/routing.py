@@ -6,8 +6,9 @@ A feature that never fired (no example: `n_examples` = 0) has no score and is ro
 tier 3; here it is its own class, "never fired": counted apart, left out of the tier and
 kind shares and out of the tokens saved (no method would label it).
 
-All functions take the routes table (schema.ROUTES) as a pyarrow Table or a pandas
-DataFrame.
+All functions take the routes table (schema.ROUTES; `read_routes` reads the columns they
+use) as a pyarrow Table or a pandas DataFrame (converted), and count with pyarrow
+aggregates: the summaries are small frames, never a Python object per feature.
 
 Token estimate for the tier-2 method (`eleuther_acts_topK`), per feature:
 
@@ -18,8 +19,7 @@ fixed_chars = the characters of the system prompt and the few-shot turns
 (baez_ray.llm.prompts.ELEUTHER_SYSTEM + ELEUTHER_FEWSHOT; about 2,000), example_chars = the
 characters of one example line with its << >> marks (a 32-token window ≈ 150 characters),
 and 4 characters per token (the usual rule for English with BPE tokenizers). With K = 20
-that is ≈ 1,300 input tokens. `measured_tokens_per_feature` computes the same from the real
-prompts of a sample of features instead. The saving is
+that is ≈ 1,300 input tokens. The saving is
 
     saved = N·T − (n₂·T + n₁·T₁ + n₃·T₃)
 
@@ -37,28 +37,24 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from baez_ray.report.html import pyplot, save_figure, section
-from baez_ray.report.layers import KINDS, write_layers_section
+from baez_ray.report.layers import KINDS, as_table, score_values, write_layers_section
 
 SCORES = (("c_in", "C_in (input window)", "tau_in"), ("c_out", "C_out (output window)", "tau_out"), ("c_cross", "C_cross (cross window)", "tau_cross"))
 CHARS_PER_TOKEN = 4.0
 DEFAULT_FIXED_CHARS = 2000
 DEFAULT_EXAMPLE_CHARS = 150
 DEFAULT_ANSWER_TOKENS = 60
+ROUTE_COLUMNS = ["sae_id", "layer", "n_examples", "c_in", "c_out", "c_cross", "tier", "kind"]
 
 
-def _frame(routes):
-    import pandas as pd
-
-    if isinstance(routes, pd.DataFrame):
-        return routes
-    return routes.to_pandas()
-
-
-def fired(df):
-    """The routes of the features that fired (at least one example)."""
-    return df[df["n_examples"] > 0]
+def read_routes(path: str | Path) -> pa.Table:
+    """The routes table's columns that the report reads (every one but `feature`)."""
+    return pq.read_table(path, columns=ROUTE_COLUMNS)
 
 
 # ------------------------------------------------------------------ tier shares
@@ -75,20 +71,24 @@ def tier_shares(routes, by: Sequence[str] | None = ("sae_id", "layer")):
     in [0, 1])."""
     import pandas as pd
 
-    df = _frame(routes)
+    t = as_table(routes)
     keys = list(by) if by else []
-    groups = sorted(df.groupby(keys), key=lambda kg: by_depth(keys, kg[0])) if keys else [((), df)]
+    counted = pa.table({**{k: t.column(k) for k in keys}, "fired": pc.greater(t.column("n_examples"), 0),
+                        "tier": t.column("tier"), "kind": t.column("kind")})
+    # a row per (group, fired, tier, kind) with its count: the shares are read off these few rows
+    agg = counted.group_by(keys + ["fired", "tier", "kind"]).aggregate([([], "count_all")]).to_pandas()
+    groups = sorted(agg.groupby(keys), key=lambda kg: by_depth(keys, kg[0])) if keys else [((), agg)]
     rows = []
     for key, g in groups:
         key = key if isinstance(key, tuple) else (key,)
         row: dict[str, Any] = dict(zip(keys, key))
-        row["never_fired"] = int((g["n_examples"] == 0).sum())
-        g = fired(g)
-        n = row["n"] = len(g)
-        for t in (1, 2, 3):
-            row[f"tier{t}"] = float((g["tier"] == t).sum() / n) if n else math.nan
+        row["never_fired"] = int(g.loc[~g["fired"], "count_all"].sum())
+        g = g[g["fired"]]
+        n = row["n"] = int(g["count_all"].sum())
+        for tier in (1, 2, 3):
+            row[f"tier{tier}"] = float(g.loc[g["tier"] == tier, "count_all"].sum() / n) if n else math.nan
         for k in KINDS:
-            row[k] = float((g["kind"] == k).sum() / n) if n else math.nan
+            row[k] = float(g.loc[g["kind"] == k, "count_all"].sum() / n) if n else math.nan
         rows.append(row)
     return pd.DataFrame(rows, columns=keys + ["n", "never_fired", "tier1", "tier2", "tier3", *KINDS])
 
@@ -104,16 +104,18 @@ def score_histograms(routes, path: str | Path, taus: dict[str, float] | None = N
     (when there are several, up to `max_groups`; else all features), thresholds dashed.
     C_cross only exists for the features that failed both tier-1 tests."""
     plt = pyplot()
-    df = _frame(routes)
+    t = as_table(routes)
     taus = taus or {}
-    groups = sorted(df.groupby(list(by)), key=lambda kg: by_depth(list(by), kg[0])) if by and df.groupby(list(by)).ngroups > 1 else [("all", df)]
-    if len(groups) > max_groups:
-        groups = [("all", df)]
+    keys = list(by) if by else []
+    distinct = [tuple(r[k] for k in keys) for r in t.group_by(keys).aggregate([]).to_pylist()] if keys else []
+    groups = [("all", None)]
+    if 1 < len(distinct) <= max_groups:
+        groups = [(key, _where(t, keys, key)) for key in sorted(distinct, key=lambda k: by_depth(keys, k))]
     bins = np.linspace(-0.2, 1.0, 49)
     fig, axes = plt.subplots(1, 3, figsize=(10, 3.4), sharey=False)
     for ax, (col, title, tau_key) in zip(axes, SCORES):
-        for key, g in groups:
-            vals = g[col].dropna().to_numpy(dtype=float)
+        for key, mask in groups:
+            vals = score_values(t, col, mask)
             if len(vals):
                 ax.hist(np.clip(vals, bins[0], bins[-1]), bins=bins, histtype="step", linewidth=1.4, label=f"{_group_label(key)} (n={len(vals)})")
         if tau_key in taus:
@@ -123,6 +125,14 @@ def score_histograms(routes, path: str | Path, taus: dict[str, float] | None = N
         ax.legend(fontsize=7)
     axes[0].set_ylabel("features")
     return save_figure(fig, path)
+
+
+def _where(t: pa.Table, keys: list[str], key: tuple):
+    """The mask of the rows of group `key` (values of `keys`)."""
+    mask = pc.equal(t.column(keys[0]), key[0])
+    for k, v in zip(keys[1:], key[1:]):
+        mask = pc.and_(mask, pc.equal(t.column(k), v))
+    return mask
 
 
 def tier_share_plot(routes, path: str | Path, by: Sequence[str] = ("sae_id", "layer")) -> Path:
@@ -170,23 +180,6 @@ def _eleuther_fixed_chars() -> float:
         return float(DEFAULT_FIXED_CHARS)
 
 
-def measured_tokens_per_feature(features, k: int = 20, sample: int = 200, answer_tokens: float = DEFAULT_ANSWER_TOKENS, seed: int = 0) -> dict[str, float]:
-    """As `eleuther_tokens_per_feature`, from the real eleuther prompts (chars / 4) of up to
-    `sample` features of a features table (pyarrow)."""
-    from baez_ray.llm import prompts
-
-    n = features.num_rows
-    rng = np.random.default_rng(seed)
-    idx = np.sort(rng.choice(n, size=min(sample, n), replace=False)) if n else np.zeros(0, dtype=int)
-    rows = features.select(["examples"]).take(idx).to_pylist()
-    chars = []
-    for r in rows:
-        top = sorted((e for e in r["examples"] if e["kind"] == "top"), key=lambda e: e["rank"])[:k]
-        chars.append(sum(len(m["content"]) for m in prompts.eleuther_messages(top)))
-    input_tokens = float(np.mean(chars)) / CHARS_PER_TOKEN if chars else math.nan
-    return {"input_tokens": input_tokens, "output_tokens": float(answer_tokens), "total": input_tokens + answer_tokens}
-
-
 def tokens_saved(
     routes,
     tokens_per_feature: float | dict[str, float],
@@ -198,11 +191,12 @@ def tokens_saved(
     saved by routing against sending every feature that fired to the tier-2 method (those
     that never fired are counted in `never_fired`, nothing else).
     `tokens_per_feature`: a number (total tokens) or the dict of `eleuther_tokens_per_feature`."""
-    df = _frame(routes)
-    never_fired = int((df["n_examples"] == 0).sum())
-    df = fired(df)
-    n = len(df)
-    n1, n2, n3 = (int((df["tier"] == t).sum()) for t in (1, 2, 3))
+    t = as_table(routes)
+    fired = pc.greater(t.column("n_examples"), 0)
+    tiers = t.column("tier").filter(fired).to_numpy()
+    n = len(tiers)
+    never_fired = t.num_rows - n
+    n1, n2, n3 = (int((tiers == k).sum()) for k in (1, 2, 3))
     if isinstance(tokens_per_feature, dict):
         t_in, t_out = float(tokens_per_feature["input_tokens"]), float(tokens_per_feature["output_tokens"])
     else:
@@ -238,13 +232,13 @@ def write_routing_report(routes, out_dir: str | Path, taus: dict[str, float] | N
     (`html`) for report/index.html."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    df = _frame(routes)
-    overall = tier_shares(df, None).iloc[0].to_dict()
-    per_layer = tier_shares(df, ("sae_id", "layer"))
+    t = as_table(routes)
+    overall = tier_shares(t, None).iloc[0].to_dict()
+    per_layer = tier_shares(t, ("sae_id", "layer"))
     tokens = eleuther_tokens_per_feature() if tokens_per_feature is None else tokens_per_feature
-    saved = tokens_saved(df, tokens, **saved_kwargs)
-    score_histograms(df, out_dir / "scores.png", taus)
-    tier_share_plot(df, out_dir / "tiers.png")
+    saved = tokens_saved(t, tokens, **saved_kwargs)
+    score_histograms(t, out_dir / "scores.png", taus)
+    tier_share_plot(t, out_dir / "tiers.png")
     summary = {
         "overall": {k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v) for k, v in overall.items()},
         "per_layer": json.loads(per_layer.to_json(orient="records")),
@@ -252,5 +246,5 @@ def write_routing_report(routes, out_dir: str | Path, taus: dict[str, float] | N
         "taus": taus or {},
     }
     (out_dir / "routing.json").write_text(json.dumps(summary, indent=2))
-    summary["html"] = section("routing", summary) + write_layers_section(df, out_dir, seed)["html"]
+    summary["html"] = section("routing", summary) + write_layers_section(t, out_dir, seed)["html"]
     return summary
