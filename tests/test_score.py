@@ -204,7 +204,10 @@ def test_driver_never_holds_examples_prompts_or_answers(ray_local, scorer_server
     from baez_ray.rundir import write_table
     from baez_ray.stages.score import score_labels
 
-    write_table(synthetic_features(), tmp_path / "features", rows_per_file=4)
+    feats = synthetic_features().to_pylist()
+    for r in feats:  # decile samples of their own (synthetic_features repeats top examples): 6 held out each
+        r["examples"] = [{**e, "context_id": e["context_id"] + 10**6} if e["kind"] == "sample" else e for e in r["examples"]]
+    write_table(schema.conform(pa.Table.from_pylist(feats), schema.FEATURES), tmp_path / "features", rows_per_file=4)
     labels = schema.conform(pa.Table.from_pylist(
         [{"sae_id": "syn", "layer": 3, "feature": f, "method": "exact", "label": w, "n_examples": 5, "input_tokens": 0,
           "output_tokens": 0, "cost_usd": 0.0, "tries": 1} for f, w in enumerate(WORDS)]), schema.LABELS)
@@ -223,15 +226,18 @@ def test_driver_never_holds_examples_prompts_or_answers(ray_local, scorer_server
 
     monkeypatch.setattr(pq, "read_table", read_table)
     monkeypatch.setattr(ray.data.Dataset, "iter_batches", iter_batches)
-    with pytest.raises(AssertionError, match="the driver read"):  # the guard bites
+    with pytest.raises(AssertionError, match="the driver read"):  # the guards bite
         pq.read_table(tmp_path / "features")
+    with pytest.raises(AssertionError, match="reached the driver"):
+        list(ray.data.from_items([{"answer": "an answer"}]).iter_batches(batch_format="pyarrow"))
     cfg = LabelScoreConfig(sample=8, test_examples=5, min_test_examples=2, benchmarks=["detection", "embedding"], max_retries=1)
     keys, counts = held_out_sample(labels, tmp_path / "features", cfg, seed=0)
     assert keys.num_rows == 8 and counts["eligible"] == 12
     tests = ray.data.read_parquet(str(tmp_path / "features")).select_columns(["sae_id", "feature", "examples"]).map_batches(
         _held_out, batch_format="pyarrow", fn_kwargs={"keys": keys, "test_n": cfg.test_examples, "counts_only": False})
     scores, info = score_labels(tests, keys, labels, cfg, LLMConfig(**scorer_cfg(scorer_server)), seed=0)
-    assert scores.num_rows == 8 * 2 * 2 and info["prompts"] == 8 * 2 * 2
+    # 8 features x (exact + random_label) x (detection + embedding); 5 positives + 10 negatives: 3 prompts each
+    assert scores.num_rows == 8 * 2 * 2 and info["prompts"] == 8 * 2 * 3 and info["features"] == 8
     assert set(zip(scores.column("sae_id").to_pylist(), scores.column("feature").to_pylist())) == set(
         zip(keys.column("sae_id").to_pylist(), keys.column("feature").to_pylist()))
 
