@@ -191,7 +191,7 @@ def test_sample_per_sae():
     assert sample_per_sae(["x"] * 40, 6, seed=7) == old
 
 
-def test_benchmark_sampling_per_sae(tmp_path):
+def test_benchmark_sampling_per_sae(ray_local, tmp_path):
     from baez_ray.stages.split import sample_and_split
 
     rows = []

@@ -6,14 +6,17 @@
              what was wrong with it (labels: the reply prefilled with the marker); only
              the unreadable rows of a round, up to `max_retries` further rounds
 
-Rows never pass through the driver: each round's answered rows are materialized in the
-object store, split there into final rows (kept for the caller) and rows to ask again;
-the driver keeps counts. A prompt whose answer stays unreadable, or whose request failed
-in the backend (after the backend's own retries), ends with `value = None` and its
-`problem`: never dropped. A row carries its tries and the tokens and cost of its earlier
-tries (`spent_*`) from round to round, so that its final row has the totals of all its
-tries. Log-prob scorer rows (one answer token, `p_yes`) are not retried: their
-probability does not change when asked again.
+The loop keeps no row in the driver: each round's answered rows are materialized in the
+object store, split there into final rows (a Dataset for the caller: the score stage
+reduces it by a groupby; `label_rounds` returns its LABELS table, which the label stage
+commits as a shard) and rows to ask again; the driver keeps counts.
+
+A prompt whose answer stays unreadable, or whose request failed in the backend (after the
+backend's own retries), ends with `value = None` and its `problem`: never dropped. A row
+carries its tries and the tokens and cost of its earlier tries (`spent_*`) from round to
+round, so that its final row has the totals of all its tries. Log-prob scorer rows (one
+answer token, `p_yes`) are not retried: their probability does not change when asked
+again.
 """
 
 from __future__ import annotations
