@@ -79,19 +79,33 @@ def tests_and_labels(n: int, seed: int = 0):
     return tests, schema.conform(pa.Table.from_pylist(rows), schema.LABELS)
 
 
+def keys_table(tests: dict):
+    import pyarrow as pa
+
+    return pa.table({"sae_id": [s for s, _ in sorted(tests)], "feature": pa.array([f for _, f in sorted(tests)], pa.int64())})
+
+
+def scorer_rows(tests: dict, labels, cfg) -> list[dict]:
+    """The stage's scorer prompt rows of `tests`, built here in the process (one block of
+    negatives: the stage's rule for up to 256 features), for the loops that are not Ray."""
+    import pyarrow as pa
+
+    from baez_ray.stages.score import ITEMS, _prompt_batch, block_items, subjects
+
+    items = pa.Table.from_pylist(block_items(tests, cfg, 0), schema=ITEMS)
+    return _prompt_batch(items, subjects(labels, keys_table(tests), cfg, 0), cfg).to_pylist()
+
+
 def excerpt_rates(chat, tests: dict, labels, n_features: int, batch_size: int) -> dict:
     """Excerpts per second of `detection` (lists of 5) and `detection_logprob` (one excerpt,
     p_yes) on the same excerpts, through the backend's own batch call."""
     from baez_ray.config import ScoreConfig
     from baez_ray.llm.backends import prompt_table
-    from baez_ray.stages.score import build_items, logprob_prompt_rows, prompt_rows, subjects
 
-    keys = set(sorted(tests)[:n_features])
-    cfg = ScoreConfig(benchmarks=["detection", "detection_logprob"], random_label=False, max_retries=0)
-    items = build_items({k: tests[k] for k in keys}, cfg, 0)
-    subs = subjects(labels, keys, cfg, 0)
+    some = {k: tests[k] for k in sorted(tests)[:n_features]}
     out = {}
-    for name, rows in (("list", prompt_rows(subs, items, cfg)), ("logprob", logprob_prompt_rows(subs, items, cfg))):
+    for name, bench in (("list", "detection"), ("logprob", "detection_logprob")):
+        rows = scorer_rows(some, labels, ScoreConfig(benchmarks=[bench], random_label=False, max_retries=0))
         chat(prompt_table(rows[:batch_size]))  # warm-up
         t0 = time.perf_counter()
         answered = [chat(prompt_table(rows[i : i + batch_size])) for i in range(0, len(rows), batch_size)]
@@ -118,7 +132,7 @@ def main() -> None:
 
     from baez_ray.llm.backends.transformers_backend import TransformersChat
     from baez_ray.config import LLMConfig, ScoreConfig
-    from baez_ray.stages.score import build_items, prompt_rows, score_labels, subjects
+    from baez_ray.stages.score import score_labels
 
     torch.set_num_threads(args.threads)
     llm = LLMConfig(backend="transformers", model="pypi:smollm2-135m", batch_size=args.batch_size, num_cpus=args.threads, dtype=args.dtype)
@@ -129,13 +143,16 @@ def main() -> None:
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
 
     t0 = time.perf_counter()
-    scores, info = score_labels(tests, labels, cfg, stage_llm, seed=0)
+    import pyarrow as pa
+
+    table = pa.Table.from_pylist([{"sae_id": s, "feature": f, "examples": e} for (s, f), e in sorted(tests.items())])
+    scores, info = score_labels(ray.data.from_arrow(table), keys_table(tests), labels, cfg, stage_llm, seed=0)
     ours_s = time.perf_counter() - t0
     assert scores.num_rows == 2 * args.features
     ray.shutdown()
 
     # the same prompts, feature after feature
-    rows = prompt_rows(subjects(labels, set(tests), cfg, 0), build_items(tests, cfg, 0), cfg)
+    rows = scorer_rows(tests, labels, cfg)
     chat = TransformersChat(llm.model_dump())
     by_feature: dict[int, list[dict]] = {}
     for r in rows:

@@ -191,7 +191,7 @@ def test_sample_per_sae():
     assert sample_per_sae(["x"] * 40, 6, seed=7) == old
 
 
-def test_benchmark_sampling_per_sae(tmp_path):
+def test_benchmark_sampling_per_sae(ray_local, tmp_path):
     from baez_ray.stages.split import sample_and_split
 
     rows = []
@@ -211,9 +211,9 @@ def test_benchmark_sampling_per_sae(tmp_path):
     assert again.select(["sae_id", "feature"]).equals(train.select(["sae_id", "feature"]))
 
 
-def test_label_score_sample_per_sae(tmp_path):
+def test_label_score_sample_per_sae(ray_local, tmp_path):
     from baez_ray.config import LabelScoreConfig
-    from baez_ray.jobs.label import held_out_sample
+    from baez_ray.jobs.label import _held_out, held_out_sample
 
     def example(kind, rank, ctx, decile=None):
         return {"kind": kind, "rank": rank, "decile": decile, "context_id": ctx, "position": 2, "value": 1.0 + rank,
@@ -231,10 +231,19 @@ def test_label_score_sample_per_sae(tmp_path):
     write_table(schema.conform(pa.Table.from_pylist(feats, schema=schema.FEATURES), schema.FEATURES), tmp_path / "features", rows_per_file=5)
     labels = schema.conform(pa.Table.from_pylist(labels), schema.LABELS)
     cfg = LabelScoreConfig(sample=3, test_examples=5, min_test_examples=5)
-    tests, counts = held_out_sample(labels, tmp_path / "features", cfg, seed=0)
+    keys, counts = held_out_sample(labels, tmp_path / "features", cfg, seed=0)
+    picked = list(zip(keys.column("sae_id").to_pylist(), keys.column("feature").to_pylist()))
     assert counts == {"labelled_features_too_few_test_examples": 2, "eligible": 8 + 5}
-    assert sorted(s for s, _ in tests) == ["L3"] * 3 + ["L9"] * 3
-    assert all(f not in (0, 1) for _, f in tests) and all(len(t) == 5 and t[0]["kind"] == "sample" for t in tests.values())
-    assert held_out_sample(labels, tmp_path / "features", cfg, seed=0)[0].keys() == tests.keys()
+    assert [s for s, _ in picked] == ["L3"] * 3 + ["L9"] * 3 and picked == sorted(picked)
+    assert all(f not in (0, 1) for _, f in picked)
+    assert held_out_sample(labels, tmp_path / "features", cfg, seed=0)[0].equals(keys)
+    # the test examples, split out in the workers: 5 held-out decile samples each
+    import ray
+
+    tests = ray.data.read_parquet(str(tmp_path / "features")).map_batches(
+        _held_out, batch_format="pyarrow", fn_kwargs={"keys": keys, "test_n": cfg.test_examples, "counts_only": False}).take_all()
+    assert sorted((r["sae_id"], r["feature"]) for r in tests) == picked
+    assert all(len(r["examples"]) == 5 and all(e["kind"] == "sample" for e in r["examples"]) for r in tests)
     everything, _ = held_out_sample(labels, tmp_path / "features", cfg.model_copy(update={"sample": 6}), seed=0)
-    assert sorted(s for s, _ in everything) == ["L3"] * 6 + ["L9"] * 5
+    everything = everything.column("sae_id").to_pylist()
+    assert sorted(everything) == ["L3"] * 6 + ["L9"] * 5

@@ -20,7 +20,7 @@ from baez_ray.config import ConfigError, LLMConfig, ScoreConfig, validate
 from baez_ray.llm import prompts
 from baez_ray.llm.backends import logprob_targets, p_from_top, prompt_table
 from conftest import json_handler, serve_local
-from test_score import WORDS, synthetic_features
+from test_score import WORDS, as_dataset, synthetic_features
 
 # ------------------------------------------------------------------ pure parts
 
@@ -166,7 +166,7 @@ def test_named_token_label_beats_control_on_logprobs(ray_local):
     with serve_local(fake.handler()) as url:
         scorer = LLMConfig(backend="openai", model="fake-logprob", base_url=url + "/v1", batch_size=16, max_retries=1, timeout_s=10,
                            price={"input_per_mtok": 3.0, "output_per_mtok": 15.0})
-        scores, info = score_labels(tests, labels, cfg, scorer, seed=1)
+        scores, info = score_labels(*as_dataset(tests), labels, cfg, scorer, seed=1)
     df = scores.to_pandas()
     # 11 features x {exact, random_label} x 2 benchmarks; one excerpt per prompt, never retried
     assert len(df) == 11 * 2 * 2 and not df.duplicated(["feature", "method", "benchmark"]).any()

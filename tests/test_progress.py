@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import yaml
 
@@ -162,7 +163,8 @@ def test_llm_rounds_count_prompts_and_retry_rounds(ray_local, capsys):
         done = ask_until_parsed(ray_local.data.from_arrow(rows_table(rows)), llm,
                                 parse=lambda row, attempt: (row["answer"], None) if row["answer"] == "fine" else (None, "garbled"),
                                 retry_messages=lambda row, problem, attempt: row["messages"] + [{"role": "user", "content": "again"}],
-                                max_retries=1, what="label:test")
+                                max_retries=1, value_type=pa.string(), what="label:test").take_all()
     assert sorted(r["value"] for r in done) == ["fine"] * 3
+    assert sorted((r["request_id"], r["tries"], r["input_tokens"]) for r in done) == [("r0", 1, 1), ("r1", 2, 2), ("r2", 1, 1)]
     err = capsys.readouterr().err
     assert re.search(r"\[label:test\] 4/4 prompt \(100%\)", err), err

@@ -98,10 +98,20 @@ def synthetic_features(n_top: int = 16, n_samples: int = 6, seed: int = 0) -> pa
     return schema.conform(pa.Table.from_pylist(rows), schema.FEATURES)
 
 
+def as_dataset(tests: dict[tuple[str, int], list[dict]]):
+    """score_labels' inputs from {(sae_id, feature): test examples}: a Ray Dataset of rows
+    (sae_id, feature, examples) and the keys table."""
+    import ray
+
+    table = pa.Table.from_pylist([{"sae_id": s, "feature": f, "examples": e} for (s, f), e in sorted(tests.items())])
+    return ray.data.from_arrow(table), table.select(["sae_id", "feature"])
+
+
 def test_negatives_are_other_features_examples_drawn_uniformly():
-    """Each feature's negatives: n_negatives distinct examples of other features, seeded per
-    feature; over many seeds every other feature's example is drawn about equally often."""
-    from baez_ray.stages.score import build_items
+    """Each feature's negatives (one block): n_negatives distinct examples of other
+    features, seeded per feature; over many seeds every other feature's example is drawn
+    about equally often."""
+    from baez_ray.stages.score import block_items
 
     def ex(f, j):
         return {"token_strs": [f"f{f}e{j}", " x"], "acts": [1.0, 0.0]}
@@ -110,8 +120,9 @@ def test_negatives_are_other_features_examples_drawn_uniformly():
     cfg = ScoreConfig(test_examples=10, n_negatives=3)
     seen = Counter()
     for seed in range(400):
-        for (s, f), it in build_items(tests, cfg, seed).items():
-            negs = [text for text, truth in zip(it.plain, it.truth) if truth == 0]
+        for it in block_items(tests, cfg, seed):
+            f = it["feature"]
+            negs = [text for text, truth in zip(it["plain"], it["truth"]) if truth == 0]
             assert len(negs) == 3 and len(set(negs)) == 3
             assert not any(n.startswith(f"f{f}e") for n in negs)
             if f == 0:
@@ -120,6 +131,115 @@ def test_negatives_are_other_features_examples_drawn_uniformly():
     assert sorted(seen) == sorted(others)
     share = np.array([seen[o] for o in others]) / (400 * 3)
     assert np.all(np.abs(share - 1 / len(others)) < 0.04)
+
+
+def brute_force_items(tests: dict, cfg: ScoreConfig, seed: int, block_features: int) -> dict:
+    """The negatives rule of stages/score.py, written out: keys in order, block of the i-th
+    key i * n_blocks // N; a feature's negatives drawn (rng seeded per feature) from the
+    list of the other features' test examples of its block, built by scanning the block."""
+    from baez_ray.stages.score import example_text, fuzz_text
+    from baez_ray.stages.split import feature_seed
+
+    keys = sorted(tests)
+    n_blocks = math.ceil(len(keys) / block_features)
+    block = {k: i * n_blocks // len(keys) for i, k in enumerate(keys)}
+    out = {}
+    for key in keys:
+        others = [e for k in keys if k != key and block[k] == block[key] for e in tests[k]]
+        rng = np.random.default_rng(feature_seed(seed, *key))
+        pos = tests[key][: cfg.test_examples]
+        neg = [others[i] for i in rng.choice(len(others), size=min(cfg.n_negatives, len(others)), replace=False)] if others else []
+        marks = [{i for i, a in enumerate(e["acts"]) if a >= cfg.fuzz_threshold * max(e["acts"])} for e in pos]
+        n_mark = max(1, round(float(np.mean([len(m) for m in marks]))))
+        marks += [set(rng.choice(len(e["token_strs"]), size=min(n_mark, len(e["token_strs"])), replace=False).tolist()) for e in neg]
+        examples, truth = pos + neg, [1] * len(pos) + [0] * len(neg)
+        order = rng.permutation(len(examples))
+        out[key] = {"plain": [example_text(examples[i]) for i in order], "fuzz": [fuzz_text(examples[i], marks[i]) for i in order],
+                    "truth": [truth[i] for i in order], "block": block[key]}
+    return out
+
+
+def test_items_by_block_match_brute_force(ray_local):
+    """The streaming items (Ray Data: tag each feature with its block, groupby block,
+    build in the workers) are those of the rule written out in full, here with blocks of
+    at most 5 features (12 features of two SAEs: 3 blocks of 4); with one block (N <=
+    block_features) every other feature's examples are candidates."""
+    from baez_ray.ray_pool import gather
+    from baez_ray.stages.score import items_dataset
+
+    feats = synthetic_features().to_pylist()
+    tests = {(sae, r["feature"]): split_examples(r["examples"], "top", 5, 3 + r["feature"] % 4)[1]
+             for r in feats for sae in ("a", "b") if (sae == "a") == (r["feature"] < 7)}
+    cfg = ScoreConfig(n_negatives=6)
+    for block_features, n_blocks in ((5, 3), (256, 1)):
+        got = gather(items_dataset(*as_dataset(tests), cfg, seed=4, block_features=block_features)).to_pylist()
+        want = brute_force_items(tests, cfg, 4, block_features)
+        assert sorted((r["sae_id"], r["feature"]) for r in got) == sorted(want)
+        assert len({w["block"] for w in want.values()}) == n_blocks
+        for r in got:
+            w = want[(r["sae_id"], r["feature"])]
+            assert (r["plain"], r["fuzz"], r["truth"]) == (w["plain"], w["fuzz"], w["truth"])
+            assert r["truth"].count(0) == 6
+            own = {example_text_of(e) for e in tests[(r["sae_id"], r["feature"])]}
+            mates = {example_text_of(e) for k, v in tests.items() if want[k]["block"] == w["block"] for e in v}
+            negs = [t for t, y in zip(r["plain"], r["truth"]) if y == 0]
+            assert not set(negs) & own and set(negs) <= mates
+
+
+def example_text_of(e: dict) -> str:
+    from baez_ray.stages.score import example_text
+
+    return example_text(e)
+
+
+def test_driver_never_holds_examples_prompts_or_answers(ray_local, scorer_server, tmp_path, monkeypatch):
+    """The label job's sample and score stage with the driver barred from examples,
+    prompts and answers: a Parquet read of `examples` in the driver fails, and so does any
+    Dataset batch that reaches the driver with an examples, items, prompt or answer
+    column. The stages still run: they read keys and counts only."""
+    import ray
+
+    from baez_ray.config import LabelScoreConfig
+    from baez_ray.jobs.label import _held_out, held_out_sample
+    from baez_ray.rundir import write_table
+    from baez_ray.stages.score import score_labels
+
+    feats = synthetic_features().to_pylist()
+    for r in feats:  # decile samples of their own (synthetic_features repeats top examples): 6 held out each
+        r["examples"] = [{**e, "context_id": e["context_id"] + 10**6} if e["kind"] == "sample" else e for e in r["examples"]]
+    write_table(schema.conform(pa.Table.from_pylist(feats), schema.FEATURES), tmp_path / "features", rows_per_file=4)
+    labels = schema.conform(pa.Table.from_pylist(
+        [{"sae_id": "syn", "layer": 3, "feature": f, "method": "exact", "label": w, "n_examples": 5, "input_tokens": 0,
+          "output_tokens": 0, "cost_usd": 0.0, "tries": 1} for f, w in enumerate(WORDS)]), schema.LABELS)
+    forbidden = {"examples", "messages", "answer", "plain", "fuzz", "texts", "truth", "value", "token_strs"}
+    real_read, real_iter = pq.read_table, ray.data.Dataset.iter_batches
+
+    def read_table(source, *args, columns=None, **kwargs):
+        assert columns is not None and not set(columns) & forbidden, f"the driver read {columns or 'every column'} of {source}"
+        return real_read(source, *args, columns=columns, **kwargs)
+
+    def iter_batches(self, *args, **kwargs):
+        for b in real_iter(self, *args, **kwargs):
+            names = set(b.column_names if isinstance(b, pa.Table) else b.keys() if isinstance(b, dict) else b.columns)
+            assert not names & forbidden, f"a batch with {sorted(names & forbidden)} reached the driver"
+            yield b
+
+    monkeypatch.setattr(pq, "read_table", read_table)
+    monkeypatch.setattr(ray.data.Dataset, "iter_batches", iter_batches)
+    with pytest.raises(AssertionError, match="the driver read"):  # the guards bite
+        pq.read_table(tmp_path / "features")
+    with pytest.raises(AssertionError, match="reached the driver"):
+        list(ray.data.from_items([{"answer": "an answer"}]).iter_batches(batch_format="pyarrow"))
+    cfg = LabelScoreConfig(sample=8, test_examples=5, min_test_examples=2, benchmarks=["detection", "embedding"], max_retries=1)
+    keys, counts = held_out_sample(labels, tmp_path / "features", cfg, seed=0)
+    assert keys.num_rows == 8 and counts["eligible"] == 12
+    tests = ray.data.read_parquet(str(tmp_path / "features")).select_columns(["sae_id", "feature", "examples"]).map_batches(
+        _held_out, batch_format="pyarrow", fn_kwargs={"keys": keys, "test_n": cfg.test_examples, "counts_only": False})
+    scores, info = score_labels(tests, keys, labels, cfg, LLMConfig(**scorer_cfg(scorer_server)), seed=0)
+    # 8 features x (exact + random_label) x (detection + embedding); 5 positives + 10 negatives: 3 prompts each
+    assert scores.num_rows == 8 * 2 * 2 and info["prompts"] == 8 * 2 * 3 and info["features"] == 8
+    assert set(zip(scores.column("sae_id").to_pylist(), scores.column("feature").to_pylist())) == set(
+        zip(keys.column("sae_id").to_pylist(), keys.column("feature").to_pylist()))
 
 
 @pytest.mark.parametrize("split", ["top", "deciles", "random"])
@@ -200,7 +320,7 @@ def test_named_token_label_beats_random_label_control(ray_local, scorer_server):
         [{"sae_id": "syn", "layer": 3, "feature": f, "method": "exact", "label": w, "n_examples": 5, "input_tokens": 0,
           "output_tokens": 0, "cost_usd": 0.0, "tries": 1} for f, w in enumerate(WORDS) if w not in ("kappa", "lambda")]), schema.LABELS)
     cfg = ScoreConfig(max_retries=2)
-    scores, info = score_labels(tests, labels, cfg, LLMConfig(**scorer_cfg(scorer_server)), seed=1)
+    scores, info = score_labels(*as_dataset(tests), labels, cfg, LLMConfig(**scorer_cfg(scorer_server)), seed=1)
     df = scores.to_pandas()
     # one row per (feature, method, benchmark): 10 features x {exact, random_label} x 3 benchmarks
     assert len(df) == 10 * 2 * 3 and not df.duplicated(["feature", "method", "benchmark"]).any()
@@ -231,12 +351,15 @@ def test_unreadable_answers_are_retried_then_counted_not_dropped(ray_local, scor
           "output_tokens": 0, "cost_usd": 0.0, "tries": 1} for f in (9, 10, 11)]), schema.LABELS)
     before = len(scorer_server.requests)
     cfg = ScoreConfig(benchmarks=["detection"], random_label=False, max_retries=2)
-    scores, info = score_labels(tests, labels, cfg, LLMConfig(**scorer_cfg(scorer_server)), seed=1)
+    scores, info = score_labels(*as_dataset(tests), labels, cfg, LLMConfig(**scorer_cfg(scorer_server)), seed=1)
     df = scores.to_pandas().set_index("feature")
     sent = scorer_server.requests[before:]
     # 3 features x 4 prompts; kappa (10) fails once then succeeds; lambda (11) fails 3 times
     assert len(sent) == 12 + 4 + 4 * 2
     retries = [r for r in sent if len(r["messages"]) > 2]
+    # only the unreadable rows are sent again: kappa's 4 prompts once, lambda's 4 twice
+    label_of = lambda r: re.search(r"^Label: (.*)$", r["messages"][1]["content"], re.M).group(1)  # noqa: E731
+    assert Counter(label_of(r) for r in retries) == {"kappa": 4, "lambda": 8}
     assert retries and all("could not be read" in r["messages"][-1]["content"] and r["messages"][-2]["role"] == "assistant" for r in retries)
     assert df.loc[9, "n_failed"] == 0 and df.loc[9, "balanced_accuracy"] == 1.0
     assert df.loc[10, "n_failed"] == 0 and df.loc[10, "balanced_accuracy"] == 1.0
@@ -386,7 +509,8 @@ def test_corpus_negatives_are_windows_where_the_feature_is_silent(ray_local, tin
     lm = ResidualReader(spec.model, layers=[spec.saes[0].layer])
     sae = load_sae(spec.saes[0], lm.device, lm.d_model)
     n_found = 0
-    for (_, f), exs in neg.items():
+    assert sorted(zip(neg.column("sae_id").to_pylist(), neg.column("feature").to_pylist())) == keys
+    for f, exs in zip(neg.column("feature").to_pylist(), neg.column("examples").to_pylist()):
         for e in exs:
             ids = torch.tensor([contexts[e["context_id"]]])
             acts = sae.encode(lm.residual(ids))[0, e["position"] : e["position"] + 8, f]

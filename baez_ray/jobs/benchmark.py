@@ -49,18 +49,23 @@ def label_method(spec: JobSpec, run: Run, method: str, train_dir: Path, labels_d
 
 def score_stage(spec: JobSpec, run: Run, labels_dir: Path, test_dir: Path) -> dict:
     """Every label on test/ with every benchmark + the random-label control → scores/."""
+    import ray
+
     from baez_ray.stages.score import score_labels
 
     b, sc = spec.benchmark, spec.benchmark.score
     labels = pa.concat_tables([pq.read_table(labels_dir / f"{m}.parquet") for m in b.methods])
-    tests = {(r["sae_id"], r["feature"]): r["examples"] for r in pq.read_table(test_dir, columns=["sae_id", "feature", "examples"]).to_pylist()}
+    # the driver reads the keys; the test examples stream from test/ through the workers
+    keys = pq.read_table(test_dir, columns=["sae_id", "feature"])
+    tests = ray.data.read_parquet(str(test_dir)).select_columns(["sae_id", "feature", "examples"])
     negatives = None
     if sc.negatives == "corpus":
         from baez_ray.stages.negatives import corpus_negatives
 
         negatives = corpus_negatives(run.table_dir("contexts"), spec.model, spec.saes, spec.corpus, spec.collect.window,
-                                     spec.collect.batch_size, sorted(tests), sc.n_negatives, spec.seed)
-    scores, counts = score_labels(tests, labels, sc, sc.scorer or b.explainer, seed=spec.seed, negatives=negatives)
+                                     spec.collect.batch_size, sorted(zip(keys.column("sae_id").to_pylist(), keys.column("feature").to_pylist())),
+                                     sc.n_negatives, spec.seed)
+    scores, counts = score_labels(tests, keys, labels, sc, sc.scorer or b.explainer, seed=spec.seed, negatives_table=negatives)
     return {**counts, "parts": write_table(scores, run.table_dir("scores")), "rows": scores.num_rows}
 
 

@@ -261,45 +261,72 @@ def label_counts(labels: pa.Table, keys: dict[int, set]) -> dict:
     return info
 
 
-def held_out_sample(labels: pa.Table, features_dir: Path, cfg: LabelScoreConfig, seed: int) -> tuple[dict, dict]:
-    """The features `label.score` scores: a seeded sample of the labelled ones (`cfg.sample`
-    per SAE) among those with `min_test_examples` examples no labeller saw — the decile
-    samples that are not among the feature's top examples (every labelling method reads top
-    examples only). Returns ({(sae_id, feature): test examples}, counts)."""
-    from baez_ray.stages.split import sample_per_sae, split_examples
+def _held_out(batch: pa.Table, keys, test_n: int, counts_only: bool) -> pa.Table:
+    """FEATURES rows → the held-out test examples of those in `keys` (the decile samples
+    that are not among the feature's top examples: every labelling method reads top
+    examples only): rows (sae_id, feature, examples), or with `counts_only` their number
+    (sae_id, feature, n_test)."""
+    import ray
 
-    labelled = labels.filter(pc.is_valid(labels.column("label")))
-    wanted = set(zip(labelled.column("sae_id").to_pylist(), labelled.column("feature").to_pylist()))
-    feats = pq.read_table(features_dir, columns=["sae_id", "feature", "examples"], filters=[("feature", "in", sorted({f for _, f in wanted}))])
-    eligible, too_few = {}, 0
-    for r in feats.to_pylist():
-        if (r["sae_id"], r["feature"]) not in wanted:
-            continue
-        n_top = sum(1 for e in r["examples"] if e["kind"] == "top")
-        _, test = split_examples(r["examples"], "deciles", train_n=n_top, test_n=cfg.test_examples)
-        if len(test) >= cfg.min_test_examples:
-            eligible[(r["sae_id"], r["feature"])] = test
-        else:  # a feature that fired in few contexts has all of them among its top examples
-            too_few += 1
-    keys = sorted(eligible)
-    keys = [keys[i] for i in sample_per_sae([s for s, _ in keys], cfg.sample, seed)]
-    return {k: eligible[k] for k in keys}, {"labelled_features_too_few_test_examples": too_few, "eligible": len(eligible)}
+    from baez_ray.stages.split import split_examples
+
+    keys = ray.get(keys) if isinstance(keys, ray.ObjectRef) else keys
+    idx = pa.table({"sae_id": batch.column("sae_id"), "feature": batch.column("feature"), "_row": pa.array(range(batch.num_rows), pa.int64())})
+    hit = idx.join(keys.select(["sae_id", "feature"]), ["sae_id", "feature"], join_type="inner").sort_by("_row")
+    tests = []
+    for exs in batch.column("examples").take(hit.column("_row")).to_pylist():
+        n_top = sum(1 for e in exs if e["kind"] == "top")
+        tests.append([{**e, "residual": None} for e in split_examples(exs, "deciles", train_n=n_top, test_n=test_n)[1]])
+    out = {"sae_id": hit.column("sae_id"), "feature": hit.column("feature")}
+    if counts_only:
+        return pa.table({**out, "n_test": pa.array([len(t) for t in tests], pa.int32())})
+    return pa.table({**out, "examples": pa.array(tests, pa.list_(schema.EXAMPLE))})
+
+
+def held_out_sample(labels: pa.Table, features_dir: Path, cfg: LabelScoreConfig, seed: int) -> tuple[pa.Table, dict]:
+    """The features `label.score` scores: a seeded sample of the labelled ones (`cfg.sample`
+    per SAE) among those with `min_test_examples` held-out examples (`_held_out`), counted
+    in the workers: the driver reads only (sae_id, feature, n_test). Returns (their keys: a
+    table (sae_id, feature) in key order, counts)."""
+    import ray
+
+    from baez_ray.ray_pool import gather
+    from baez_ray.stages.split import sample_per_sae
+
+    labelled = labels.filter(pc.is_valid(labels.column("label"))).select(["sae_id", "feature"])
+    labelled = labelled.group_by(["sae_id", "feature"]).aggregate([])
+    feats = ray.data.read_parquet(str(features_dir)).select_columns(["sae_id", "feature", "examples"])
+    n_test = gather(feats.map_batches(_held_out, batch_format="pyarrow",
+                                      fn_kwargs={"keys": ray.put(labelled), "test_n": cfg.test_examples, "counts_only": True}))
+    if not n_test.num_rows:
+        n_test = pa.table({"sae_id": pa.array([], pa.string()), "feature": pa.array([], pa.int64()), "n_test": pa.array([], pa.int32())})
+    ok = pc.greater_equal(n_test.column("n_test"), cfg.min_test_examples)
+    # a feature that fired in few contexts has all of them among its top examples
+    too_few = n_test.num_rows - int(pc.sum(ok).as_py() or 0)
+    eligible = n_test.filter(ok).select(["sae_id", "feature"]).sort_by([("sae_id", "ascending"), ("feature", "ascending")])
+    keys = eligible.take(pa.array(sample_per_sae(eligible.column("sae_id").to_pylist(), cfg.sample, seed), pa.int64()))
+    return keys, {"labelled_features_too_few_test_examples": too_few, "eligible": eligible.num_rows}
 
 
 def score_sample(spec: JobSpec, run: Run, features_dir: Path) -> dict:
-    """`label.score`: score the held-out sample (`held_out_sample`) of the labels."""
+    """`label.score`: score the held-out sample (`held_out_sample`) of the labels; the
+    test examples are split out of features/ in the workers."""
+    import ray
+
     from baez_ray.stages.score import score_labels
 
     cfg = spec.label.score
     labels = pq.read_table(run.table_dir("labels"))
-    tests, counts = held_out_sample(labels, features_dir, cfg, spec.seed)
+    keys, counts = held_out_sample(labels, features_dir, cfg, spec.seed)
+    tests = ray.data.read_parquet(str(features_dir)).select_columns(["sae_id", "feature", "examples"]).map_batches(
+        _held_out, batch_format="pyarrow", fn_kwargs={"keys": ray.put(keys), "test_n": cfg.test_examples, "counts_only": False})
     negatives = None
     if cfg.negatives == "corpus":
         from baez_ray.stages.negatives import corpus_negatives
 
         negatives = corpus_negatives(run.table_dir("contexts"), spec.model, spec.saes, spec.corpus, spec.collect.window,
-                                     spec.collect.batch_size, sorted(tests), cfg.n_negatives, spec.seed)
-    scores, info = score_labels(tests, labels, cfg, cfg.scorer or spec.label.explainer, seed=spec.seed, negatives=negatives)
+                                     spec.collect.batch_size, _keys(keys), cfg.n_negatives, spec.seed)
+    scores, info = score_labels(tests, keys, labels, cfg, cfg.scorer or spec.label.explainer, seed=spec.seed, negatives_table=negatives)
     info.update(parts=write_table(scores, run.table_dir("scores")), rows=scores.num_rows, **counts)
     return info
 

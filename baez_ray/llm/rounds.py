@@ -1,15 +1,22 @@
 """Ask until the answer parses: the one loop of every LLM stage (labels and scores).
 
-    prompt rows ─backend─▶ answers ─parse─▶ value ──────────────────────▶ done
-         ▲                                    │ unreadable
-         └── retry prompt: the conversation, the failed answer and what was wrong with
-             it (labels: the reply prefilled with the marker); every unreadable prompt of
-             a round together, up to `max_retries` further rounds
+    prompt rows ─backend─▶ answers ─parse (in workers)─▶ value ─────────────▶ done rounds
+         ▲                                                │ unreadable        (object store)
+         └── retry prompt (built in workers): the conversation, the failed answer and
+             what was wrong with it (labels: the reply prefilled with the marker); only
+             the unreadable rows of a round, up to `max_retries` further rounds
+
+The loop keeps no row in the driver: each round's answered rows are materialized in the
+object store, split there into final rows (a Dataset for the caller: the score stage
+reduces it by a groupby; `label_rounds` returns its LABELS table, which the label stage
+commits as a shard) and rows to ask again; the driver keeps counts.
 
 A prompt whose answer stays unreadable, or whose request failed in the backend (after the
-backend's own retries), ends with `value = None` and its `problem`: never dropped. Every
-try's tokens and cost are summed per prompt (`tally`). Log-prob scorer rows (one answer
-token, `p_yes`) are not retried: their probability does not change when asked again.
+backend's own retries), ends with `value = None` and its `problem`: never dropped. A row
+carries its tries and the tokens and cost of its earlier tries (`spent_*`) from round to
+round, so that its final row has the totals of all its tries. Log-prob scorer rows (one
+answer token, `p_yes`) are not retried: their probability does not change when asked
+again.
 """
 
 from __future__ import annotations
@@ -17,22 +24,16 @@ from __future__ import annotations
 from typing import Callable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from baez_ray import progress, schema
 from baez_ray.llm import prompts
 from baez_ray.llm.backends import generate, logprob_targets, prompt_table
 from baez_ray.rundir import log
 
-ANSWER_COLUMNS = {f.name for f in schema.ANSWER_FIELDS}
-
-
-def tally(spent: dict[str, list], row: dict) -> None:
-    """Add one answered try of a request to its [input tokens, output tokens, cost, tries]."""
-    acc = spent.setdefault(row["request_id"], [0, 0, 0.0, 0])
-    acc[0] += row["input_tokens"]
-    acc[1] += row["output_tokens"]
-    acc[2] += row["cost_usd"]
-    acc[3] += 1
+ANSWER_COLUMNS = [f.name for f in schema.ANSWER_FIELDS]
+SPENT = ("input_tokens", "output_tokens", "cost_usd")  # summed over a row's tries (spent_<name> before this one)
+ROUND_COLUMNS = ["value", "problem", "tries", "retry", "retry_messages"] + [f"spent_{c}" for c in SPENT]
 
 
 def rows_table(rows: list[dict], like: pa.Schema | None = None) -> pa.Table:
@@ -44,49 +45,96 @@ def rows_table(rows: list[dict], like: pa.Schema | None = None) -> pa.Table:
     return t
 
 
+def _parse_batch(batch: pa.Table, parse, retry_messages, retryable, attempt: int, max_retries: int, value_type: pa.DataType) -> pa.Table:
+    """A round's answered rows + value, problem, tries, the totals of every try, and
+    (rows to ask again) `retry` = 1 and their `retry_messages`."""
+    n = batch.num_rows
+    rows = batch.to_pylist()
+    values, problems, retry, retry_msgs = [], [], [], []
+    for row in rows:
+        value, problem = (None, row["error"]) if row["error"] else parse(row, attempt)
+        final = attempt == max_retries or (retryable is not None and not retryable(row))
+        again = value is None and row["error"] is None and not final
+        values.append(value)
+        problems.append(problem)
+        retry.append(int(again))
+        retry_msgs.append(retry_messages(row, problem, attempt) if again else None)
+    spent = {c: batch.column(f"spent_{c}") if f"spent_{c}" in batch.column_names else None for c in SPENT}
+    tries = batch.column("tries") if "tries" in batch.column_names else pa.array([0] * n, pa.int32())
+    batch = batch.drop_columns([c for c in ROUND_COLUMNS if c in batch.column_names])
+    for c in SPENT:  # this try + the earlier ones
+        if spent[c] is not None:
+            batch = batch.set_column(batch.schema.get_field_index(c), c, pc.add(batch.column(c), spent[c]).cast(batch.schema.field(c).type))
+    cols = {"value": pa.array(values, value_type), "problem": pa.array(problems, pa.string()),
+            "tries": pc.add(tries, 1).cast(pa.int32()), "retry": pa.array(retry, pa.int8()),
+            "retry_messages": pa.array(retry_msgs, pa.list_(schema.MESSAGE))}
+    for k, v in cols.items():
+        batch = batch.append_column(k, v)
+    batch = batch.select(sorted(batch.column_names))  # one column order and nullability in every round
+    return batch.cast(pa.schema([f.with_nullable(True) for f in batch.schema]))
+
+
+def _final_rows(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.equal(batch.column("retry"), 0)).drop_columns(["retry", "retry_messages"])
+
+
+def _next_round(batch: pa.Table) -> pa.Table:
+    """The rows to ask again as prompt rows: their retry messages, their totals so far."""
+    batch = batch.filter(pc.equal(batch.column("retry"), 1))
+    batch = batch.set_column(batch.schema.get_field_index("messages"), "messages", batch.column("retry_messages"))
+    for c in SPENT:
+        batch = batch.append_column(f"spent_{c}", batch.column(c))
+    return batch.drop_columns(ANSWER_COLUMNS + ["value", "problem", "retry", "retry_messages"])
+
+
 def ask_until_parsed(pending, llm, parse: Callable[[dict, int], tuple], retry_messages: Callable[[dict, str, int], list],
-                     max_retries: int, what: str = "llm", retryable: Callable[[dict], bool] | None = None) -> list[dict]:
-    """Send `pending` (a Ray Dataset of prompt rows), parse every answer with
-    `parse(row, attempt) -> (value, problem)`, resend the unreadable ones with
-    `retry_messages(row, problem, attempt)` (those for which `retryable(row)`, when given).
-    Returns one dict per prompt: its row (last try), `value`, `problem`, and the tokens,
-    cost and tries of all its tries. A progress bar counts the prompts answered, retry
-    rounds included."""
-    import ray
-
-    from baez_ray.ray_pool import gather
-
-    spent: dict[str, list] = {}
-    done: list[dict] = []
-    pending = pending.materialize()  # the prompts, counted for the bar
-    with progress.bar(what, total=pending.count(), unit="prompt") as bar:
+                     max_retries: int, value_type: pa.DataType, what: str = "llm", retryable: Callable[[dict], bool] | None = None,
+                     total: int | None = None):
+    """Send `pending` (a Ray Dataset of prompt rows), parse every answer in the workers with
+    `parse(row, attempt) -> (value, problem)` (`value` of `value_type`), resend the
+    unreadable ones with `retry_messages(row, problem, attempt)` (those for which
+    `retryable(row)`, when given). Returns a Ray Dataset (over materialized rounds) with one
+    row per prompt: its row (last try), `value`, `problem`, `tries`, and the tokens and
+    cost of all its tries. A progress bar counts the prompts answered, retry rounds
+    included (`total`: the number of prompts, when the caller knows it; else counted)."""
+    if total is None:
+        pending = pending.materialize()  # the prompts, counted for the bar
+        total = pending.count()
+    rounds = []
+    with progress.bar(what, total=total, unit="prompt") as bar:
         for attempt in range(max_retries + 1):
-            answered = gather(generate(pending, llm))
-            retry = []
-            for row in answered.to_pylist():
-                tally(spent, row)
-                value, problem = (None, row["error"]) if row["error"] else parse(row, attempt)
-                final = attempt == max_retries or (retryable is not None and not retryable(row))
-                if value is not None or row["error"] is not None or final:
-                    done.append({**row, "value": value, "problem": problem})
-                else:
-                    keep = {k: v for k, v in row.items() if k not in ANSWER_COLUMNS}
-                    retry.append(keep | {"messages": retry_messages(row, problem, attempt)})
-            if not retry:
+            answered = generate(pending, llm).map_batches(
+                _parse_batch, batch_format="pyarrow", zero_copy_batch=True,
+                fn_kwargs=dict(parse=parse, retry_messages=retry_messages, retryable=retryable, attempt=attempt,
+                               max_retries=max_retries, value_type=value_type)).materialize()
+            rounds.append(answered.map_batches(_final_rows, batch_format="pyarrow"))
+            n_retry = int(answered.sum("retry") or 0) if answered.count() else 0
+            if not n_retry:
                 break
-            log(f"[{what}] retry {attempt + 1}/{max_retries}: {len(retry)} unreadable answers")
-            bar.add_total(len(retry))  # the retry round's prompts join the bar
-            pending = ray.data.from_arrow(rows_table(retry, answered.schema))
-    for row in done:
-        row["input_tokens"], row["output_tokens"], row["cost_usd"], row["tries"] = spent[row["request_id"]]
-    return done
+            log(f"[{what}] retry {attempt + 1}/{max_retries}: {n_retry} unreadable answers")
+            bar.add_total(n_retry)  # the retry round's prompts join the bar
+            pending = answered.map_batches(_next_round, batch_format="pyarrow")
+    return rounds[0].union(*rounds[1:]) if len(rounds) > 1 else rounds[0]
 
 
 # ---- labels: the answer's last line is `<marker> <label>` ----------------------------------
 
+def _label_rows(batch: pa.Table, method: str, version: str) -> pa.Table:
+    """Final rows of label prompts → LABELS rows."""
+    out = [{
+        "sae_id": r["sae_id"], "layer": r["layer"], "feature": r["feature"], "method": method, "label": r["value"],
+        "prompt_version": version, "backend": r["backend"], "model": r["model"], "n_examples": r["n_examples"],
+        "input_tokens": r["input_tokens"], "output_tokens": r["output_tokens"], "cost_usd": r["cost_usd"], "tries": r["tries"],
+        "error": None if r["value"] is not None else (r["problem"] or "no label"), "raw": r["answer"],
+        **{c: r.get(c) for c in ("evidence", "evidence_scores") if c in r},
+    } for r in batch.to_pylist()]
+    return schema.conform(pa.Table.from_pylist(out), schema.LABELS) if out else schema.empty(schema.LABELS)
+
+
 def label_rounds(pending, method: str, marker: str, version: str, llm, max_retries: int) -> pa.Table:
     """Label prompt rows (with sae_id, layer, feature, n_examples; optional evidence,
-    evidence_scores) → LABELS rows, one per prompt."""
+    evidence_scores) → LABELS rows, one per prompt (the label stage's table)."""
+    from baez_ray.ray_pool import gather
 
     def parse(row: dict, attempt: int):
         if attempt == 0:
@@ -103,46 +151,39 @@ def label_rounds(pending, method: str, marker: str, version: str, llm, max_retri
             {"role": "assistant", "content": marker},  # prefill: the reply starts with the marker
         ]
 
-    done = ask_until_parsed(pending, llm, parse, retry, max_retries, what=f"label:{method}")
-    out = [{
-        "sae_id": r["sae_id"], "layer": r["layer"], "feature": r["feature"], "method": method, "label": r["value"],
-        "prompt_version": version, "backend": r["backend"], "model": r["model"], "n_examples": r["n_examples"],
-        "input_tokens": r["input_tokens"], "output_tokens": r["output_tokens"], "cost_usd": r["cost_usd"], "tries": r["tries"],
-        "error": None if r["value"] is not None else (r["problem"] or "no label"), "raw": r["answer"],
-        **{c: r.get(c) for c in ("evidence", "evidence_scores") if c in r},
-    } for r in done]
-    return schema.conform(pa.Table.from_pylist(out), schema.LABELS) if out else schema.empty(schema.LABELS)
+    done = ask_until_parsed(pending, llm, parse, retry, max_retries, pa.string(), what=f"label:{method}")
+    out = gather(done.map_batches(_label_rows, batch_format="pyarrow", fn_kwargs={"method": method, "version": version}))
+    return schema.conform(out, schema.LABELS) if out.num_rows else schema.empty(schema.LABELS)
 
 
 # ---- scores: the answer is a list of 0/1, one per excerpt ----------------------------------
 
-def score_rounds(rows: list[dict], llm, max_retries: int) -> list[dict]:
-    """Scorer prompt rows (with `truth`, the 0/1 of each excerpt shown) → one dict per
-    prompt with `pred` (the parsed list; for a log-prob row, `logprob:A,B`, the probability
-    of A; None when failed) and `problem`."""
-    if not rows:
-        return []
-    import ray
+def _score_parse(row: dict, attempt: int):
+    """A scorer row's value: its 0/1 list (list benchmarks) or [p_yes] (log-prob rows)."""
+    targets = logprob_targets(row["constraint"])
+    if targets:
+        if row.get("p_yes") is None:
+            return None, f"neither {targets[0]!r} nor {targets[1]!r} was among the scorer's top log-probs"
+        return [row["p_yes"]], None
+    return prompts.parse_binary_list(row["answer"], len(row["truth"]))
 
-    def parse(row: dict, attempt: int):
-        targets = logprob_targets(row["constraint"])
-        if targets:
-            if row.get("p_yes") is None:
-                return None, f"neither {targets[0]!r} nor {targets[1]!r} was among the scorer's top log-probs"
-            return row["p_yes"], None
-        return prompts.parse_binary_list(row["answer"], len(row["truth"]))
 
-    def retry(row: dict, problem: str, attempt: int) -> list:
-        n = len(row["truth"])
-        example = "[" + ",".join("01"[i % 2] for i in range(n)) + "]"
-        return list(row["messages"]) + [
-            {"role": "assistant", "content": row["answer"] or ""},
-            {"role": "user", "content": prompts.SCORE_RETRY_TEMPLATE.format(problem=problem, n=n, example=example)},
-        ]
+def _score_retry(row: dict, problem: str, attempt: int) -> list:
+    n = len(row["truth"])
+    example = "[" + ",".join("01"[i % 2] for i in range(n)) + "]"
+    return list(row["messages"]) + [
+        {"role": "assistant", "content": row["answer"] or ""},
+        {"role": "user", "content": prompts.SCORE_RETRY_TEMPLATE.format(problem=problem, n=n, example=example)},
+    ]
 
-    first = rows_table(rows, pa.schema([pa.field("layer", pa.int32()), pa.field("truth", pa.list_(pa.int8()))]))
-    done = ask_until_parsed(ray.data.from_arrow(first), llm, parse, retry, max_retries, what="score",
-                            retryable=lambda row: logprob_targets(row["constraint"]) is None)
-    for r in done:
-        r["pred"] = r.pop("value")
-    return done
+
+def _score_retryable(row: dict) -> bool:
+    return logprob_targets(row["constraint"]) is None
+
+
+def score_rounds(pending, llm, max_retries: int, total: int | None = None):
+    """Scorer prompt rows (a Ray Dataset, with `truth`: the 0/1 of each excerpt shown) → a
+    Ray Dataset with one row per prompt: `value` (list<double>: the parsed 0/1 list; for a
+    log-prob row `logprob:A,B`, [P(A)]; null when failed), `problem`, `tries` and totals."""
+    return ask_until_parsed(pending, llm, _score_parse, _score_retry, max_retries, pa.list_(pa.float64()), what="score",
+                            retryable=_score_retryable, total=total)

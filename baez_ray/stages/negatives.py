@@ -21,8 +21,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from baez_ray import schema
 from baez_ray.config import CorpusConfig, ModelConfig, SAEConfig
 from baez_ray.stages.split import feature_seed
+
+NEGATIVES = pa.schema([pa.field("sae_id", pa.string()), pa.field("feature", pa.int64()), pa.field("examples", pa.list_(schema.EXAMPLE))])
 
 
 class NegativeWorker:
@@ -62,10 +65,11 @@ class NegativeWorker:
 
 def corpus_negatives(contexts_dir: Path, model: ModelConfig, saes: list[SAEConfig], corpus: CorpusConfig, window: int,
                      batch_size: int, keys: list[tuple[str, int]], n: int, seed: int,
-                     n_contexts: int = 64) -> dict[tuple[str, int], list[dict]]:
-    """(sae_id, feature) → up to `n` example dicts of corpus windows of `window` tokens where
-    the feature (of its SAE, among the job's `saes`) does not fire. Writes the contexts
-    table to `contexts_dir` if it has none."""
+                     n_contexts: int = 64) -> pa.Table:
+    """Rows (sae_id, feature, examples): per key, up to `n` examples (dicts of the EXAMPLE
+    fields) of corpus windows of `window` tokens where the feature (of its SAE, among the
+    job's `saes`) does not fire: the `negatives_table` of stages/score.py. Writes the
+    contexts table to `contexts_dir` if it has none."""
     import ray
 
     from baez_ray.data.corpus import write_contexts
@@ -89,15 +93,15 @@ def corpus_negatives(contexts_dir: Path, model: ModelConfig, saes: list[SAEConfi
                    num_gpus=model.num_gpus, resources=model.resources, batch_size=batch_size, batch_format="numpy")
     rows = ds.take_all()
     if not rows:
-        return {k: [] for k in keys}
+        return pa.Table.from_pylist([{"sae_id": s, "feature": f, "examples": []} for s, f in keys], schema=NEGATIVES)
     max_acts = np.stack([r["max_acts"] for r in rows])  # [W, F_sel]
     text = token_texts(tokenizer)
-    out = {}
+    out = []
     for key in keys:
         j = column[key]
         quiet = np.flatnonzero(max_acts[:, j] <= 0)
         pick = np.random.default_rng(feature_seed(seed, *key)).permutation(quiet)[:n]
-        out[key] = [{"kind": "negative", "rank": i, "context_id": int(rows[w]["context_id"]), "position": int(rows[w]["start"]),
-                     "value": 0.0, "top_index": 0, "token_strs": text(rows[w]["tokens"]), "acts": [0.0] * window}
-                    for i, w in enumerate(pick)]
-    return out
+        out.append({"sae_id": key[0], "feature": key[1], "examples": [
+            {"kind": "negative", "rank": i, "context_id": int(rows[w]["context_id"]), "position": int(rows[w]["start"]),
+             "value": 0.0, "top_index": 0, "token_strs": text(rows[w]["tokens"]), "acts": [0.0] * window} for i, w in enumerate(pick)]})
+    return pa.Table.from_pylist(out, schema=NEGATIVES)

@@ -1,37 +1,52 @@
-"""Scoring labels (SPEC §3): detection, fuzz, embedding, and the random-label control.
+"""Scoring labels (SPEC §3): detection, fuzz, embedding, the log-prob benchmarks and the
+random-label control, as one streaming Ray Data pipeline. The driver holds the keys
+(sae_id, feature), the labels and counts; examples, prompts and answers stay in the
+workers and the object store.
 
-    test examples + negatives ─▶ items per feature (shuffled once per feature, shared by
-    every method so that methods are compared on the same excerpts)
-    labels ─▶ subjects (feature, method, label) + random_label subjects
-    subjects × items ─▶ prompt rows (examples_per_prompt excerpts each), ALL features,
-       methods and benchmarks in one Ray Dataset ─backend─▶ answers ─parse─▶ 0/1 lists
-                               ▲                                  │ unreadable
-                               └── retry round (the failed answer and the problem), all
-                                   unreadable prompts together, up to max_retries times
-    subjects × items ─embedder actor pool (one encode call per batch of subjects)─▶ gap, AUROC
-    detection_logprob, fuzz_logprob: subjects × items ─▶ one excerpt per prompt, a feature's
-       prompts one after another (shared prefix: instructions + label) ─backend─▶ p_yes =
-       P("1") / (P("1") + P("0")) of the first answer token ─▶ AUROC, balanced accuracy at 0.5
+    test examples (rows sae_id, feature, examples) [+ corpus negatives rows]
+      ─tag: block of the feature (keys in order, cut into blocks of ≤ block_features)─▶
+      groupby(block).map_groups: items per feature (positives + negatives, shuffled once
+         per feature, shared by every method: methods are compared on the same excerpts)
+      ─map_batches (× the subjects of each feature: its labels + the random_label control)─▶
+      prompt rows: detection / fuzz (examples_per_prompt excerpts each), detection_logprob /
+         fuzz_logprob (one excerpt each, a label's prompts one after another: shared prefix)
+      ─backend (llm.backends.generate)─▶ answers ─parse in workers─▶ 0/1 lists or [p_yes]
+                    ▲                                   │ unreadable
+                    └── retry round over those rows only (llm.rounds.ask_until_parsed),
+                        up to max_retries times
+      ─groupby(sae_id, feature, method, benchmark).map_groups─▶ metrics
+    items × subjects ─EmbedScorer actor pool (one encode call per batch)─▶ gap, AUROC
     ─▶ scores table (schema.SCORES), one row per (feature, method, benchmark), with the
        headline metric also on each half of the excerpts (score_half_a/b: the split-half
        reliability of metrics.py, from the same answers and similarities, no extra call)
+
+Negatives (`negatives = other_features`, the default): the features to score, in
+(sae_id, feature) order, are cut into n_blocks = ceil(N / block_features) contiguous
+blocks of nearly equal size (block of the i-th key: i · n_blocks // N); a feature's
+negatives are `n_negatives` distinct test examples drawn uniformly (seeded per feature)
+from the test examples of the *other* features of its block, its own examples skipped by
+index arithmetic: O(n_negatives) per feature, whatever N. With N ≤ block_features (256)
+there is one block and the rule is a uniform draw among all other features' test examples.
+`negatives_table` rows (sae_id, feature, examples: corpus windows where the feature does
+not fire, `negatives = corpus`) replace the draw, their first `n_negatives` taken.
+Fuzz: positives highlighted at their active tokens (>= fuzz_threshold × the example max),
+negatives at as many random tokens as the positives' mean, drawn per example.
 
 A prompt whose answer stays unreadable after the retries, or that failed in the backend,
 is a *failed batch*: its excerpts count in `n_failed` (and in `n_shown`), never silently
 dropped; the metrics use the answered excerpts. A log-prob prompt whose two tokens are
 both missing from the scorer's top log-probs is failed the same way (not retried: asking
-again gives the same probabilities). Positives are the feature's test examples
-(the caller splits: see baez_ray/splits.py); negatives are test examples of other features
-(default) or corpus windows where the feature does not fire (`negatives_table`).
+again gives the same probabilities). Positives are the feature's test examples (the
+caller splits: see stages/split.py).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from baez_ray import progress, schema
 from baez_ray.config import LLMConfig, ScoreConfig
@@ -47,6 +62,16 @@ RANDOM_LABEL = "random_label"
 EMBEDDING_VERSION = "embedding/v1"
 LIST_BENCHMARKS = ("detection", "fuzz")  # a list of 0/1 per prompt of examples_per_prompt excerpts
 LOGPROB_VERSIONS = {"detection_logprob": prompts.DETECTION_LOGPROB_VERSION, "fuzz_logprob": prompts.FUZZ_LOGPROB_VERSION}
+BLOCK_FEATURES = 256  # features per block of the negatives draw (see the module docstring)
+MAX_PARTITIONS = 64  # of the two shuffles (items by block, answers by score row): about a partition per 4096 prompts
+# what the items need of an example (the rest, residual vectors included, is dropped early)
+ITEM_EXAMPLE = pa.struct([pa.field("token_strs", pa.list_(pa.string())), pa.field("acts", pa.list_(pa.float32()))])
+# scorer prompt rows: schema.PROMPTS + what the metrics need (truth: the 0/1 of each excerpt shown)
+SCORE_PROMPTS = pa.schema(list(schema.PROMPTS) + [
+    pa.field("sae_id", pa.string()), pa.field("layer", pa.int32()), pa.field("feature", pa.int64()), pa.field("method", pa.string()),
+    pa.field("benchmark", pa.string()), pa.field("label", pa.string()), pa.field("truth", pa.list_(pa.int8()))])
+ITEMS = pa.schema([pa.field("sae_id", pa.string()), pa.field("feature", pa.int64()), pa.field("plain", pa.list_(pa.string())),
+                   pa.field("fuzz", pa.list_(pa.string())), pa.field("truth", pa.list_(pa.int8()))])
 
 
 def example_text(ex: dict) -> str:
@@ -59,30 +84,49 @@ def fuzz_text(ex: dict, positions: set[int]) -> str:
     return prompts.mark_tokens([token_text(t) for t in ex["token_strs"]], acts, 0.5)
 
 
-@dataclass
-class Items:
-    """One feature's excerpts: plain text (detection, embedding), highlighted text (fuzz),
-    truth (1: a test example of the feature), in the order shown."""
+def _get(x):
+    import ray
 
-    plain: list[str] = field(default_factory=list)
-    fuzz: list[str] = field(default_factory=list)
-    truth: list[int] = field(default_factory=list)
+    return ray.get(x) if isinstance(x, ray.ObjectRef) else x
 
 
-def build_items(tests: dict[tuple[str, int], list[dict]], cfg: ScoreConfig, seed: int,
-                negatives: dict[tuple[str, int], list[dict]] | None = None) -> dict[tuple[str, int], Items]:
-    """Excerpts per feature. `tests`: (sae_id, feature) → test examples. Negatives: test
-    examples of other features drawn at random (or `negatives[key]` when given). Fuzz:
-    positives highlighted at their active tokens (>= fuzz_threshold × the example max),
-    negatives at as many random tokens as the positives' mean, drawn per example."""
+# ---- items: each feature's excerpts, built per block in the workers ------------------------
+
+def feature_blocks(keys: pa.Table, block_features: int = BLOCK_FEATURES) -> pa.Table:
+    """(sae_id, feature, block) of the distinct keys, in (sae_id, feature) order, cut into
+    ceil(N / block_features) contiguous blocks of nearly equal size."""
+    keys = keys.select(["sae_id", "feature"]).group_by(["sae_id", "feature"]).aggregate([])
+    keys = keys.sort_by([("sae_id", "ascending"), ("feature", "ascending")])
+    n = keys.num_rows
+    n_blocks = max(1, math.ceil(n / block_features))
+    return keys.append_column("block", pa.array((np.arange(n) * n_blocks) // max(n, 1), pa.int32()))
+
+
+def _tag(batch: pa.Table, blocks, role: str) -> pa.Table:
+    """Rows (sae_id, feature, examples) of the features in `blocks` → + block and role
+    (test: positives; negatives: given negatives), examples cut to ITEM_EXAMPLE."""
+    blocks = _get(blocks)
+    idx = pa.table({"sae_id": batch.column("sae_id"), "feature": batch.column("feature").cast(pa.int64()),
+                    "_row": pa.array(np.arange(batch.num_rows), pa.int64())})
+    hit = idx.join(blocks, ["sae_id", "feature"], join_type="inner").sort_by("_row")
+    examples = [[{"token_strs": e["token_strs"], "acts": e["acts"]} for e in exs]
+                for exs in batch.column("examples").take(hit.column("_row")).to_pylist()]
+    return pa.table({"sae_id": hit.column("sae_id"), "feature": hit.column("feature"), "block": hit.column("block"),
+                     "role": pa.array([role] * hit.num_rows, pa.string()), "examples": pa.array(examples, pa.list_(ITEM_EXAMPLE))})
+
+
+def block_items(tests: dict[tuple[str, int], list[dict]], cfg: ScoreConfig, seed: int,
+                negatives: dict[tuple[str, int], list[dict]] | None = None) -> list[dict]:
+    """ITEMS rows of one block: `tests` maps each of its features to its test examples
+    (dicts with token_strs and acts); `negatives`, when given, each feature's negatives."""
     keys = sorted(tests)
-    # every feature's test examples in one list, features in key order; a feature's own
-    # examples are one block of it, skipped by index arithmetic (O(n_negatives) per feature)
+    # the block's test examples in one list, features in key order; a feature's own
+    # examples are one slice of it, skipped by index arithmetic (O(n_negatives) per feature)
     pool = [e for k in keys for e in tests[k]]
     block, at = {}, 0
     for k in keys:
         block[k], at = (at, len(tests[k])), at + len(tests[k])
-    out = {}
+    out = []
     for key in keys:
         rng = np.random.default_rng(feature_seed(seed, key[0], key[1]))
         pos = tests[key][: cfg.test_examples]
@@ -104,21 +148,45 @@ def build_items(tests: dict[tuple[str, int], list[dict]], cfg: ScoreConfig, seed
         examples = list(pos) + list(neg)
         truth = [1] * len(pos) + [0] * len(neg)
         order = rng.permutation(len(examples))
-        items = Items()
-        for i in order:
-            items.plain.append(example_text(examples[i]))
-            items.fuzz.append(fuzz_text(examples[i], marks[i]))
-            items.truth.append(truth[i])
-        out[key] = items
+        out.append({"sae_id": key[0], "feature": key[1], "plain": [example_text(examples[i]) for i in order],
+                    "fuzz": [fuzz_text(examples[i], marks[i]) for i in order], "truth": [truth[i] for i in order]})
     return out
 
 
-def subjects(labels: pa.Table, keys: set[tuple[str, int]], cfg: ScoreConfig, seed: int) -> list[dict]:
+def _items_group(group: pa.Table, cfg: ScoreConfig, seed: int, corpus: bool) -> pa.Table:
+    tests: dict[tuple, list] = {}
+    negs: dict[tuple, list] = {}
+    for s, f, role, exs in zip(*(group.column(c).to_pylist() for c in ("sae_id", "feature", "role", "examples"))):
+        (tests if role == "test" else negs).setdefault((s, f), []).extend(exs)
+    rows = block_items(tests, cfg, seed, negs if corpus else None)
+    return pa.Table.from_pylist(rows, schema=ITEMS) if rows else ITEMS.empty_table()
+
+
+def items_dataset(tests, keys: pa.Table, cfg: ScoreConfig, seed: int, negatives_table: pa.Table | None = None,
+                  block_features: int = BLOCK_FEATURES):
+    """Ray Dataset of ITEMS rows (sae_id, feature, plain, fuzz, truth), one per key in
+    `keys`: `tests` is a Ray Dataset of rows (sae_id, feature, examples: the positives)."""
+    import ray
+
+    blocks = ray.put(feature_blocks(keys, block_features))
+    ds = tests.map_batches(_tag, batch_format="pyarrow", fn_kwargs={"blocks": blocks, "role": "test"})
+    if negatives_table is not None:
+        ds = ds.union(ray.data.from_arrow(negatives_table.select(["sae_id", "feature", "examples"])).map_batches(
+            _tag, batch_format="pyarrow", fn_kwargs={"blocks": blocks, "role": "negatives"}))
+    n_blocks = max(1, math.ceil(keys.num_rows / block_features))
+    return ds.groupby("block", num_partitions=min(n_blocks, MAX_PARTITIONS)).map_groups(_items_group, batch_format="pyarrow",
+                                          fn_kwargs={"cfg": cfg, "seed": seed, "corpus": negatives_table is not None})
+
+
+# ---- subjects: what to score -----------------------------------------------------------------
+
+def subjects(labels: pa.Table, keys: pa.Table, cfg: ScoreConfig, seed: int) -> pa.Table:
     """(sae_id, layer, feature, method, label) to score: every non-null label of a feature
     in `keys`, plus the random-label control: each feature scored with the label of another
     feature, chosen at random (a random derangement of the control method's labels)."""
+    wanted = set(zip(keys.column("sae_id").to_pylist(), keys.column("feature").to_pylist()))
     rows = [r for r in labels.select(["sae_id", "layer", "feature", "method", "label"]).to_pylist()
-            if r["label"] and (r["sae_id"], r["feature"]) in keys]
+            if r["label"] and (r["sae_id"], r["feature"]) in wanted]
     rows.sort(key=lambda r: (r["method"], r["sae_id"], r["feature"]))
     if cfg.random_label and rows:
         if cfg.control_method:
@@ -135,31 +203,57 @@ def subjects(labels: pa.Table, keys: set[tuple[str, int]], cfg: ScoreConfig, see
             while np.any(perm == np.arange(len(base))):  # a derangement: nobody keeps its own label
                 perm = rng.permutation(len(base))
             rows += [{**r, "method": RANDOM_LABEL, "label": base[j]["label"]} for r, j in zip(base, perm)]
-    return rows
+    subs = pa.schema([pa.field("sae_id", pa.string()), pa.field("layer", pa.int32()), pa.field("feature", pa.int64()),
+                      pa.field("method", pa.string()), pa.field("label", pa.string())])
+    return pa.Table.from_pylist(rows, schema=subs)
 
 
-def prompt_rows(subs: list[dict], items: dict, cfg: ScoreConfig) -> list[dict]:
-    """Scorer prompt rows: every subject × LLM benchmark, `examples_per_prompt` excerpts each."""
+def _subjects_of(batch: pa.Table, subs) -> tuple[list[dict], dict]:
+    """The subjects of the features of an items batch (in subject order), and the batch's
+    items by key."""
+    subs = _get(subs)
+    items = {(r["sae_id"], r["feature"]): r for r in batch.to_pylist()}
+    mine = subs.filter(pc.is_in(subs.column("feature"), value_set=batch.column("feature").unique()))
+    return [s for s in mine.to_pylist() if (s["sae_id"], s["feature"]) in items], items
+
+
+def n_prompts(n_items: int, cfg: ScoreConfig) -> int:
+    """Scorer prompts of one subject with `n_items` excerpts."""
+    per = cfg.examples_per_prompt
+    return sum(math.ceil(n_items / per) if b in LIST_BENCHMARKS else n_items if b in LOGPROB_VERSIONS else 0 for b in cfg.benchmarks)
+
+
+def _prompt_batch(batch: pa.Table, subs, cfg: ScoreConfig) -> pa.Table:
+    """Scorer prompt rows of an items batch: every subject × LLM benchmark; list benchmarks
+    `examples_per_prompt` excerpts a prompt, log-prob benchmarks one excerpt a prompt (a
+    subject's rows one after another, so that their shared prefix, instructions + label,
+    is computed once: the transformers backend's prefix runs, vLLM's prefix cache)."""
+    subjects_, items = _subjects_of(batch, subs)
     rows = []
     per = cfg.examples_per_prompt
     # benchmark by benchmark: the backend's batches then share their system prompt, which
     # the transformers backend runs once per batch and vLLM caches as a prefix
-    for bench in [b for b in cfg.benchmarks if b in LIST_BENCHMARKS]:
-        for s in subs:
+    for bench in [b for b in cfg.benchmarks if b in LIST_BENCHMARKS or b in LOGPROB_VERSIONS]:
+        for s in subjects_:
             it = items[(s["sae_id"], s["feature"])]
-            texts = it.plain if bench == "detection" else it.fuzz
-            for c, start in enumerate(range(0, len(texts), per)):
-                chunk = texts[start : start + per]
-                rows.append({
-                    "request_id": f"{s['sae_id']}|{s['feature']}|{s['method']}|{bench}|{c}",
-                    "messages": prompts.scorer_messages(bench, s["label"], chunk),
-                    "max_tokens": 4 * len(chunk) + 16, "temperature": 0.0, "stop": None,
-                    "constraint": f"binary_list:{len(chunk)}",
-                    "sae_id": s["sae_id"], "layer": s["layer"], "feature": s["feature"], "method": s["method"],
-                    "benchmark": bench, "label": s["label"], "truth": it.truth[start : start + per],
-                })
-    return rows
+            texts = it["plain"] if bench in ("detection", "detection_logprob") else it["fuzz"]
+            common = {"sae_id": s["sae_id"], "layer": s["layer"], "feature": s["feature"], "method": s["method"],
+                      "benchmark": bench, "label": s["label"], "temperature": 0.0, "stop": None}
+            if bench in LIST_BENCHMARKS:
+                for c, start in enumerate(range(0, len(texts), per)):
+                    chunk = texts[start : start + per]
+                    rows.append({**common, "request_id": f"{s['sae_id']}|{s['feature']}|{s['method']}|{bench}|{c}",
+                                 "messages": prompts.scorer_messages(bench, s["label"], chunk), "max_tokens": 4 * len(chunk) + 16,
+                                 "constraint": f"binary_list:{len(chunk)}", "truth": it["truth"][start : start + per]})
+            else:
+                for i, (text, truth) in enumerate(zip(texts, it["truth"])):
+                    rows.append({**common, "request_id": f"{s['sae_id']}|{s['feature']}|{s['method']}|{bench}|{i}",
+                                 "messages": prompts.logprob_messages(bench, s["label"], text), "max_tokens": 1,
+                                 "constraint": prompts.LOGPROB_CONSTRAINT, "truth": [truth]})
+    return pa.Table.from_pylist(rows, schema=SCORE_PROMPTS)
 
+
+# ---- metrics per (feature, method, benchmark) ------------------------------------------------
 
 def _halves(rs: list[dict]) -> dict[str, float | None]:
     """score_half_a/b of one (feature, method, benchmark): balanced accuracy on each half
@@ -172,72 +266,60 @@ def _halves(rs: list[dict]) -> dict[str, float | None]:
     return {"score_half_a": None if math.isnan(a) else a, "score_half_b": None if math.isnan(b) else b}
 
 
-def logprob_prompt_rows(subs: list[dict], items: dict, cfg: ScoreConfig) -> list[dict]:
-    """Log-prob scorer prompt rows: every subject × log-prob benchmark × excerpt, one excerpt
-    each; a subject's rows follow one another, so that their shared prefix (instructions +
-    label) is computed once (the transformers backend's prefix runs, vLLM's prefix cache)."""
-    rows = []
-    for bench in [b for b in cfg.benchmarks if b in LOGPROB_VERSIONS]:
-        for s in subs:
-            it = items[(s["sae_id"], s["feature"])]
-            texts = it.plain if bench == "detection_logprob" else it.fuzz
-            for i, (text, truth) in enumerate(zip(texts, it.truth)):
-                rows.append({
-                    "request_id": f"{s['sae_id']}|{s['feature']}|{s['method']}|{bench}|{i}",
-                    "messages": prompts.logprob_messages(bench, s["label"], text),
-                    "max_tokens": 1, "temperature": 0.0, "stop": None, "constraint": prompts.LOGPROB_CONSTRAINT,
-                    "sae_id": s["sae_id"], "layer": s["layer"], "feature": s["feature"], "method": s["method"],
-                    "benchmark": bench, "label": s["label"], "truth": [truth],
-                })
-    return rows
+def _spent(rs: list[dict]) -> dict:
+    return {"input_tokens": sum(r["input_tokens"] for r in rs), "output_tokens": sum(r["output_tokens"] for r in rs),
+            "cost_usd": sum(r["cost_usd"] for r in rs)}
 
 
-def _logprob_scores(done: list[dict]) -> list[dict]:
-    """Score rows of the log-prob benchmarks: AUROC of p_yes, and the binary metrics of
-    p_yes > 0.5 (balanced accuracy at 0.5); failed prompts count in n_failed."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in done:
-        groups.setdefault((r["sae_id"], r["layer"], r["feature"], r["method"], r["benchmark"], r["label"]), []).append(r)
-    out = []
-    for (sae_id, layer, feat, method, bench, label), rs in sorted(groups.items(), key=lambda kv: kv[0][:5]):
-        ok = [r for r in rs if r["pred"] is not None]
-        truth, p = [r["truth"][0] for r in ok], [float(r["pred"]) for r in ok]
-        m = binary_metrics(truth, [int(x > 0.5) for x in p]) if ok else {k: math.nan for k in ("balanced_accuracy", "accuracy", "precision", "recall", "f1")}
-        m["auroc"] = auroc(p, truth) if ok else math.nan
-        rs = sorted(rs, key=lambda r: int(r["request_id"].rsplit("|", 1)[1]))  # the excerpts in the order shown
-        half_a, half_b = half_scores([r["truth"][0] for r in rs], [None if r["pred"] is None else float(r["pred"]) for r in rs], "auroc")
-        out.append({
-            "sae_id": sae_id, "layer": layer, "feature": feat, "method": method, "benchmark": bench, "label": label,
-            "n_shown": len(rs), "n_failed": len(rs) - len(ok),
-            **{k: (None if math.isnan(v) else v) for k, v in m.items()},
+def _logprob_score(rs: list[dict]) -> dict:
+    """The score row of one log-prob (feature, method, benchmark): AUROC of p_yes, and the
+    binary metrics of p_yes > 0.5 (balanced accuracy at 0.5); failed prompts count in
+    n_failed."""
+    ok = [r for r in rs if r["pred"] is not None]
+    truth, p = [r["truth"][0] for r in ok], [float(r["pred"]) for r in ok]
+    m = binary_metrics(truth, [int(x > 0.5) for x in p]) if ok else {k: math.nan for k in ("balanced_accuracy", "accuracy", "precision", "recall", "f1")}
+    m["auroc"] = auroc(p, truth) if ok else math.nan
+    rs = sorted(rs, key=lambda r: int(r["request_id"].rsplit("|", 1)[1]))  # the excerpts in the order shown
+    half_a, half_b = half_scores([r["truth"][0] for r in rs], [None if r["pred"] is None else float(r["pred"]) for r in rs], "auroc")
+    return {"n_shown": len(rs), "n_failed": len(rs) - len(ok), **{k: (None if math.isnan(v) else v) for k, v in m.items()},
             "score_half_a": None if math.isnan(half_a) else half_a, "score_half_b": None if math.isnan(half_b) else half_b,
-            "prompt_version": LOGPROB_VERSIONS[bench],
-            "input_tokens": sum(r["input_tokens"] for r in rs), "output_tokens": sum(r["output_tokens"] for r in rs),
-            "cost_usd": sum(r["cost_usd"] for r in rs),
-        })
-    return out
+            "prompt_version": LOGPROB_VERSIONS[rs[0]["benchmark"]]}
 
 
-def _llm_scores(done: list[dict]) -> list[dict]:
-    groups: dict[tuple, list[dict]] = {}
-    for r in done:
-        groups.setdefault((r["sae_id"], r["layer"], r["feature"], r["method"], r["benchmark"], r["label"]), []).append(r)
-    out = []
-    for (sae_id, layer, feat, method, bench, label), rs in sorted(groups.items(), key=lambda kv: kv[0][:5]):
-        truth = [t for r in rs if r["pred"] is not None for t in r["truth"]]
-        pred = [p for r in rs if r["pred"] is not None for p in r["pred"]]
-        m = binary_metrics(truth, pred) if truth else {k: None for k in ("balanced_accuracy", "accuracy", "precision", "recall", "f1")}
-        out.append({
-            "sae_id": sae_id, "layer": layer, "feature": feat, "method": method, "benchmark": bench, "label": label,
-            "n_shown": sum(len(r["truth"]) for r in rs),
-            "n_failed": sum(len(r["truth"]) for r in rs if r["pred"] is None),
+def _list_score(rs: list[dict]) -> dict:
+    """The score row of one detection / fuzz (feature, method): binary metrics of the
+    answered excerpts; excerpts of failed prompts count in n_failed."""
+    truth = [t for r in rs if r["pred"] is not None for t in r["truth"]]
+    pred = [p for r in rs if r["pred"] is not None for p in r["pred"]]
+    m = binary_metrics(truth, pred) if truth else {k: None for k in ("balanced_accuracy", "accuracy", "precision", "recall", "f1")}
+    return {"n_shown": sum(len(r["truth"]) for r in rs), "n_failed": sum(len(r["truth"]) for r in rs if r["pred"] is None),
             **{k: (None if v is None or math.isnan(v) else v) for k, v in m.items()}, **_halves(rs),
-            "prompt_version": prompts.DETECTION_VERSION if bench == "detection" else prompts.FUZZ_VERSION,
-            "input_tokens": sum(r["input_tokens"] for r in rs), "output_tokens": sum(r["output_tokens"] for r in rs),
-            "cost_usd": sum(r["cost_usd"] for r in rs),
-        })
-    return out
+            "prompt_version": prompts.DETECTION_VERSION if rs[0]["benchmark"] == "detection" else prompts.FUZZ_VERSION}
 
+
+def _score_group(group: pa.Table) -> pa.Table:
+    """The final rows of one (sae_id, feature, method, benchmark) → its SCORES row."""
+    rs = group.select(["sae_id", "layer", "feature", "method", "benchmark", "label", "request_id", "truth", "value",
+                       "input_tokens", "output_tokens", "cost_usd"]).to_pylist()
+    logprob = rs[0]["benchmark"] in LOGPROB_VERSIONS
+    for r in rs:
+        v = r.pop("value")
+        r["pred"] = None if v is None else v[0] if logprob else [int(x) for x in v]
+    head = {k: rs[0][k] for k in ("sae_id", "layer", "feature", "method", "benchmark", "label")}
+    row = {**head, **(_logprob_score(rs) if logprob else _list_score(rs)), **_spent(rs)}
+    return schema.conform(pa.Table.from_pylist([row]), schema.SCORES)
+
+
+def _round_counts(batch: pa.Table) -> pa.Table:
+    """One row of counts of a batch of final scorer rows (for the manifest)."""
+    total = lambda c: pc.sum(batch.column(c)).as_py() or 0  # noqa: E731
+    return pa.table({"prompts": [batch.num_rows], "failed_prompts": [int(pc.sum(pc.is_null(batch.column("value"))).as_py() or 0)],
+                     "retried_prompts": [int(pc.sum(pc.greater(batch.column("tries"), 1)).as_py() or 0)],
+                     "scorer_input_tokens": [int(total("input_tokens"))], "scorer_output_tokens": [int(total("output_tokens"))],
+                     "scorer_cost_usd": [float(total("cost_usd"))]})
+
+
+# ---- embedding -------------------------------------------------------------------------------
 
 class EmbedScorer:
     """Ray Data actor: rows (subject, label, texts, truth) → gap and AUROC; every text of a
@@ -270,45 +352,69 @@ class EmbedScorer:
         return out
 
 
-def _embedding_scores(subs: list[dict], items: dict, cfg: ScoreConfig, threads: int, batch_size: int = 256) -> list[dict]:
-    rows = [{**s, "layer": int(s["layer"]), "texts": items[(s["sae_id"], s["feature"])].plain, "truth": items[(s["sae_id"], s["feature"])].truth} for s in subs]
-    if not rows:
-        return []
+EMBED_ROWS = pa.schema([pa.field("sae_id", pa.string()), pa.field("layer", pa.int32()), pa.field("feature", pa.int64()),
+                        pa.field("method", pa.string()), pa.field("label", pa.string()), pa.field("texts", pa.list_(pa.string())),
+                        pa.field("truth", pa.list_(pa.int8())), pa.field("n_shown", pa.int32())])
+
+
+def _embedding_rows(batch: pa.Table, subs) -> pa.Table:
+    """Rows (subject, texts, truth, n_shown) of an items batch, for EmbedScorer."""
+    subjects_, items = _subjects_of(batch, subs)
+    rows = [{**s, "texts": items[(s["sae_id"], s["feature"])]["plain"], "truth": items[(s["sae_id"], s["feature"])]["truth"],
+             "n_shown": len(items[(s["sae_id"], s["feature"])]["truth"])} for s in subjects_]
+    return pa.Table.from_pylist(rows, schema=EMBED_ROWS)
+
+
+def _embedding_scores(batch: pa.Table) -> pa.Table:
+    """EmbedScorer rows → SCORES rows. An excerpt whose similarity is NaN is left out of
+    the metrics, and counted as failed."""
+    n = batch.num_rows
+    out = batch.select(["sae_id", "layer", "feature", "method", "label", "gap", "auroc", "score_half_a", "score_half_b", "n_shown"])
+    out = out.append_column("benchmark", pa.array(["embedding"] * n, pa.string()))
+    out = out.append_column("n_failed", batch.column("n_dropped"))
+    out = out.append_column("prompt_version", pa.array([EMBEDDING_VERSION] * n, pa.string()))
+    for c, t in (("input_tokens", pa.int64()), ("output_tokens", pa.int64()), ("cost_usd", pa.float64())):
+        out = out.append_column(c, pa.array([0] * n, t))
+    return schema.conform(out, schema.SCORES)
+
+
+# ---- the stage ---------------------------------------------------------------------------------
+
+def score_labels(tests, keys: pa.Table, labels: pa.Table, cfg: ScoreConfig, scorer: LLMConfig, seed: int = 0,
+                 negatives_table: pa.Table | None = None, threads: int = 2,
+                 block_features: int = BLOCK_FEATURES) -> tuple[pa.Table, dict]:
+    """Score every label of the features `keys` (a table with sae_id, feature) with each
+    benchmark of `cfg`, plus the random-label control. `tests`: a Ray Dataset of rows
+    (sae_id, feature, examples: the feature's test examples; rows of other features are
+    ignored); `negatives_table`: rows (sae_id, feature, examples) of given negatives
+    (`negatives = corpus`). Returns the SCORES table and counts for the manifest."""
     import ray
 
-    ds = ray.data.from_arrow(pa.Table.from_pylist(rows))
-    with progress.bar("score:embedding", total=len(rows), unit="label"):
-        out = gather(actor_map(ds, EmbedScorer, {"embedder": cfg.embedder, "threads": threads}, num_cpus=0.5, batch_size=batch_size))
-    res = []
-    for r in out.to_pylist():
-        n = len(items[(r["sae_id"], r["feature"])].truth)
-        # an excerpt whose similarity is NaN is left out of the metrics, and counted as failed
-        res.append({**{k: r[k] for k in ("sae_id", "layer", "feature", "method", "label", "gap", "auroc", "score_half_a", "score_half_b")},
-                    "benchmark": "embedding", "n_shown": n, "n_failed": r["n_dropped"], "prompt_version": EMBEDDING_VERSION,
-                    "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0})
-    return res
-
-
-def score_labels(tests: dict[tuple[str, int], list[dict]], labels: pa.Table, cfg: ScoreConfig, scorer: LLMConfig, seed: int = 0,
-                 negatives: dict[tuple[str, int], list[dict]] | None = None, threads: int = 2) -> tuple[pa.Table, dict]:
-    """Score every label of the features in `tests` ((sae_id, feature) → test examples)
-    with each benchmark of `cfg`, plus the random-label control. Returns the SCORES table
-    and counts for the manifest."""
-    items = build_items(tests, cfg, seed, negatives)
-    subs = subjects(labels, set(items), cfg, seed)
-    rows = prompt_rows(subs, items, cfg) + logprob_prompt_rows(subs, items, cfg)
-    log(f"[score] {len(items)} features, {len(subs)} labels (incl. control), {len(rows)} scorer prompts ({scorer.backend}:{scorer.model})")
-    done = score_rounds(rows, scorer, cfg.max_retries)
-    # (from_pylist takes its columns from the first row: each kind of row separately)
-    parts = [_llm_scores([r for r in done if r["benchmark"] in LIST_BENCHMARKS]),
-             _logprob_scores([r for r in done if r["benchmark"] in LOGPROB_VERSIONS]),
-             _embedding_scores(subs, items, cfg, threads) if "embedding" in cfg.benchmarks else []]
-    table = pa.concat_tables([schema.empty(schema.SCORES)] + [schema.conform(pa.Table.from_pylist(p), schema.SCORES) for p in parts if p])
-    failed = [r for r in done if r["pred"] is None]
-    info = {
-        "features": len(items), "subjects": len(subs), "prompts": len(rows),
-        "failed_prompts": len(failed), "retried_prompts": sum(1 for r in done if r["tries"] > 1),
-        "scorer_input_tokens": sum(r["input_tokens"] for r in done), "scorer_output_tokens": sum(r["output_tokens"] for r in done),
-        "scorer_cost_usd": sum(r["cost_usd"] for r in done),
-    }
+    subs = subjects(labels, keys, cfg, seed)
+    items = items_dataset(tests, keys, cfg, seed, negatives_table, block_features).materialize()  # read twice: LLM and embedding
+    n_items = gather(items.map_batches(lambda b: pa.table({"sae_id": b.column("sae_id"), "feature": b.column("feature"),
+                                                           "n_items": pc.list_value_length(b.column("truth"))}), batch_format="pyarrow"))
+    per_key = dict(zip(zip(n_items.column("sae_id").to_pylist(), n_items.column("feature").to_pylist()), n_items.column("n_items").to_pylist())) \
+        if n_items.num_rows else {}
+    total = sum(n_prompts(per_key.get((s, f), 0), cfg) for s, f in zip(subs.column("sae_id").to_pylist(), subs.column("feature").to_pylist()))
+    log(f"[score] {len(per_key)} features, {subs.num_rows} labels (incl. control), {total} scorer prompts ({scorer.backend}:{scorer.model})")
+    subs_ref = ray.put(subs)
+    parts, info = [], {"features": len(per_key), "subjects": subs.num_rows, "prompts": total, "failed_prompts": 0, "retried_prompts": 0,
+                       "scorer_input_tokens": 0, "scorer_output_tokens": 0, "scorer_cost_usd": 0.0}
+    if total:
+        pending = items.map_batches(_prompt_batch, batch_format="pyarrow", fn_kwargs={"subs": subs_ref, "cfg": cfg})
+        done = score_rounds(pending, scorer, cfg.max_retries, total=total)
+        counts = gather(done.map_batches(_round_counts, batch_format="pyarrow"))
+        for k in info:
+            if k in counts.column_names:
+                info[k] = type(info[k])(pc.sum(counts.column(k)).as_py() or 0)
+        by = done.groupby(["sae_id", "feature", "method", "benchmark"], num_partitions=min(MAX_PARTITIONS, max(1, total // 4096)))
+        parts.append(gather(by.map_groups(_score_group, batch_format="pyarrow")))
+    if "embedding" in cfg.benchmarks and subs.num_rows:
+        rows = items.map_batches(_embedding_rows, batch_format="pyarrow", fn_kwargs={"subs": subs_ref})
+        with progress.bar("score:embedding", total=subs.num_rows, unit="label"):
+            emb = actor_map(rows, EmbedScorer, {"embedder": cfg.embedder, "threads": threads}, num_cpus=0.5, batch_size=256)
+            parts.append(gather(emb.map_batches(_embedding_scores, batch_format="pyarrow")))
+    table = pa.concat_tables([schema.empty(schema.SCORES)] + [schema.conform(p, schema.SCORES) for p in parts if p.num_rows])
+    table = table.sort_by([("sae_id", "ascending"), ("feature", "ascending"), ("method", "ascending"), ("benchmark", "ascending")])
     return table, info

@@ -25,6 +25,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from baez_ray import schema
@@ -107,25 +108,40 @@ def sample_per_sae(sae_ids: Sequence[str], n: int | None, seed: int) -> list[int
     return sorted(chosen)
 
 
+def _n_distinct(batch: pa.Table) -> pa.Table:
+    """FEATURES rows → (sae_id, feature, n_distinct): their distinct activating examples."""
+    n = [n_distinct_examples(exs) for exs in batch.column("examples").to_pylist()]
+    return pa.table({"sae_id": batch.column("sae_id"), "feature": batch.column("feature"), "n_distinct": pa.array(n, pa.int32())})
+
+
 def sample_and_split(features_dir: Path, n_features: int, min_examples: int, how: str, train_n: int, test_n: int,
                      seed: int) -> tuple[pa.Table, pa.Table, dict]:
     """(train table, test table, counts): `n_features` features per SAE with at least
-    `min_examples` distinct activating examples, sampled with `seed` (`sample_per_sae`),
-    their examples split into train and test."""
-    table = pq.read_table(features_dir)
-    rows = table.to_pylist()
+    `min_examples` distinct activating examples, sampled with `seed` (`sample_per_sae`, over
+    the eligible features in (sae_id, feature) order), their examples split into train and
+    test. The examples are counted in the workers: the driver reads (sae_id, feature,
+    n_distinct), then the sampled features only."""
+    import ray
+
+    from baez_ray.ray_pool import gather
+
+    counts = gather(ray.data.read_parquet(str(features_dir)).select_columns(["sae_id", "feature", "examples"]).map_batches(
+        _n_distinct, batch_format="pyarrow"))
     need = max(min_examples, 2)
-    eligible = [i for i, r in enumerate(rows) if n_distinct_examples(r["examples"]) >= need]
-    if len(eligible) < 2:
-        raise ValueError(f"{features_dir}: only {len(eligible)} features have >= {need} activating examples; "
+    eligible = counts.filter(pc.greater_equal(counts.column("n_distinct"), need)) if counts.num_rows else counts
+    if eligible.num_rows < 2:
+        raise ValueError(f"{features_dir}: only {eligible.num_rows} features have >= {need} activating examples; "
                          "collect over more tokens or lower benchmark.min_examples")
-    chosen = [eligible[i] for i in sample_per_sae([rows[i]["sae_id"] for i in eligible], n_features, seed)]
+    eligible = eligible.select(["sae_id", "feature"]).sort_by([("sae_id", "ascending"), ("feature", "ascending")])
+    chosen = eligible.take(pa.array(sample_per_sae(eligible.column("sae_id").to_pylist(), n_features, seed), pa.int64()))
+    table = pq.read_table(features_dir, filters=[("feature", "in", sorted(set(chosen.column("feature").to_pylist())))])
+    keep = set(zip(chosen.column("sae_id").to_pylist(), chosen.column("feature").to_pylist()))
+    rows = sorted((r for r in table.to_pylist() if (r["sae_id"], r["feature"]) in keep), key=lambda r: (r["sae_id"], r["feature"]))
     train_rows, test_rows = [], []
-    for i in chosen:
-        r = rows[i]
+    for r in rows:
         train, test = split_examples(r["examples"], how, train_n, test_n, seed=feature_seed(seed, r["sae_id"], r["feature"]))
         train_rows.append({**r, "examples": as_top(train)})
         test_rows.append({**r, "examples": test})
     train_t = schema.conform(pa.Table.from_pylist(train_rows, schema=table.schema), schema.FEATURES)
     test_t = schema.conform(pa.Table.from_pylist(test_rows, schema=table.schema), schema.FEATURES)
-    return train_t, test_t, {"eligible": len(eligible), "sampled": len(chosen), "min_examples": need, "split": how}
+    return train_t, test_t, {"eligible": eligible.num_rows, "sampled": len(rows), "min_examples": need, "split": how}
