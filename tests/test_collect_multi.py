@@ -222,8 +222,9 @@ def test_corpus_negatives_of_two_saes(one_pass, parts):
     model = AutoModelForCausalLM.from_pretrained(parts[0]).eval()
     saes = {sid: SAE.load_from_disk(parts[1][sid]) for sid in LAYERS}
     found = {sid: 0 for sid in LAYERS}
-    for (sid, f), exs in neg.items():
-        for e in exs:
+    for row in neg.to_pylist():  # rows (sae_id, feature, examples)
+        sid, f = row["sae_id"], row["feature"]
+        for e in row["examples"]:
             with torch.no_grad():
                 hs = model(input_ids=torch.tensor([contexts[e["context_id"]]]), output_hidden_states=True).hidden_states
                 acts = saes[sid].encode(hs[LAYERS[sid] + 1])[0, e["position"] : e["position"] + WINDOW, f]

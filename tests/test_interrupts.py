@@ -60,7 +60,7 @@ class Session:
 
 def collect_job(tmp: Path, tiny_gemma: Path) -> Path:
     sae = build_random_sae(tmp / "sae")
-    (tmp / "corpus.txt").write_text(make_text(8000, 3))
+    (tmp / "corpus.txt").write_text(make_text(4000, 3))
     job = {
         "job": "collect", "name": "stop",
         "model": {"id": "tiny", "path": str(tiny_gemma), "layer": 0, "num_cpus": 0.5},
