@@ -93,14 +93,15 @@ def actor_map(ds, cls, kwargs: dict | None = None, *, size: int = 1, num_cpus: f
     import ray
 
     need = _need(size, num_cpus, num_gpus, resources)
-    key = _pool_key(cls, kwargs, size, num_cpus, num_gpus, resources, fault_tolerant, options)
-    if keep and _kept is not None and set(options) <= {"runtime_env"} and (key in _kept or _make_room(need)):
-        if key not in _kept:
-            _kept[key] = _KeptPool.start(cls, kwargs or {}, size, need, num_cpus, num_gpus, resources, fault_tolerant, options)
-        _kept.move_to_end(key)  # the most recently used is evicted last
-        pool = _kept[key]
-        return ds.map_batches(_hand_over, fn_kwargs={"actors": pool.actors, "turn": pool.turn}, batch_size=batch_size,
-                              batch_format=batch_format, num_cpus=HAND_OVER_CPUS, concurrency=2 * size)
+    if keep and _kept is not None and set(options) <= {"runtime_env"}:
+        key = _pool_key(cls, kwargs, size, num_cpus, num_gpus, resources, fault_tolerant, options)
+        if key in _kept or _make_room(need):
+            if key not in _kept:
+                _kept[key] = _KeptPool.start(cls, kwargs or {}, size, need, num_cpus, num_gpus, resources, fault_tolerant, options)
+            _kept.move_to_end(key)  # the most recently used is evicted last
+            pool = _kept[key]
+            return ds.map_batches(_hand_over, fn_kwargs={"actors": pool.actors, "turn": pool.turn}, batch_size=batch_size,
+                                  batch_format=batch_format, num_cpus=HAND_OVER_CPUS, concurrency=2 * size)
     if _kept is not None:
         _make_room(need)  # (a pool too big to keep beside FREE_CPUS runs as a plain Ray Data pool)
     return ds.map_batches(
