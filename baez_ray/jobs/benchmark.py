@@ -60,9 +60,9 @@ def score_stage(spec: JobSpec, run: Run, labels_dir: Path, test_dir: Path) -> di
     tests = ray.data.read_parquet(str(test_dir)).select_columns(["sae_id", "feature", "examples"])
     negatives = None
     if sc.negatives == "corpus":
-        from baez_ray.stages.negatives import corpus_negatives
+        from baez_ray.stages.negatives import corpus_negatives_ref
 
-        negatives = corpus_negatives(run.table_dir("contexts"), spec.model, spec.saes, spec.corpus, spec.collect.window,
+        negatives = corpus_negatives_ref(run.table_dir("contexts"), spec.model, spec.saes, spec.corpus, spec.collect.window,
                                      spec.collect.batch_size, sorted(zip(keys.column("sae_id").to_pylist(), keys.column("feature").to_pylist())),
                                      sc.n_negatives, spec.seed)
     scores, counts = score_labels(tests, keys, labels, sc, sc.scorer or b.explainer, seed=spec.seed, negatives_table=negatives)

@@ -12,11 +12,19 @@ shard (a Parquet part, then its marker) to `label_shards/` as soon as it is labe
 rerun of the same command labels only the features without a committed row, plus those
 whose row failed in the LLM backend (`backend_failed`); `labels/` is then rebuilt from the
 committed rows, exactly one per (feature, method).
+
+The driver orchestrates (issue #12): it holds the routes' key columns, the keys per tier
+and counts. Each shard's features are read by a Ray task into the object store
+(`_subset`), the methods that label in the workers (the LLM methods, token_freq) return a
+Dataset whose rows the workers write into the shard (`LabelShards.commit_dataset`),
+labels/ is written from the shards by a Ray task (`finish_labels`, with the stage's
+counts), and the report is rendered by a Ray task (`_label_report`).
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -47,17 +55,38 @@ def rows_of(table: pa.Table, keys: pa.Table) -> pa.Array:
     return pa.array(np.sort(hit.column("row").to_numpy()), pa.int64())
 
 
-def _subset(features_dir: Path, keys: set[tuple[str, int]]):
-    """The FEATURES rows of `keys` as a Ray Dataset. Read on the driver with a filter on
-    `feature` (Parquet row-group statistics skip the rest of a big table: a shard of
-    features does not scan the whole table), in blocks of SUBSET_BLOCK rows."""
+def _read_subset(features_dir: str, keys: pa.Table, n_blocks: int):
+    """A Ray task: the FEATURES rows of `keys` (sae_id, feature), read with a filter on
+    `feature` (Parquet row-group statistics skip the rest of a big table), as `n_blocks`
+    blocks of SUBSET_BLOCK rows (empty blocks when rows are missing)."""
+    feats = sorted(set(keys.column("feature").to_pylist()))
+    table = pq.read_table(features_dir, filters=[("feature", "in", feats)]) if feats else schema.empty(schema.FEATURES)
+    table = table.take(rows_of(table, keys)).combine_chunks()
+    blocks = [table.slice(i * SUBSET_BLOCK, SUBSET_BLOCK) for i in range(n_blocks)]
+    return blocks[0] if n_blocks == 1 else tuple(blocks)
+
+
+_REMOTE: dict = {}
+
+
+def _remote(fn):
+    """`ray.remote(fn)`, made once per process."""
     import ray
 
-    feats = sorted({f for _, f in keys})
-    table = pq.read_table(features_dir, filters=[("feature", "in", feats)]) if feats else schema.empty(schema.FEATURES)
-    table = table.take(rows_of(table, key_table(keys))).combine_chunks()
-    blocks = [table.slice(i, SUBSET_BLOCK) for i in range(0, table.num_rows, SUBSET_BLOCK)] or [table]
-    return ray.data.from_arrow(blocks)
+    if fn not in _REMOTE:
+        _REMOTE[fn] = ray.remote(fn)
+    return _REMOTE[fn]
+
+
+def _subset(features_dir: Path, keys: set[tuple[str, int]]):
+    """The FEATURES rows of `keys` as a Ray Dataset in blocks of SUBSET_BLOCK rows, read by
+    a Ray task (`_read_subset`) into the object store: the driver holds only the keys and
+    the blocks' references, never the examples."""
+    import ray
+
+    n_blocks = max(1, math.ceil(len(keys) / SUBSET_BLOCK))
+    refs = _remote(_read_subset).options(num_returns=n_blocks).remote(str(features_dir), key_table(sorted(keys)), n_blocks)
+    return ray.data.from_arrow_refs([refs] if n_blocks == 1 else list(refs))
 
 
 # ---- resume inside the label stage --------------------------------------------------------
@@ -96,36 +125,106 @@ def failed_rows(labels: pa.Table) -> np.ndarray:
     return no_label & pc.greater(labels.column("tries"), 0).to_numpy(zero_copy_only=False)
 
 
+def _write_rows(batch: pa.Table, out_dir: str, routes: pa.Table) -> pa.Table:
+    """A map_batches function: LABELS rows of a shard → a Parquet file in `out_dir` (named
+    by the batch's keys: a retried batch rewrites its own file), their `tier` and `kind`
+    from `routes`; returns its counts (rows, backend_failed), one row."""
+    import hashlib
+
+    import ray
+
+    routes = ray.get(routes) if isinstance(routes, ray.ObjectRef) else routes
+    if batch.num_rows:
+        batch = _with_route(schema.conform(batch, schema.LABELS), routes)
+        digest = hashlib.sha1()
+        for c in ("sae_id", "feature", "method"):
+            digest.update(repr(batch.column(c).to_pylist()).encode())
+        write_parquet_atomic(batch, Path(out_dir) / f"part-{digest.hexdigest()[:20]}.parquet")
+    return pa.table({"rows": pa.array([batch.num_rows], pa.int64()),
+                     "backend_failed": pa.array([int(backend_failed(batch).sum()) if batch.num_rows else 0], pa.int64())})
+
+
+def _latest(table: pa.Table) -> pa.Table:
+    """The last row of each (sae_id, feature, method) of `table` (parts in commit order): a
+    pyarrow group-by, no Python dict."""
+    keys = table.select(["sae_id", "feature", "method"]).append_column("row", pa.array(np.arange(table.num_rows)))
+    last = keys.group_by(["sae_id", "feature", "method"]).aggregate([("row", "max")]).column("row_max")
+    return table.take(pa.array(np.sort(last.to_numpy()), pa.int64())) if len(last) < table.num_rows else table
+
+
 class LabelShards:
     """Committed shards of the label stage in `<run>/label_shards/`: per shard of features
-    a Parquet part of LABELS rows `aAAAAA-tT-NNNNN.parquet` (attempt, tier, shard) and then
-    its commit marker `….done`, each written to a temp name and renamed. A part without
-    its marker (the run died in between) does not count and is removed."""
+    a Parquet part of LABELS rows `aAAAAA-tT-NNNNN.parquet` (attempt, tier, shard; a file,
+    or a folder of the files the workers wrote) and then its commit marker `….done`, each
+    written to a temp name and renamed. A part without its marker (the run died in
+    between) does not count and is removed."""
 
     def __init__(self, root: Path, attempt: int):
         self.root, self.attempt, self.n = root, attempt, 0
         root.mkdir(parents=True, exist_ok=True)
         for f in root.iterdir():
             if f.name.startswith(".") or (f.suffix == ".parquet" and not f.with_suffix(".done").exists()):
-                f.unlink()
+                shutil.rmtree(f) if f.is_dir() else f.unlink()
         self.n = len(list(root.glob(f"a{attempt:05d}-*.done")))
 
-    def committed(self) -> pa.Table:
-        """Every committed row, the latest per (sae_id, feature, method): a feature
-        relabelled by a later attempt (a backend failure retried) replaces its old row."""
-        parts = [pq.read_table(m.with_suffix(".parquet")) for m in sorted(self.root.glob("*.done"))]
-        table = pa.concat_tables([schema.conform(t, schema.LABELS) for t in parts]) if parts else schema.empty(schema.LABELS)
-        # the last row of each key (parts in commit order): a pyarrow group-by, no Python dict
-        keys = table.select(["sae_id", "feature", "method"]).append_column("row", pa.array(np.arange(table.num_rows)))
-        last = keys.group_by(["sae_id", "feature", "method"]).aggregate([("row", "max")]).column("row_max")
-        return table.take(pa.array(np.sort(last.to_numpy()), pa.int64())) if len(last) < table.num_rows else table
+    def committed(self, columns: list[str] | None = None) -> pa.Table:
+        """Every committed row (of `columns`, which must include the keys; None: all), the
+        latest per (sae_id, feature, method): a feature relabelled by a later attempt (a
+        backend failure retried) replaces its old row."""
+        return _latest(committed_rows(self.root, columns))
+
+    def state(self) -> pa.Table:
+        """(sae_id, feature, failed) of every committed (latest) row, read by a Ray task: the
+        driver gets the keys and a flag, no label or answer."""
+        import ray
+
+        return ray.get(_remote(_shard_state).remote(str(self.root)))
+
+    def _name(self, tier: int) -> str:
+        return f"a{self.attempt:05d}-t{tier}-{self.n:05d}"
 
     def commit(self, tier: int, labels: pa.Table) -> None:
-        name = f"a{self.attempt:05d}-t{tier}-{self.n:05d}"
+        name = self._name(tier)
         write_parquet_atomic(labels, self.root / f"{name}.parquet")
-        write_json_atomic({"attempt": self.attempt, "tier": tier, "rows": labels.num_rows,
-                           "backend_failed": int(backend_failed(labels).sum())}, self.root / f"{name}.done")
+        self._mark(name, tier, labels.num_rows, int(backend_failed(labels).sum()))
+
+    def commit_dataset(self, tier: int, ds, routes: pa.Table) -> None:
+        """Commit a Ray Dataset of LABELS rows: the workers write its files into a temp
+        folder (`_write_rows`, with `tier` and `kind` from `routes`), renamed to the part
+        once all are written; the driver reads back the counts only."""
+        import ray
+
+        from baez_ray.ray_pool import gather
+
+        name = self._name(tier)
+        tmp = self.root / f".{name}.parquet.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        counts = gather(ds.map_batches(_write_rows, batch_format="pyarrow", fn_kwargs={"out_dir": str(tmp), "routes": ray.put(routes)}))
+        if not any(tmp.glob("part-*.parquet")):  # no row: an empty part, as a table's commit would write
+            write_parquet_atomic(schema.empty(schema.LABELS), tmp / "part-empty.parquet")
+        tmp.rename(self.root / f"{name}.parquet")
+        total = lambda c: int(pc.sum(counts.column(c)).as_py() or 0) if counts.num_rows else 0  # noqa: E731
+        self._mark(name, tier, total("rows"), total("backend_failed"))
+
+    def _mark(self, name: str, tier: int, rows: int, failed: int) -> None:
+        write_json_atomic({"attempt": self.attempt, "tier": tier, "rows": rows, "backend_failed": failed}, self.root / f"{name}.done")
         self.n += 1
+
+
+def committed_rows(root: Path, columns: list[str] | None = None) -> pa.Table:
+    """The rows of every committed part of `root`, in commit order (not deduplicated)."""
+    parts = [pq.read_table(m.with_suffix(".parquet"), columns=columns) for m in sorted(Path(root).glob("*.done"))]
+    like = schema.LABELS if columns is None else pa.schema([schema.LABELS.field(c) for c in columns])
+    return pa.concat_tables([schema.conform(t, like) for t in parts]) if parts else schema.empty(like)
+
+
+def _shard_state(root: str) -> pa.Table:
+    """A Ray task: (sae_id, feature, failed: the row failed in the LLM backend) of the
+    latest committed row of each (sae_id, feature, method)."""
+    rows = _latest(committed_rows(Path(root), ["sae_id", "feature", "method", "label", "raw", "tries"]))
+    return pa.table({"sae_id": rows.column("sae_id"), "feature": rows.column("feature"),
+                     "failed": pa.array(backend_failed(rows), pa.bool_())})
 
 
 def _keys(t: pa.Table) -> list[tuple[str, int]]:
@@ -197,8 +296,10 @@ def manual_rows(routes: pa.Table, chunk: set[tuple[str, int]]) -> pa.Table:
         "error": pa.array(["tier 3: flagged for manual labelling (no AV configured)"] * n)}), schema.LABELS)
 
 
-def label_shard(spec: JobSpec, t: int, chunk: set[tuple[str, int]], features_dir: Path, routes: pa.Table, routes_dir: Path) -> pa.Table:
-    """LABELS rows of the features `chunk` of tier `t` (one shard), by the tier's method."""
+def label_shard(spec: JobSpec, t: int, chunk: set[tuple[str, int]], features_dir: Path, routes: pa.Table, routes_dir: Path):
+    """LABELS rows of the features `chunk` of tier `t` (one shard), by the tier's method: a
+    table, or the Ray Dataset of the rows (methods that label in the workers; their
+    `tier` and `kind` are filled when the workers write them, `LabelShards.commit_dataset`)."""
     cfg = spec.label
     name = {1: cfg.tier1, 2: cfg.tier2, 3: cfg.tier3}[t]
     if t == 3 and not cfg.av_sidecar:
@@ -207,18 +308,34 @@ def label_shard(spec: JobSpec, t: int, chunk: set[tuple[str, int]], features_dir
     where = f" ({cfg.explainer.backend}:{cfg.explainer.model})" if t == 2 else ""
     what = "flagged for manual labelling; AV explanations and a draft by " if t == 3 else "with "
     log(f"[label] tier {t}: {len(chunk)} features {what}{name}{where}")
-    labels = methods.label(name, _subset(features_dir, chunk), method_context(spec, name, routes_dir))
-    return _with_route(schema.conform(labels, schema.LABELS), routes)
+    labels = methods.label_rows(name, _subset(features_dir, chunk), method_context(spec, name, routes_dir))
+    return _with_route(schema.conform(labels, schema.LABELS), routes) if isinstance(labels, pa.Table) else labels
 
 
-def label_stage(spec: JobSpec, run: Run, features_dir: Path, routes: pa.Table, keys: dict[int, set]) -> pa.Table:
+def _route_rows(routes: pa.Table, chunk: set[tuple[str, int]]) -> pa.Table:
+    """(sae_id, feature, tier, kind) of the routes of `chunk`: what its rows' `tier` and
+    `kind` are filled from."""
+    return routes.select(["sae_id", "feature", "tier", "kind"]).take(rows_of(routes, key_table(chunk)))
+
+
+def _key_set(t: pa.Table) -> set[tuple[str, int]]:
+    return set(_keys(t))
+
+
+def label_stage(spec: JobSpec, run: Run, features_dir: Path, routes: pa.Table, keys: dict[int, set]) -> dict:
     """Label every selected feature, tier by tier, in committed shards; resume: only the
-    features without a committed row, and those whose row failed in the LLM backend."""
+    features without a committed row, and those whose row failed in the LLM backend.
+    The labels and answers stay out of the driver: the workers write the shards, and
+    `finish_labels` (a Ray task) writes labels/ from them and counts it; the driver keeps
+    keys and counts. Returns the stage's manifest counts."""
+    import ray
+
     shards = LabelShards(run.table_dir(SHARD_DIR), run.attempt)
-    before = shards.committed()
-    failed = before.filter(pa.array(backend_failed(before), pa.bool_()))
-    done = set(_keys(before)) - set(_keys(failed))
-    retry = set(_keys(failed))
+    before = shards.state()
+    failed = before.filter(before.column("failed"))
+    done = _key_set(before) - _key_set(failed)
+    retry = _key_set(failed)
+    del before, failed
     resumed, retried = sum(len(keys[t] & done) for t in (1, 2, 3)), sum(len(keys[t] & retry) for t in (1, 2, 3))
     if resumed or retried:
         log(f"[label] resuming: {resumed} features labelled by an earlier attempt; {retried} that failed in the LLM backend are retried")
@@ -229,17 +346,30 @@ def label_stage(spec: JobSpec, run: Run, features_dir: Path, routes: pa.Table, k
             chunk = set(todo[i : i + size])
             if len(todo) > size:
                 log(f"[label] tier {t}: shard {i // size + 1}/{math.ceil(len(todo) / size)} ({len(chunk)} features)")
-            shards.commit(t, label_shard(spec, t, chunk, features_dir, routes, run.table_dir("routes")))
-    every = {k for t in (1, 2, 3) for k in keys[t]}
-    labels = shards.committed()
-    labels = labels.filter(pa.array([k in every for k in _keys(labels)], pa.bool_()))
+            labels = label_shard(spec, t, chunk, features_dir, routes, run.table_dir("routes"))
+            if isinstance(labels, pa.Table):
+                shards.commit(t, labels)
+            else:
+                shards.commit_dataset(t, labels, _route_rows(routes, chunk))
+    every = key_table(sorted(k for t in (1, 2, 3) for k in keys[t]))
+    info = ray.get(_remote(finish_labels).remote(str(shards.root), every, str(run.table_dir("labels")), {t: len(keys[t]) for t in (1, 2, 3)}))
+    return {"resumed_features": resumed, "retried_backend_failed": retried, "shards": shards.n, **info}
+
+
+def finish_labels(root: str, every: pa.Table, labels_dir: str, by_tier: dict[int, int]) -> dict:
+    """A Ray task: labels/ from the committed shards in `root` (the latest row of each key,
+    those of the selected features `every` (sae_id, feature), by (sae_id, feature,
+    method)); returns its `parts` and `label_counts`."""
+    labels = _latest(committed_rows(Path(root)))
+    labels = labels.take(rows_of(labels, every))
     labels = labels.take(pc.sort_indices(labels, sort_keys=[("sae_id", "ascending"), ("feature", "ascending"), ("method", "ascending")]))
-    return labels, {"resumed_features": resumed, "retried_backend_failed": retried, "shards": shards.n}
+    return {"parts": write_table(labels, Path(labels_dir)), **label_counts(labels, by_tier)}
 
 
-def label_counts(labels: pa.Table, keys: dict[int, set]) -> dict:
+def label_counts(labels: pa.Table, by_tier: dict[int, int]) -> dict:
     """The label stage's manifest counts: rows, failures, tokens, cost, the estimate of
-    tokens the frontier method would have spent on the other tiers too."""
+    tokens the frontier method would have spent on the other tiers too (`by_tier`: the
+    number of selected features of each tier)."""
     total = lambda c: pc.sum(labels.column(c)).as_py() or 0  # noqa: E731
     info = {"features": labels.num_rows, "labelled": int(pc.sum(pc.is_valid(labels.column("label"))).as_py() or 0)}
     # rows without a label that no LLM was asked for: tier 3 flagged for a human (no AV), or
@@ -252,12 +382,12 @@ def label_counts(labels: pa.Table, keys: dict[int, set]) -> dict:
     # rows that were tried and got no label (backend failures and unparsed answers); a
     # tier-3 row flagged for a human, or without AV evidence, was not tried (tries 0)
     info["llm_failed"] = int(failed_rows(labels).sum())
-    info["by_tier"] = {str(t): len(keys[t]) for t in (1, 2, 3)}
+    info["by_tier"] = {str(t): by_tier[t] for t in (1, 2, 3)}
     info.update(cost_usd=float(total("cost_usd")), input_tokens=int(total("input_tokens")), output_tokens=int(total("output_tokens")))
     tier2 = labels.filter(pc.equal(labels.column("tier"), 2))
-    per_feature = (pc.sum(tier2.column("input_tokens")).as_py() or 0) / max(1, len(keys[2])) if tier2.num_rows else None
+    per_feature = (pc.sum(tier2.column("input_tokens")).as_py() or 0) / max(1, by_tier[2]) if tier2.num_rows else None
     if per_feature:
-        info["tokens_saved_estimate"] = int(per_feature * (len(keys[1]) + len(keys[3])))
+        info["tokens_saved_estimate"] = int(per_feature * (by_tier[1] + by_tier[3]))
     return info
 
 
@@ -316,22 +446,33 @@ def score_sample(spec: JobSpec, run: Run, features_dir: Path) -> dict:
     from baez_ray.stages.score import score_labels
 
     cfg = spec.label.score
-    labels = pq.read_table(run.table_dir("labels"))
+    # the columns the sample and the subjects read: never the answers (raw), errors or evidence
+    labels = pq.read_table(run.table_dir("labels"), columns=["sae_id", "layer", "feature", "method", "label"])
     keys, counts = held_out_sample(labels, features_dir, cfg, spec.seed)
     tests = ray.data.read_parquet(str(features_dir)).select_columns(["sae_id", "feature", "examples"]).map_batches(
         _held_out, batch_format="pyarrow", fn_kwargs={"keys": ray.put(keys), "test_n": cfg.test_examples, "counts_only": False})
     negatives = None
     if cfg.negatives == "corpus":
-        from baez_ray.stages.negatives import corpus_negatives
+        from baez_ray.stages.negatives import corpus_negatives_ref
 
-        negatives = corpus_negatives(run.table_dir("contexts"), spec.model, spec.saes, spec.corpus, spec.collect.window,
+        negatives = corpus_negatives_ref(run.table_dir("contexts"), spec.model, spec.saes, spec.corpus, spec.collect.window,
                                      spec.collect.batch_size, _keys(keys), cfg.n_negatives, spec.seed)
     scores, info = score_labels(tests, keys, labels, cfg, cfg.scorer or spec.label.explainer, seed=spec.seed, negatives_table=negatives)
     info.update(parts=write_table(scores, run.table_dir("scores")), rows=scores.num_rows, **counts)
     return info
 
 
+def _label_report(run_dir: str) -> Path:
+    """A Ray task: the label report of the run (report/labels.py), written by a worker: its
+    tables (routes, labels, scores) and their statistics are read there, not in the driver."""
+    from baez_ray.report.labels import write_label_report
+
+    return write_label_report(run_dir)
+
+
 def run_job(spec: JobSpec, run: Run) -> None:
+    import ray
+
     features_dir = features_source(spec, run)
     if not run.completed("route"):
         with run.stage("route") as info:
@@ -340,10 +481,9 @@ def run_job(spec: JobSpec, run: Run) -> None:
     prev = run.manifest["stages"].get("label") or {}
     if prev.get("backend_failed") or not run.completed("label"):  # (completed() says it skips)
         with run.stage("label") as info:
-            labels, resume = label_stage(spec, run, features_dir, routes, keys)
-            info.update(resume)
-            info["parts"] = write_table(labels, run.table_dir("labels"))
-            info.update(label_counts(labels, keys), **counts)
+            stage = label_stage(spec, run, features_dir, routes, keys)
+            info.update({k: stage[k] for k in ("resumed_features", "retried_backend_failed", "shards", "parts")})
+            info.update({k: v for k, v in stage.items() if k not in info}, **counts)
             if info["backend_failed"]:
                 log(f"[label] {info['backend_failed']} features failed in the LLM backend (their error is in labels/); "
                     "run the same command again to retry only those")
@@ -353,7 +493,5 @@ def run_job(spec: JobSpec, run: Run) -> None:
         with run.stage("score") as info:
             info.update(score_sample(spec, run, features_dir))
     with run.stage("report") as info:
-        from baez_ray.report.labels import write_label_report
-
-        info["path"] = str(write_label_report(run.dir))
+        info["path"] = str(ray.get(_remote(_label_report).remote(str(run.dir))))
     log(f"report: {run.dir / 'report' / 'index.html'}")

@@ -131,9 +131,11 @@ def _label_rows(batch: pa.Table, method: str, version: str) -> pa.Table:
     return schema.conform(pa.Table.from_pylist(out), schema.LABELS) if out else schema.empty(schema.LABELS)
 
 
-def label_rounds(pending, method: str, marker: str, version: str, llm, max_retries: int) -> pa.Table:
+def label_rounds(pending, method: str, marker: str, version: str, llm, max_retries: int, dataset: bool = False):
     """Label prompt rows (with sae_id, layer, feature, n_examples; optional evidence,
-    evidence_scores) → LABELS rows, one per prompt (the label stage's table)."""
+    evidence_scores) → LABELS rows, one per prompt (the label stage's table); with
+    `dataset`, the Ray Dataset of those rows (the label stage writes it from the workers:
+    no answer reaches the driver)."""
     from baez_ray.ray_pool import gather
 
     def parse(row: dict, attempt: int):
@@ -152,7 +154,10 @@ def label_rounds(pending, method: str, marker: str, version: str, llm, max_retri
         ]
 
     done = ask_until_parsed(pending, llm, parse, retry, max_retries, pa.string(), what=f"label:{method}")
-    out = gather(done.map_batches(_label_rows, batch_format="pyarrow", fn_kwargs={"method": method, "version": version}))
+    rows = done.map_batches(_label_rows, batch_format="pyarrow", fn_kwargs={"method": method, "version": version})
+    if dataset:
+        return rows
+    out = gather(rows)
     return schema.conform(out, schema.LABELS) if out.num_rows else schema.empty(schema.LABELS)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pkgutil
 from importlib import import_module
 
-from baez_ray.methods.registry import LabelContext, check_job_methods, get, known, label, register
+from baez_ray.methods.registry import LabelContext, check_job_methods, get, known, label, label_rows, register
 
 for _m in pkgutil.iter_modules(__path__):
     if _m.name != "registry":

@@ -61,24 +61,25 @@ def prompt_rows(name: str, temperature: float = 0.0):
     return build
 
 
-def label_with_llm(features, name: str, llm, max_retries: int = 2, temperature: float = 0.0) -> pa.Table:
+def label_with_llm(features, name: str, llm, max_retries: int = 2, temperature: float = 0.0, dataset: bool = False):
     """Label every feature of `features` (a Ray Dataset of FEATURES rows) with the LLM
-    method `name`; returns the LABELS table."""
+    method `name`; returns the LABELS table (with `dataset`: the Ray Dataset of its rows,
+    which the label stage writes from the workers)."""
     style = prompt_style(name)
     pending = features.map_batches(prompt_rows(name, temperature), batch_format="pyarrow")
-    return label_rounds(pending, name, style.marker, style.version, llm, max_retries)
+    return label_rounds(pending, name, style.marker, style.version, llm, max_retries, dataset=dataset)
 
 
 @register(r"eleuther_acts_top(\d+)", tiers=(2,), needs=("explainer",), shown="eleuther_acts_topK")
 def eleuther_acts(features, ctx: LabelContext) -> pa.Table:
-    return label_with_llm(features, ctx.name, ctx.explainer, ctx.max_retries)
+    return label_with_llm(features, ctx.name, ctx.explainer, ctx.max_retries, dataset=True)
 
 
 @register("np_max_act", tiers=(2,), needs=("explainer",))
 def np_max_act(features, ctx: LabelContext) -> pa.Table:
-    return label_with_llm(features, "np_max_act", ctx.explainer, ctx.max_retries)
+    return label_with_llm(features, "np_max_act", ctx.explainer, ctx.max_retries, dataset=True)
 
 
 @register("small_llm", tiers=(1,), needs=("explainer",))
 def small_llm(features, ctx: LabelContext) -> pa.Table:
-    return label_with_llm(features, "small_llm", ctx.small_llm or ctx.explainer, ctx.max_retries)
+    return label_with_llm(features, "small_llm", ctx.small_llm or ctx.explainer, ctx.max_retries, dataset=True)

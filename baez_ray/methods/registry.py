@@ -2,6 +2,7 @@
 function with one signature:
 
     label(features: ray.data.Dataset of FEATURES rows, ctx: LabelContext) -> LABELS table
+                                                                             (or a Dataset of its rows)
 
 A method module registers itself with `@register(...)`; `baez_ray.methods` imports every
 module of the folder, so adding a method is adding one module. Job files name methods; the
@@ -71,7 +72,23 @@ def known(tier: int | None = None) -> list[str]:
 
 
 def label(name: str, features, ctx: LabelContext):
-    """Label `features` with the method `name` (LABELS rows, one per feature)."""
+    """Label `features` with the method `name`: the LABELS table, one row per feature."""
+    import pyarrow as pa
+
+    from baez_ray import schema
+    from baez_ray.ray_pool import gather
+
+    out = label_rows(name, features, ctx)
+    if isinstance(out, pa.Table):
+        return out
+    out = gather(out)
+    return schema.conform(out, schema.LABELS) if out.num_rows else schema.empty(schema.LABELS)
+
+
+def label_rows(name: str, features, ctx: LabelContext):
+    """What the method `name` returns for `features`: the LABELS table, or (the methods that
+    label in the workers) a Ray Dataset of LABELS rows, which the label stage writes from
+    the workers without gathering it."""
     return get(name).label(features, ctx)
 
 

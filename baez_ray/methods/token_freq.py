@@ -212,17 +212,24 @@ def token_freq_labels(features: pa.Table, routes: pa.Table, cfg: TokenFreqConfig
     return label_batch(joined, cfg)
 
 
-@register("token_freq", tiers=(1,))
-def token_freq(features, ctx: LabelContext) -> pa.Table:
-    """The registered method: counts over the job's `route.top_n` examples and its output
-    window; the kind (input/output) of each feature comes from the routes table."""
+def _label_features(batch: pa.Table, routes_dir: str, cfg: TokenFreqConfig) -> pa.Table:
+    """A map_batches function: FEATURES rows → their token_freq LABELS rows, the kind of
+    each feature read from the routes table (the rows of the batch's features only)."""
     import pyarrow.parquet as pq
 
-    from baez_ray.ray_pool import gather
+    if not batch.num_rows:
+        return schema.empty(schema.LABELS)
+    feats = sorted(set(batch.column("feature").to_pylist()))
+    routes = pq.read_table(routes_dir, columns=["sae_id", "layer", "feature", "tier", "kind"], filters=[("feature", "in", feats)])
+    return token_freq_labels(batch, routes, cfg, tier=None)
 
+
+@register("token_freq", tiers=(1,))
+def token_freq(features, ctx: LabelContext):
+    """The registered method: counts over the job's `route.top_n` examples and its output
+    window; the kind (input/output) of each feature comes from the routes table. Returns
+    the Ray Dataset of the LABELS rows (labelled in the workers; `methods.label` gathers)."""
     if ctx.routes_dir is None:
         raise ValueError("token_freq reads each feature's kind from the routes table: route the features first")
     cfg = TokenFreqConfig(top_n=ctx.route.top_n, output_window=tuple(ctx.route.windows.output))
-    routes = pq.read_table(ctx.routes_dir, columns=["sae_id", "layer", "feature", "tier", "kind"])
-    table = gather(features)
-    return token_freq_labels(table, routes, cfg, tier=None) if table.num_rows else schema.empty(schema.LABELS)
+    return features.map_batches(_label_features, batch_format="pyarrow", fn_kwargs={"routes_dir": str(ctx.routes_dir), "cfg": cfg})

@@ -69,11 +69,22 @@ def corpus_negatives(contexts_dir: Path, model: ModelConfig, saes: list[SAEConfi
     """Rows (sae_id, feature, examples): per key, up to `n` examples (dicts of the EXAMPLE
     fields) of corpus windows of `window` tokens where the feature (of its SAE, among the
     job's `saes`) does not fire: the `negatives_table` of stages/score.py. Writes the
-    contexts table to `contexts_dir` if it has none."""
+    contexts table to `contexts_dir` if it has none. (`corpus_negatives_ref`: the same
+    table left in the object store, never in the driver.)"""
+    import ray
+
+    return ray.get(corpus_negatives_ref(contexts_dir, model, saes, corpus, window, batch_size, keys, n, seed, n_contexts))
+
+
+def corpus_negatives_ref(contexts_dir: Path, model: ModelConfig, saes: list[SAEConfig], corpus: CorpusConfig, window: int,
+                         batch_size: int, keys: list[tuple[str, int]], n: int, seed: int, n_contexts: int = 64):
+    """`corpus_negatives` as an ObjectRef of its table: the windows' matrix of max
+    activations (windows × the scored features) and the examples are built by a Ray task
+    (`_pick_negatives`) from the workers' blocks; the driver holds the keys and references."""
     import ray
 
     from baez_ray.data.corpus import write_contexts
-    from baez_ray.models.lm import load_tokenizer, token_texts
+    from baez_ray.models.lm import load_tokenizer
     from baez_ray.ray_pool import actor_map
 
     other = sorted({s for s, _ in keys} - {s.id for s in saes})
@@ -81,27 +92,62 @@ def corpus_negatives(contexts_dir: Path, model: ModelConfig, saes: list[SAEConfi
         raise ValueError(f"score.negatives = corpus: features of SAE(s) {other}, but the job's SAEs are {[s.id for s in saes]}")
     used = [s for s in saes if any(k == s.id for k, _ in keys)]
     features = [sorted({f for k, f in keys if k == s.id}) for s in used]
-    column = {(s.id, f): j for j, (s, f) in enumerate((s, f) for s, fs in zip(used, features) for f in fs)}
-    tokenizer = load_tokenizer(model)
     if not any(Path(contexts_dir).glob("part-*.parquet")):
-        write_contexts(corpus, tokenizer, contexts_dir)
-    contexts = pq.read_table(contexts_dir)
+        write_contexts(corpus, load_tokenizer(model), contexts_dir)
+    ids = pq.read_table(contexts_dir, columns=["context_id"])  # the sample is drawn over the rows; one int column
     rng = np.random.default_rng(seed)
-    take = np.sort(rng.choice(contexts.num_rows, size=min(n_contexts, contexts.num_rows), replace=False))
+    take = np.sort(rng.choice(ids.num_rows, size=min(n_contexts, ids.num_rows), replace=False))
+    contexts = _remote(_read_contexts).remote(str(contexts_dir), take)  # read by a task, into the object store
     kwargs = dict(model=model.model_dump(), saes=[s.model_dump() for s in used], features=features, window=window, threads=max(1, math.ceil(model.num_cpus)))
-    ds = actor_map(ray.data.from_arrow(contexts.take(pa.array(take))), NegativeWorker, kwargs, num_cpus=model.num_cpus,
+    ds = actor_map(ray.data.from_arrow_refs([contexts]), NegativeWorker, kwargs, num_cpus=model.num_cpus,
                    num_gpus=model.num_gpus, resources=model.resources, batch_size=batch_size, batch_format="numpy")
-    rows = ds.take_all()
-    if not rows:
+    blocks = ds.materialize().to_arrow_refs()
+    return _remote(_pick_negatives).remote(model.model_dump(), [s.id for s in used], features, keys, n, seed, window, *blocks)
+
+
+_REMOTE: dict = {}
+
+
+def _remote(fn):
+    import ray
+
+    if fn not in _REMOTE:
+        _REMOTE[fn] = ray.remote(fn)
+    return _REMOTE[fn]
+
+
+def _read_contexts(contexts_dir: str, take: np.ndarray) -> pa.Table:
+    """A Ray task: the rows `take` of the contexts table."""
+    return pq.read_table(contexts_dir).take(pa.array(take))
+
+
+def _ndarray(col: pa.ChunkedArray) -> np.ndarray:
+    """A column of equal-length arrays per row (Ray Data's tensor column, or lists) → [rows, …]."""
+    parts = [c.to_numpy(zero_copy_only=False) for c in col.chunks if len(c)]
+    parts = [np.stack(p) if p.dtype == object else p for p in parts]
+    return np.concatenate(parts) if parts else np.zeros((0, 0))
+
+
+def _pick_negatives(model: dict, sae_ids: list[str], features: list[list[int]], keys: list[tuple[str, int]], n: int, seed: int,
+                    window: int, *blocks: pa.Table) -> pa.Table:
+    """A Ray task: the NegativeWorker rows (`blocks`, in order) → per key, up to `n` windows
+    where the feature's max is 0, drawn at random (seeded per feature), as NEGATIVES rows."""
+    from baez_ray.models.lm import load_tokenizer, token_texts
+
+    column = {(s, f): j for j, (s, f) in enumerate((s, f) for s, fs in zip(sae_ids, features) for f in fs)}
+    blocks = [b for b in blocks if b.num_rows]
+    if not blocks:
         return pa.Table.from_pylist([{"sae_id": s, "feature": f, "examples": []} for s, f in keys], schema=NEGATIVES)
-    max_acts = np.stack([r["max_acts"] for r in rows])  # [W, F_sel]
-    text = token_texts(tokenizer)
+    table = pa.concat_tables(blocks)
+    max_acts, tokens = _ndarray(table.column("max_acts")), _ndarray(table.column("tokens"))  # [W, F_sel], [W, window]
+    context_id, start = table.column("context_id").to_numpy(), table.column("start").to_numpy()
+    text = token_texts(load_tokenizer(ModelConfig(**model)))
     out = []
     for key in keys:
         j = column[key]
         quiet = np.flatnonzero(max_acts[:, j] <= 0)
         pick = np.random.default_rng(feature_seed(seed, *key)).permutation(quiet)[:n]
         out.append({"sae_id": key[0], "feature": key[1], "examples": [
-            {"kind": "negative", "rank": i, "context_id": int(rows[w]["context_id"]), "position": int(rows[w]["start"]),
-             "value": 0.0, "top_index": 0, "token_strs": text(rows[w]["tokens"]), "acts": [0.0] * window} for i, w in enumerate(pick)]})
+            {"kind": "negative", "rank": i, "context_id": int(context_id[w]), "position": int(start[w]),
+             "value": 0.0, "top_index": 0, "token_strs": text(tokens[w]), "acts": [0.0] * window} for i, w in enumerate(pick)]})
     return pa.Table.from_pylist(out, schema=NEGATIVES)

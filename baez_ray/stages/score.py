@@ -165,14 +165,16 @@ def _items_group(group: pa.Table, cfg: ScoreConfig, seed: int, corpus: bool) -> 
 def items_dataset(tests, keys: pa.Table, cfg: ScoreConfig, seed: int, negatives_table: pa.Table | None = None,
                   block_features: int = BLOCK_FEATURES):
     """Ray Dataset of ITEMS rows (sae_id, feature, plain, fuzz, truth), one per key in
-    `keys`: `tests` is a Ray Dataset of rows (sae_id, feature, examples: the positives)."""
+    `keys`: `tests` is a Ray Dataset of rows (sae_id, feature, examples: the positives);
+    `negatives_table` a table or an ObjectRef of one (`corpus_negatives_ref`)."""
     import ray
 
     blocks = ray.put(feature_blocks(keys, block_features))
     ds = tests.map_batches(_tag, batch_format="pyarrow", fn_kwargs={"blocks": blocks, "role": "test"})
     if negatives_table is not None:
-        ds = ds.union(ray.data.from_arrow(negatives_table.select(["sae_id", "feature", "examples"])).map_batches(
-            _tag, batch_format="pyarrow", fn_kwargs={"blocks": blocks, "role": "negatives"}))
+        negs = ray.data.from_arrow_refs([negatives_table]).select_columns(["sae_id", "feature", "examples"]) \
+            if isinstance(negatives_table, ray.ObjectRef) else ray.data.from_arrow(negatives_table.select(["sae_id", "feature", "examples"]))
+        ds = ds.union(negs.map_batches(_tag, batch_format="pyarrow", fn_kwargs={"blocks": blocks, "role": "negatives"}))
     n_blocks = max(1, math.ceil(keys.num_rows / block_features))
     return ds.groupby("block", num_partitions=min(n_blocks, MAX_PARTITIONS)).map_groups(_items_group, batch_format="pyarrow",
                                           fn_kwargs={"cfg": cfg, "seed": seed, "corpus": negatives_table is not None})
