@@ -153,8 +153,15 @@ class _Dictionary:
         self.floor_smp = torch.full((n_features,), EMPTY_SAMPLE, dtype=torch.float64, device=device)
 
     def blocks(self, resid: torch.Tensor, ids: torch.Tensor, bos_id: int | None):
-        """(first feature, activations [b, T, c] float32, firing counts [c]) per feature chunk
-        of a sub-batch of contexts."""
+        """(first feature, activations [b, T, c] float32, firing counts [c], each feature's
+        max activation in each context [b, c] and its first position [b, c] (0 where it does
+        not fire)) per feature chunk of a sub-batch of contexts.
+
+        The counts and the per-context max / argmax come from the firing entries only
+        (`_sparse_stats`: one nonzero pass over the firing mask, then scatter reductions
+        over the ~50 entries per token), not from reductions over the dense block: a
+        `mask.sum(dim=(0, 1))` and an `acts.max(dim=1)` over a 16M-element block cost
+        ~55 + 25 ms per block on 2 threads, the sparse path ~8 ms."""
         b, T = ids.shape
         chunk = max(1, min(self.F, ACTS_BUDGET // max(1, b * T)))
         bos = (ids == bos_id) if bos_id is not None else None
@@ -164,7 +171,8 @@ class _Dictionary:
                 acts[bos] = 0.0
             for a in range(0, self.F, chunk):
                 block = acts[..., a : a + chunk]
-                yield a, block, (block > 0).sum(dim=(0, 1))
+                vmax, pmax = block.max(dim=1)
+                yield a, block, (block > 0).sum(dim=(0, 1)), vmax, pmax
             return
         sae_in = self.sae.process_sae_in(resid)
         W, bias = self.sae.W_enc, self.sae.b_enc
@@ -175,7 +183,27 @@ class _Dictionary:
             if bos is not None:
                 mask[bos] = False
             acts = pre.clamp_(min=0).mul_(mask).float()  # = relu(pre) · (pre > threshold), as sae-lens
-            yield a, acts, mask.sum(dim=(0, 1))
+            yield a, acts, *_sparse_stats(mask, acts)
+
+
+def _sparse_stats(mask: torch.Tensor, acts: torch.Tensor):
+    """From a block's firing mask [b, T, c] and activations (> 0 exactly where the mask is
+    set): firing counts [c], max activation per (context, feature) [b, c] (0: none) and the
+    first position of that max [b, c] (0 where none fires): what `mask.sum(dim=(0, 1))`
+    and `acts.max(dim=1)` give, from the firing entries only."""
+    b, T, c = acts.shape
+    flat = mask.reshape(-1).nonzero().squeeze(1)
+    f = flat % c
+    bt = flat // c
+    t = bt % T
+    key = (bt // T) * c + f
+    v = acts.reshape(-1)[flat]
+    counts = torch.bincount(f, minlength=c)
+    vmax = torch.zeros(b * c, dtype=acts.dtype, device=acts.device).scatter_reduce_(0, key, v, "amax")
+    top = v == vmax[key]  # ties: the first position, as torch.max / numpy argmax
+    pmax = torch.full((b * c,), T, dtype=torch.int64, device=acts.device).scatter_reduce_(0, key[top], t[top], "amin")
+    pmax = torch.where(vmax > 0, pmax, 0)
+    return counts, vmax.view(b, c), pmax.view(b, c)
 
 
 class CollectWorker:
@@ -270,9 +298,9 @@ class CollectWorker:
                 for i in range(0, ids.shape[0], step):
                     sl = slice(i, i + step)
                     r = resid[d.layer][sl]
-                    for a, acts, fired in d.blocks(r, ids[sl], self.bos_id if self.cfg.ignore_bos else None):
+                    for a, acts, fired, vmax, pmax in d.blocks(r, ids[sl], self.bos_id if self.cfg.ignore_bos else None):
                         counts[d.offset + a : d.offset + a + acts.shape[2]] += fired
-                        parts += self._merge(d, a, ids[sl], ctx[sl], r, acts)
+                        parts += self._merge(d, a, ids[sl], ctx[sl], r, acts, vmax, pmax)
         # firing counts; feature -1 carries the number of tokens seen, feature -2 the number
         # of contexts; `context_id` carries the contexts part (-1: not tracked), so the merge
         # counts each part once and knows when a part is complete (see Merger.add)
@@ -296,11 +324,11 @@ class CollectWorker:
         )
         return parts
 
-    def _merge(self, d: _Dictionary, a: int, ids, ctx, resid, acts) -> list[pa.Table]:
-        """Merge one block (features a .. a+c-1 of `d`, a sub-batch of contexts) into the
+    def _merge(self, d: _Dictionary, a: int, ids, ctx, resid, acts, vmax, pmax) -> list[pa.Table]:
+        """Merge one block (features a .. a+c-1 of `d`, a sub-batch of contexts; `vmax`,
+        `pmax` [b, c]: each feature's max in each context and its position) into the
         running states; only the features with a candidate that can enter are touched."""
         c = acts.shape[2]
-        vmax, pmax = acts.max(dim=1)  # [b, c]: each feature's max in each context
         fires = vmax > 0
         out = []
         k, R = self.cfg.top_k, self.cfg.reservoir
