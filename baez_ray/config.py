@@ -199,6 +199,10 @@ class LLMConfig(Section):
     num_cpus: float = Field(1.0, gt=0)
     resources: Resources = Field(default_factory=dict, description="Ray custom resources per engine actor (vllm: per engine worker)")
     batch_size: int = Field(16, ge=1, description="prompts per generate call (local) or per Ray Data batch (API)")
+    max_tokens: int | None = Field(
+        None, ge=8, le=8192, description="label prompts: the longest answer (tokens) the LLM may write, retries included; null: the "
+                                        "method's own (eleuther_acts_topK, baez, baez_last, nla_direct: 200; np_max_act, small_llm: 40). "
+                                        "Scoring sets its own lengths")
     # API backends
     base_url: str | None = None
     api_key_env: str | None = Field(None, description="environment variable holding the key (default per backend)")
@@ -292,6 +296,12 @@ class ScoreConfig(Section):
     control_method: str | None = Field(None, description="whose labels the control borrows; null: the first method")
     max_retries: int = Field(2, ge=0, description="further tries of a prompt whose answer cannot be parsed")
     embedder: str | None = Field(None, description="sentence-transformers path or id; null: the packaged all-MiniLM-L6-v2")
+
+    @model_validator(mode="after")
+    def _scorer_lengths(self) -> "ScoreConfig":
+        if self.scorer is not None and self.scorer.max_tokens is not None:
+            raise ValueError("scorer.max_tokens: a scorer's answer length is set by each benchmark (max_tokens is for label prompts)")
+        return self
 
 
 class LabelScoreConfig(ScoreConfig):

@@ -247,7 +247,8 @@ def collect_case(name: str, model_dir: Path, args, F: int, T: int, collect_kw: d
                  host: HostPeak, saturated: bool) -> dict:
     import baez_ray.models.sae as base  # CollectWorker imports load_sae from here when it starts
     from baez_ray.config import CollectConfig
-    from baez_ray.stages.collect import ACTS_BUDGET, EMPTY_SAMPLE, CollectWorker, Merger
+    from baez_ray.stages.collect import ACTS_BUDGET, CollectWorker
+    from baez_ray.stages.merge import EMPTY_SAMPLE, Merger
 
     dev = args.device
     gpu_reset(dev)

@@ -104,7 +104,8 @@ def test_nla_direct_labels_each_feature_from_its_decoder_row(ray_local, tiny_gem
 def test_label_job_tier3_nla_direct_shortened(ray_local, tiny_gemma, random_sae, tmp_path):
     """The label job with label.tier3 = nla_direct and av.nla_direct_shorten: every tier-3
     feature gets one label row, written by the explainer from the AV's text (its evidence),
-    with the prompt version."""
+    with the prompt version; the explainer's `max_tokens` bounds every answer (SmolLM2 on
+    this CPU: 32 tokens instead of the method's 200 cut the test from ~100 s)."""
     (tmp_path / "c.txt").write_text(make_text(300, 5))
     sidecar = tiny_self_sidecar(tiny_gemma, tmp_path / "self.yaml")
     spec = validate({
@@ -115,7 +116,7 @@ def test_label_job_tier3_nla_direct_shortened(ray_local, tiny_gemma, random_sae,
         "collect": {"top_k": 4, "window": 8, "window_left": 5, "features": 3, "reservoir": 0},
         # every feature to tier 3 (τ = 1 everywhere)
         "route": {"tau_in": 1.0, "tau_out": 1.0, "tau_cross": 1.0, "num_cpus": 0.5},
-        "label": {"explainer": {"backend": "transformers", "model": "pypi:smollm2-135m", "batch_size": 4},
+        "label": {"explainer": {"backend": "transformers", "model": "pypi:smollm2-135m", "batch_size": 4, "max_tokens": 32},
                   "tier3": "nla_direct", "av_sidecar": str(sidecar), "av": {"num_cpus": 0.5, "nla_direct_shorten": True},
                   "max_retries": 1},
     })
@@ -130,4 +131,5 @@ def test_label_job_tier3_nla_direct_shortened(ray_local, tiny_gemma, random_sae,
         assert len(r["evidence"]) == 1 and r["evidence"][0]  # the AV's text on the decoder row
         assert r["backend"] == "transformers" and r["model"] == "pypi:smollm2-135m" and r["input_tokens"] > 0
         assert (r["label"] is None) == (r["error"] is not None)
+        assert 0 < r["output_tokens"] <= 32 * r["tries"]  # the job's max_tokens, on every try
     assert sum(r["label"] is not None for r in labels) >= 2

@@ -189,7 +189,8 @@ def test_merger_compaction_is_exact(one_shard, tiny_gemma, random_sae, corpus):
     """Feeding the same candidates through a merger that compacts after every batch gives
     the same table as one that never compacts."""
     from baez_ray.config import CollectConfig
-    from baez_ray.stages.collect import CollectWorker, Merger
+    from baez_ray.stages.collect import CollectWorker
+    from baez_ray.stages.merge import Merger
 
     spec = job(tiny_gemma, random_sae, corpus)
     ctx = pq.read_table(one_shard / "contexts").to_pydict()

@@ -171,9 +171,10 @@ def test_resume_after_an_interrupted_multi_sae_collect(one_pass, parts, tmp_path
     import json
 
     from baez_ray.stages import collect as collect_mod
+    from baez_ray.stages.merge import Checkpoints
 
     spec = multi_job(parts, batch_size=3, checkpoint_s=0, checkpoint_contexts=1)
-    save = collect_mod.Checkpoints.save
+    save = Checkpoints.save
     # the worker pushes its second part only once the first snapshot round is committed
     # (the merge actors merge what they are pushed at once: they may be ahead of the
     # receipts the driver has seen, and a snapshot covers what they have merged)
@@ -189,10 +190,10 @@ def test_resume_after_an_interrupted_multi_sae_collect(one_pass, parts, tmp_path
         save(self, merger)
         raise RuntimeError("killed after the first snapshot")
 
-    monkeypatch.setattr(collect_mod.Checkpoints, "save", save_then_die)
+    monkeypatch.setattr(Checkpoints, "save", save_then_die)
     with pytest.raises(RuntimeError, match="killed after the first snapshot"):
         execute(spec, tmp_path)
-    monkeypatch.setattr(collect_mod.Checkpoints, "save", save)
+    monkeypatch.setattr(Checkpoints, "save", save)
     monkeypatch.setattr(collect_mod, "CollectWorker", CollectWorker)
     marker = json.loads((tmp_path / "collect_state" / "COMMITTED.json").read_text())
     assert 0 < len(marker["done"]) < len(marker["parts"])

@@ -48,6 +48,16 @@ def test_missing_section_and_conflicting_sources(tmp_path):
         load_job(write(tmp_path, GOOD.replace("path: /saes/s", "path: /saes/s, release: r, sae_id: x")))
 
 
+def test_label_answer_length_is_a_job_setting(tmp_path):
+    label = GOOD.replace("job: collect", "job: label") + "label: {explainer: {model: pypi:smollm2-135m%s}%s}\n"
+    assert load_job(write(tmp_path, label % ("", ""))).label.explainer.max_tokens is None  # each method's own
+    assert load_job(write(tmp_path, label % (", max_tokens: 48", ""))).label.explainer.max_tokens == 48
+    with pytest.raises(ConfigError, match=r"key 'label.explainer.max_tokens'"):
+        load_job(write(tmp_path, label % (", max_tokens: 2", "")))
+    with pytest.raises(ConfigError, match=r"scorer.max_tokens: a scorer's answer length is set by each benchmark"):
+        load_job(write(tmp_path, label % ("", ", score: {scorer: {model: pypi:smollm2-135m, max_tokens: 48}}")))
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="no such job file"):
         load_job(tmp_path / "nope.yaml")

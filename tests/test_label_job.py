@@ -22,7 +22,8 @@ def test_label_job_routes_labels_and_reports(ray_local, tiny_gemma, random_sae, 
         "collect": {"top_k": 6, "window": 10, "window_left": 5, "features": 4, "reservoir": 0},
         # no feature can reach tier 1 (τ = 1), every one reaches tier 2 (τ_cross = -1)
         "route": {"tau_in": 1.0, "tau_out": 1.0, "tau_cross": -1.0, "num_cpus": 0.5},
-        "label": {"explainer": {"backend": "transformers", "model": "pypi:smollm2-135m", "batch_size": 4},
+        # short answers (SmolLM2 on CPU): nothing below depends on the labels' length
+        "label": {"explainer": {"backend": "transformers", "model": "pypi:smollm2-135m", "batch_size": 4, "max_tokens": 16},
                   "tier2": "np_max_act", "max_retries": 0},
     })
     run = execute(spec, tmp_path / "run")
@@ -34,6 +35,7 @@ def test_label_job_routes_labels_and_reports(ray_local, tiny_gemma, random_sae, 
     assert [r["feature"] for r in rows] == [0, 1, 2, 3]
     assert all(r["tier"] == 2 and r["kind"] == "cross" and r["method"] == "np_max_act" for r in rows)
     assert all((r["label"] is None) == (r["error"] is not None) for r in rows)
+    assert all(r["output_tokens"] <= 16 for r in rows)  # the job's max_tokens (one try each)
     st = run.manifest["stages"]["label"]
     assert st["features"] == 4 and st["by_tier"] == {"1": 0, "2": 4, "3": 0} and st["input_tokens"] > 0
     page = (tmp_path / "run" / "report" / "index.html").read_text()

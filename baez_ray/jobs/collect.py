@@ -10,7 +10,8 @@ from pathlib import Path
 from baez_ray.config import JobSpec
 from baez_ray.ray_pool import init_ray
 from baez_ray.rundir import Run
-from baez_ray.stages.collect import STATE_DIR, collect
+from baez_ray.stages.collect import collect
+from baez_ray.stages.merge import STATE_DIR
 
 
 def collect_features(spec: JobSpec, run: Run) -> Path:

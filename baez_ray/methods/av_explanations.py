@@ -51,10 +51,13 @@ def _prompt_rows(expl: pa.Table, method: str, last_only: bool, max_tokens: int) 
 
 
 def label_baez(features, sidecar_path: str, llm, last_only: bool = False, n_examples: int = 10,
-               max_retries: int = 2, av: AVRunConfig = AVRunConfig(), max_tokens: int = 200) -> pa.Table:
+               max_retries: int = 2, av: AVRunConfig = AVRunConfig(), max_tokens: int | None = None) -> pa.Table:
     """`baez` (`baez_last`: only the last paragraph of each explanation) of every feature
-    of `features` (a Ray Dataset of FEATURES rows)."""
+    of `features` (a Ray Dataset of FEATURES rows). The explainer's answers are at most
+    `max_tokens` tokens (None: `llm.max_tokens`, else 200)."""
     import ray
+
+    max_tokens = max_tokens or llm.max_tokens or 200
 
     method = "baez_last" if last_only else "baez"
     expl = verbalize(features, sidecar_path, n_examples, av)

@@ -43,9 +43,11 @@ def prompt_style(name: str) -> PromptStyle:
     return PromptStyle(prompts.np_messages, prompts.NP_MARKER, prompts.NP_VERSION, 10, 40)
 
 
-def prompt_rows(name: str, temperature: float = 0.0):
-    """A map_batches function: FEATURES rows → one prompt row per feature."""
+def prompt_rows(name: str, temperature: float = 0.0, max_tokens: int | None = None):
+    """A map_batches function: FEATURES rows → one prompt row per feature (answers of at
+    most `max_tokens`; None: the method's own)."""
     style = prompt_style(name)
+    max_tokens = max_tokens or style.max_tokens
 
     def build(batch: pa.Table) -> pa.Table:
         rows = []
@@ -53,7 +55,7 @@ def prompt_rows(name: str, temperature: float = 0.0):
             examples = [e for e in f["examples"] if e["kind"] == "top"][: style.n_examples]
             rows.append({
                 "request_id": f"{f['sae_id']}|{f['feature']}|{name}", "messages": style.build(examples),
-                "max_tokens": style.max_tokens, "temperature": temperature, "stop": None, "constraint": None,
+                "max_tokens": max_tokens, "temperature": temperature, "stop": None, "constraint": None,
                 "sae_id": f["sae_id"], "layer": f["layer"], "feature": f["feature"], "n_examples": len(examples),
             })
         return rows_table(rows, LABEL_ROW_TYPES)
@@ -64,9 +66,10 @@ def prompt_rows(name: str, temperature: float = 0.0):
 def label_with_llm(features, name: str, llm, max_retries: int = 2, temperature: float = 0.0, dataset: bool = False):
     """Label every feature of `features` (a Ray Dataset of FEATURES rows) with the LLM
     method `name`; returns the LABELS table (with `dataset`: the Ray Dataset of its rows,
-    which the label stage writes from the workers)."""
+    which the label stage writes from the workers). Answers are at most `llm.max_tokens`
+    tokens (None: the method's own length)."""
     style = prompt_style(name)
-    pending = features.map_batches(prompt_rows(name, temperature), batch_format="pyarrow")
+    pending = features.map_batches(prompt_rows(name, temperature, llm.max_tokens), batch_format="pyarrow")
     return label_rounds(pending, name, style.marker, style.version, llm, max_retries, dataset=dataset)
 
 

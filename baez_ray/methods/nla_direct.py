@@ -92,9 +92,10 @@ def _rows(expl: pa.Table, shorten: bool, engine: str, av_model: str, version: st
 
 
 def label_nla_direct(features, sidecar_path: str, saes: list[SAEConfig], llm=None, shorten: bool | None = None,
-                     max_retries: int = 2, av: AVRunConfig = AVRunConfig(), max_tokens: int = 200) -> pa.Table:
+                     max_retries: int = 2, av: AVRunConfig = AVRunConfig(), max_tokens: int | None = None) -> pa.Table:
     """`nla_direct` of every feature of `features` (a Ray Dataset with sae_id, layer,
-    feature); `shorten` defaults to `av.nla_direct_shorten`."""
+    feature); `shorten` defaults to `av.nla_direct_shorten`; the explainer's answers are
+    at most `max_tokens` tokens (None: `llm.max_tokens`, else 200)."""
     import ray
 
     sc = load_sidecar(sidecar_path)
@@ -102,6 +103,7 @@ def label_nla_direct(features, sidecar_path: str, saes: list[SAEConfig], llm=Non
     if shorten and llm is None:
         raise ValueError("nla_direct with shorten needs an explainer LLM")
     version = f"{prompts.NLA_DIRECT_VERSION}+av:{sc.name}"
+    max_tokens = max_tokens or (llm.max_tokens if llm is not None else None) or 200
     keys = features.select_columns(["sae_id", "layer", "feature"])
     rows = actor_map(keys, DecoderRows, {"saes": [s.model_dump() for s in saes], "av_layer": sc.extraction_layer}, num_cpus=0.5, batch_size=max(64, av.batch_size))
     # one pass: rows without a decoder row reach the AV actor too, which skips them
