@@ -20,6 +20,7 @@ rejects     one row per input record that could not be used, with the reason.
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 
 SCHEMA_VERSION = "1"
@@ -237,3 +238,17 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
             raise ValueError(f"missing required column {field.name!r} for table {schema.metadata.get(b'table', b'?').decode()}")
         cols.append(col)
     return pa.Table.from_arrays(cols, schema=schema)
+
+
+def key_table(keys) -> pa.Table:
+    """(sae_id, feature) keys as a two-column table (for joins)."""
+    keys = list(keys)
+    return pa.table({"sae_id": pa.array([s for s, _ in keys], pa.string()), "feature": pa.array([f for _, f in keys], pa.int64())})
+
+
+def rows_of(table: pa.Table, keys: pa.Table) -> pa.Array:
+    """Indices (ascending) of the rows of `table` whose (sae_id, feature) is among `keys`: a
+    semi join on the two key columns alone (Acero joins carry no list columns)."""
+    rows = pa.table({"sae_id": table.column("sae_id"), "feature": table.column("feature"), "row": pa.array(np.arange(table.num_rows))})
+    hit = rows.join(keys, ["sae_id", "feature"], join_type="left semi")
+    return pa.array(np.sort(hit.column("row").to_numpy()), pa.int64())

@@ -33,26 +33,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from baez_ray import methods, schema
+from baez_ray.schema import key_table, rows_of
 from baez_ray.config import JobSpec, LabelConfig, LabelScoreConfig
 from baez_ray.jobs.collect import features_source
 from baez_ray.rundir import Run, log, write_json_atomic, write_parquet_atomic, write_table
 from baez_ray.stages.route import route
 
 SUBSET_BLOCK = 64  # features per Ray Data block of a subset (blocks spread over the actors)
-
-
-def key_table(keys) -> pa.Table:
-    """(sae_id, feature) keys as a two-column table (for joins)."""
-    keys = list(keys)
-    return pa.table({"sae_id": pa.array([s for s, _ in keys], pa.string()), "feature": pa.array([f for _, f in keys], pa.int64())})
-
-
-def rows_of(table: pa.Table, keys: pa.Table) -> pa.Array:
-    """Indices (ascending) of the rows of `table` whose (sae_id, feature) is among `keys`: a
-    semi join on the two key columns alone (Acero joins carry no list columns)."""
-    rows = pa.table({"sae_id": table.column("sae_id"), "feature": table.column("feature"), "row": pa.array(np.arange(table.num_rows))})
-    hit = rows.join(keys, ["sae_id", "feature"], join_type="left semi")
-    return pa.array(np.sort(hit.column("row").to_numpy()), pa.int64())
 
 
 def _read_subset(features_dir: str, keys: pa.Table, n_blocks: int):

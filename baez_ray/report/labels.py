@@ -39,7 +39,7 @@ def label_rows(labels: pa.Table, n: int = N_SHOWN) -> tuple[list[dict], dict[str
 
 def _rows_of(table: pa.Table, keys: set[tuple[str, int]]) -> pa.Array:
     """Indices (ascending) of the rows of `table` whose (sae_id, feature) is among `keys`."""
-    from baez_ray.jobs.label import key_table, rows_of
+    from baez_ray.schema import key_table, rows_of
 
     return rows_of(table, key_table(sorted(keys)))
 
