@@ -22,6 +22,7 @@ than one CPU of the cluster free, so keeping never starves a stage of the job.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -235,3 +236,11 @@ def gather(ds) -> pa.Table:
     """Every row of a Dataset as one table (an empty table without columns when none)."""
     batches = [b for b in ds.iter_batches(batch_format="pyarrow", batch_size=None) if b.num_rows]
     return pa.concat_tables(batches, promote_options="default") if batches else pa.table({})
+
+
+@functools.cache
+def remote(fn):
+    """`ray.remote(fn)` for a task function, made once per process."""
+    import ray
+
+    return ray.remote(fn)

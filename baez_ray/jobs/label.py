@@ -33,10 +33,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from baez_ray import methods, schema
-from baez_ray.schema import key_table, rows_of
 from baez_ray.config import JobSpec, LabelConfig, LabelScoreConfig
 from baez_ray.jobs.collect import features_source
+from baez_ray.ray_pool import remote
 from baez_ray.rundir import Run, log, write_json_atomic, write_parquet_atomic, write_table
+from baez_ray.schema import key_table, rows_of
 from baez_ray.stages.route import route
 
 SUBSET_BLOCK = 64  # features per Ray Data block of a subset (blocks spread over the actors)
@@ -53,18 +54,6 @@ def _read_subset(features_dir: str, keys: pa.Table, n_blocks: int):
     return blocks[0] if n_blocks == 1 else tuple(blocks)
 
 
-_REMOTE: dict = {}
-
-
-def _remote(fn):
-    """`ray.remote(fn)`, made once per process."""
-    import ray
-
-    if fn not in _REMOTE:
-        _REMOTE[fn] = ray.remote(fn)
-    return _REMOTE[fn]
-
-
 def _subset(features_dir: Path, keys: set[tuple[str, int]]):
     """The FEATURES rows of `keys` as a Ray Dataset in blocks of SUBSET_BLOCK rows, read by
     a Ray task (`_read_subset`) into the object store: the driver holds only the keys and
@@ -72,7 +61,7 @@ def _subset(features_dir: Path, keys: set[tuple[str, int]]):
     import ray
 
     n_blocks = max(1, math.ceil(len(keys) / SUBSET_BLOCK))
-    refs = _remote(_read_subset).options(num_returns=n_blocks).remote(str(features_dir), key_table(sorted(keys)), n_blocks)
+    refs = remote(_read_subset).options(num_returns=n_blocks).remote(str(features_dir), key_table(sorted(keys)), n_blocks)
     return ray.data.from_arrow_refs([refs] if n_blocks == 1 else list(refs))
 
 
@@ -165,7 +154,7 @@ class LabelShards:
         driver gets the keys and a flag, no label or answer."""
         import ray
 
-        return ray.get(_remote(_shard_state).remote(str(self.root)))
+        return ray.get(remote(_shard_state).remote(str(self.root)))
 
     def _name(self, tier: int) -> str:
         return f"a{self.attempt:05d}-t{tier}-{self.n:05d}"
@@ -339,7 +328,7 @@ def label_stage(spec: JobSpec, run: Run, features_dir: Path, routes: pa.Table, k
             else:
                 shards.commit_dataset(t, labels, _route_rows(routes, chunk))
     every = key_table(sorted(k for t in (1, 2, 3) for k in keys[t]))
-    info = ray.get(_remote(finish_labels).remote(str(shards.root), every, str(run.table_dir("labels")), {t: len(keys[t]) for t in (1, 2, 3)}))
+    info = ray.get(remote(finish_labels).remote(str(shards.root), every, str(run.table_dir("labels")), {t: len(keys[t]) for t in (1, 2, 3)}))
     return {"resumed_features": resumed, "retried_backend_failed": retried, "shards": shards.n, **info}
 
 
@@ -480,5 +469,5 @@ def run_job(spec: JobSpec, run: Run) -> None:
         with run.stage("score") as info:
             info.update(score_sample(spec, run, features_dir))
     with run.stage("report") as info:
-        info["path"] = str(ray.get(_remote(_label_report).remote(str(run.dir))))
+        info["path"] = str(ray.get(remote(_label_report).remote(str(run.dir))))
     log(f"report: {run.dir / 'report' / 'index.html'}")

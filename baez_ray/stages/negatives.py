@@ -85,7 +85,7 @@ def corpus_negatives_ref(contexts_dir: Path, model: ModelConfig, saes: list[SAEC
 
     from baez_ray.data.corpus import write_contexts
     from baez_ray.models.lm import load_tokenizer
-    from baez_ray.ray_pool import actor_map
+    from baez_ray.ray_pool import actor_map, remote
 
     other = sorted({s for s, _ in keys} - {s.id for s in saes})
     if other:
@@ -97,23 +97,12 @@ def corpus_negatives_ref(contexts_dir: Path, model: ModelConfig, saes: list[SAEC
     ids = pq.read_table(contexts_dir, columns=["context_id"])  # the sample is drawn over the rows; one int column
     rng = np.random.default_rng(seed)
     take = np.sort(rng.choice(ids.num_rows, size=min(n_contexts, ids.num_rows), replace=False))
-    contexts = _remote(_read_contexts).remote(str(contexts_dir), take)  # read by a task, into the object store
+    contexts = remote(_read_contexts).remote(str(contexts_dir), take)  # read by a task, into the object store
     kwargs = dict(model=model.model_dump(), saes=[s.model_dump() for s in used], features=features, window=window, threads=max(1, math.ceil(model.num_cpus)))
     ds = actor_map(ray.data.from_arrow_refs([contexts]), NegativeWorker, kwargs, num_cpus=model.num_cpus,
                    num_gpus=model.num_gpus, resources=model.resources, batch_size=batch_size, batch_format="numpy")
     blocks = ds.materialize().to_arrow_refs()
-    return _remote(_pick_negatives).remote(model.model_dump(), [s.id for s in used], features, keys, n, seed, window, *blocks)
-
-
-_REMOTE: dict = {}
-
-
-def _remote(fn):
-    import ray
-
-    if fn not in _REMOTE:
-        _REMOTE[fn] = ray.remote(fn)
-    return _REMOTE[fn]
+    return remote(_pick_negatives).remote(model.model_dump(), [s.id for s in used], features, keys, n, seed, window, *blocks)
 
 
 def _read_contexts(contexts_dir: str, take: np.ndarray) -> pa.Table:
