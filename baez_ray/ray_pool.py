@@ -232,10 +232,16 @@ def _make_room(need: dict[str, float]) -> bool:
     return fits()
 
 
-def gather(ds) -> pa.Table:
-    """Every row of a Dataset as one table (an empty table without columns when none)."""
+def gather(ds, like: pa.Schema | None = None) -> pa.Table:
+    """Every row of a Dataset as one table (an empty table without columns when none);
+    with `like`, conformed to that schema (`schema.conform`; its empty table when none)."""
     batches = [b for b in ds.iter_batches(batch_format="pyarrow", batch_size=None) if b.num_rows]
-    return pa.concat_tables(batches, promote_options="default") if batches else pa.table({})
+    table = pa.concat_tables(batches, promote_options="default") if batches else pa.table({})
+    if like is None:
+        return table
+    from baez_ray import schema
+
+    return schema.conform(table, like) if batches else schema.empty(like)
 
 
 @functools.cache

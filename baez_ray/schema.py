@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 SCHEMA_VERSION = "1"
 
@@ -252,3 +253,12 @@ def rows_of(table: pa.Table, keys: pa.Table) -> pa.Array:
     rows = pa.table({"sae_id": table.column("sae_id"), "feature": table.column("feature"), "row": pa.array(np.arange(table.num_rows))})
     hit = rows.join(keys, ["sae_id", "feature"], join_type="left semi")
     return pa.array(np.sort(hit.column("row").to_numpy()), pa.int64())
+
+
+def read_keyed(path, keys: pa.Table, columns: list[str] | None = None) -> pa.Table:
+    """The rows of the Parquet table at `path` whose (sae_id, feature) is among `keys` (a
+    non-empty table of the two), read with a filter on `feature` (row-group statistics
+    skip the rest of a big table) and taken by `rows_of`: only those rows, in table order."""
+    feats = sorted(set(keys.column("feature").to_pylist()))
+    table = pq.read_table(path, columns=columns, filters=[("feature", "in", feats)])
+    return table.take(rows_of(table, keys))

@@ -37,7 +37,7 @@ from baez_ray.config import JobSpec, LabelConfig, LabelScoreConfig
 from baez_ray.jobs.collect import features_source
 from baez_ray.ray_pool import remote
 from baez_ray.rundir import Run, log, write_json_atomic, write_parquet_atomic, write_table
-from baez_ray.schema import key_table, rows_of
+from baez_ray.schema import key_table, read_keyed, rows_of
 from baez_ray.stages.route import route
 
 SUBSET_BLOCK = 64  # features per Ray Data block of a subset (blocks spread over the actors)
@@ -47,9 +47,7 @@ def _read_subset(features_dir: str, keys: pa.Table, n_blocks: int):
     """A Ray task: the FEATURES rows of `keys` (sae_id, feature), read with a filter on
     `feature` (Parquet row-group statistics skip the rest of a big table), as `n_blocks`
     blocks of SUBSET_BLOCK rows (empty blocks when rows are missing)."""
-    feats = sorted(set(keys.column("feature").to_pylist()))
-    table = pq.read_table(features_dir, filters=[("feature", "in", feats)]) if feats else schema.empty(schema.FEATURES)
-    table = table.take(rows_of(table, keys)).combine_chunks()
+    table = (read_keyed(features_dir, keys) if keys.num_rows else schema.empty(schema.FEATURES)).combine_chunks()
     blocks = [table.slice(i * SUBSET_BLOCK, SUBSET_BLOCK) for i in range(n_blocks)]
     return blocks[0] if n_blocks == 1 else tuple(blocks)
 
@@ -133,7 +131,9 @@ class LabelShards:
     a Parquet part of LABELS rows `aAAAAA-tT-NNNNN.parquet` (attempt, tier, shard; a file,
     or a folder of the files the workers wrote) and then its commit marker `….done`, each
     written to a temp name and renamed. A part without its marker (the run died in
-    between) does not count and is removed."""
+    between) does not count and is removed. What counts is the latest committed row per
+    (sae_id, feature, method) (`_latest`): a feature relabelled by a later attempt (a
+    backend failure retried) replaces its old row."""
 
     def __init__(self, root: Path, attempt: int):
         self.root, self.attempt, self.n = root, attempt, 0
@@ -142,12 +142,6 @@ class LabelShards:
             if f.name.startswith(".") or (f.suffix == ".parquet" and not f.with_suffix(".done").exists()):
                 shutil.rmtree(f) if f.is_dir() else f.unlink()
         self.n = len(list(root.glob(f"a{attempt:05d}-*.done")))
-
-    def committed(self, columns: list[str] | None = None) -> pa.Table:
-        """Every committed row (of `columns`, which must include the keys; None: all), the
-        latest per (sae_id, feature, method): a feature relabelled by a later attempt (a
-        backend failure retried) replaces its old row."""
-        return _latest(committed_rows(self.root, columns))
 
     def state(self) -> pa.Table:
         """(sae_id, feature, failed) of every committed (latest) row, read by a Ray task: the
@@ -403,9 +397,8 @@ def held_out_sample(labels: pa.Table, features_dir: Path, cfg: LabelScoreConfig,
     labelled = labelled.group_by(["sae_id", "feature"]).aggregate([])
     feats = ray.data.read_parquet(str(features_dir)).select_columns(["sae_id", "feature", "examples"])
     n_test = gather(feats.map_batches(_held_out, batch_format="pyarrow",
-                                      fn_kwargs={"keys": ray.put(labelled), "test_n": cfg.test_examples, "counts_only": True}))
-    if not n_test.num_rows:
-        n_test = pa.table({"sae_id": pa.array([], pa.string()), "feature": pa.array([], pa.int64()), "n_test": pa.array([], pa.int32())})
+                                      fn_kwargs={"keys": ray.put(labelled), "test_n": cfg.test_examples, "counts_only": True}),
+                    like=pa.schema([("sae_id", pa.string()), ("feature", pa.int64()), ("n_test", pa.int32())]))
     ok = pc.greater_equal(n_test.column("n_test"), cfg.min_test_examples)
     # a feature that fired in few contexts has all of them among its top examples
     too_few = n_test.num_rows - int(pc.sum(ok).as_py() or 0)

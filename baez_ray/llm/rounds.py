@@ -8,8 +8,9 @@
 
 The loop keeps no row in the driver: each round's answered rows are materialized in the
 object store, split there into final rows (a Dataset for the caller: the score stage
-reduces it by a groupby; `label_rounds` returns its LABELS table, which the label stage
-commits as a shard) and rows to ask again; the driver keeps counts.
+reduces it by a groupby; `label_rounds` returns its LABELS table, or the Dataset of its
+rows that the label stage's workers write into a shard) and rows to ask again; the
+driver keeps counts.
 
 A prompt whose answer stays unreadable, or whose request failed in the backend (after the
 backend's own retries), ends with `value = None` and its `problem`: never dropped. A row
@@ -157,8 +158,7 @@ def label_rounds(pending, method: str, marker: str, version: str, llm, max_retri
     rows = done.map_batches(_label_rows, batch_format="pyarrow", fn_kwargs={"method": method, "version": version})
     if dataset:
         return rows
-    out = gather(rows)
-    return schema.conform(out, schema.LABELS) if out.num_rows else schema.empty(schema.LABELS)
+    return gather(rows, schema.LABELS)
 
 
 # ---- scores: the answer is a list of 0/1, one per excerpt ----------------------------------

@@ -81,8 +81,7 @@ def label(name: str, features, ctx: LabelContext):
     out = label_rows(name, features, ctx)
     if isinstance(out, pa.Table):
         return out
-    out = gather(out)
-    return schema.conform(out, schema.LABELS) if out.num_rows else schema.empty(schema.LABELS)
+    return gather(out, schema.LABELS)
 
 
 def label_rows(name: str, features, ctx: LabelContext):

@@ -33,10 +33,9 @@ def _shown_rows(features_dir: Path, meta, pick: list[int]) -> list[dict]:
     if not keys:
         return []
     cols = ["sae_id", "feature", "n_firing", "max_activation", "examples"]
-    from baez_ray.schema import key_table, rows_of
+    from baez_ray.schema import key_table, read_keyed
 
-    table = pq.read_table(features_dir, columns=cols, filters=[("feature", "in", sorted({f for _, f in keys}))])
-    rows = table.take(rows_of(table, key_table(sorted(keys)))).to_pylist()  # the rows shown only become Python objects
+    rows = read_keyed(features_dir, key_table(sorted(keys)), cols).to_pylist()  # the rows shown only become Python objects
     return sorted(rows, key=lambda r: -r["n_firing"])
 
 

@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from baez_ray.report.html import duplicates, label_shared, render_page
+from baez_ray.schema import key_table, read_keyed
 
 N_SHOWN = 200  # labels shown (all are in labels/)
 COLUMNS = ["sae_id", "feature", "tier", "kind", "method", "label", "error", "tries"]
@@ -37,13 +38,6 @@ def label_rows(labels: pa.Table, n: int = N_SHOWN) -> tuple[list[dict], dict[str
     return rows, duplicates(labels.column("label"), shared)
 
 
-def _rows_of(table: pa.Table, keys: set[tuple[str, int]]) -> pa.Array:
-    """Indices (ascending) of the rows of `table` whose (sae_id, feature) is among `keys`."""
-    from baez_ray.schema import key_table, rows_of
-
-    return rows_of(table, key_table(sorted(keys)))
-
-
 def write_label_report(run_dir: str | Path, n_examples: int = 3) -> Path:
     from baez_ray.report.benchmark import score_failures, scoring_section
     from baez_ray.report.routing import read_routes, write_routing_report
@@ -57,13 +51,11 @@ def write_label_report(run_dir: str | Path, n_examples: int = 3) -> Path:
     routing = write_routing_report(read_routes(run_dir / "routes"), out, taus=taus)
     labels = pq.read_table(run_dir / "labels", columns=COLUMNS)
     shown, dups = label_rows(labels)
-    # the examples of the features shown only: a filter on `feature` (Parquet statistics skip the other row groups)
-    keep = sorted({r["feature"] for r in shown})
-    wanted = {(r["sae_id"], r["feature"]) for r in shown}
-    features = pq.read_table(Path(spec.get("features") or run_dir / "features"), columns=["sae_id", "feature", "examples"],
-                             filters=[("feature", "in", keep)]) if keep else None
-    # the rows shown become Python objects, not the rest of the row groups read
-    features = features.take(_rows_of(features, wanted)).to_pylist() if features is not None else []
+    # the examples of the features shown only (`read_keyed`: Parquet statistics skip the other
+    # row groups); the rows shown become Python objects, not the rest of the row groups read
+    wanted = sorted({(r["sae_id"], r["feature"]) for r in shown})
+    features = read_keyed(Path(spec.get("features") or run_dir / "features"), key_table(wanted),
+                          ["sae_id", "feature", "examples"]).to_pylist() if wanted else []
     examples = {(r["sae_id"], r["feature"]): [e for e in r["examples"] if e["kind"] == "top"][:n_examples] for r in features}
     shown = [{**r, "examples": examples.get((r["sae_id"], r["feature"]), [])} for r in shown]
     n_failed = int(pc.sum(pc.and_(pc.is_null(labels.column("label")), pc.greater(labels.column("tries"), 0))).as_py() or 0)

@@ -26,7 +26,6 @@ from typing import Literal, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from baez_ray import schema
 
@@ -134,9 +133,8 @@ def sample_and_split(features_dir: Path, n_features: int, min_examples: int, how
                          "collect over more tokens or lower benchmark.min_examples")
     eligible = eligible.select(["sae_id", "feature"]).sort_by([("sae_id", "ascending"), ("feature", "ascending")])
     chosen = eligible.take(pa.array(sample_per_sae(eligible.column("sae_id").to_pylist(), n_features, seed), pa.int64()))
-    table = pq.read_table(features_dir, filters=[("feature", "in", sorted(set(chosen.column("feature").to_pylist())))])
-    keep = set(zip(chosen.column("sae_id").to_pylist(), chosen.column("feature").to_pylist()))
-    rows = sorted((r for r in table.to_pylist() if (r["sae_id"], r["feature"]) in keep), key=lambda r: (r["sae_id"], r["feature"]))
+    table = schema.read_keyed(features_dir, chosen)
+    rows = sorted(table.to_pylist(), key=lambda r: (r["sae_id"], r["feature"]))
     train_rows, test_rows = [], []
     for r in rows:
         train, test = split_examples(r["examples"], how, train_n, test_n, seed=feature_seed(seed, r["sae_id"], r["feature"]))
