@@ -38,6 +38,7 @@ LOG_EVERY_S = 10.0
 
 _verbose = False
 _worker_counter = None  # this process's handle on the driver's Counter
+_driver_counter: tuple = (None, None)  # (Ray session key, handle): one Counter per Ray session, kept alive
 
 
 class Counter:
@@ -78,6 +79,20 @@ def tick(n: int) -> None:
     _worker_counter.add.remote(int(n))
 
 
+def _counter():
+    """The driver's Counter for this Ray session, made by the first bar. The driver keeps its
+    handle: a Counter whose handles were all dropped would die with each bar, and every bar
+    would wait for a new actor process to start."""
+    global _driver_counter
+    import ray
+
+    ctx = ray.get_runtime_context()
+    session = (ctx.get_node_id(), ctx.get_job_id())
+    if _driver_counter[0] != session:
+        _driver_counter = (session, ray.remote(Counter).options(name=ACTOR_NAME, get_if_exists=True, num_cpus=0).remote())
+    return _driver_counter[1]
+
+
 class Bar:
     """A tqdm bar moved by the workers' ticks (see the module docstring)."""
 
@@ -85,7 +100,7 @@ class Bar:
         import ray
 
         self.name, self.stats = name, {}
-        self.counter = ray.remote(Counter).options(name=ACTOR_NAME, get_if_exists=True, num_cpus=0).remote()
+        self.counter = _counter()
         ray.get(self.counter.reset.remote())
         tty = _terminal_width() > 0  # (a terminal of width 0, e.g. a bare pty, shows no bar: log lines then)
         # off a terminal, the bar is a log line: "[collect] 4.10k/8.33k tok (49%), 1.27k tok/s, 00:09 elapsed, ETA 00:03"

@@ -66,6 +66,10 @@ def init_ray(cfg: RayConfig) -> None:
 
     if ray.is_initialized():
         return
+    # Ray Data reads a Parquet table's footers on a pool of FooterReader actors, 32 by
+    # default, each a new worker process, for every read: our tables are a few parts each
+    # (it is read before the workers start: they inherit it on a local cluster)
+    os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
     env_address = os.environ.get("RAY_ADDRESS", "")
     if cfg.address or (env_address and not env_address.startswith(("http://", "https://"))):
         # address None: ray.init reads RAY_ADDRESS, which Ray Jobs sets (host:port of the GCS)
