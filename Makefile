@@ -30,8 +30,13 @@ chromium:
 	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -q chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium; }; \
 	  else echo "the report test needs Debian's chromium: sudo apt-get install chromium" >&2; exit 1; fi; }
 
+# two pytest workers (pytest-xdist), each with its own Ray cluster: one test at a time leaves
+# about a third of this 2-core machine idle (waits on process and actor starts); the tests'
+# timeouts hold at least 3x their durations when run two at a time. TEST_WORKERS=0: serial.
+TEST_WORKERS ?= 2
+
 test: install chromium
-	$(BIN)/python -m pytest -q --durations=25 tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=25 tests
 
 # exit code 3: the run finished and some rows failed (its summary says which; the report
 # shows them): the demo's small models leave a few, so that still makes a demo
