@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from conftest import build_random_sae, json_handler, make_text, serve_local
-from test_preflight import EXIT_INVALID, assert_named_before_ray, cli
+from test_preflight import EXIT_INVALID, cli
 
 ROOT = Path(__file__).resolve().parents[1]
 # e.g. "12:00:01 [collect] 1.54k/8.33k tok (18%), 690 tok/s, 00:09 elapsed, ETA 00:10"
@@ -168,3 +168,40 @@ def test_llm_rounds_count_prompts_and_retry_rounds(ray_local, capsys):
     assert sorted((r["request_id"], r["tries"], r["input_tokens"]) for r in done) == [("r0", 1, 1), ("r1", 2, 2), ("r2", 1, 1)]
     err = capsys.readouterr().err
     assert re.search(r"\[label:test\] 4/4 prompt \(100%\)", err), err
+
+
+
+def test_the_bars_of_a_run_share_one_counter_actor(ray_local):
+    """A run's bars (one per stage) are moved by one Counter actor, made by the first bar
+    and kept for the Ray session: a bar does not wait for a new actor process to start (a
+    Counter whose last handle went with its bar died, and the next bar made another), and
+    the workers' ticks reach each later bar."""
+    import gc
+
+    from baez_ray import progress
+
+    class Ticker:  # a stage's actor: it ticks, then is killed with its pool at the end of the stage
+        def tick(self, n: int) -> None:
+            from baez_ray import progress
+
+            progress.tick(n)
+
+    def count(b, n: int) -> int:
+        deadline = time.monotonic() + 60
+        while b.tqdm.n < n and time.monotonic() < deadline:
+            b._pull()
+            time.sleep(0.1)
+        return b.tqdm.n
+
+    ids = []
+    for stage in range(3):
+        with progress.bar(f"stage{stage}", total=6, unit="x") as b:
+            actors = [ray_local.remote(Ticker).options(num_cpus=0.01).remote() for _ in range(3)]
+            ray_local.get([a.tick.remote(2) for a in actors])
+            assert count(b, 6) == 6
+            ids.append(b.counter._actor_id.hex())
+            for a in actors:
+                ray_local.kill(a)
+        del b
+        gc.collect()
+    assert len(set(ids)) == 1, ids
