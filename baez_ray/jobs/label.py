@@ -18,7 +18,7 @@ and counts. Each shard's features are read by a Ray task into the object store
 (`_subset`), the methods that label in the workers (the LLM methods, token_freq) return a
 Dataset whose rows the workers write into the shard (`LabelShards.commit_dataset`),
 labels/ is written from the shards by a Ray task (`finish_labels`, with the stage's
-counts), and the report is rendered by a Ray task (`_label_report`).
+counts), and the report is rendered by a Ray task (`report.labels.write_label_report`).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from baez_ray import methods, schema
 from baez_ray.config import JobSpec, LabelConfig, LabelScoreConfig
 from baez_ray.jobs.collect import features_source
 from baez_ray.ray_pool import remote
+from baez_ray.report.labels import write_label_report
 from baez_ray.rundir import Run, log, write_json_atomic, write_parquet_atomic, write_table
 from baez_ray.schema import key_table, read_keyed, rows_of
 from baez_ray.stages.route import route
@@ -431,14 +432,6 @@ def score_sample(spec: JobSpec, run: Run, features_dir: Path) -> dict:
     return info
 
 
-def _label_report(run_dir: str) -> Path:
-    """A Ray task: the label report of the run (report/labels.py), written by a worker: its
-    tables (routes, labels, scores) and their statistics are read there, not in the driver."""
-    from baez_ray.report.labels import write_label_report
-
-    return write_label_report(run_dir)
-
-
 def run_job(spec: JobSpec, run: Run) -> None:
     import ray
 
@@ -462,5 +455,7 @@ def run_job(spec: JobSpec, run: Run) -> None:
         with run.stage("score") as info:
             info.update(score_sample(spec, run, features_dir))
     with run.stage("report") as info:
-        info["path"] = str(ray.get(remote(_label_report).remote(str(run.dir))))
+        # a Ray task: the tables (routes, labels, scores) and their statistics are read in a
+        # worker, not in the driver (a task of report.labels: its worker need not import torch)
+        info["path"] = str(ray.get(remote(write_label_report).remote(str(run.dir))))
     log(f"report: {run.dir / 'report' / 'index.html'}")
