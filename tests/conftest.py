@@ -90,6 +90,12 @@ def make_text(n_words: int, seed: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n_words)) + "."
 
 
+def pytest_collection_modifyitems(items):
+    """The tests marked `slow` (whole jobs through the CLI, ~1-3 min each) run first: with
+    two workers (`make test`) a long test started last would run alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     import ray

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import pyarrow.parquet as pq
 import yaml
 from transformers import AutoTokenizer
@@ -13,6 +15,7 @@ from baez_ray.methods.av_explanations import label_baez
 from conftest import make_text
 
 
+@pytest.mark.slow
 def test_baez_labels_every_feature_with_its_evidence(ray_local, tiny_gemma, random_sae, tmp_path):
     (tmp_path / "c.txt").write_text(make_text(400, 7))
     spec = validate({
@@ -101,6 +104,7 @@ def test_nla_direct_labels_each_feature_from_its_decoder_row(ray_local, tiny_gem
         assert r["backend"] == "av:transformers" and r["model"] == str(tiny_gemma) and r["n_examples"] == 0
 
 
+@pytest.mark.slow
 def test_label_job_tier3_nla_direct_shortened(ray_local, tiny_gemma, random_sae, tmp_path):
     """The label job with label.tier3 = nla_direct and av.nla_direct_shorten: every tier-3
     feature gets one label row, written by the explainer from the AV's text (its evidence),

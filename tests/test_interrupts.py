@@ -75,6 +75,7 @@ def collect_job(tmp: Path, tiny_gemma: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("how", ["ctrl-c-group", "sigterm-driver"])
 def test_stop_during_collect_saves_a_snapshot_the_rerun_uses(tiny_gemma, tmp_path, how):
@@ -120,6 +121,7 @@ def test_stop_during_collect_saves_a_snapshot_the_rerun_uses(tiny_gemma, tmp_pat
         s.close()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_failed_llm_rows_exit_partial_with_a_banner(tmp_path):
     from baez_ray.rundir import write_table

@@ -136,6 +136,7 @@ def manifest(run_dir: Path) -> dict:
     return json.loads((run_dir / "manifest.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)  # 3 x its time when make test runs two tests at a time (205 s in a fresh clone)
 def test_sigkill_mid_collect_and_mid_label_then_rerun_equals_uninterrupted(tmp_path):
     job = write_job(tmp_path)
