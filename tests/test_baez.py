@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
-
 import pyarrow.parquet as pq
+import pytest
 import yaml
 from transformers import AutoTokenizer
 
