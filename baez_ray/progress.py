@@ -37,8 +37,8 @@ POLL_S = 0.5
 LOG_EVERY_S = 10.0
 
 _verbose = False
-_worker_counter = None  # this process's handle on the driver's Counter
-_driver_counter: tuple = (None, None)  # (Ray session key, handle): one Counter per Ray session, kept alive
+_worker_counter: tuple = (None, None)  # (Ray session, this process's handle on the driver's Counter)
+_driver_counter: tuple = (None, None)  # (Ray session, handle): one Counter per Ray session, kept alive
 
 
 class Counter:
@@ -71,12 +71,24 @@ def tick(n: int) -> None:
 
     if not n or not ray.is_initialized():
         return
-    if _worker_counter is None:
+    session = _session()
+    if _worker_counter[0] != session:  # (a process that outlived a Ray session: the tests)
         try:
-            _worker_counter = ray.get_actor(ACTOR_NAME)
+            _worker_counter = (session, ray.get_actor(ACTOR_NAME))
         except ValueError:  # no bar was ever opened in this Ray job
             return
-    _worker_counter.add.remote(int(n))
+    try:
+        _worker_counter[1].add.remote(int(n))
+    except Exception:  # noqa: BLE001 - the Counter is gone: a progress tick never fails the work it counts
+        _worker_counter = (None, None)
+
+
+def _session() -> tuple[str, str]:
+    """This process's Ray session: its node and job (a new `ray.init` changes them)."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return ctx.get_node_id(), ctx.get_job_id()
 
 
 def _counter():
@@ -86,8 +98,7 @@ def _counter():
     global _driver_counter
     import ray
 
-    ctx = ray.get_runtime_context()
-    session = (ctx.get_node_id(), ctx.get_job_id())
+    session = _session()
     if _driver_counter[0] != session:
         _driver_counter = (session, ray.remote(Counter).options(name=ACTOR_NAME, get_if_exists=True, num_cpus=0).remote())
     return _driver_counter[1]

@@ -205,3 +205,31 @@ def test_the_bars_of_a_run_share_one_counter_actor(ray_local):
         del b
         gc.collect()
     assert len(set(ids)) == 1, ids
+
+
+STALE_SESSION = """
+import ray
+from baez_ray import progress
+ray.init(num_cpus=2, include_dashboard=False)
+with progress.bar("a", 3, "x"):
+    progress.tick(1)
+ray.shutdown()
+ray.init(num_cpus=2, include_dashboard=False)
+progress.tick(2)  # this process's handle on the first session's Counter is stale
+with progress.bar("b", 3, "x") as b:
+    progress.tick(3)
+    b._pull()
+print("counted", b.tqdm.n)
+ray.shutdown()
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_tick_after_a_new_ray_session_counts_and_never_raises(tmp_path):
+    """A process that outlives a Ray session (a notebook, the tests) and ticks in the next one
+    (a backend called in the driver) neither fails on the old session's Counter nor loses
+    the count of the new one's bar."""
+    res = subprocess.run([sys.executable, "-c", STALE_SESSION], capture_output=True, text=True, timeout=240, cwd=tmp_path,
+                         env={**__import__("os").environ, "RAY_AUTH_MODE": "disabled"})
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert res.stdout.strip().splitlines()[-1] == "counted 3", res.stdout
