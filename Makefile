@@ -33,11 +33,10 @@ chromium:
 # two pytest workers (pytest-xdist), each with its own Ray cluster: one test at a time leaves
 # about a third of this 2-core machine idle (waits on process and actor starts); the tests'
 # timeouts hold at least 3x their durations when run two at a time. TEST_WORKERS=0: serial.
-# loadgroup: the tests of one `xdist_group` (sharing an expensive module fixture) run on one worker.
 TEST_WORKERS ?= 2
 
 test: install chromium
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25 tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=25 tests
 
 # exit code 3: the run finished and some rows failed (its summary says which; the report
 # shows them): the demo's small models leave a few, so that still makes a demo

@@ -389,7 +389,6 @@ def benchmark_run(ray_local, scorer_server, tmp_path_factory):
     return run.dir
 
 
-@pytest.mark.xdist_group("benchmark_run")  # one worker builds the module's benchmark run (~50 s)
 def test_benchmark_job_tables_and_manifest(benchmark_run):
     d = benchmark_run
     train, test = pq.read_table(d / "train").to_pylist(), pq.read_table(d / "test").to_pylist()
@@ -411,7 +410,6 @@ def test_benchmark_job_tables_and_manifest(benchmark_run):
     assert (d / "report" / "index.html").exists() and (d / "report" / "scores_by_method.png").stat().st_size > 5000
 
 
-@pytest.mark.xdist_group("benchmark_run")  # one worker builds the module's benchmark run (~50 s)
 def test_benchmark_job_reliability_comparisons_and_verdict(benchmark_run):
     """summarise writes the split-half reliability and the paired comparisons beside the
     summary (and in the manifest); the report opens with the verdict table."""
