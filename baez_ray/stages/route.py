@@ -37,7 +37,7 @@ from baez_ray import progress, schema
 from baez_ray.config import RouteConfig  # noqa: F401  (the job file's `route` section)
 from baez_ray.models.embedder import grouped_correlation
 from baez_ray.models.windows import TopExamples
-from baez_ray.ray_pool import actor_map
+from baez_ray.ray_pool import actor_map, gather
 from baez_ray.rundir import write_table
 
 
@@ -196,10 +196,7 @@ def route_dataset(features, cfg: RouteConfig):
 
 def route_table(features, cfg: RouteConfig) -> pa.Table:
     """Run the route stage and gather its rows on the driver (routes are small: 9 columns)."""
-    parts = [b for b in route_dataset(features, cfg).iter_batches(batch_format="pyarrow", batch_size=None) if b.num_rows]
-    if not parts:
-        return schema.empty(schema.ROUTES)
-    return schema.conform(pa.concat_tables(parts), schema.ROUTES)
+    return gather(route_dataset(features, cfg), like=schema.ROUTES)
 
 
 def route(features_dir: str | Path, out_dir: str | Path, cfg: RouteConfig) -> dict:
