@@ -187,20 +187,29 @@ def run_child(spec: dict, work: Path, extra_env: dict | None = None) -> dict:
     return res
 
 
-def figures(res: dict, num_actors: int = 1) -> dict:
-    """Stage time, start-up, model load, and the steady rate against its forward bound."""
-    st, calls = res["collect"], sorted(res["calls"], key=lambda c: c["t1"])
+def figures(res: dict) -> dict:
+    """Stage time, start-up, model load, and the steady rate against its forward bound.
+
+    Steady window of each actor: from the end of its first call to the end of the stage.
+    The rate sums each actor's tokens of its later calls over its window (actors run side
+    by side); the ratio is the share of the actors' windows spent in the forward passes
+    (<= 1 by construction)."""
+    st = res["collect"]
     (s0, s1), (r0, _) = res["times"]["stage"], res["times"]["ray_init"]
+    by_actor: dict[int, list] = {}
+    for c in sorted(res["calls"], key=lambda c: c["t1"]):
+        by_actor.setdefault(c["pid"], []).append(c)
+    calls = [c for cs in by_actor.values() for c in cs]
     load = max((c["init"][1] - c["init"][0] for c in calls), default=0.0)
-    later = calls[1:]
     out = {"tokens": st["tokens"], "stage_s": round(s1 - s0, 2), "ray_init_s": round(s0 - r0, 2),
            "model_load_s": round(load, 2), "first_batch_s": st.get("startup_s"),
-           "forward_s": round(sum(c["forward_s"] for c in calls), 2)}
-    if later:
-        window = s1 - calls[0]["t1"]
-        toks, fwd = sum(c["tokens"] for c in later), sum(c["forward_s"] for c in later)
-        out.update(steady_tokens_per_s=round(toks / window, 1), forward_bound_tokens_per_s=round(toks / fwd, 1),
-                   ratio=round(fwd / (num_actors * window), 3))
+           "forward_s": round(sum(c["forward_s"] for c in calls), 2), "actors": len(by_actor)}
+    steady = [(sum(c["tokens"] for c in cs[1:]), sum(c["forward_s"] for c in cs[1:]), s1 - cs[0]["t1"])
+              for cs in by_actor.values() if len(cs) > 1]
+    if steady:
+        toks, fwd, window = (sum(x[i] for x in steady) for i in range(3))
+        out.update(steady_tokens_per_s=round(sum(t / w for t, _, w in steady), 1),
+                   forward_bound_tokens_per_s=round(sum(t / f for t, f, _ in steady if f), 1), ratio=round(fwd / window, 3))
     return out
 
 

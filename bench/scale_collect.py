@@ -10,17 +10,19 @@ bound on the same tokens in the same run.
   CLI runs it, with a CollectWorker that also times its forward passes); every process of
   the child's tree (driver, GCS, raylet, CollectWorker, MergeActors, ...) is sampled with
   psutil every 0.5 s, each on its own: peak USS (private pages) and RSS per process.
-* The bound, in this process, after the child has finished: the bare forward to layer 12
-  (`ResidualReader`) and the SAE's encode (`x @ W_enc + b`, the JumpReLU mask, by blocks
-  of features as collect encodes, nothing kept) over the same contexts (the run's
-  contexts/ table) in the same batches, with the same threads.
+* The bound, after the child has finished: the bare forward to layer 12 (`ResidualReader`)
+  and the SAE's encode (`x @ W_enc + b`, the JumpReLU mask, by blocks of features as
+  collect encodes, nothing kept) over the same contexts (the run's contexts/ table) in the
+  same batches, laid out as the job: with `--actors N`, N processes of threads / N threads
+  side by side, each over its share of the contexts parts, started together once loaded
+  (rate: the sum of theirs); with one actor, in this process.
 * Rates: collect's steady rate is the workers' (the manifest's `steady_tokens_per_s`: the
   tokens of the forward passes after the first over the time between the first and the
   last); the bound is tokens / (time of the forward passes + the encode). ratio = rate /
   bound. The stage's end-to-end rate (start-up and the features table included) is given
   beside it.
 
-    python bench/scale_collect.py [--tokens 32768] [--merge-actors 2] [--threads 2] [--batch-size 8]
+    python bench/scale_collect.py [--tokens 32768] [--merge-actors 2] [--threads 2] [--actors 1] [--batch-size 8]
 Last line: {"bench": "scale_collect", "collect_wide_driver_peak_mb", "collect_wide_tokens_per_s",
 "collect_wide_bound_tokens_per_s", "collect_wide_ratio", "collect_wide_actor_peak_mb", "processes", ...}
 Targets (issue #12): driver peak <= 1.5 GB, every process <= 4 GB, ratio >= 0.85.
@@ -130,8 +132,10 @@ def wide_sae(path: Path, resid: torch.Tensor, bos_mask: torch.Tensor, l0: float)
     return path, fired / len(x)
 
 
-def bound(contexts: np.ndarray, sae_path: Path, threads: int, batch_size: int, budget: int) -> dict:
-    """Forward to layer 12 and the SAE's encode over `contexts`, nothing kept."""
+def bound(contexts: np.ndarray, sae_path: Path, threads: int, batch_size: int, budget: int, ready=None) -> dict:
+    """Forward to layer 12 and the SAE's encode over `contexts`, nothing kept. `ready`:
+    called once loaded, before the timed work (the processes of a several-actor bound
+    start together)."""
     from sae_lens import SAE
 
     from baez_ray.config import ModelConfig
@@ -141,6 +145,8 @@ def bound(contexts: np.ndarray, sae_path: Path, threads: int, batch_size: int, b
     lm = ResidualReader(ModelConfig(**MODEL, layer=LAYER), layers=[LAYER])
     sae = SAE.load_from_disk(sae_path)
     W, b, thr = sae.W_enc, sae.b_enc, sae.threshold.clamp(min=0)
+    if ready is not None:
+        ready()
     fwd = enc = 0.0
     with torch.inference_mode():
         for s in range(0, len(contexts), batch_size):
@@ -158,32 +164,67 @@ def bound(contexts: np.ndarray, sae_path: Path, threads: int, batch_size: int, b
     return {"tokens": int(n), "forward_s": round(fwd, 2), "encode_s": round(enc, 2), "tokens_per_s": round(n / (fwd + enc), 1)}
 
 
+def _bound_proc(contexts, sae_path, threads, batch_size, budget, loaded, start, results) -> None:
+    def ready():
+        loaded.put(1)
+        start.wait()
+
+    results.put(bound(contexts, sae_path, threads, batch_size, budget, ready))
+
+
+def bound_actors(parts: list[np.ndarray], sae_path: Path, actors: int, threads: int, batch_size: int, budget: int) -> dict:
+    """The bound laid out as the job is: `actors` processes of `threads` threads side by
+    side, each over its share of the contexts parts (round robin), started together once
+    all are loaded. Rate: the sum of the processes' rates."""
+    if actors == 1:
+        return bound(np.concatenate(parts), sae_path, threads, batch_size, budget)
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    loaded, start, results = ctx.Queue(), ctx.Event(), ctx.Queue()
+    shares = [np.concatenate(parts[a::actors]) for a in range(actors)]
+    procs = [ctx.Process(target=_bound_proc, args=(sh, sae_path, threads, batch_size, budget, loaded, start, results))
+             for sh in shares]
+    for p in procs:
+        p.start()
+    for _ in procs:  # every process loaded, then all start together
+        loaded.get(timeout=600)
+    start.set()
+    out = [results.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return {"tokens": sum(o["tokens"] for o in out), "forward_s": [o["forward_s"] for o in out],
+            "encode_s": [o["encode_s"] for o in out], "tokens_per_s": round(sum(o["tokens_per_s"] for o in out), 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--merge-actors", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads in all (each actor: threads / actors)")
+    ap.add_argument("--actors", type=int, default=1, help="CollectWorker actors (and processes of the bound)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray cluster")
     ap.add_argument("--l0", type=float, default=50.0, help="features firing per token (target of the threshold)")
     ap.add_argument("--corpus", nargs="*")
     args = ap.parse_args()
+    if args.actors < 1 or args.threads % args.actors:
+        sys.exit(f"--threads {args.threads} must be a multiple of --actors {args.actors}")
 
-    import pyarrow.parquet as pq
 
     from baez_ray.config import validate
     from baez_ray.data.corpus import iter_contexts
     from baez_ray.models.lm import load_tokenizer
-    from baez_ray.stages.collect import ACTS_BUDGET
+    from baez_ray.stages.collect import ACTS_BUDGET, read_part
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_scale_collect_"))
     corpus = args.corpus or default_corpus(tmp)
     spec = {
         "job": "collect", "name": "scale-collect", "ray": {"num_cpus": args.num_cpus},
-        "model": {**MODEL, "layer": LAYER, "num_cpus": args.threads},
+        "model": {**MODEL, "layer": LAYER, "num_cpus": args.threads // args.actors},
         "sae": {"id": f"{LAYER}-res-random-262k", "path": str(tmp / "sae")},
         "corpus": {"paths": corpus, "context_len": CTX, "max_tokens": args.tokens},
-        "collect": {"batch_size": args.batch_size, "num_actors": 1, "merge_actors": args.merge_actors, "merge_num_cpus": 0.25},
+        "collect": {"batch_size": args.batch_size, "num_actors": args.actors, "merge_actors": args.merge_actors, "merge_num_cpus": 0.25},
     }
     job = validate(spec)
     tok = load_tokenizer(job.model)
@@ -211,10 +252,9 @@ def main() -> None:
     st = res["collect"]
     (s0, s1) = res["times"]["stage"]
 
-    # the bound, here, over the run's contexts in the same batches
-    ctx = pq.read_table(work / "run" / "contexts").sort_by("context_id")
-    contexts = np.stack(ctx.column("tokens").to_numpy(zero_copy_only=False)).astype(np.int64)
-    b = bound(contexts, tmp / "sae", args.threads, args.batch_size, ACTS_BUDGET)
+    # the bound, here, over the run's contexts parts in the same batches, laid out as the job
+    parts = [read_part(str(p))[0] for p in sorted((work / "run" / "contexts").glob("part-*.parquet"))]
+    b = bound_actors(parts, tmp / "sae", args.actors, args.threads // args.actors, args.batch_size, ACTS_BUDGET)
 
     procs = sorted(mem.peaks.items(), key=lambda kv: -kv[1]["uss_mb"])
     driver = mem.peaks.get(proc.pid, {"uss_mb": None, "rss_mb": None})
@@ -236,7 +276,7 @@ def main() -> None:
         "collect_wide_actor_peak_rss_mb": round(max((p["rss_mb"] for p in workers), default=0.0), 1),
         "collect_wide_merge_peak_mb": round(max((p["uss_mb"] for p in merges), default=0.0), 1),
         "max_process_uss_mb": round(procs[0][1]["uss_mb"], 1) if procs else None,
-        "threads": args.threads, "batch_size": args.batch_size, "tmp": str(tmp),
+        "threads": args.threads, "actors": args.actors, "batch_size": args.batch_size, "tmp": str(tmp),
         "processes": [{"pid": pid, "name": p["name"], "uss_mb": round(p["uss_mb"], 1), "rss_mb": round(p["rss_mb"], 1)}
                       for pid, p in procs],
     }))

@@ -249,3 +249,17 @@ def test_report_shows_examples(one_shard):
     assert (one_shard / "report" / "firing.png").stat().st_size > 1000
     assert "<mark" in page and "features that fired" in page and "96" in page
 
+
+
+def test_set_entries_equals_nonzero_at_every_density():
+    """The word-wise search of a firing mask's set entries gives `nonzero`'s indices, in
+    order, for sparse and dense masks and lengths that are not a multiple of 8."""
+    import torch
+
+    from baez_ray.stages.collect import _set_entries
+
+    g = torch.Generator().manual_seed(1)
+    for n in (0, 1, 7, 8, 9, 64, 1000, 16384 * 3 + 5):
+        for p in (0.0, 0.0002, 0.01, 0.3, 1.0):
+            mask = torch.rand(n, generator=g) < p
+            assert torch.equal(_set_entries(mask), mask.nonzero().squeeze(1)), (n, p)

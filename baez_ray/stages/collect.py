@@ -176,14 +176,31 @@ class _Dictionary:
             return
         sae_in = self.sae.process_sae_in(resid)
         W, bias = self.sae.W_enc, self.sae.b_enc
+        bos_rows = bos.reshape(-1).nonzero().squeeze(1) if bos is not None else None  # the BOS tokens of [b·T]
         for a in range(0, self.F, chunk):
             e = min(self.F, a + chunk)
             pre = sae_in @ W[:, a:e] + bias[a:e]
             mask = pre > self.min_act[a:e]
-            if bos is not None:
-                mask[bos] = False
+            if bos_rows is not None:
+                mask.view(b * T, e - a).index_fill_(0, bos_rows, False)  # (mask[bos] = False: ~10 ms per block)
             acts = pre.clamp_(min=0).mul_(mask).float()  # = relu(pre) · (pre > threshold), as sae-lens
             yield a, acts, *_sparse_stats(mask, acts)
+
+
+def _set_entries(flat: torch.Tensor) -> torch.Tensor:
+    """The indices of the set entries of a 1-d bool tensor, ascending (= `flat.nonzero()`):
+    its bytes read 8 at a time as int64 words, then the bytes of the set words only. A wide
+    SAE's firing mask is ~0.02% set: 1.8 ms against 10.6 ms for `nonzero` over a block of
+    16M entries (2 threads); a dense mask falls back to `nonzero`."""
+    n8 = flat.numel() - flat.numel() % 8
+    words = flat[:n8].view(torch.int64).nonzero().squeeze(1)
+    if len(words) > n8 // 64:  # more than 1 word in 8 set: not sparse
+        return flat.nonzero().squeeze(1)
+    r, k = flat[:n8].view(-1, 8)[words].nonzero(as_tuple=True)
+    idx = words[r] * 8 + k
+    if n8 < flat.numel():
+        idx = torch.cat([idx, n8 + flat[n8:].nonzero().squeeze(1)])
+    return idx
 
 
 def _sparse_stats(mask: torch.Tensor, acts: torch.Tensor):
@@ -192,7 +209,7 @@ def _sparse_stats(mask: torch.Tensor, acts: torch.Tensor):
     first position of that max [b, c] (0 where none fires): what `mask.sum(dim=(0, 1))`
     and `acts.max(dim=1)` give, from the firing entries only."""
     b, T, c = acts.shape
-    flat = mask.reshape(-1).nonzero().squeeze(1)
+    flat = _set_entries(mask.reshape(-1))
     f = flat % c
     bt = flat // c
     t = bt % T
@@ -253,24 +270,38 @@ class CollectWorker:
                 work.append((tokens[idx], cids[idx], int(p)))
         out = []
         for tokens, cids, part in work:
-            rows = pa.concat_tables([schema.conform(t, schema.CANDIDATES) for t in self._part(tokens, cids, part)])
-            out.append(self._push(rows, part, tokens.shape) if self.merge else rows)
+            tables = self._part(tokens, cids, part)
+            out.append(self._push(tables, part, tokens.shape) if self.merge else pa.concat_tables(list(tables)))
         return pa.concat_tables(out)
 
-    def _push(self, rows: pa.Table, part: int, shape: tuple[int, int]) -> pa.Table:
-        """Send a part's rows to the merge actors (each its feature range, and the token and
-        context counts of feature −1/−2) and wait until each has merged them; take the
+    def _push(self, tables, part: int, shape: tuple[int, int]) -> pa.Table:
+        """Send a part's rows to the merge actors as they come (each forward batch's rows,
+        then the part's counts: each actor its feature range, and the token and context
+        counts of feature −1/−2), without waiting: the merge actors merge a batch while this
+        worker runs the next. A merge actor runs one worker's calls in the order they were
+        sent, so it sees a part's counts (what completes the part, `Merger.add`) after its
+        every row. At the part's end, wait until each has merged everything; take the newest
         thresholds they answer with. Returns the part's receipt."""
         import ray
 
-        feat = rows.column("feature").to_numpy()
-        refs = []
-        for m, (lo, hi) in enumerate(self.merge["bounds"]):
-            sel = (feat < 0) | ((feat >= lo) & (feat < hi))
-            refs.append(self.merge["handles"][m].add.remote(rows.filter(pa.array(sel)), self.thr_gen[m]))
-        for m, answer in enumerate(ray.get(refs)):
-            if answer is None:
-                continue
+        refs: list[list] = [[] for _ in self.merge["handles"]]
+        n_rows = 0
+        for rows in tables:
+            feat = rows.column("feature").to_numpy()
+            n_rows += int(pc.sum(pc.not_equal(rows.column("kind"), "count")).as_py() or 0)
+            for m, (lo, hi) in enumerate(self.merge["bounds"]):
+                sel = (feat < 0) | ((feat >= lo) & (feat < hi))
+                if sel.any():
+                    refs[m].append(self.merge["handles"][m].add.remote(rows.filter(pa.array(sel)), self.thr_gen[m]))
+        answers = ray.get([r for rs in refs for r in rs])
+        newest: dict[int, tuple] = {}
+        i = 0
+        for m, rs in enumerate(refs):
+            for answer in answers[i : i + len(rs)]:
+                if answer is not None and answer[0] > newest.get(m, (self.thr_gen[m],))[0]:
+                    newest[m] = answer
+            i += len(rs)
+        for m, answer in newest.items():
             self.thr_gen[m], top, smp = answer
             lo, hi = self.merge["bounds"][m]
             for d in self.dicts:
@@ -278,14 +309,15 @@ class CollectWorker:
                 if a < e:
                     d.floor_top[a - d.offset : e - d.offset] = torch.tensor(top[a - lo : e - lo], device=self.device)
                     d.floor_smp[a - d.offset : e - d.offset] = torch.tensor(smp[a - lo : e - lo], device=self.device)
-        n_rows = rows.num_rows - int(pc.sum(pc.equal(rows.column("kind"), "count")).as_py() or 0)
         return pa.table({"part": [part], "contexts": [shape[0]], "tokens": [shape[0] * shape[1]], "rows": [n_rows]})
 
-    def _part(self, tokens: np.ndarray, cids: np.ndarray, part: int) -> list[pa.Table]:
+    def _part(self, tokens: np.ndarray, cids: np.ndarray, part: int):
+        """A part's candidate rows (schema.CANDIDATES), one table per forward batch, then one
+        table of its firing counts."""
         B, T = tokens.shape
         counts = torch.zeros(self.F, dtype=torch.int64, device=self.device)
-        parts = []
         for s in range(0, B, self.cfg.batch_size):
+            parts = []
             ids = torch.from_numpy(tokens[s : s + self.cfg.batch_size]).to(self.device)
             ctx = torch.from_numpy(cids[s : s + self.cfg.batch_size]).to(self.device)
             resid = self.lm.residuals(ids)
@@ -301,6 +333,8 @@ class CollectWorker:
                     for a, acts, fired, vmax, pmax in d.blocks(r, ids[sl], self.bos_id if self.cfg.ignore_bos else None):
                         counts[d.offset + a : d.offset + a + acts.shape[2]] += fired
                         parts += self._merge(d, a, ids[sl], ctx[sl], r, acts, vmax, pmax)
+            if parts:
+                yield pa.concat_tables([schema.conform(t, schema.CANDIDATES) for t in parts])
         # firing counts; feature -1 carries the number of tokens seen, feature -2 the number
         # of contexts; `context_id` carries the contexts part (-1: not tracked), so the merge
         # counts each part once and knows when a part is complete (see Merger.add)
@@ -308,21 +342,11 @@ class CollectWorker:
         feats = np.concatenate([[-2, -1], nz.cpu().numpy()]).astype(np.int64)
         cnt = np.concatenate([[B, B * T], counts[nz].cpu().numpy()]).astype(np.int64)
         n = len(feats)
-        parts.append(
-            pa.table(
-                {
-                    "kind": pa.array(["count"] * n),
-                    "feature": feats,
-                    "value": np.zeros(n, np.float32),
-                    "key": np.zeros(n, np.float64),
-                    "context_id": np.full(n, part, np.int64),
-                    "position": np.zeros(n, np.int32),
-                    "top_index": np.zeros(n, np.int32),
-                    "count": cnt,
-                }
-            )
-        )
-        return parts
+        yield schema.conform(pa.table({
+            "kind": pa.array(["count"] * n), "feature": feats, "value": np.zeros(n, np.float32), "key": np.zeros(n, np.float64),
+            "context_id": np.full(n, part, np.int64), "position": np.zeros(n, np.int32), "top_index": np.zeros(n, np.int32),
+            "count": cnt,
+        }), schema.CANDIDATES)
 
     def _merge(self, d: _Dictionary, a: int, ids, ctx, resid, acts, vmax, pmax) -> list[pa.Table]:
         """Merge one block (features a .. a+c-1 of `d`, a sub-batch of contexts; `vmax`,
