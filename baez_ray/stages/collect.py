@@ -50,10 +50,12 @@ SAE; the features table gives every row back its SAE's id, layer and own feature
 
 Resume and faults. The same argument holds for a worker that starts empty in the middle of
 the corpus (a restarted actor, or a rerun): it emits a superset of what it would have, and
-duplicates of a (feature, context) are dropped by the merge. A worker pushes each part to
-every merge actor in one call per actor and returns the part's receipt once every actor has
-merged it; each merge actor counts a part's firing counts once (`Merger.add`: a part pushed
-again is not counted again). Each merge actor snapshots its own state with the set of parts
+duplicates of a (feature, context) are dropped by the merge. A worker pushes a part's rows
+to the merge actors batch by batch as it runs them (without waiting: the merge runs beside
+the next forward pass), then the part's counts, and returns the part's receipt once every
+actor has merged all of it; a merge actor runs one worker's calls in order, so the counts,
+which complete the part, come after its rows, and it counts a part's firing counts once
+(`Merger.add`: a part pushed again is not counted again). Each merge actor snapshots its own state with the set of parts
 it covers (`Snapshots`: `collect_state/merge-NNN/`, its commit marker written last), in
 rounds the driver starts (`Checkpoints`, which then writes the summary marker
 `collect_state/COMMITTED.json`); a rerun after a crash restores each actor from its own
@@ -452,9 +454,12 @@ def _worker_stream(part_paths: list[Path], todo: list[int], model: ModelConfig, 
                   n_features=n_features, bos_id=bos_id, threads=max(1, math.ceil(model.num_cpus)),
                   merge={"handles": pool.handles, "bounds": pool.ranges})
     # a restarted actor starts with an empty running top-k: it emits more candidates, never
-    # fewer, and its part is counted once by each merge actor (Merger.add)
+    # fewer, and its part is counted once by each merge actor (Merger.add). A part is
+    # seconds to minutes of work: one at a time per actor, so each part goes to whichever
+    # actor is free (Ray Data queues up to 4 by default: the first actor ready took every
+    # part of a short corpus while the second was still loading its model)
     return actor_map(ds, CollectWorker, kwargs, size=cfg.num_actors, num_cpus=model.num_cpus, num_gpus=model.num_gpus,
-                     resources=model.resources, batch_format="numpy", fault_tolerant=True)
+                     resources=model.resources, batch_format="numpy", fault_tolerant=True, in_flight=1)
 
 
 def _merge_stream(out, pool: MergePool, checkpoints: Checkpoints) -> None:
