@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import sys
 import time
@@ -26,9 +25,11 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from procs import side_by_side  # noqa: E402
 
 
-def forward(threads: int, seconds: float, loaded, start, results) -> None:
+def forward(threads: int, seconds: float, ready) -> tuple[float, object]:
     import torch
 
     from baez_ray.config import ModelConfig
@@ -40,27 +41,16 @@ def forward(threads: int, seconds: float, loaded, start, results) -> None:
     ids[:, 0] = 2
     first = lm.residual(ids).numpy().copy()
     lm.residual(ids)
-    loaded.put(1)
-    start.wait()
+    ready()
     t0, n = time.perf_counter(), 0
     while time.perf_counter() - t0 < seconds:
         lm.residual(ids)
         n += ids.numel()
-    results.put((n / (time.perf_counter() - t0), first))
+    return n / (time.perf_counter() - t0), first
 
 
 def layout(processes: int, threads: int, seconds: float):
-    ctx = mp.get_context("spawn")
-    loaded, start, results = ctx.Queue(), ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=forward, args=(threads, seconds, loaded, start, results)) for _ in range(processes)]
-    for p in procs:
-        p.start()
-    for _ in procs:
-        loaded.get(timeout=600)
-    start.set()
-    out = [results.get(timeout=600 + seconds) for _ in procs]
-    for p in procs:
-        p.join()
+    out = side_by_side(forward, [(threads, seconds)] * processes)
     return sum(r for r, _ in out), out[0][1]
 
 

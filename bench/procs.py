@@ -134,3 +134,33 @@ class TreeMemory:
         for name in self.seen.values():
             out[name] = out.get(name, 0) + 1
         return dict(sorted(out.items()))
+
+
+def _side_by_side_child(index: int, target, args: tuple, loaded, start, results) -> None:
+    def ready() -> None:
+        loaded.put(index)
+        start.wait()
+
+    results.put((index, target(*args, ready=ready)))
+
+
+def side_by_side(target, arg_tuples: list[tuple], timeout: float = 1800.0) -> list:
+    """`target(*args, ready=...)` in one fresh process per args tuple (spawned), all
+    started together: each calls `ready()` once loaded (model, weights) and waits there
+    until every process has; returns their results in the order of `arg_tuples`. The
+    layout of a job's several actors, without Ray."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    loaded, start, results = ctx.Queue(), ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_side_by_side_child, args=(i, target, a, loaded, start, results))
+             for i, a in enumerate(arg_tuples)]
+    for p in procs:
+        p.start()
+    for _ in procs:
+        loaded.get(timeout=timeout)
+    start.set()
+    out = dict(results.get(timeout=timeout) for _ in procs)
+    for p in procs:
+        p.join()
+    return [out[i] for i in range(len(procs))]

