@@ -55,10 +55,10 @@ to the merge actors batch by batch as it runs them (without waiting: the merge r
 the next forward pass), then the part's counts, and returns the part's receipt once every
 actor has merged all of it; a merge actor runs one worker's calls in order, so the counts,
 which complete the part, come after its rows, and it counts a part's firing counts once
-(`Merger.add`: a part pushed again is not counted again). Each merge actor snapshots its own state with the set of parts
-it covers (`Snapshots`: `collect_state/merge-NNN/`, its commit marker written last), in
-rounds the driver starts (`Checkpoints`, which then writes the summary marker
-`collect_state/COMMITTED.json`); a rerun after a crash restores each actor from its own
+(`Merger.add`: a part pushed again is not counted again). Each merge actor snapshots its
+own state with the set of parts it covers (`Snapshots`: `collect_state/merge-NNN/`, its
+commit marker written last), in rounds the driver starts (`Checkpoints`, which then writes
+the summary marker `collect_state/COMMITTED.json`); a rerun after a crash restores each actor from its own
 snapshot and runs the parts some actor lacks (an actor that has a part ignores it again):
 the features table equals that of an uninterrupted run (each part is always run in the
 same forward-pass batches).
@@ -66,6 +66,7 @@ same forward-pass batches).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -295,16 +296,14 @@ class CollectWorker:
                 sel = (feat < 0) | ((feat >= lo) & (feat < hi))
                 if sel.any():
                     refs[m].append(self.merge["handles"][m].add.remote(rows.filter(pa.array(sel)), self.thr_gen[m]))
-        answers = ray.get([r for rs in refs for r in rs])
-        newest: dict[int, tuple] = {}
-        i = 0
+        answers = iter(ray.get([r for rs in refs for r in rs]))
         for m, rs in enumerate(refs):
-            for answer in answers[i : i + len(rs)]:
-                if answer is not None and answer[0] > newest.get(m, (self.thr_gen[m],))[0]:
-                    newest[m] = answer
-            i += len(rs)
-        for m, answer in newest.items():
-            self.thr_gen[m], top, smp = answer
+            # an actor answers only with thresholds newer than the worker's; it runs the
+            # calls in order, so its last answer is its newest
+            newer = [a for a in itertools.islice(answers, len(rs)) if a is not None]
+            if not newer:
+                continue
+            self.thr_gen[m], top, smp = newer[-1]
             lo, hi = self.merge["bounds"][m]
             for d in self.dicts:
                 a, e = max(lo, d.offset), min(hi, d.offset + d.F)

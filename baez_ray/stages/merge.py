@@ -345,8 +345,8 @@ class MergeActor:
     """A Ray actor owning the features [lo, hi) of the global index: the workers push it the
     candidate rows of that range (`add`: a call per forward batch, then the part's counts),
     it merges them (`Merger`), snapshots them (`save`, `Snapshots`) and writes their rows of
-    the features table (`write_features`). It ignores SIGINT: a Ctrl-C to the process group stops the
-    driver, which then asks every merge actor for a last snapshot."""
+    the features table (`write_features`). It ignores SIGINT: a Ctrl-C to the process group
+    stops the driver, which then asks every merge actor for a last snapshot."""
 
     def __init__(self, index: int, lo: int, hi: int, collect: dict, part_sizes: dict[int, int], state_root: str,
                  part_names: list[str]):
