@@ -263,3 +263,59 @@ def test_set_entries_equals_nonzero_at_every_density():
         for p in (0.0, 0.0002, 0.01, 0.3, 1.0):
             mask = torch.rand(n, generator=g) < p
             assert torch.equal(_set_entries(mask), mask.nonzero().squeeze(1)), (n, p)
+
+
+@pytest.mark.parametrize("arch", ["topk", "jumprelu"])
+def test_blocks_give_the_dense_counts_and_maxima(arch, monkeypatch):
+    """`_Dictionary.blocks`, for an SAE encoded whole (TopK) and one encoded by column
+    chunks (JumpReLU): over every chunk, the activations are sae-lens' encode with BOS
+    zeroed, and the firing counts, each context's max and its first position equal the
+    dense reductions (ties included: two positions of each context share a residual). A small
+    budget forces several chunks, and `collect.features` keeps fewer features than the
+    SAE has."""
+    import torch
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, TopKSAE, TopKSAEConfig
+
+    import baez_ray.stages.collect as stage
+    from baez_ray.config import CollectConfig
+
+    torch.manual_seed(3)
+    d_in, d_sae, F, b, T, bos = 16, 40, 37, 3, 11, 2
+    if arch == "topk":
+        sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=6))
+    else:
+        sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae))
+        with torch.no_grad():
+            sae.threshold.fill_(0.3)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(d_in, d_sae))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    resid = torch.randint(-2, 3, (b, T, d_in)).float()
+    resid[:, 8] = resid[:, 4]  # the same activations at two positions: ties for the max
+    ids = torch.randint(3, 50, (b, T))
+    ids[:, 0] = bos
+    ids[1, 5] = bos
+    with torch.no_grad():
+        dense = sae.encode(resid)[..., :F].clone()
+    dense[ids == bos] = 0.0  # (position 0 and one other)
+    monkeypatch.setattr(stage, "ACTS_BUDGET", b * T * 8)  # chunks of 8 features
+    d = stage._Dictionary(sae, 0, F, 0, CollectConfig(), "cpu")
+    assert d.chunked == (arch == "jumprelu")
+    seen = []
+    with torch.no_grad():
+        for a, acts, counts, vmax, pmax in d.blocks(resid, ids, bos):
+            c = acts.shape[2]
+            torch.testing.assert_close(acts, dense[..., a : a + c])  # (a column block's matmul may round differently)
+            assert not acts.view(b * T, c)[(ids == bos).view(-1)].any()
+            ref = acts.clone()
+            assert torch.equal(counts, (ref > 0).sum(dim=(0, 1)))
+            rmax, rpos = ref.max(dim=1)
+            assert torch.equal(vmax, rmax.clamp(min=0))
+            fires = rmax > 0
+            assert torch.equal(pmax[fires], rpos[fires]) and not pmax[~fires].any()
+            seen.append((a, c))
+    assert [a for a, _ in seen] == list(range(0, F, 8)) and sum(c for _, c in seen) == F
+    at_max = (dense == dense.max(dim=1, keepdim=True).values) & (dense > 0)
+    assert (at_max.sum(dim=1) > 1).any(), "the case should hold a tie for some context's max"
+    assert (dense > 0).float().mean() > 0.05, "the SAE should fire"

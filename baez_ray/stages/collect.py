@@ -132,7 +132,8 @@ class _Dictionary:
     bounded by ACTS_BUDGET whatever the width; its firing mask (pre-activation above
     max(threshold, 0), zero at BOS) is the one the activation function needs anyway, and the
     firing counts are summed from it: no boolean copy of the activations. W_dec is dropped
-    (collect never decodes). Any other SAE is encoded whole per sub-batch and sliced."""
+    (collect never decodes). Any other SAE (TopK, ...) is encoded whole per sub-batch and sliced
+    into chunks; its counts come from the firing entries all the same (`_sparse_stats`)."""
 
     def __init__(self, sae, layer: int, n_features: int, offset: int, cfg: CollectConfig, device: str):
         self.sae, self.layer, self.F, self.offset = sae, layer, n_features, offset
@@ -167,19 +168,17 @@ class _Dictionary:
         ~55 + 25 ms per block on 2 threads, the sparse path ~8 ms."""
         b, T = ids.shape
         chunk = max(1, min(self.F, ACTS_BUDGET // max(1, b * T)))
-        bos = (ids == bos_id) if bos_id is not None else None
+        bos_rows = (ids == bos_id).reshape(-1).nonzero().squeeze(1) if bos_id is not None else None  # BOS tokens of [b·T]
         if not self.chunked:
-            acts = self.sae.encode(resid.to(self.dtype))[..., : self.F].float()
-            if bos is not None:
-                acts[bos] = 0.0
+            acts = self.sae.encode(resid.to(self.dtype))[..., : self.F].float().contiguous()
+            if bos_rows is not None:
+                acts.view(b * T, -1).index_fill_(0, bos_rows, 0.0)
             for a in range(0, self.F, chunk):
-                block = acts[..., a : a + chunk]
-                vmax, pmax = block.max(dim=1)
-                yield a, block, (block > 0).sum(dim=(0, 1)), vmax, pmax
+                block = acts[..., a : a + chunk].contiguous()  # (a view when one chunk holds every feature)
+                yield a, block, *_sparse_stats(block > 0, block)
             return
         sae_in = self.sae.process_sae_in(resid)
         W, bias = self.sae.W_enc, self.sae.b_enc
-        bos_rows = bos.reshape(-1).nonzero().squeeze(1) if bos is not None else None  # the BOS tokens of [b·T]
         for a in range(0, self.F, chunk):
             e = min(self.F, a + chunk)
             pre = sae_in @ W[:, a:e] + bias[a:e]
