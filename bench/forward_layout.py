@@ -5,6 +5,7 @@ The bare forward of Gemma 3 270M to layer 12 (`ResidualReader`, float32, batches
 128 tokens of random ids, BOS first) for `--seconds` in each layout, side by side in one
 run, `--reps` times alternating: one process of `--threads` threads, then `--threads`
 processes of one thread started together once all are loaded (rate: the sum of theirs).
+Every process holds its freed memory as a CollectWorker does (`models.lm.hold_freed_memory`).
 The residuals of the same batch in both layouts are compared bit for bit (collect's
 exactness does not depend on the layout).
 
@@ -33,9 +34,10 @@ def forward(threads: int, seconds: float, ready) -> tuple[float, object]:
     import torch
 
     from baez_ray.config import ModelConfig
-    from baez_ray.models.lm import ResidualReader
+    from baez_ray.models.lm import ResidualReader, hold_freed_memory
 
     torch.set_num_threads(threads)
+    hold_freed_memory()  # as a CollectWorker runs
     lm = ResidualReader(ModelConfig(id="gemma-3-270m", path="pypi:gemma3-270m", layer=12))
     ids = torch.randint(10, 200_000, (8, 128), generator=torch.Generator().manual_seed(0))
     ids[:, 0] = 2

