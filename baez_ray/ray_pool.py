@@ -89,13 +89,17 @@ def init_ray(cfg: RayConfig) -> None:
 
 def actor_map(ds, cls, kwargs: dict | None = None, *, size: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0,
               resources: dict[str, float] | None = None, batch_size: int | None = None, batch_format: str = "pyarrow",
-              fault_tolerant: bool = False, keep: bool = False, in_flight: int | None = None, **options):
+              fault_tolerant: bool = False, keep: bool = False, in_flight: int | None = None, all_up: bool = False,
+              **options):
     """`ds.map_batches(cls)` on a pool of `size` actors built with `cls(**kwargs)` (lazy);
     each actor reserves `num_cpus`, `num_gpus` and the custom `resources` (a job's
     `model.resources`, ...: e.g. {"accelerator_type:H100": 0.001}). `keep`: inside
     `kept_pools()`, the actors outlive this Dataset and serve every later call with the
     same class and arguments (see the module docstring). `in_flight`: the batches queued
-    on one actor at once (Ray Data's default: 4)."""
+    on one actor at once (Ray Data's default: 4). `all_up`: no batch is handed out before
+    every actor is built (Ray Data otherwise gives them to the first actor ready while the
+    others still load their model); an actor that cannot be built fails the map with its
+    own error."""
     import ray
 
     need = _need(size, num_cpus, num_gpus, resources)
@@ -110,12 +114,15 @@ def actor_map(ds, cls, kwargs: dict | None = None, *, size: int = 1, num_cpus: f
                                   batch_format=batch_format, num_cpus=HAND_OVER_CPUS, concurrency=2 * size)
     if _kept is not None:
         _make_room(need)  # (a pool too big to keep beside FREE_CPUS runs as a plain Ray Data pool)
-    return ds.map_batches(
+    out = ds.map_batches(
         cls, fn_constructor_kwargs=kwargs or {}, batch_size=batch_size, batch_format=batch_format,
         compute=ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=in_flight),
         num_cpus=num_cpus, num_gpus=num_gpus or None, resources=resources or None,
         **(ACTOR_FAULT_TOLERANCE if fault_tolerant else {}), **options,
     )
+    if all_up:  # the Dataset's own context; a timeout (without one Ray Data does not wait)
+        out.context.wait_for_min_actors_s = 10**7
+    return out
 
 
 # ---- kept pools ---------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from baez_ray.config import ModelConfig, SAEConfig
 from baez_ray.models.lm import ResidualReader
 from baez_ray.models.sae import load_sae
-from conftest import build_random_sae
+from conftest import build_random_sae, build_tiny_gemma
 
 
 @pytest.mark.parametrize("layer", [0])  # HF's last hidden_states entry is after the final norm
@@ -49,7 +49,6 @@ def test_sae_width_mismatch_and_missing(tmp_path):
         load_sae(SAEConfig(id="s", path=str(tmp_path / "broken")), "cpu")
 
 
-
 FAULTS = """
 import json, resource, sys, torch
 from baez_ray.config import ModelConfig
@@ -79,8 +78,6 @@ def test_a_collect_worker_reuses_freed_tensor_memory(tmp_path):
     Gemma 3 270M's width on 8 × 128 tokens, after two warm-up passes, in fresh processes."""
     import subprocess
     import sys
-
-    from conftest import build_tiny_gemma
 
     model = build_tiny_gemma(tmp_path / "model", hidden=640)
     sae = build_random_sae(tmp_path / "sae", d_in=640)

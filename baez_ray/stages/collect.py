@@ -456,15 +456,11 @@ def _worker_stream(part_paths: list[Path], todo: list[int], model: ModelConfig, 
     # fewer, and its part is counted once by each merge actor (Merger.add). A part is
     # seconds to minutes of work. Two per actor in flight: the next part waits on the actor
     # while it runs one (with one, each part began 0.1-0.2 s after the last ended: Ray Data
-    # polls its tasks every 0.1 s). Dispatch only once every actor is up
-    # (`wait_for_min_actors_s`: this Dataset's own context), each part to the least busy
-    # actor: Ray Data otherwise hands parts out as soon as one actor is ready (the first
-    # took every part of a short corpus while the second was still loading its model). An
-    # actor that cannot start fails the stage with its own error.
-    out = actor_map(ds, CollectWorker, kwargs, size=cfg.num_actors, num_cpus=model.num_cpus, num_gpus=model.num_gpus,
-                    resources=model.resources, batch_format="numpy", fault_tolerant=True, in_flight=2)
-    out.context.wait_for_min_actors_s = 10**7  # (a timeout: without one Ray Data does not wait)
-    return out
+    # polls its tasks every 0.1 s). Dispatch only once every actor is up (`all_up`), each
+    # part to the least busy actor (the first actor ready took every part of a short corpus
+    # while the second was still loading its model).
+    return actor_map(ds, CollectWorker, kwargs, size=cfg.num_actors, num_cpus=model.num_cpus, num_gpus=model.num_gpus,
+                     resources=model.resources, batch_format="numpy", fault_tolerant=True, in_flight=2, all_up=True)
 
 
 def _merge_stream(out, pool: MergePool, checkpoints: Checkpoints) -> None:
