@@ -8,6 +8,10 @@ Exit codes (README, "Errors and exit codes"):
     2    the job file is invalid, or preflight found problems (one line each, all at once)
     3    the run finished, but some rows failed (LLM failures, labels not scored): rerun
          the same command to retry only those
+    75   stopped: a node was lost and an actor of the run cannot be placed on any node left
+         (its GPU or custom resource is gone; `ray.unplaceable_timeout_s`): one line names the
+         lost node, the actor and the resource; rerun the same command once a node with it
+         has joined, to resume (75 is sysexits' EX_TEMPFAIL: a batch system may retry it)
     130  stopped by SIGINT (Ctrl-C), 143 by SIGTERM: rerun the same command to resume
 """
 
@@ -20,6 +24,7 @@ import sys
 from baez_ray.config import ConfigError
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_PARTIAL = 0, 1, 2, 3
+EXIT_UNPLACEABLE = 75
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 
 ADDR_HELP = "Ray Jobs (dashboard) URL, e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS)"
@@ -188,6 +193,14 @@ def _stopped(signame: str) -> int:
     return EXIT_SIGNAL.get(signame, 130)
 
 
+def _unplaceable(exc: BaseException) -> int:
+    """A lost node took the only place an actor of the run could run (faults.Unplaceable):
+    its one line; the run directory resumes."""
+    _shutdown_ray()
+    print(f"stopped: {exc}", file=sys.stderr)
+    return EXIT_UNPLACEABLE
+
+
 def _shutdown_ray() -> None:
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
@@ -209,7 +222,7 @@ def _failed(exc: BaseException, debug: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from baez_ray import progress
+    from baez_ray import faults, progress
     from baez_ray.ray_pool import stop_on_signals
 
     import signal
@@ -224,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         return HANDLERS[args.cmd](args)
     except KeyboardInterrupt as e:
         return _stopped(str(e.args[0]) if e.args and str(e.args[0]) in EXIT_SIGNAL else "SIGINT")
+    except faults.Unplaceable as e:
+        return _unplaceable(e)
     except Exception as e:  # noqa: BLE001 - every error becomes one line (the traceback with --debug)
         return _failed(e, args.debug)
     finally:  # main() called in-process (tests) leaves the caller's handlers as they were

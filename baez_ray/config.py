@@ -40,7 +40,12 @@ Resources = Annotated[dict[str, float], AfterValidator(_resources)]
 
 
 class RayConfig(Section):
-    address: str | None = None  # None: start (or join) a local cluster
+    address: str | None = Field(
+        None, description="the cluster to join: host:port of its GCS, or `auto` (the cluster `ray start` made on this machine); "
+                          "null: $RAY_ADDRESS when set (Ray Jobs), else a new local cluster of this run's own")
+    unplaceable_timeout_s: float = Field(
+        600.0, gt=0, description="a lost node: how long an actor of the run may wait for a resource no node left has (its "
+                                 "GPU, a custom resource) before the run stops, resumable (exit code 75)")
     num_cpus: int | None = 4  # logical CPUs for a local cluster (oversubscribe small boxes)
     object_store_mb: int | None = None
     resources: Resources = Field(default_factory=dict, description="custom resources a local cluster advertises (ignored when joining one)")
@@ -122,6 +127,9 @@ class CollectConfig(Section):
                              "their candidate rows, snapshots them and writes their rows of the features table. One is enough "
                              "up to ~64k features; a 262k dictionary wants ~4 (each holds its range's top-k and reservoir windows)")
     merge_num_cpus: float = Field(0.5, gt=0, description="Ray CPUs reserved per merge actor")
+    merge_resources: Resources = Field(
+        default_factory=dict, description="Ray custom resources per merge actor, e.g. to keep them off spot nodes (a lost node "
+                                          "costs no merge: a merge actor restores itself on another, docs/cluster-faults.md)")
     merge_buffer_mb: int = Field(
         256, ge=1, description="a merge actor compacts (sorts, keeps each feature's top-k and reservoir) once this many MB of "
                                "candidate rows are buffered: its memory is its range's state plus this, whatever the corpus length")

@@ -1,21 +1,31 @@
 """What a run shows on the terminal: a progress bar per stage, counted where the work is
-done, and third-party noise hidden unless `--verbose`.
+done, a line for work redone after a lost node, and third-party noise hidden unless
+`--verbose`.
 
-    driver:   with progress.bar("collect", total=n_tokens, unit="tok") as b:   # tqdm bar
+    driver:   with progress.bar("collect", total=n_tokens, unit="tok") as b:   # a bar, or lines
                   ...                                  # b.add_total(n): a retry round
               b.rates()                                # start-up and steady rate, worker-side
     workers:  progress.tick(n)                         # n more units done (a no-op without a bar)
+              progress.started("part 3")               # an item of work (or a stateful actor) begins
 
-Workers report to one small Ray actor (`Counter`, named, created by the first bar of the
-driver); a thread of the driver polls it twice a second and moves the bar. The count thus
-moves as the actors work, not when their results reach the driver. On a terminal the bar
-redraws in place (tqdm); otherwise (a log file, Ray Jobs) it is a line every
-`LOG_EVERY_S` seconds and one when the bar closes. One bar is open at a time.
+Workers report to one small Ray actor (`Counter`, named, made when Ray starts, on the
+driver's node: no worker node's loss takes it), and a thread of the driver polls it twice
+a second and moves the bar. The count thus moves as the actors work, not when their
+results reach the driver. On a terminal the bar redraws in place (tqdm); otherwise (a log
+file, Ray Jobs, or tqdm told to stay quiet: TQDM_DISABLE) it is a line with the counts
+every `LOG_EVERY_S` seconds and one when the bar closes, written by this module whatever
+tqdm's settings. One bar is open at a time.
+
+Redone work. An item `started` again by another process, whose first process's node is
+lost, is work a lost node cost: the bar logs one line for it,
+`[collect] lost node 3f2a9c1e at 12,288/16,384 tok: part 3 redone on 9bd10c44`, and
+counts it (`Bar.redone`; `redone_total()` over the run).
 
 `set_verbose(False)` (the CLI's default) hides Python warnings, Ray's INFO lines and Ray
 Data's progress bars and execution logs, worker output (model-loading bars, sae_lens and
-transformers warnings, the tracebacks Ray prints before our one `error:` line) and the
-transformers / Hugging Face chatter; `init_ray` starts Ray with `start_ray`.
+transformers warnings, Ray's task-retry messages, the tracebacks Ray prints before our one
+`error:` line) and the transformers / Hugging Face chatter; `init_ray` starts Ray with
+`start_ray`.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ from contextlib import contextmanager
 
 from tqdm import tqdm
 
+from baez_ray import faults
 from baez_ray.rundir import log
 
 ACTOR_NAME = "baez_ray_progress"
@@ -39,18 +50,26 @@ LOG_EVERY_S = 10.0
 _verbose = False
 _worker_counter: tuple = (None, None)  # (Ray session, this process's handle on the driver's Counter)
 _driver_counter: tuple = (None, None)  # (Ray session, handle): one Counter per Ray session, kept alive
+_redone = 0  # lines logged for work redone after a lost node, this process
 
 
 class Counter:
     """Ray actor: the units done in the open bar, with the times of the first and last
-    report (this actor's clock, so worker-side timings whatever the node)."""
+    report (this actor's clock, so worker-side timings whatever the node); and who started
+    each item of work, to tell the driver of an item started again by another process."""
 
     def __init__(self):
         self.reset()
+        self.items: dict[str, tuple] = {}  # item → (node, pid) of its last start
+        self.events: list[tuple] = []
 
     def reset(self) -> None:
         self.t_open, self.t_first, self.t_last = time.monotonic(), None, None
         self.n, self.n_first, self.taken = 0, 0, 0
+
+    def forget(self) -> None:
+        """A new run in this Ray session: items of the last one are not this one's."""
+        self.items, self.events = {}, []
 
     def add(self, n: int) -> None:
         now = time.monotonic()
@@ -58,10 +77,32 @@ class Counter:
             self.t_first, self.n_first = now, n
         self.t_last, self.n = now, self.n + n
 
-    def take(self) -> tuple[int, dict]:
-        """Units reported since the last take, and the timings so far."""
+    def started(self, item: str, node: str, pid: int, verb: str, detail: str) -> None:
+        last = self.items.get(item)
+        self.items[item] = (node, pid)
+        if last is not None and last != (node, pid):
+            self.events.append((item, last[0], node, verb, detail))
+
+    def take(self) -> tuple[int, dict, list]:
+        """Units reported since the last take, the timings so far, and the items started
+        again since the last take: (item, old node, new node, verb, detail)."""
         new, self.taken = self.n - self.taken, self.n
-        return new, {"t_open": self.t_open, "t_first": self.t_first, "t_last": self.t_last, "n": self.n, "n_first": self.n_first}
+        events, self.events = self.events, []
+        return new, {"t_open": self.t_open, "t_first": self.t_first, "t_last": self.t_last, "n": self.n, "n_first": self.n_first}, events
+
+
+def _worker_handle():
+    """This process's handle on the run's Counter (None: none in this Ray job)."""
+    global _worker_counter
+    import ray
+
+    session = _session()
+    if _worker_counter[0] != session:  # (a process that outlived a Ray session: the tests)
+        try:
+            _worker_counter = (session, ray.get_actor(ACTOR_NAME))
+        except ValueError:  # no Counter in this Ray job (Ray started outside `start_ray`, no bar yet)
+            return None
+    return _worker_counter[1]
 
 
 def tick(n: int) -> None:
@@ -71,15 +112,30 @@ def tick(n: int) -> None:
 
     if not n or not ray.is_initialized():
         return
-    session = _session()
-    if _worker_counter[0] != session:  # (a process that outlived a Ray session: the tests)
-        try:
-            _worker_counter = (session, ray.get_actor(ACTOR_NAME))
-        except ValueError:  # no bar was ever opened in this Ray job
-            return
+    handle = _worker_handle()
     try:
-        _worker_counter[1].add.remote(int(n))
+        if handle is not None:
+            handle.add.remote(int(n))
     except Exception:  # noqa: BLE001 - the Counter is gone: a progress tick never fails the work it counts
+        _worker_counter = (None, None)
+
+
+def started(item: str, verb: str = "redone", detail: str = "") -> None:
+    """An item of work (`part 3`), or a stateful actor (`merge actor 1`), begins in this
+    process. Started again elsewhere after its node was lost, the bar says
+    `<item> <verb> on <node><detail>`."""
+    global _worker_counter
+    import os
+
+    import ray
+
+    if not ray.is_initialized():
+        return
+    handle = _worker_handle()
+    try:
+        if handle is not None:
+            handle.started.remote(item, ray.get_runtime_context().get_node_id(), os.getpid(), verb, detail)
+    except Exception:  # noqa: BLE001 - as in tick
         _worker_counter = (None, None)
 
 
@@ -92,51 +148,100 @@ def _session() -> tuple[str, str]:
 
 
 def _counter():
-    """The driver's Counter for this Ray session, made by the first bar. The driver keeps its
-    handle: a Counter whose handles were all dropped would die with each bar, and every bar
-    would wait for a new actor process to start."""
+    """The driver's Counter for this Ray session (made by `start_ray`, or by the first bar).
+    The driver keeps its handle: a Counter whose handles were all dropped would die with
+    each bar, and every bar would wait for a new actor process to start. It lives on the
+    driver's node and is restarted if it dies (a restarted one counts on from zero)."""
     global _driver_counter
     import ray
 
     session = _session()
     if _driver_counter[0] != session:
-        _driver_counter = (session, ray.remote(Counter).options(name=ACTOR_NAME, get_if_exists=True, num_cpus=0).remote())
+        opts = dict(name=ACTOR_NAME, get_if_exists=True, num_cpus=0, max_restarts=-1, max_task_retries=-1, **faults.on_driver_node())
+        _driver_counter = (session, ray.remote(Counter).options(**opts).remote())
     return _driver_counter[1]
 
 
+def new_run() -> None:
+    """A job starts: what the last job of this Ray session started is forgotten."""
+    import ray
+
+    if ray.is_initialized():
+        ray.get(_counter().forget.remote())
+
+
+def redone_total() -> int:
+    """Lines logged (items of work redone after a lost node) so far in this process."""
+    return _redone
+
+
+LINE = "{n_fmt}/{total_fmt}{unit} ({percentage:.0f}%), {rate_fmt}, {elapsed} elapsed, ETA {remaining}"
+
+
 class Bar:
-    """A tqdm bar moved by the workers' ticks (see the module docstring)."""
+    """A bar moved by the workers' ticks (see the module docstring): tqdm on a terminal,
+    else our own periodic line (`LINE`)."""
 
     def __init__(self, name: str, total: int | None, unit: str, initial: int = 0):
         import ray
 
-        self.name, self.stats = name, {}
+        self.name, self.stats, self.redone = name, {}, 0
+        self.total, self.n, self.initial, self.unit = total, initial, initial, unit
         self.counter = _counter()
         ray.get(self.counter.reset.remote())
-        tty = _terminal_width() > 0  # (a terminal of width 0, e.g. a bare pty, shows no bar: log lines then)
-        # off a terminal, the bar is a log line: "[collect] 4.10k/8.33k tok (49%), 1.27k tok/s, 00:09 elapsed, ETA 00:03"
-        fmt = None if tty else "{n_fmt}/{total_fmt}{unit} ({percentage:.0f}%), {rate_fmt}, {elapsed} elapsed, ETA {remaining}"
-        self.tqdm = tqdm(total=total, initial=initial, unit=f" {unit}", desc=name, unit_scale=(total or 0) >= 100_000, dynamic_ncols=True,
-                         file=sys.stderr if tty else open(os.devnull, "w"), mininterval=POLL_S, bar_format=fmt)
-        self.tty, self.last_log = tty, time.monotonic()
+        self.t0 = self.last_log = time.monotonic()
+        self.tqdm = None
+        if _terminal_width() > 0:  # (a terminal of width 0, e.g. a bare pty, shows no bar: lines then)
+            bar = tqdm(total=total, initial=initial, unit=f" {unit}", desc=name, unit_scale=(total or 0) >= 100_000,
+                       dynamic_ncols=True, file=sys.stderr, mininterval=POLL_S)
+            if bar.disable:  # TQDM_DISABLE: lines, as off a terminal
+                bar.close()
+            else:
+                self.tqdm = bar
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._poll, daemon=True, name=f"progress-{name}")
         self.thread.start()
 
     def add_total(self, n: int) -> None:
         """More work in the same bar (a retry round)."""
-        self.tqdm.total = (self.tqdm.total or 0) + n
-        self.tqdm.refresh()
+        self.total = (self.total or 0) + n
+        if self.tqdm is not None:
+            self.tqdm.total = self.total
+            self.tqdm.refresh()
+
+    def line(self) -> str:
+        """`4.10k/8.33k tok (49%), 1.27k tok/s, 00:09 elapsed, ETA 00:03`: real counts,
+        whatever tqdm is told by the environment."""
+        elapsed = time.monotonic() - self.t0
+        total = self.total if self.total and self.total >= self.n else None
+        return tqdm.format_meter(self.n, total, elapsed, unit=f" {self.unit}", unit_scale=(self.total or 0) >= 100_000,
+                                 bar_format=LINE if total else "{n_fmt}{unit}, {rate_fmt}, {elapsed} elapsed", initial=self.initial)
 
     def _pull(self) -> None:
         import ray
 
-        new, self.stats = ray.get(self.counter.take.remote())
+        new, self.stats, events = ray.get(self.counter.take.remote())
         if new:
-            self.tqdm.update(new)
-        if not self.tty and time.monotonic() - self.last_log >= LOG_EVERY_S:
+            self.n += new
+            if self.tqdm is not None:
+                self.tqdm.update(new)
+        if events:
+            self._redone(events)
+        if self.tqdm is None and time.monotonic() - self.last_log >= LOG_EVERY_S:
             self.last_log = time.monotonic()
-            log(f"[{self.name}] {self.tqdm}")
+            log(f"[{self.name}] {self.line()}")
+
+    def _redone(self, events: list[tuple]) -> None:
+        """A line per item started again after its node was lost (the others: a retry on
+        the same node, a process restarted by Ray after an OOM kill, are not counted here)."""
+        global _redone
+        cluster = faults.nodes()
+        for item, old, new, verb, detail in events:
+            if old in cluster and not cluster[old].alive:
+                self.redone += 1
+                _redone += 1
+                total = f"/{self.total:,}" if self.total else ""
+                log(f"[{self.name}] lost node {faults.short(old)} at {self.n:,}{total} {self.unit}: {item} {verb} on {faults.short(new)}{detail}")
 
     def _poll(self) -> None:
         while not self.stop.wait(POLL_S):
@@ -152,10 +257,10 @@ class Bar:
             self._pull()
         except Exception:  # noqa: BLE001 - as in _poll
             pass
-        if not self.tty:
-            log(f"[{self.name}] {self.tqdm}")
-            self.tqdm.fp.close()
-        self.tqdm.close()
+        if self.tqdm is None:
+            log(f"[{self.name}] {self.line()}")
+        else:
+            self.tqdm.close()
 
     def rates(self) -> dict:
         """`startup_s` (bar opened → first report) and `steady_per_s` (units per second
@@ -231,6 +336,7 @@ def start_ray(**init_kwargs) -> None:
             os.dup2(saved, 2)
             os.close(saved)
     _quiet_ray_data()
+    _counter()  # before any actor starts: a stateful actor's first start is on record
 
 
 def _quiet_ray_data() -> None:

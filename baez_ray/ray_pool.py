@@ -1,11 +1,25 @@
 """The Ray session and the one way this package runs work in an actor pool.
 
-* `init_ray(ray_cfg)`: join the cluster in `ray.address` (or $RAY_ADDRESS), or start a
-  local one, once per process.
+* `init_ray(ray_cfg)`: join the cluster in `ray.address` (`auto`: the one `ray start` made
+  on this machine; or $RAY_ADDRESS, which Ray Jobs sets), or start a private local one
+  (never another's: a stale `ray_current_cluster` file is not read), once per process.
 * `actor_map(ds, cls, ...)`: `ds.map_batches(cls, ...)` on a pool of `size` actors, each
-  holding a model or a client; with `fault_tolerant=True` an actor that dies (OOM kill,
-  segfault, preempted node) is restarted and its batch retried (`ACTOR_FAULT_TOLERANCE`).
+  holding a model or a client; an actor that dies (OOM kill, segfault, a lost node) is
+  restarted, on another node if its own is gone, and its batch retried
+  (`ACTOR_FAULT_TOLERANCE`).
 * `gather(ds)`: a (small) Dataset's rows as one Arrow table, for the driver.
+* `watch(run)`: while a job runs, a thread that notices lost nodes (a line each), counts
+  the actors Ray restarted per stage, and stops the run (`faults.Unplaceable`, one line)
+  when an actor has waited `ray.unplaceable_timeout_s` for a resource no node has left.
+
+What a lost worker node costs, and the settings that make it cost no more (docs/cluster-faults.md):
+Ray Data retries a lost task (`TASK_RETRIES`) and rebuilds lost blocks from their lineage;
+every actor this package starts is restarted with its batch retried
+(`ACTOR_FAULT_TOLERANCE`); the groupbys shuffle with tasks (`SHUFFLE`: Ray Data's default
+hash shuffle keeps partitions in actors that a lost node takes with it); the stateful
+actors restore their own state (collect's merge actors: `stages/merge.py`; the API
+callers' answers: `llm/journal.py`); the small actors of the driver (progress Counter, a
+kept pool's turn keeper) live on the driver's node.
 
 Kept pools. A model in an actor costs its start-up (a process, the imports, the weights:
 5-10 s for a small LLM on CPU, minutes for a large one on a GPU) every time a Dataset runs
@@ -28,6 +42,7 @@ import json
 import os
 import signal
 import threading
+import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,15 +50,23 @@ from typing import Any
 
 import pyarrow as pa
 
-from baez_ray import progress
+from baez_ray import faults, progress
 from baez_ray.config import RayConfig
+from baez_ray.rundir import log
 
-# Ray options of every actor pool that holds a model or a client (collect, the transformers
-# and anthropic backends): an actor that dies is restarted, as often as needed (each
-# restart reloads its model), and the batch it was working on is retried on it up to 3
-# times; a batch that kills its actor 4 times fails the stage with Ray's error instead of
-# looping forever (rerunning the job resumes from the committed shards).
+# Ray options of every actor this package starts (actor pools, kept pools, collect's merge
+# actors): an actor that dies is restarted, as often as needed (each restart reloads its
+# model; on another node when its own is lost), and the calls it was working on are
+# retried on it up to 3 times; a batch that kills its actor 4 times fails the stage with
+# Ray's error instead of looping forever (rerunning the job resumes from the committed
+# shards). A lost node costs one try of each call it held.
 ACTOR_FAULT_TOLERANCE = {"max_restarts": -1, "max_task_retries": 3}
+# Ray Data's tasks (reads, light maps, a kept pool's hand-over tasks): retried until they
+# succeed when their node is lost (Ray Data's own default, stated here); plain Ray tasks of
+# the stages (`remote`): Ray's default of 3 tries after a failure of their worker or node.
+TASK_RETRIES = {"ray_data": -1, "tasks": 3}
+# groupby / map_groups: a sort-based shuffle in tasks, rebuilt from lineage when a node is lost
+SHUFFLE = "sort_shuffle_pull_based"
 
 
 def _raise_stop(signum, frame) -> None:
@@ -61,10 +84,12 @@ def stop_on_signals() -> None:
 
 
 def init_ray(cfg: RayConfig) -> None:
-    """Join the cluster in `cfg.address` (or $RAY_ADDRESS), or start a local one (once per process)."""
+    """Join the cluster in `cfg.address` (`auto`: the one `ray start` made on this machine)
+    or in $RAY_ADDRESS (Ray Jobs), else start a private local one (once per process)."""
     import ray
 
     if ray.is_initialized():
+        _data_settings()
         return
     # Ray Data reads a Parquet table's footers on a pool of FooterReader actors, 32 by
     # default, each a new worker process, for every read: our tables are a few parts each
@@ -77,23 +102,35 @@ def init_ray(cfg: RayConfig) -> None:
         # An http(s) RAY_ADDRESS is a Jobs API URL for `baez-ray submit`, not a cluster to join.
         progress.start_ray(address=cfg.address)
     else:
-        kwargs: dict[str, Any] = {"num_cpus": cfg.num_cpus, "include_dashboard": False}
+        # "local": a new cluster of this process. (Without an address ray.init would read the
+        # ray_current_cluster file of the last `ray start` on this machine, which outlives a
+        # cluster that went away without `ray stop`, and try to join that.)
+        kwargs: dict[str, Any] = {"address": "local", "num_cpus": cfg.num_cpus, "include_dashboard": False}
         if cfg.object_store_mb:
             kwargs["object_store_memory"] = cfg.object_store_mb * 2**20
         if cfg.resources:
             kwargs["resources"] = dict(cfg.resources)
         progress.start_ray(**kwargs)
+    _data_settings()
     if signal.getsignal(signal.SIGINT) is _raise_stop:  # the CLI's handlers: keep them
         stop_on_signals()
 
 
+def _data_settings() -> None:
+    import ray
+    from ray.data.context import ShuffleStrategy
+
+    ray.data.DataContext.get_current().shuffle_strategy = ShuffleStrategy(SHUFFLE)
+
+
 def actor_map(ds, cls, kwargs: dict | None = None, *, size: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0,
               resources: dict[str, float] | None = None, batch_size: int | None = None, batch_format: str = "pyarrow",
-              fault_tolerant: bool = False, keep: bool = False, in_flight: int | None = None, all_up: bool = False,
+              fault_tolerant: bool = True, keep: bool = False, in_flight: int | None = None, all_up: bool = False,
               **options):
     """`ds.map_batches(cls)` on a pool of `size` actors built with `cls(**kwargs)` (lazy);
     each actor reserves `num_cpus`, `num_gpus` and the custom `resources` (a job's
-    `model.resources`, ...: e.g. {"accelerator_type:H100": 0.001}). `keep`: inside
+    `model.resources`, ...: e.g. {"accelerator_type:H100": 0.001}); `fault_tolerant`
+    (every pool of the package): `ACTOR_FAULT_TOLERANCE`. `keep`: inside
     `kept_pools()`, the actors outlive this Dataset and serve every later call with the
     same class and arguments (see the module docstring). `in_flight`: the batches queued
     on one actor at once (Ray Data's default: 4). `all_up`: no batch is handed out before
@@ -137,7 +174,11 @@ class _Host:
     """A kept actor: holds `cls(**kwargs)` and calls it on each batch it is handed."""
 
     def __init__(self, cls, kwargs: dict):
+        self.name = cls.__name__
         self.fn = cls(**kwargs)
+
+    def __repr__(self) -> str:  # what Ray calls the actor (logs, the GCS, the line of a run stopped for it)
+        return f"kept({self.name})"
 
     def call(self, batch):
         return self.fn(batch)
@@ -169,7 +210,8 @@ class _KeptPool:
             opts.update(ACTOR_FAULT_TOLERANCE)
         host = ray.remote(_Host)
         actors = [host.options(**opts).remote(cls, kwargs) for _ in range(size)]
-        return cls_(actors, ray.remote(_Turn).options(num_cpus=0).remote(), need)
+        turn = ray.remote(_Turn).options(num_cpus=0, max_restarts=-1, max_task_retries=-1, **faults.on_driver_node()).remote()
+        return cls_(actors, turn, need)
 
     def kill(self) -> None:
         import ray
@@ -263,3 +305,112 @@ def remote(fn):
     import ray
 
     return ray.remote(fn)
+
+
+# ---- the watch: lost nodes, restarted actors, actors that cannot be placed -----------------
+
+WATCH_POLL_S = 1.0
+STOP_SIGNAL = signal.SIGUSR1  # what the watch sends the main thread to stop the run (Unplaceable)
+
+
+class _Watch:
+    """See `watch`. Polls the GCS (nodes, this job's actors) every WATCH_POLL_S."""
+
+    def __init__(self, run, timeout_s: float):
+        self.run, self.timeout = run, timeout_s
+        self.seen: dict[str, bool] = {}  # node → alive at the last poll
+        self.where: dict[str, tuple[str, str]] = {}  # actor → (node, name) while it was alive
+        self.restarts: dict[str, int] | None = None  # actor → restarts at the last poll
+        self.waiting: dict[str, float] = {}  # actor → when it was first seen stuck
+        self.counts: dict[str, dict] = {}  # stage → {"lost_nodes": [...], "restarted_actors": n}
+        self.redone_seen = progress.redone_total()
+        self.reason: str | None = None
+        self.lock, self.done = threading.Lock(), threading.Event()
+        self.can_stop = threading.current_thread() is threading.main_thread()
+
+    def _stage(self) -> dict:
+        return self.counts.setdefault(getattr(self.run, "current_stage", None) or "run", {"lost_nodes": [], "restarted_actors": 0})
+
+    def poll(self) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            return
+        with self.lock:
+            cluster, actors = faults.nodes(), faults.job_actors()
+            for node in cluster.values():
+                if not node.alive and self.seen.get(node.id):
+                    self._lost(node)
+                self.seen[node.id] = node.alive
+            for a in actors:
+                if a.state == "ALIVE" and a.node:
+                    self.where[a.id] = (a.node, a.name)
+            restarts = {a.id: a.restarts for a in actors}
+            if self.restarts is not None:
+                self._stage()["restarted_actors"] += sum(max(0, n - self.restarts.get(i, 0)) for i, n in restarts.items())
+            self.restarts = restarts
+            self._check_stuck(actors, cluster)
+
+    def _lost(self, node) -> None:
+        held = sorted(name for n, name in self.where.values() if n == node.id)
+        self._stage()["lost_nodes"].append(faults.short(node.id))
+        what = f"{len(held)} of the run's actors ({', '.join(sorted(set(held)))}) restart on the other nodes" if held else "no actor of the run was on it"
+        log(f"[{getattr(self.run, 'current_stage', None) or 'run'}] lost node {node.name}: {what}; its tasks are retried")
+
+    def _check_stuck(self, actors, cluster) -> None:
+        now = time.monotonic()
+        stuck = faults.stuck(actors, cluster)
+        self.waiting = {a.id: self.waiting.get(a.id, now) for a in stuck}
+        for a in stuck:
+            if now - self.waiting[a.id] >= self.timeout and self.reason is None:
+                self.reason = faults.stuck_line(a, cluster, now - self.waiting[a.id], str(self.run.dir))
+                if self.can_stop:
+                    os.kill(os.getpid(), STOP_SIGNAL)
+                else:  # (a job run outside the main thread: nothing can interrupt it; say why it waits)
+                    log(f"[{getattr(self.run, 'current_stage', None) or 'run'}] {self.reason}")
+
+    def loop(self) -> None:
+        while not self.done.wait(WATCH_POLL_S):
+            try:
+                self.poll()
+            except Exception:  # noqa: BLE001 - Ray going down (a stopping run): the watch just skips a poll
+                pass
+
+    def stage_counts(self, name: str) -> dict:
+        """Run.stage's hook: what the cluster cost this stage (nothing when it cost nothing)."""
+        try:
+            self.poll()
+        except Exception:  # noqa: BLE001 - as in loop
+            pass
+        with self.lock:
+            got = self.counts.pop(name, {"lost_nodes": [], "restarted_actors": 0})
+        redone, self.redone_seen = progress.redone_total() - self.redone_seen, progress.redone_total()
+        out = {k: v for k, v in {**got, "retried_parts": redone}.items() if v}
+        return {"faults": out} if out else {}
+
+    def _raise(self, signum, frame) -> None:
+        raise faults.Unplaceable(self.reason or "an actor of the run cannot be placed")
+
+
+@contextmanager
+def watch(run, timeout_s: float):
+    """While a job runs: a line for each lost node (`[collect] lost node 3f2a9c1e
+    (10.0.0.7): 3 of the run's actors (...) restart on the other nodes; ...`), per stage the
+    nodes lost, the actors Ray restarted and the items of work redone
+    (`faults` in the stage's manifest entry, via `run.stage_hooks`), and a stop: an actor
+    of the run that waits `timeout_s` for resources no alive node has raises
+    `faults.Unplaceable` in the main thread (a signal, STOP_SIGNAL), whose message is the
+    one line the CLI prints. Off the main thread the watch can only log that line."""
+    w = _Watch(run, timeout_s)
+    before = signal.signal(STOP_SIGNAL, w._raise) if w.can_stop else None
+    run.stage_hooks.append(w.stage_counts)
+    thread = threading.Thread(target=w.loop, daemon=True, name="baez-watch")
+    thread.start()
+    try:
+        yield w
+    finally:
+        w.done.set()
+        thread.join(timeout=10)
+        run.stage_hooks.remove(w.stage_counts)
+        if w.can_stop:
+            signal.signal(STOP_SIGNAL, before)

@@ -123,6 +123,10 @@ class Run:
             "attempts": previous.get("attempts", 0) + 1,
             "stages": previous.get("stages", {}),
         }
+        self.current_stage: str | None = None
+        # called at the end of every stage with its name; what they return joins its counts
+        # (`ray_pool.watch`: what a lost node cost the stage)
+        self.stage_hooks: list = []
         (self.dir / "job.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
         self.save()
 
@@ -154,19 +158,27 @@ class Run:
         info: dict[str, Any] = {}
         t0 = time.perf_counter()
         log(f"[{name}] started")
+        self.current_stage = name
         try:
             yield info
         except BaseException as e:
             info["error"] = f"{type(e).__name__}: {e}"
             info["seconds"] = round(time.perf_counter() - t0, 3)
-            self.manifest["stages"][name] = info
-            self.manifest["status"] = "stopped" if isinstance(e, KeyboardInterrupt) else "failed"
+            self._end_stage(name, info)
+            # stopped (resumable): a signal, or an actor the cluster cannot place (faults.Unplaceable)
+            self.manifest["status"] = "stopped" if isinstance(e, KeyboardInterrupt) or getattr(e, "resumable", False) else "failed"
             self.save()
             raise
         info["seconds"] = round(time.perf_counter() - t0, 3)
-        self.manifest["stages"][name] = info
+        self._end_stage(name, info)
         self.save()
         log(f"[{name}] done in {info['seconds']:.1f}s{_counts(info, ' ')}")
+
+    def _end_stage(self, name: str, info: dict) -> None:
+        for hook in list(self.stage_hooks):
+            info.update(hook(name))
+        self.manifest["stages"][name] = info
+        self.current_stage = None
 
     def finish(self) -> None:
         self.manifest["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")

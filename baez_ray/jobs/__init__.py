@@ -34,13 +34,21 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
 def execute(spec: JobSpec, out: str | Path | None = None) -> Run:
     """Run a job to completion and return its Run. A model that several of its stages or
     rounds call is loaded once (`ray_pool.kept_pools`)."""
-    from baez_ray.ray_pool import kept_pools
+    import shutil
+
+    from baez_ray import progress
+    from baez_ray.llm import journal
+    from baez_ray.ray_pool import kept_pools, watch
 
     run = Run(spec, out)
     log(f"run {spec.name} ({spec.job}) → {run.dir}")
-    with kept_pools():
+    progress.new_run()
+    # a lost node costs its in-flight work only (docs/cluster-faults.md): the watch names it
+    # and stops a run whose actor cannot be placed; answers paid for are kept until the end
+    with kept_pools(), watch(run, spec.ray.unplaceable_timeout_s), journal.kept_in(run.dir / journal.DIR):
         import_module(f"baez_ray.jobs.{spec.job}").run_job(spec, run)
     run.finish()
+    shutil.rmtree(run.dir / journal.DIR, ignore_errors=True)
     log(f"run finished: {run.dir}")
     return run
 

@@ -239,7 +239,8 @@ def check_resources(chk: Checks, spec: JobSpec) -> None:
     cluster is not checked (its autoscaler may start a node type that has it)."""
     if spec.ray.address or os.environ.get("RAY_ADDRESS"):
         return
-    asked = [("route.resources", spec.route.resources)] + ([("model.resources", spec.model.resources)] if spec.model else [])
+    asked = [("route.resources", spec.route.resources), ("collect.merge_resources", spec.collect.merge_resources)]
+    asked += [("model.resources", spec.model.resources)] if spec.model else []
     asked += [(f"{key}.resources", llm.resources) for key, llm in llms(spec)]
     asked += [(f"{sec}.av.resources", getattr(spec, sec).av.resources) for sec in ("label", "benchmark") if getattr(spec, sec) is not None]
     have = spec.ray.resources

@@ -62,6 +62,13 @@ the summary marker `collect_state/COMMITTED.json`); a rerun after a crash restor
 snapshot and runs the parts some actor lacks (an actor that has a part ignores it again):
 the features table equals that of an uninterrupted run (each part is always run in the
 same forward-pass batches).
+
+A lost node (docs/cluster-faults.md). Its collect workers are restarted on another node
+and their parts in flight redone there (rows merged twice are duplicates, counts of a
+part an actor has are ignored, as above); its merge actors restore their snapshot and
+replay their log (`stages/merge.py`). The driver's bar says what was redone
+(`[collect] lost node 3f2a9c1e at 12,288/16,384 tok: part 3 redone on 9bd10c44`); the
+manifest counts it (`faults`, `replayed_merges`).
 """
 
 from __future__ import annotations
@@ -273,6 +280,8 @@ class CollectWorker:
                 work.append((tokens[idx], cids[idx], int(p)))
         out = []
         for tokens, cids, part in work:
+            if part >= 0:  # (a part begun again on another node after its own was lost: the driver's bar says so)
+                progress.started(f"part {part}")
             tables = self._part(tokens, cids, part)
             out.append(self._push(tables, part, tokens.shape) if self.merge else pa.concat_tables(list(tables)))
         return pa.concat_tables(out)
@@ -523,7 +532,7 @@ def collect(contexts_dir: Path, state_root: Path, features_dir: Path, model: Mod
         features=n_features, features_per_sae={s.id: n for s, n in zip(saes, per_sae)}, tokens=status[0]["n_tokens"],
         firing_features=sum(st["firing"] for st in status), candidate_rows=sum(st["rows_in"] for st in status), parts=parts,
         resumed_parts=len(resumed), checkpoints=checkpoints.written, contexts_run=sum(sizes[i] for i in todo),
-        merge_actors=len(pool.ranges),
+        merge_actors=len(pool.ranges), replayed_merges=sum(st["replayed"] for st in status),
         # start-up (actors, model load, first forward batch) apart from the steady rate of
         # the forward passes after it, both from the workers' progress reports
         startup_s=rates["startup_s"], steady_tokens_per_s=rates["steady_per_s"],

@@ -4,6 +4,17 @@ rows the workers push them (`Merger`), snapshot their state for resume (`Snapsho
 write their rows of the features table; the driver holds their handles and counters
 (`MergePool`) and runs the snapshot rounds (`Checkpoints`).
 
+A lost node. A merge actor logs every call it merges (its rows, before merging them) to
+its folder of the run directory (shared storage on a cluster), fsync'd, in one log per
+snapshot generation (`Snapshots`: `log-GGGGGG-*.arrows`, Arrow IPC streams). Ray restarts
+a merge actor whose node was lost on another node (`ray_pool.ACTOR_FAULT_TOLERANCE`): it
+restores its last snapshot, replays the log of the calls merged since then, and Ray then
+retries the calls it had not answered. Every call it ever answered is thus merged again
+exactly as before (a call both logged and retried gives rows that are duplicates of a
+(feature, context), dropped, and counts of a part it has, ignored), so its state is that
+of the actor that was lost: the features table is that of an uninterrupted run. A rerun
+after a crash restores and replays the same way (`MergeActor.load`).
+
 This module imports neither torch nor transformers (nor the worker side of collect): a
 merge actor's process starts without them, and the token texts of its windows come from
 the driver's tokenizer (`MergePool.write_features`).
@@ -15,6 +26,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +34,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from baez_ray import schema
+from baez_ray import progress, schema
 from baez_ray.config import CollectConfig
+from baez_ray.ray_pool import ACTOR_FAULT_TOLERANCE
 from baez_ray.rundir import fsync_path, log, write_json_atomic
 
 EMPTY_SAMPLE = 2.0  # reservoir keys live in [0, 1)
@@ -295,30 +308,57 @@ class Snapshots:
     """One merge actor's snapshots, under `<run>/collect_state/merge-NNN/`: `gen-NNNNNN/`
     (its top and sample rows, firing counts) and its commit marker `COMMITTED.json`, written
     last and atomically, naming the snapshot in force, the feature range and the contexts
-    parts it covers. Older snapshots are removed once the marker has moved on."""
+    parts it covers; and the log of the calls merged since that snapshot
+    (`log-NNNNNN-<instance>.arrows`, one per actor process: a restarted actor never appends
+    to a log whose last call its lost predecessor may have cut short). Older snapshots and
+    logs are removed once the marker has moved on."""
 
     def __init__(self, root: Path, part_names: list[str], lo: int, hi: int):
         self.root, self.names, self.lo, self.hi = root, part_names, lo, hi
         self.generation = 0
+        self.sink = self.writer = None
+        self.replayed = 0  # parts the last `load` completed from the log
 
     def load(self, merger: Merger) -> set[int]:
-        """Restore the committed snapshot into `merger`; returns the parts it covers."""
+        """Restore the committed snapshot into `merger` and replay the log of the calls
+        merged since; returns the parts it covers. Later calls are logged anew."""
+        self.close_log()
         self.root.mkdir(parents=True, exist_ok=True)
+        info = self._marker()
+        if info is None:
+            self.generation = 0
+            self._clean(keep=None)
+        else:
+            index = {n: i for i, n in enumerate(self.names)}
+            merger.load(self.root / info["dir"], info, {index[n] for n in info["done"]})
+            self.generation = int(info["generation"])
+            self._clean(keep=info["dir"])
+        self.replayed = sum(merger.add(t) for path in self._logs(self.generation) for t in _read_log(path))
+        self._open_log()
+        return set(merger.done)
+
+    def _marker(self) -> dict | None:
         marker = self.root / COMMITTED
         if not marker.exists():
-            self._clean(keep=None)
-            return set()
+            return None
         info = json.loads(marker.read_text())
         if info.get("parts") != self.names or (info.get("lo"), info.get("lo", 0) + info.get("n_features", 0)) != (self.lo, self.hi):
             log(f"[collect] {marker}: a snapshot of other contexts parts or features; this range starts over")
             self._clean(keep=None)
+            for path in self.root.glob("log-*.arrows"):
+                path.unlink()
             marker.unlink()
-            return set()
-        index = {n: i for i, n in enumerate(self.names)}
-        merger.load(self.root / info["dir"], info, {index[n] for n in info["done"]})
-        self.generation = int(info["generation"])
-        self._clean(keep=info["dir"])
-        return set(merger.done)
+            return None
+        return info
+
+    def log(self, rows: pa.Table) -> None:
+        """Append a call's rows to the log, on disk (fsync) before the call is answered."""
+        if self.writer is None:
+            return
+        for batch in schema.conform(rows, schema.CANDIDATES).combine_chunks().to_batches():  # one batch: a call replays whole
+            self.writer.write_batch(batch)
+        self.sink.flush()
+        os.fsync(self.sink.fileno())
 
     def save(self, merger: Merger) -> dict:
         name = f"gen-{self.generation + 1:06d}"
@@ -332,13 +372,48 @@ class Snapshots:
         marker = {"generation": self.generation + 1, "dir": name, "parts": self.names, "done": done, **info}
         write_json_atomic(marker, self.root / COMMITTED)
         self.generation += 1
+        self.close_log()
+        self._open_log()
         self._clean(keep=name)
         return {"dir": self.root.name, "generation": self.generation, "done": done}
 
+    def _logs(self, generation: int) -> list[Path]:
+        return sorted(self.root.glob(f"log-{generation:06d}-*.arrows"))
+
+    def _open_log(self) -> None:
+        self.sink = open(self.root / f"log-{self.generation:06d}-{uuid.uuid4().hex[:12]}.arrows", "wb")
+        self.writer = pa.ipc.new_stream(self.sink, schema.CANDIDATES)
+
+    def close_log(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.sink.close()
+        self.sink = self.writer = None
+
     def _clean(self, keep: str | None) -> None:
+        """Remove the snapshots but `keep` and the logs of other generations than the one in force."""
         for d in self.root.iterdir():
             if d.name != keep and (d.name.startswith("gen-") or d.name.endswith(".tmp")):
                 shutil.rmtree(d) if d.is_dir() else d.unlink()
+            elif d.name.startswith("log-") and not d.name.startswith(f"log-{self.generation:06d}-"):
+                d.unlink()
+
+
+def _read_log(path: Path):
+    """The calls of a log, one table each, up to the first one cut short (a process killed
+    while it wrote: that call was never answered, and is retried)."""
+    try:
+        reader = pa.ipc.open_stream(pa.memory_map(str(path)))
+    except (pa.ArrowInvalid, OSError):  # empty, or cut short in its schema
+        return
+    while True:
+        try:
+            batch = reader.read_next_batch()
+        except StopIteration:
+            return
+        except (pa.ArrowInvalid, OSError):
+            return
+        yield pa.Table.from_batches([batch])
 
 
 class MergeActor:
@@ -352,20 +427,34 @@ class MergeActor:
                  part_names: list[str]):
         import signal
 
+        import ray
+
         try:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         except ValueError:  # not the main thread
             pass
         self.index, self.lo, self.hi = index, lo, hi
-        cfg = CollectConfig(**collect)
-        self.merger = Merger(hi - lo, cfg, part_sizes={int(k): v for k, v in part_sizes.items()}, lo=lo)
+        self.cfg, self.part_sizes = CollectConfig(**collect), {int(k): v for k, v in part_sizes.items()}
+        self.merger = self._fresh()
         self.snapshots = Snapshots(Path(state_root) / f"merge-{index:03d}", part_names, lo, hi)
+        if ray.get_runtime_context().was_current_actor_reconstructed:  # (its node was lost: see the module docstring)
+            done = self.load()
+            progress.started(f"merge actor {index}", "restored", f" from its snapshot, {len(done)} parts merged "
+                                                                 f"({self.snapshots.replayed} replayed from its log)")
+        else:
+            progress.started(f"merge actor {index}")
+
+    def _fresh(self) -> Merger:
+        return Merger(self.hi - self.lo, self.cfg, part_sizes=self.part_sizes, lo=self.lo)
 
     def load(self) -> list[int]:
+        """Its state from its snapshot and log (a rerun, or a restart after its node was lost)."""
+        self.merger = self._fresh()
         return sorted(self.snapshots.load(self.merger))
 
     def add(self, rows: pa.Table, known_thresholds: int):
-        """Merge one part's rows; answers with the thresholds when newer than the worker's."""
+        """Merge one part's rows (logged first); answers with the thresholds when newer than the worker's."""
+        self.snapshots.log(rows)
         self.merger.add(rows)
         return self.merger.thresholds(known_thresholds)
 
@@ -375,7 +464,7 @@ class MergeActor:
     def status(self) -> dict:
         m = self.merger
         return {"done": sorted(m.done), "pending": sorted(m.pending), "n_tokens": m.n_tokens, "rows_in": m.rows_in,
-                "firing": int((m.counts > 0).sum())}
+                "firing": int((m.counts > 0).sum()), "replayed": self.snapshots.replayed}
 
     def token_ids(self) -> np.ndarray:
         """The distinct token ids in this range's example windows (the driver decodes them)."""
@@ -405,7 +494,9 @@ class MergePool:
         import ray
 
         self.ranges = ranges
-        cls = ray.remote(MergeActor).options(num_cpus=cfg.merge_num_cpus, max_restarts=0)
+        # restarted on another node when its own is lost (it restores itself: module docstring)
+        cls = ray.remote(MergeActor).options(num_cpus=cfg.merge_num_cpus, resources=dict(cfg.merge_resources) or None,
+                                             **ACTOR_FAULT_TOLERANCE)
         self.handles = [cls.remote(i, lo, hi, cfg.model_dump(), part_sizes, str(state_root), part_names)
                         for i, (lo, hi) in enumerate(ranges)]
         self.part_sizes = part_sizes

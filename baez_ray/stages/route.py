@@ -158,6 +158,9 @@ class RouteWorker:
         self.embedder = Embedder(self.cfg.embedder, device=self.cfg.device, batch_size=self.cfg.encode_batch_size, threads=threads)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if batch.num_rows:  # (begun again elsewhere after a lost node: the driver's bar says so)
+            f = batch.column("feature")
+            progress.started(f"features {batch.column('sae_id')[0].as_py()}:{f[0].as_py()}..{f[-1].as_py()}")
         out = route_batch(batch, self.cfg, self.embedder.encode)
         progress.tick(batch.num_rows)
         return out

@@ -8,7 +8,8 @@ A request that still fails gets `answer = null` and an `error` ("Type: message")
 row only; the label job commits such rows with their error and retries only them when the
 same command is run again. An actor that dies mid-batch (OOM kill, lost node) is restarted
 by Ray and the batch sent again (`ray_pool.ACTOR_FAULT_TOLERANCE`): the requests of that batch
-that had already been answered are sent, and billed, twice.
+that had already been answered are answered from the run's journal (`llm.journal`), not
+sent, nor billed, twice.
 
 `mode: batches`: the Message Batches API (50% cheaper, offline, results within 24 h). The
 prompt rows are read on the driver in chunks of at most 10,000 requests (and well under the
@@ -40,6 +41,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
 from pydantic import SecretStr
 
+from baez_ray import progress
+from baez_ray.llm import journal
 from baez_ray.llm.backends import cut_at_stop, error_text, logprob_targets, read_api_key, scrub, with_answers
 from baez_ray.config import LLMConfig
 
@@ -104,9 +107,10 @@ def make_client(cfg: LLMConfig, key: SecretStr):
 class AnthropicCaller:
     """Ray Data actor: one SDK client, at most `max_concurrency` requests in flight."""
 
-    def __init__(self, cfg: dict, key: SecretStr):
+    def __init__(self, cfg: dict, key: SecretStr, journal: str | None = None):
         self.cfg = LLMConfig(**cfg)
         self._key = key
+        self.journal = journal  # answers already paid for (`llm.journal`)
         self.client = make_client(self.cfg, key)
         self.pool = ThreadPoolExecutor(max_workers=self.cfg.max_concurrency, thread_name_prefix="anthropic")
 
@@ -125,7 +129,9 @@ class AnthropicCaller:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = _request_rows(batch)
-        results = list(self.pool.map(self._one, rows))
+        if rows:
+            progress.started(f"prompts {rows[0]['request_id']} .. {rows[-1]['request_id']}")
+        results = journal.ask_once(self.journal, rows, self._one, self.pool.map)
         answers, n_in, n_out, errors = (list(c) for c in zip(*results)) if results else ([], [], [], [])
         return with_answers(batch, answers, n_in, n_out, errors, self.cfg)
 
@@ -278,6 +284,7 @@ def generate(ds, cfg: LLMConfig):
     key = api_key(cfg)  # on the driver, before anything runs: fails early and clearly
     if cfg.mode == "batches":
         return generate_batches(ds, cfg, key)
-    # an actor that dies mid-batch is restarted and the batch retried
-    return actor_map(ds, AnthropicCaller, {"cfg": cfg.model_dump(), "key": key}, size=cfg.num_actors, num_cpus=ACTOR_CPUS,
+    # an actor that dies mid-batch is restarted and the batch retried (its answers received: from the journal)
+    kwargs = {"cfg": cfg.model_dump(), "key": key, "journal": journal.root()}
+    return actor_map(ds, AnthropicCaller, kwargs, size=cfg.num_actors, num_cpus=ACTOR_CPUS,
                      batch_size=cfg.batch_size, fault_tolerant=True, keep=True)

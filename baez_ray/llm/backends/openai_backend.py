@@ -36,6 +36,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
 from pydantic import SecretStr
 
+from baez_ray import progress
+from baez_ray.llm import journal
 from baez_ray.llm.backends import TOP_LOGPROBS, cut_at_stop, error_text, logprob_targets, p_from_top, read_api_key, with_answers
 from baez_ray.config import LLMConfig
 
@@ -131,11 +133,12 @@ def first_token_p(data: dict, targets: tuple[str, str] | None) -> float | None:
 class OpenAICaller:
     """Ray Data actor: one httpx client, at most `max_concurrency` requests in flight."""
 
-    def __init__(self, cfg: dict, key: SecretStr | None):
+    def __init__(self, cfg: dict, key: SecretStr | None, journal: str | None = None):
         import httpx
 
         self.cfg = LLMConfig(**cfg)
         self._key = key
+        self.journal = journal  # answers already paid for (`llm.journal`)
         headers = {"content-type": "application/json"}
         if key is not None:
             headers["authorization"] = f"Bearer {key.get_secret_value()}"
@@ -198,7 +201,9 @@ class OpenAICaller:
     def __call__(self, batch: pa.Table) -> pa.Table:
         cols = [c for c in _ROW_COLS if c in batch.column_names]
         rows = batch.select(cols).to_pylist()
-        results = list(self.pool.map(self._one, rows))
+        if rows:
+            progress.started(f"prompts {rows[0]['request_id']} .. {rows[-1]['request_id']}")
+        results = journal.ask_once(self.journal, rows, self._one, self.pool.map)
         answers, n_in, n_out, errors, p_yes = (list(c) for c in zip(*results)) if results else ([], [], [], [], [])
         return with_answers(batch, answers, n_in, n_out, errors, self.cfg, p_yes=p_yes)
 
@@ -207,5 +212,6 @@ def generate(ds, cfg: LLMConfig):
     from baez_ray.ray_pool import actor_map
 
     key = api_key(cfg)
-    return actor_map(ds, OpenAICaller, {"cfg": cfg.model_dump(), "key": key}, size=cfg.num_actors, num_cpus=ACTOR_CPUS,
+    kwargs = {"cfg": cfg.model_dump(), "key": key, "journal": journal.root()}
+    return actor_map(ds, OpenAICaller, kwargs, size=cfg.num_actors, num_cpus=ACTOR_CPUS,
                      batch_size=cfg.batch_size, keep=True)

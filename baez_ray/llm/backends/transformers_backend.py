@@ -17,6 +17,7 @@ import re
 import pyarrow as pa
 import torch
 
+from baez_ray import progress
 from baez_ray.llm.backends import cut_at_stop, logprob_targets, with_answers
 from baez_ray.config import LLMConfig
 
@@ -229,6 +230,9 @@ class TransformersChat:
         cols = ["messages", "max_tokens", "temperature", "stop"] + (["constraint"] if "constraint" in batch.column_names else [])
         rows = batch.select(cols).to_pylist()
         n = len(rows)
+        if n and "request_id" in batch.column_names:  # (begun again elsewhere after a lost node: the driver's bar says so)
+            rid = batch.column("request_id")
+            progress.started(f"prompts {rid[0].as_py()} .. {rid[-1].as_py()}")
         answers: list[str | None] = [None] * n
         n_in, n_out, errors, p_yes = [0] * n, [0] * n, [None] * n, [None] * n
         # one generate call per sampling temperature and output constraint (a stage's
@@ -258,6 +262,6 @@ class TransformersChat:
 def generate(ds, cfg: LLMConfig):
     from baez_ray.ray_pool import actor_map
 
-    # an actor that dies mid-batch is restarted and the batch retried
+    # an actor that dies mid-batch (or whose node is lost) is restarted and the batch retried
     return actor_map(ds, TransformersChat, {"cfg": cfg.model_dump()}, size=cfg.num_actors, num_cpus=cfg.num_cpus,
-                     num_gpus=cfg.num_gpus, resources=cfg.resources, batch_size=cfg.batch_size, fault_tolerant=True, keep=True)
+                     num_gpus=cfg.num_gpus, resources=cfg.resources, batch_size=cfg.batch_size, keep=True)

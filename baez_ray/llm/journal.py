@@ -1,0 +1,91 @@
+"""Answers already paid for, kept in the run directory until the run ends, so that a batch
+sent again (its actor's node was lost, or the run was killed and rerun) does not ask, and
+pay for, the answers it already got.
+
+    jobs.execute: with journal.kept_in(<run>/answers):     # the driver names the folder
+    backend.generate: kwargs["journal"] = journal.root()   # ... the API callers get it
+    caller.__call__:  results = journal.ask_once(root, rows, ask, pool.map)
+
+Per batch of prompt rows, one file `<run>/answers/<digest>.jsonl`, named by a digest of the
+batch's rows (request id and request: a retried batch has the same rows, so the same
+file); a line per answer received (`ask` gave no error), written and fsync'd as it comes
+(the folder is shared storage on a cluster: the restarted actor on another node reads
+it). A row whose answer is in the file is answered from it; the others are asked. The
+folder is removed when the run finishes. Without a folder (a backend used directly) every
+row is asked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+DIR = "answers"
+
+_root: str | None = None
+
+
+@contextmanager
+def kept_in(folder: Path):
+    """Within: the API callers keep their answers in `folder` (the driver's side)."""
+    global _root
+    before, _root = _root, str(folder)
+    try:
+        yield
+    finally:
+        _root = before
+
+
+def root() -> str | None:
+    """The folder of the job running in this process (None: none)."""
+    return _root
+
+
+def _key(row: dict) -> str:
+    return hashlib.sha256(json.dumps(row, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def ask_once(folder: str | None, rows: list[dict], ask: Callable[[dict], tuple], pmap=map) -> list[tuple]:
+    """`[ask(row) for row in rows]` (through `pmap`, e.g. a thread pool's map), each row
+    answered from the batch's file when it holds its answer; an answer `ask` returns
+    without error (its 4th element None) is added to the file."""
+    if folder is None or not rows:
+        return list(pmap(ask, rows))
+    keys = [_key(r) for r in rows]
+    path = Path(folder) / f"{hashlib.sha256(''.join(keys).encode()).hexdigest()[:40]}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    known = _read(path)
+    lock = threading.Lock()
+
+    def one(i: int) -> tuple:
+        if keys[i] in known:
+            return tuple(known[keys[i]])
+        got = ask(rows[i])
+        if got[3] is None:
+            # a line of its own even after a line cut short by a killed process
+            line = "\n" + json.dumps({"key": keys[i], "answer": list(got)}) + "\n"
+            with lock, open(path, "a", encoding="utf-8") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+        return got
+
+    return list(pmap(one, range(len(rows))))
+
+
+def _read(path: Path) -> dict[str, list]:
+    """The answers in a batch's file (a line cut short by a killed process is skipped)."""
+    known: dict[str, list] = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            known[entry["key"]] = entry["answer"]
+    return known
