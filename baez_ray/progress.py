@@ -323,6 +323,7 @@ def start_ray(**init_kwargs) -> None:
     import ray
 
     if _verbose:
+        _loud_ray_errors()
         ray.init(log_to_driver=True, **init_kwargs)
     else:
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
@@ -336,7 +337,36 @@ def start_ray(**init_kwargs) -> None:
             os.dup2(saved, 2)
             os.close(saved)
     _quiet_ray_data()
+    if not _verbose:
+        _quiet_ray_errors()
     _counter()  # before any actor starts: a stateful actor's first start is on record
+
+
+def _quiet_errors(data, ignore_prefix: bool) -> None:
+    """What the driver's error listener prints, quiet: nothing (Ray's session logs keep it)."""
+
+
+def _quiet_ray_errors() -> None:
+    """The driver prints the errors the GCS pushes to its job (a task retried: "There are 2
+    retries remaining", a raylet that died, a worker killed) on stdout, with `log_to_driver`
+    off too: quiet, a run's own lines say what a lost node cost instead. (Ray's listener
+    thread looks the printer up by name each time: replacing it is enough.)"""
+    import ray._private.worker as ray_worker
+
+    global _ray_printer
+    if hasattr(ray_worker, "print_to_stdstream") and ray_worker.print_to_stdstream is not _quiet_errors:
+        _ray_printer, ray_worker.print_to_stdstream = ray_worker.print_to_stdstream, _quiet_errors
+
+
+def _loud_ray_errors() -> None:
+    """`--verbose` after a quiet session in this process: Ray's own printer back."""
+    import ray._private.worker as ray_worker
+
+    if _ray_printer is not None:
+        ray_worker.print_to_stdstream = _ray_printer
+
+
+_ray_printer = None
 
 
 def _quiet_ray_data() -> None:

@@ -57,10 +57,14 @@ from baez_ray.rundir import log
 # Ray options of every actor this package starts (actor pools, kept pools, collect's merge
 # actors): an actor that dies is restarted, as often as needed (each restart reloads its
 # model; on another node when its own is lost), and the calls it was working on are
-# retried on it up to 3 times; a batch that kills its actor 4 times fails the stage with
-# Ray's error instead of looping forever (rerunning the job resumes from the committed
-# shards). A lost node costs one try of each call it held.
-ACTOR_FAULT_TOLERANCE = {"max_restarts": -1, "max_task_retries": 3}
+# retried on it until they succeed (as Ray Data's own default: while Ray learns that a
+# node is gone, each call to an actor of that node fails again and again, "temporarily
+# unavailable", and a bounded number of tries runs out within seconds). An actor that
+# dies CRASHES_MAX times on a node that is still alive (a batch that kills it every time:
+# an out-of-memory kill, a segfault) fails the run instead (`watch`); rerunning the job
+# resumes from the committed shards.
+ACTOR_FAULT_TOLERANCE = {"max_restarts": -1, "max_task_retries": -1}
+CRASHES_MAX = 4
 # Ray Data's tasks (reads, light maps, a kept pool's hand-over tasks): retried until they
 # succeed when their node is lost (Ray Data's own default, stated here); plain Ray tasks of
 # the stages (`remote`): Ray's default of 3 tries after a failure of their worker or node.
@@ -322,9 +326,10 @@ class _Watch:
         self.where: dict[str, tuple[str, str]] = {}  # actor → (node, name) while it was alive
         self.restarts: dict[str, int] | None = None  # actor → restarts at the last poll
         self.waiting: dict[str, float] = {}  # actor → when it was first seen stuck
+        self.crashes: dict[str, int] = {}  # actor → restarts while the node it ran on stayed alive
+        self.error: BaseException | None = None  # what the main thread is stopped with
         self.counts: dict[str, dict] = {}  # stage → {"lost_nodes": [...], "restarted_actors": n}
         self.redone_seen = progress.redone_total()
-        self.reason: str | None = None
         self.lock, self.done = threading.Lock(), threading.Event()
         self.can_stop = threading.current_thread() is threading.main_thread()
 
@@ -342,14 +347,29 @@ class _Watch:
                 if not node.alive and self.seen.get(node.id):
                     self._lost(node)
                 self.seen[node.id] = node.alive
+            restarts = {a.id: a.restarts for a in actors}
+            if self.restarts is not None:
+                self._restarted(actors, cluster)
             for a in actors:
                 if a.state == "ALIVE" and a.node:
                     self.where[a.id] = (a.node, a.name)
-            restarts = {a.id: a.restarts for a in actors}
-            if self.restarts is not None:
-                self._stage()["restarted_actors"] += sum(max(0, n - self.restarts.get(i, 0)) for i, n in restarts.items())
             self.restarts = restarts
             self._check_stuck(actors, cluster)
+
+    def _restarted(self, actors, cluster) -> None:
+        """Count the restarts since the last poll; an actor that keeps dying on a live node
+        (not a lost node: its batch kills it) stops the run (CRASHES_MAX)."""
+        for a in actors:
+            new = a.restarts - self.restarts.get(a.id, 0)
+            if new <= 0:
+                continue
+            self._stage()["restarted_actors"] += new
+            node = self.where.get(a.id, ("", ""))[0]
+            if node and cluster.get(node) is not None and cluster[node].alive:
+                self.crashes[a.id] = self.crashes.get(a.id, 0) + new
+                if self.crashes[a.id] >= CRASHES_MAX:
+                    self._stop(RuntimeError(f"{a.name} died {self.crashes[a.id]} times on a live node (a batch that kills it: "
+                                            "out of memory, a crash?); rerun with --verbose for Ray's account of it"))
 
     def _lost(self, node) -> None:
         held = sorted(name for n, name in self.where.values() if n == node.id)
@@ -362,12 +382,18 @@ class _Watch:
         stuck = faults.stuck(actors, cluster)
         self.waiting = {a.id: self.waiting.get(a.id, now) for a in stuck}
         for a in stuck:
-            if now - self.waiting[a.id] >= self.timeout and self.reason is None:
-                self.reason = faults.stuck_line(a, cluster, now - self.waiting[a.id], str(self.run.dir))
-                if self.can_stop:
-                    os.kill(os.getpid(), STOP_SIGNAL)
-                else:  # (a job run outside the main thread: nothing can interrupt it; say why it waits)
-                    log(f"[{getattr(self.run, 'current_stage', None) or 'run'}] {self.reason}")
+            if now - self.waiting[a.id] >= self.timeout:
+                self._stop(faults.Unplaceable(faults.stuck_line(a, cluster, now - self.waiting[a.id], str(self.run.dir))))
+
+    def _stop(self, error: BaseException) -> None:
+        """Raise `error` in the main thread (once)."""
+        if self.error is not None:
+            return
+        self.error = error
+        if self.can_stop:
+            os.kill(os.getpid(), STOP_SIGNAL)
+        else:  # (a job run outside the main thread: nothing can interrupt it; say why it waits)
+            log(f"[{getattr(self.run, 'current_stage', None) or 'run'}] {error}")
 
     def loop(self) -> None:
         while not self.done.wait(WATCH_POLL_S):
@@ -389,7 +415,8 @@ class _Watch:
         return {"faults": out} if out else {}
 
     def _raise(self, signum, frame) -> None:
-        raise faults.Unplaceable(self.reason or "an actor of the run cannot be placed")
+        if self.error is not None:
+            raise self.error
 
 
 @contextmanager
@@ -397,10 +424,11 @@ def watch(run, timeout_s: float):
     """While a job runs: a line for each lost node (`[collect] lost node 3f2a9c1e
     (10.0.0.7): 3 of the run's actors (...) restart on the other nodes; ...`), per stage the
     nodes lost, the actors Ray restarted and the items of work redone
-    (`faults` in the stage's manifest entry, via `run.stage_hooks`), and a stop: an actor
-    of the run that waits `timeout_s` for resources no alive node has raises
-    `faults.Unplaceable` in the main thread (a signal, STOP_SIGNAL), whose message is the
-    one line the CLI prints. Off the main thread the watch can only log that line."""
+    (`faults` in the stage's manifest entry, via `run.stage_hooks`), and two stops, raised
+    in the main thread (a signal, STOP_SIGNAL): an actor of the run that waits `timeout_s`
+    for resources no alive node has (`faults.Unplaceable`, whose message is the one line
+    the CLI prints, exit code 75), and an actor that died CRASHES_MAX times on a live node
+    (a RuntimeError: exit code 1). Off the main thread the watch can only log them."""
     w = _Watch(run, timeout_s)
     before = signal.signal(STOP_SIGNAL, w._raise) if w.can_stop else None
     run.stage_hooks.append(w.stage_counts)

@@ -39,7 +39,9 @@ def by_value():
 
 
 def test_actor_pools_restart_and_retry():
-    assert ACTOR_FAULT_TOLERANCE["max_restarts"] == -1 and ACTOR_FAULT_TOLERANCE["max_task_retries"] >= 1
+    # retried until they succeed (a lost node fails a call many times while Ray learns it is gone);
+    # an actor that keeps dying on a live node stops the run instead (ray_pool.watch, CRASHES_MAX)
+    assert ACTOR_FAULT_TOLERANCE["max_restarts"] == -1 and ACTOR_FAULT_TOLERANCE["max_task_retries"] == -1
 
 
 # ---- (a) an actor dies mid-batch ----------------------------------------------------------
