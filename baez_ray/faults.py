@@ -107,13 +107,23 @@ def resources_text(required: dict) -> str:
     return ", ".join(f"{k}: {required[k]:g}" for k in keys if required[k] > 0)
 
 
-def stuck_line(actor: Actor, cluster: dict[str, Node], waited_s: float, run_dir: str) -> str:
+def lost_node(actor: Actor, last_node: str, known: dict[str, Node], cluster: dict[str, Node]) -> Node | None:
+    """The lost node an actor waits to replace: the one it last ran on (`last_node`, as the
+    watch saw it), else a lost node that had one of its custom resources (`known`: nodes as
+    they were while alive; a dead node's entry in the GCS no longer lists its resources)."""
+    def dead(node_id: str) -> bool:
+        return node_id in cluster and not cluster[node_id].alive
+
+    if last_node and dead(last_node):
+        return known.get(last_node) or cluster[last_node]
+    custom = [k for k in actor.required if k not in ("CPU", "GPU", "memory")] or list(actor.required)
+    had = [n for n in known.values() if dead(n.id) and any(k in n.resources for k in custom)]
+    return had[0] if had else None
+
+
+def stuck_line(actor: Actor, lost: Node | None, cluster: dict[str, Node], waited_s: float, run_dir: str) -> str:
     """The one line a run stops with when `actor` cannot be placed."""
-    lost = cluster.get(actor.node)
-    if lost is None or lost.alive:  # never placed, or the GCS lost track: name the lost nodes that had the resource
-        had = [n for n in cluster.values() if not n.alive and any(k in n.resources for k in actor.required if k not in ("CPU", "memory"))]
-        lost = had[0] if had else None
-    where = f"lost node {lost.name}" if lost else "no node"
+    where = f"lost node {lost.name}" if lost else "a lost node"
     missing = {k: v for k, v in actor.required.items() if not any(n.alive and n.resources.get(k, 0.0) >= v for n in cluster.values())}
     return (f"{where}: {actor.name} waits for {resources_text(missing or actor.required)}, which no node left has "
             f"(waited {waited_s:.0f} s); rerun the same command once such a node has joined: {run_dir} resumes")

@@ -331,6 +331,7 @@ class _Watch:
     def __init__(self, run, timeout_s: float):
         self.run, self.timeout = run, timeout_s
         self.seen: dict[str, bool] = {}  # node → alive at the last poll
+        self.known: dict[str, faults.Node] = {}  # node → as it was while alive (resources, address)
         self.where: dict[str, tuple[str, str]] = {}  # actor → (node, name) while it was alive
         self.restarts: dict[str, int] | None = None  # actor → restarts at the last poll
         self.waiting: dict[str, float] = {}  # actor → when it was first seen stuck
@@ -353,8 +354,10 @@ class _Watch:
             cluster, actors = faults.nodes(), faults.job_actors()
             for node in cluster.values():
                 if not node.alive and self.seen.get(node.id):
-                    self._lost(node)
+                    self._lost(self.known.get(node.id, node), actors)
                 self.seen[node.id] = node.alive
+                if node.alive:
+                    self.known[node.id] = node
             restarts = {a.id: a.restarts for a in actors}
             if self.restarts is not None:
                 self._restarted(actors, cluster)
@@ -379,8 +382,8 @@ class _Watch:
                     self._stop(RuntimeError(f"{a.name} died {self.crashes[a.id]} times on a live node (a batch that kills it: "
                                             "out of memory, a crash?); rerun with --verbose for Ray's account of it"))
 
-    def _lost(self, node) -> None:
-        held = sorted(name for n, name in self.where.values() if n == node.id)
+    def _lost(self, node, actors) -> None:
+        held = [a.name for a in actors if a.state != "DEAD" and self.where.get(a.id, ("", ""))[0] == node.id]
         self._stage()["lost_nodes"].append(faults.short(node.id))
         what = f"{len(held)} of the run's actors ({', '.join(sorted(set(held)))}) restart on the other nodes" if held else "no actor of the run was on it"
         log(f"[{getattr(self.run, 'current_stage', None) or 'run'}] lost node {node.name}: {what}; its tasks are retried")
@@ -391,7 +394,8 @@ class _Watch:
         self.waiting = {a.id: self.waiting.get(a.id, now) for a in stuck}
         for a in stuck:
             if now - self.waiting[a.id] >= self.timeout:
-                self._stop(faults.Unplaceable(faults.stuck_line(a, cluster, now - self.waiting[a.id], str(self.run.dir))))
+                lost = faults.lost_node(a, self.where.get(a.id, ("", ""))[0], self.known, cluster)
+                self._stop(faults.Unplaceable(faults.stuck_line(a, lost, cluster, now - self.waiting[a.id], str(self.run.dir))))
 
     def _stop(self, error: BaseException) -> None:
         """Raise `error` in the main thread (once)."""

@@ -331,6 +331,7 @@ def test_a_node_lost_in_each_stage_costs_only_its_work_in_flight(cluster, job, b
     assert stages["collect"]["faults"]["restarted_actors"] >= 4  # two workers, two merge actors
     assert stages["collect"]["replayed_merges"] >= 2  # each merge actor replayed the parts merged before
     err = capfd.readouterr().err
+    sys.stderr.write(err)  # (shown with -rP)
     assert re.search(r"\[collect\] lost node \w{8} at [\d,]+/[\d,]+ tok: part \d+ redone on \w{8}", err), err
     assert re.search(r"\[collect\] lost node \w{8} at .*: merge actor \d restored on \w{8} from its snapshot", err), err
     assert re.search(r"\[route\] lost node \w{8} at [\d,]+/[\d,]+ feature: features s:\d+\.\.\d+ redone on", err), err
@@ -369,6 +370,7 @@ def test_an_actor_that_cannot_be_placed_stops_the_run_then_it_resumes(cluster, j
     code = main(["run", str(path), "--out", str(tmp_path / "run")])  # stops within ray.unplaceable_timeout_s (3 s) of the loss
     remover.join()
     err = capfd.readouterr().err
+    sys.stderr.write(err)  # (shown with -rP)
     assert code == EXIT_UNPLACEABLE, err
     last = err.strip().splitlines()[-1]
     assert re.fullmatch(rf"stopped: lost node {b.node_id[:8]} \(.*\): .*CollectWorker.* waits for only_b: 1, which no node left has "
