@@ -395,6 +395,35 @@ def test_anthropic_batches_split_into_chunks(ray_local, server, key_env, monkeyp
     assert out["error"].isna().all() and list(out["request_id"]) == [f"r{i}" for i in range(10)]
 
 
+def test_anthropic_batches_a_rerun_waits_on_the_batch_already_submitted(ray_local, server, key_env, tmp_path):
+    """The driver is killed while it waits on a Message Batch; the same run again (its
+    answers folder, `llm.journal`) waits on that batch, paid for, and submits none."""
+    from baez_ray.llm import journal
+
+    server.reset()
+    cfg = llm_cfg("anthropic", server, mode="batches", poll_s=0.05)
+    with journal.kept_in(tmp_path / "answers"):
+        first = run(ray_local, cfg, rows())
+        second = run(ray_local, cfg, rows())
+    assert len(server.batches) == 1 and first.equals(second)
+
+
+def test_api_answers_kept_in_the_run_are_not_asked_again(ray_local, server, key_env, tmp_path):
+    """A batch of prompts sent again (its actor's node was lost, or the run was killed):
+    the answers it already got come from the run's folder; only the failed row is asked."""
+    from baez_ray.llm import journal
+
+    for backend in ("openai", "anthropic"):
+        server.reset()
+        with journal.kept_in(tmp_path / backend):
+            first = run(ray_local, llm_cfg(backend, server), rows(fail=5))
+            asked = len(server.requests)
+            second = run(ray_local, llm_cfg(backend, server), rows(fail=5))
+        again = [r for r in server.requests[asked:] if "question" in json.dumps(r["body"])]
+        assert len(again) == 1 and "FAIL" in json.dumps(again[0]["body"]), (backend, again)
+        assert first.drop(columns=["error"]).equals(second.drop(columns=["error"]))
+
+
 # ---- openai-compatible ----------------------------------------------------------------
 
 

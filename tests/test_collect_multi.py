@@ -199,7 +199,8 @@ def test_resume_after_an_interrupted_multi_sae_collect(one_pass, parts, tmp_path
     assert 0 < len(marker["done"]) < len(marker["parts"])
     execute(spec, tmp_path)
     stage = json.loads((tmp_path / "manifest.json").read_text())["stages"]["collect"]
-    assert stage["resumed_parts"] == len(marker["done"]) and stage["features_per_sae"] == D_SAE
+    # (and the parts the merge actors merged after it, from their logs: stages/merge.py)
+    assert stage["resumed_parts"] >= len(marker["done"]) and stage["features_per_sae"] == D_SAE
 
     def rows(run_dir):
         return pq.read_table(run_dir / "features").sort_by([("sae_id", "ascending"), ("feature", "ascending")]).to_pylist()

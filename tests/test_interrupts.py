@@ -113,7 +113,7 @@ def test_stop_during_collect_saves_a_snapshot_the_rerun_uses(tiny_gemma, tmp_pat
         assert proc.wait(timeout=300) == 0, log.read_text()[-4000:]
         m = json.loads((out / "manifest.json").read_text())
         st = m["stages"]["collect"]
-        assert st["resumed_parts"] == len(snap["done"])
+        assert st["resumed_parts"] >= len(snap["done"])  # (and what the merge actors merged after it: their logs)
         assert 0 < st["contexts_run"] < m["stages"]["contexts"]["contexts"]
         assert st["tokens"] == m["stages"]["contexts"]["tokens"]
         assert s.leftovers() == []

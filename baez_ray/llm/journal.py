@@ -13,6 +13,10 @@ file); a line per answer received (`ask` gave no error), written and fsync'd as 
 it). A row whose answer is in the file is answered from it; the others are asked. The
 folder is removed when the run finishes. Without a folder (a backend used directly) every
 row is asked.
+
+The anthropic Message Batches mode (run by the driver) keeps the id of each batch it
+submits there (`submitted`, `record`): a rerun after its driver was killed waits on the
+batch already paid for instead of submitting it again.
 """
 
 from __future__ import annotations
@@ -76,6 +80,29 @@ def ask_once(folder: str | None, rows: list[dict], ask: Callable[[dict], tuple],
         return got
 
     return list(pmap(one, range(len(rows))))
+
+
+def submitted(folder: str | None, requests: list[dict]) -> tuple[Path | None, str | None]:
+    """A Message Batch (anthropic `mode: batches`, submitted by the driver) already sent for
+    exactly these requests by an earlier attempt of the run (its driver was killed while it
+    waited): (where its id is kept, the id or None)."""
+    if folder is None:
+        return None, None
+    path = Path(folder) / f"batch-{_key({'requests': requests})[:40]}.json"
+    return path, json.loads(path.read_text())["id"] if path.exists() else None
+
+
+def record(path: Path | None, batch_id: str) -> None:
+    """Keep a submitted batch's id (`submitted`), fsync'd."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps({"id": batch_id}))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _read(path: Path) -> dict[str, list]:

@@ -19,7 +19,9 @@ matched back to the rows by `custom_id`. Anthropic allows 1-64 characters of
 [A-Za-z0-9_-] in a custom_id, so every row gets a safe id (`custom_id`) and is mapped
 back; errored / expired / canceled results become row errors. Costs use the price's
 `batch_discount`. Unlike the other backends this mode runs eagerly when `generate` is
-called and returns a materialised Dataset (`ray.data.from_arrow`).
+called and returns a materialised Dataset (`ray.data.from_arrow`). Each batch's id is kept
+in the run directory (`llm.journal.record`): a rerun after the driver was killed waits on
+the batches already submitted instead of submitting (and paying for) them again.
 
 The API key is read only from the environment variable `api_key_env` (default
 `ANTHROPIC_API_KEY`) on the driver, travels to the actors as a `pydantic.SecretStr`, and is
@@ -190,6 +192,11 @@ def _split(table: pa.Table, cfg: LLMConfig) -> list[_Chunk]:
 
 def _submit(client, chunk: _Chunk, key: SecretStr) -> None:
     requests = [{"custom_id": c, "params": p} for c, p in zip(chunk.ids, chunk.params)]
+    kept, known = journal.submitted(journal.root(), requests)
+    if known:  # an earlier attempt of this run submitted it (its driver was killed): wait on that one
+        chunk.batch_id = known
+        log.info("anthropic batches: %s, submitted by an earlier attempt of this run, is waited on again", known)
+        return
     try:
         batch = client.messages.batches.create(requests=requests)
     except Exception as e:  # the SDK has retried; the chunk's rows carry the error
@@ -198,6 +205,7 @@ def _submit(client, chunk: _Chunk, key: SecretStr) -> None:
         chunk.fail_all(f"batch submission failed: {err}")
         return
     chunk.batch_id = batch.id
+    journal.record(kept, batch.id)
     log.info("anthropic batches: submitted %s with %d requests", batch.id, len(requests))
 
 
