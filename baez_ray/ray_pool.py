@@ -389,8 +389,12 @@ class _Watch:
         log(f"[{getattr(self.run, 'current_stage', None) or 'run'}] lost node {node.name}: {what}; its tasks are retried")
 
     def _check_stuck(self, actors, cluster) -> None:
+        """Actors that wait for what no alive node has: restarted ones (their node was
+        lost), and, once a node was lost, new ones. (An actor waiting at the start of a run
+        for a node an autoscaler has yet to start is not stuck.)"""
         now = time.monotonic()
-        stuck = faults.stuck(actors, cluster)
+        lost_any = any(n in cluster and not cluster[n].alive for n in self.known)
+        stuck = [a for a in faults.stuck(actors, cluster) if a.state == "RESTARTING" or lost_any]
         self.waiting = {a.id: self.waiting.get(a.id, now) for a in stuck}
         for a in stuck:
             if now - self.waiting[a.id] >= self.timeout:
