@@ -438,9 +438,9 @@ class MergeActor:
         self.merger = self._fresh()
         self.snapshots = Snapshots(Path(state_root) / f"merge-{index:03d}", part_names, lo, hi)
         if ray.get_runtime_context().was_current_actor_reconstructed:  # (its node was lost: see the module docstring)
-            done = self.load()
-            progress.started(f"merge actor {index}", "restored", f" from its snapshot, {len(done)} parts merged "
-                                                                 f"({self.snapshots.replayed} replayed from its log)")
+            done, replayed = len(self.load()), self.snapshots.replayed
+            snap = f"its snapshot of {done - replayed} parts + " if self.snapshots.generation else "no snapshot yet; "
+            progress.started(f"merge actor {index}", "restored", f" ({snap}{replayed} parts replayed from its log)")
         else:
             progress.started(f"merge actor {index}")
 
