@@ -77,15 +77,15 @@ class Counter:
             self.t_first, self.n_first = now, n
         self.t_last, self.n = now, self.n + n
 
-    def started(self, item: str, node: str, pid: int, verb: str, detail: str) -> None:
+    def started(self, item: str, node: str, pid: int, verb: str, detail: str, units: int) -> None:
         last = self.items.get(item)
         self.items[item] = (node, pid)
         if last is not None and last != (node, pid):
-            self.events.append((item, last[0], node, verb, detail))
+            self.events.append((item, last[0], node, verb, detail, units))
 
     def take(self) -> tuple[int, dict, list]:
         """Units reported since the last take, the timings so far, and the items started
-        again since the last take: (item, old node, new node, verb, detail)."""
+        again since the last take: (item, old node, new node, verb, detail, units)."""
         new, self.taken = self.n - self.taken, self.n
         events, self.events = self.events, []
         return new, {"t_open": self.t_open, "t_first": self.t_first, "t_last": self.t_last, "n": self.n, "n_first": self.n_first}, events
@@ -120,10 +120,11 @@ def tick(n: int) -> None:
         _worker_counter = (None, None)
 
 
-def started(item: str, verb: str = "redone", detail: str = "") -> None:
-    """An item of work (`part 3`), or a stateful actor (`merge actor 1`), begins in this
-    process. Started again elsewhere after its node was lost, the bar says
-    `<item> <verb> on <node><detail>`."""
+def started(item: str, units: int = 0, verb: str = "redone", detail: str = "") -> None:
+    """An item of work (`part 3`, of `units` of the bar's units), or a stateful actor
+    (`merge actor 1`), begins in this process. Started again elsewhere after its node was
+    lost, the bar says `<item> <verb> on <node><detail>`, and its total grows by `units`
+    (the item's work is counted again)."""
     global _worker_counter
     import os
 
@@ -134,7 +135,7 @@ def started(item: str, verb: str = "redone", detail: str = "") -> None:
     handle = _worker_handle()
     try:
         if handle is not None:
-            handle.started.remote(item, ray.get_runtime_context().get_node_id(), os.getpid(), verb, detail)
+            handle.started.remote(item, ray.get_runtime_context().get_node_id(), os.getpid(), verb, detail, int(units))
     except Exception:  # noqa: BLE001 - as in tick
         _worker_counter = (None, None)
 
@@ -236,12 +237,14 @@ class Bar:
         the same node, a process restarted by Ray after an OOM kill, are not counted here)."""
         global _redone
         cluster = faults.nodes()
-        for item, old, new, verb, detail in events:
+        for item, old, new, verb, detail, units in events:
             if old in cluster and not cluster[old].alive:
                 self.redone += 1
                 _redone += 1
                 total = f"/{self.total:,}" if self.total else ""
                 log(f"[{self.name}] lost node {faults.short(old)} at {self.n:,}{total} {self.unit}: {item} {verb} on {faults.short(new)}{detail}")
+                if units and self.total:
+                    self.add_total(units)
 
     def _poll(self) -> None:
         while not self.stop.wait(POLL_S):

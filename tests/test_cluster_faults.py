@@ -179,7 +179,9 @@ def cluster():
     tmp = tempfile.mkdtemp(prefix="bcf", dir="/tmp")  # short: Ray's unix sockets live in it
     before = os.environ.get("RAY_TMPDIR")
     os.environ["RAY_TMPDIR"] = tmp
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    # a lost node noticed within ~2 s (Ray's default: 5 health checks 3 s apart, what a real cluster keeps)
+    health = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000, "health_check_failure_threshold": 2}
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False, "_system_config": health})
     try:
         init_ray(RayConfig(address=c.address))
         yield c

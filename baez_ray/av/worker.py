@@ -53,7 +53,7 @@ class AVWorker:
         n = batch.num_rows
         if n and "feature" in batch.column_names:  # (begun again elsewhere after a lost node: the driver's bar says so)
             f = batch.column("feature")
-            progress.started(f"AV examples of features {f[0].as_py()}..{f[-1].as_py()}")
+            progress.started(f"AV examples of features {f[0].as_py()}..{f[-1].as_py()}", n)
         vecs = batch.column("vector").to_pylist()
         texts, errors = [None] * n, [None] * n
         ok = [i for i, v in enumerate(vecs) if v is not None]

@@ -281,7 +281,7 @@ class CollectWorker:
         out = []
         for tokens, cids, part in work:
             if part >= 0:  # (a part begun again on another node after its own was lost: the driver's bar says so)
-                progress.started(f"part {part}")
+                progress.started(f"part {part}", tokens.size)
             tables = self._part(tokens, cids, part)
             out.append(self._push(tables, part, tokens.shape) if self.merge else pa.concat_tables(list(tables)))
         return pa.concat_tables(out)

@@ -440,7 +440,7 @@ class MergeActor:
         if ray.get_runtime_context().was_current_actor_reconstructed:  # (its node was lost: see the module docstring)
             done, replayed = len(self.load()), self.snapshots.replayed
             snap = f"its snapshot of {done - replayed} parts + " if self.snapshots.generation else "no snapshot yet; "
-            progress.started(f"merge actor {index}", "restored", f" ({snap}{replayed} parts replayed from its log)")
+            progress.started(f"merge actor {index}", verb="restored", detail=f" ({snap}{replayed} parts replayed from its log)")
         else:
             progress.started(f"merge actor {index}")
 

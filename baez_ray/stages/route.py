@@ -160,7 +160,7 @@ class RouteWorker:
     def __call__(self, batch: pa.Table) -> pa.Table:
         if batch.num_rows:  # (begun again elsewhere after a lost node: the driver's bar says so)
             f = batch.column("feature")
-            progress.started(f"features {batch.column('sae_id')[0].as_py()}:{f[0].as_py()}..{f[-1].as_py()}")
+            progress.started(f"features {batch.column('sae_id')[0].as_py()}:{f[0].as_py()}..{f[-1].as_py()}", batch.num_rows)
         out = route_batch(batch, self.cfg, self.embedder.encode)
         progress.tick(batch.num_rows)
         return out

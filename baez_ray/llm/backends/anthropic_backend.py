@@ -132,7 +132,7 @@ class AnthropicCaller:
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = _request_rows(batch)
         if rows:
-            progress.started(f"prompts {rows[0]['request_id']} .. {rows[-1]['request_id']}")
+            progress.started(f"prompts {rows[0]['request_id']} .. {rows[-1]['request_id']}", len(rows))
         results = journal.ask_once(self.journal, rows, self._one, self.pool.map)
         answers, n_in, n_out, errors = (list(c) for c in zip(*results)) if results else ([], [], [], [])
         return with_answers(batch, answers, n_in, n_out, errors, self.cfg)

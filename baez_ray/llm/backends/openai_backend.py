@@ -202,7 +202,7 @@ class OpenAICaller:
         cols = [c for c in _ROW_COLS if c in batch.column_names]
         rows = batch.select(cols).to_pylist()
         if rows:
-            progress.started(f"prompts {rows[0]['request_id']} .. {rows[-1]['request_id']}")
+            progress.started(f"prompts {rows[0]['request_id']} .. {rows[-1]['request_id']}", len(rows))
         results = journal.ask_once(self.journal, rows, self._one, self.pool.map)
         answers, n_in, n_out, errors, p_yes = (list(c) for c in zip(*results)) if results else ([], [], [], [], [])
         return with_answers(batch, answers, n_in, n_out, errors, self.cfg, p_yes=p_yes)

@@ -232,7 +232,7 @@ class TransformersChat:
         n = len(rows)
         if n and "request_id" in batch.column_names:  # (begun again elsewhere after a lost node: the driver's bar says so)
             rid = batch.column("request_id")
-            progress.started(f"prompts {rid[0].as_py()} .. {rid[-1].as_py()}")
+            progress.started(f"prompts {rid[0].as_py()} .. {rid[-1].as_py()}", n)
         answers: list[str | None] = [None] * n
         n_in, n_out, errors, p_yes = [0] * n, [0] * n, [None] * n, [None] * n
         # one generate call per sampling temperature and output constraint (a stage's
