@@ -350,19 +350,50 @@ def cli_page(parser: argparse.ArgumentParser | None = None) -> str:
     return "\n".join(out)
 
 
+# ---- results/benchmarks.md -----------------------------------------------------------------
+
+
+def _flat(value, prefix: str = "") -> list[tuple[str, object]]:
+    """(dotted key, scalar or short list) pairs of a result object."""
+    if isinstance(value, dict):
+        return [kv for k, v in value.items() if k != "bench" for kv in _flat(v, f"{prefix}{k}.")]
+    return [(prefix.rstrip("."), value)]
+
+
+def results_page(results_dir: str | Path) -> str:
+    """Every recorded run of `bench/results/<bench>-<machine>.json`, latest first."""
+    out = [GENERATED, "# All recorded runs\n",
+           "Rendered from `bench/results/*.json` ([format](../benchmarks.md#results-files)); what moved a figure, "
+           "and why, is told on the dated pages of [Results](index.md).\n"]
+    for path in sorted(Path(results_dir).glob("*.json")):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        out.append(f"## {data['bench']} on {data['machine']} {{#{path.stem}}}\n")
+        out.append(f"`{path.name}`: `{data.get('script', '')}` on {data.get('machine_description', data['machine'])}.\n")
+        rows = ["| date | command | conditions | figures |", "|---|---|---|---|"]
+        for run in reversed(data["runs"]):
+            figures = "; ".join(f"{k} {json.dumps(v)}" for k, v in _flat(run.get("result", {})))
+            rows.append(f"| {run.get('date', '')} | `{cell(run.get('command', ''))}` | {cell(run.get('conditions', ''))} | {cell(figures)} |")
+        out.append("\n".join(rows) + "\n")
+    return "\n".join(out)
+
+
 PAGES = {"reference/config.md": config_page, "reference/tables.md": tables_page,
          "reference/methods.md": methods_page, "reference/cli.md": cli_page}
 
 
-def pages() -> dict[str, str]:
-    """docs path → Markdown of every generated page."""
-    return {path: make() for path, make in PAGES.items()}
+def pages(root: str | Path | None = None) -> dict[str, str]:
+    """docs path → Markdown of every generated page; with the checkout's `root`, also the
+    page of its benchmark results."""
+    out = {path: make() for path, make in PAGES.items()}
+    if root is not None and (Path(root) / "bench" / "results").is_dir():
+        out["results/benchmarks.md"] = results_page(Path(root) / "bench" / "results")
+    return out
 
 
-def write(out_dir: str | Path) -> list[Path]:
+def write(out_dir: str | Path, root: str | Path | None = None) -> list[Path]:
     """Write the generated pages under `out_dir` (to read them without building the site)."""
     written = []
-    for path, text in pages().items():
+    for path, text in pages(root).items():
         p = Path(out_dir) / path
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(text, encoding="utf-8")

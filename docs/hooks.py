@@ -14,6 +14,6 @@ def on_files(files, config):
 
     from baez_ray import reference
 
-    for path, text in reference.pages().items():
+    for path, text in reference.pages(ROOT).items():
         files.append(File.generated(config, path, content=text))
     return files
