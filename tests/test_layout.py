@@ -123,3 +123,18 @@ def test_the_description_check_sees_a_field_without_one():
     mod.Section = type("Section", (BaseModel,), {"__module__": "fake_config", "__annotations__": {"a": int, "b": int},
                                                 "a": Field(1, description="described"), "b": 2})
     assert undescribed_fields(mod) == ["Section.b"]
+
+
+def test_jobs_hold_no_stage():
+    """A job module orders stages: it maps no batches and builds no actor pool itself."""
+    bad = []
+    for name, tree in modules().items():
+        if not name.startswith("baez_ray.jobs"):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                fn = node.func
+                called = fn.attr if isinstance(fn, ast.Attribute) else fn.id if isinstance(fn, ast.Name) else ""
+                if called in ("map_batches", "map_groups", "actor_map", "from_arrow_refs"):
+                    bad.append(f"{name}:{node.lineno} {called}")
+    assert bad == []
