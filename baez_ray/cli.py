@@ -24,6 +24,7 @@ EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_PARTIAL = 0, 1, 2, 3
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 
 ADDR_HELP = "Ray Jobs (dashboard) URL, e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS)"
+SET_HELP = "override a key of the job file (the value is read as YAML); repeatable"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,8 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--verbose", action="store_true",
                         help="show third-party warnings and logs: Ray's and Ray Data's, the Ray workers' output, sae_lens, transformers")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    overrides = dict(dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                     help="override a key of the job file (the value is read as YAML); repeatable")
+    overrides = dict(dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help=SET_HELP)
     p = sub.add_parser("validate", parents=[common], help="check a job file and its inputs (preflight); print the resolved job")
     p.add_argument("job", help="the job file (YAML)")
     p.add_argument("--set", **overrides)
@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("methods", parents=[common], help="list the labelling methods: tiers, what each needs, what it does")
     p = sub.add_parser("export", parents=[common], help="a finished run's labels as JSONL, CSV or Neuronpedia explanation files")
     p.add_argument("run_dir", help="a finished run directory")
-    p.add_argument("--format", choices=("jsonl", "csv", "neuronpedia"), default="jsonl")
+    p.add_argument("--format", choices=("jsonl", "csv", "neuronpedia"), default="jsonl", help="jsonl, csv: a line per label; neuronpedia: its files")
     p.add_argument("-o", "--output", required=True, help="a file (jsonl, csv) or a folder (neuronpedia)")
     p.add_argument("--author-id", default="", help="neuronpedia: your Neuronpedia user id (authorId)")
     # Ray Jobs: the same job files on a running cluster (baez_ray/tools/submit.py)
