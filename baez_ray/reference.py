@@ -264,7 +264,7 @@ def tables_page() -> str:
     for table, sch in schema.TABLES.items():
         var = name_of.get(id(sch), table.upper())
         out.append(f"## {table} {{#{table}}}\n")
-        intro = " ".join(s for s in (summaries.get(table, ""), above.get(var, "")) if s)
+        intro = " ".join(" ".join(s.split()) for s in (summaries.get(table, ""), above.get(var, "")) if s)
         if intro:
             out.append(intro + "\n")
         out.append(_columns(sch, notes.get(var, {}), named) + "\n")
