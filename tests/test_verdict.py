@@ -385,31 +385,27 @@ def tiered_features(n: int = 24, n_top: int = 16, seed: int = 0) -> pa.Table:
 
 
 @pytest.fixture(scope="module")
-def stratified_run(ray_local, tmp_path_factory):
+def stratified_run(ray_local, scorer_server, tmp_path_factory):
     """A stratified benchmark job (3 per tier) on tiered_features, eleuther_acts_top5 and
-    token_freq labelled and scored by test_score's deterministic local server."""
-    from test_score import Scorer, scorer_cfg
+    token_freq labelled and scored by the deterministic local server (helpers.Scorer)."""
+    from helpers import scorer_cfg
 
     from baez_ray.config import validate
     from baez_ray.jobs import execute
-    from conftest import serve_local
 
     root = tmp_path_factory.mktemp("strat")
     write_table(tiered_features(), root / "features")
-    fake = Scorer()
-    with serve_local(fake.handler()) as url:
-        fake.url = url + "/v1"
-        spec = validate({
-            "job": "benchmark", "name": "strat-bench", "seed": 5, "features": str(root / "features"),
-            "benchmark": {"n_features": 3, "stratify": "tier", "min_examples": 15, "methods": [FRONTIER, "token_freq"],
-                          "explainer": scorer_cfg(fake), "score": {"max_retries": 1, "benchmarks": ["detection", "embedding"]},
-                          "verdict": {"min_features": 3}},
-            "route": {"top_n": 20},
-        })
-        run = execute(spec, root / "run")
-    return run.dir
+    spec = validate({
+        "job": "benchmark", "name": "strat-bench", "seed": 5, "features": str(root / "features"),
+        "benchmark": {"n_features": 3, "stratify": "tier", "min_examples": 15, "methods": [FRONTIER, "token_freq"],
+                      "explainer": scorer_cfg(scorer_server), "score": {"max_retries": 1, "benchmarks": ["detection", "embedding"]},
+                      "verdict": {"min_features": 3}},
+        "route": {"top_n": 20},
+    })
+    return execute(spec, root / "run").dir
 
 
+@pytest.mark.slow
 def test_stratified_job_samples_n_per_tier_from_routes_read_on_train_examples(stratified_run):
     from baez_ray.stages.split import identity
     from baez_ray.stages.stratify import choose, seeded_order
@@ -436,6 +432,7 @@ def test_stratified_job_samples_n_per_tier_from_routes_read_on_train_examples(st
     assert [st[f"sampled_tier{t}"] for t in (1, 2, 3)] == [per_tier[t] for t in (1, 2, 3)]
 
 
+@pytest.mark.slow
 def test_stratified_job_writes_the_verdict_and_its_report_opens_with_it(stratified_run):
     d = stratified_run
     manifest = json.loads((d / "manifest.json").read_text())
