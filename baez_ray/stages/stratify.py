@@ -40,7 +40,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from baez_ray import progress, schema
 from baez_ray.config import RouteConfig
@@ -86,9 +85,11 @@ def route_train(features_dir: Path, keys: list[tuple[str, int]], how: str, train
     """Routes rows (schema.ROUTES) of the features `keys`, routed on their train examples
     in the workers (the driver gathers the routes rows only)."""
     import ray
+    from ray.data.expressions import col
 
     feats = sorted({f for _, f in keys})
-    ds = ray.data.read_parquet(str(features_dir), schema=SPLIT_INPUT, filter=pc.field("feature").isin(feats))
+    # the filter on `feature` goes down to Arrow's Parquet reader (row-group statistics skip the rest)
+    ds = ray.data.read_parquet(str(features_dir), schema=SPLIT_INPUT).filter(expr=col("feature").is_in(feats))
     ds = ds.map_batches(train_examples, batch_format="pyarrow", fn_kwargs={
         "keys": set(keys), "how": how, "train_n": train_n, "test_n": test_n, "seed": seed})
     return gather(route_dataset(ds, cfg), like=schema.ROUTES)
