@@ -303,8 +303,8 @@ def run_facts(manifest: dict) -> list[tuple[str, str]]:
     if "stratify" in st:
         split = st["stratify"]
         per_tier = ", ".join(f"tier {t} {split.get(f'sampled_tier{t}', '?')}" for t in (1, 2, 3))
-        sampled = (f"{split.get('sampled', '?')} sampled per tier ({per_tier}; at most {split.get('per_tier', '?')} each) from "
-                   f"{split.get('routed', 0):,} routed on their train examples, of {split.get('eligible', 0):,} with "
+        sampled = (f"{split.get('sampled', '?')} sampled, up to {split.get('per_tier', '?')} per tier and SAE ({per_tier}), from "
+                   f"{split.get('routed', 0):,} routed on their train examples of the {split.get('eligible', 0):,} with "
                    f"≥ {split.get('min_examples', '?')} activating examples")
         sampled += "".join(f"; {line}" for line in split.get("short", []))
     else:
