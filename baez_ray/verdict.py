@@ -184,17 +184,18 @@ def compare_pair(p: Pair, scores, reliability, cfg: VerdictConfig, seed: int) ->
     rows = scores[(scores["tier"] == p.tier) & (scores["benchmark"] == p.benchmark)]
     metric = HEADLINE[p.benchmark]
     wide = rows.pivot_table(index=["sae_id", "feature"], columns="method", values=metric, aggfunc="first", dropna=False)
-    have = set(wide.columns)
+    wide = wide.reindex(columns=list(dict.fromkeys([*wide.columns, p.method, p.frontier])))
+    have = set(scores.loc[scores["benchmark"] == p.benchmark, "method"])
     out = {"scope": f"tier {p.tier}", "tier": p.tier, "benchmark": p.benchmark, "metric": metric, "method": p.method,
            "frontier": p.frontier, "n_tier": int(len(rows[["sae_id", "feature"]].drop_duplicates()))}
     rel_m, rel_f = _pooled_status(reliability, p.benchmark, p.method), _pooled_status(reliability, p.benchmark, p.frontier)
     out.update(reliability_method=rel_m[1], reliability_frontier=rel_f[1])
     empty = {"n": 0, "mean_method": NAN, "mean_frontier": NAN, "mean_diff": NAN, "ci_low": NAN, "ci_high": NAN, "p_value": NAN}
-    if not len(rows):
-        return {**out, **empty, "status": "too few features", "note": f"no feature of tier {p.tier} was scored"}, np.zeros(0)
     missing = [m for m in dict.fromkeys((p.method, p.frontier)) if m not in have]
     if missing:
         return {**out, **empty, "status": "not benchmarked", "note": f"{', '.join(missing)} not among benchmark.methods"}, np.zeros(0)
+    if not len(rows):
+        return {**out, **empty, "status": "too few features", "note": f"no feature of tier {p.tier} was scored"}, np.zeros(0)
     if p.method == p.frontier:
         vals = wide[p.method].to_numpy(dtype=np.float64)
         vals = vals[np.isfinite(vals)]
