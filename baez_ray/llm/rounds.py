@@ -6,6 +6,12 @@
              what was wrong with it (labels: the reply prefilled with the marker); only
              the unreadable rows of a round, up to `max_retries` further rounds
 
+The API backends (`backends.asks_in_backend`: openai, anthropic messages) run this loop
+inside their actors instead (`backends.Until`): each row is asked again as soon as its
+answer fails to parse, no round waits for the slowest row, and the result is the same one
+row per prompt. The rounds below serve the local engines (transformers, vllm), whose
+batches are worth filling.
+
 The loop keeps no row in the driver: each round's answered rows are materialized in the
 object store, split there into final rows (a Dataset for the caller: the score stage
 reduces it by a groupby; `label_rounds` returns its LABELS table, or the Dataset of its
@@ -29,7 +35,7 @@ import pyarrow.compute as pc
 
 from baez_ray import progress, schema
 from baez_ray.llm import prompts
-from baez_ray.llm.backends import generate, logprob_targets, prompt_table
+from baez_ray.llm.backends import Until, asks_in_backend, generate, logprob_targets, prompt_table
 from baez_ray.rundir import log
 
 ANSWER_COLUMNS = [f.name for f in schema.ANSWER_FIELDS]
@@ -75,6 +81,11 @@ def _parse_batch(batch: pa.Table, parse, retry_messages, retryable, attempt: int
     return batch.cast(pa.schema([f.with_nullable(True) for f in batch.schema]))
 
 
+def _retried(batch: pa.Table) -> pa.Table:
+    """The number of rows of a batch that took more than one try (one row, column n)."""
+    return pa.table({"n": [int(pc.sum(pc.greater(batch.column("tries"), 1)).as_py() or 0)]})
+
+
 def _final_rows(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.equal(batch.column("retry"), 0)).drop_columns(["retry", "retry_messages"])
 
@@ -90,14 +101,28 @@ def _next_round(batch: pa.Table) -> pa.Table:
 
 def ask_until_parsed(pending, llm, parse: Callable[[dict, int], tuple], retry_messages: Callable[[dict, str, int], list],
                      max_retries: int, value_type: pa.DataType, what: str = "llm", retryable: Callable[[dict], bool] | None = None,
-                     total: int | None = None):
+                     total: int | None = None, lazy: bool = False):
     """Send `pending` (a Ray Dataset of prompt rows), parse every answer in the workers with
     `parse(row, attempt) -> (value, problem)` (`value` of `value_type`), resend the
     unreadable ones with `retry_messages(row, problem, attempt)` (those for which
     `retryable(row)`, when given). Returns a Ray Dataset (over materialized rounds) with one
     row per prompt: its row (last try), `value`, `problem`, `tries`, and the tokens and
     cost of all its tries. A progress bar counts the prompts answered, retry rounds
-    included (`total`: the number of prompts, when the caller knows it; else counted)."""
+    included (`total`: the number of prompts, when the caller knows it; else counted).
+    `lazy` (backends that ask in the backend only): the Dataset unexecuted, to stream
+    into the caller's next step (the caller shows progress)."""
+    if asks_in_backend(llm):
+        until = Until(parse, retry_messages, max_retries, value_type, retryable)
+        if lazy:
+            return generate(pending, llm, until=until)
+        with progress.bar(what, total=total, unit="prompt"):
+            done = generate(pending, llm, until=until).materialize()
+        n_retried = int(done.map_batches(_retried, batch_format="pyarrow").sum("n") or 0) if done.count() else 0
+        if n_retried:
+            log(f"[{what}] {n_retried} unreadable answers asked again (up to {max_retries} more tries each)")
+        return done
+    if lazy:
+        raise ValueError(f"{llm.backend}: retries go in rounds; lazy needs a backend that asks until parsed itself")
     if total is None:
         pending = pending.materialize()  # the prompts, counted for the bar
         total = pending.count()
