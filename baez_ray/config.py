@@ -349,6 +349,22 @@ class LabelConfig(Section):
     shard_features: int | None = Field(
         None, ge=1, description="resume: features per committed label shard; null: about 1/64 of a tier's work, within [256, 8192]")
     score: LabelScoreConfig | None = Field(None, description="score a sample of the labels (null: no scoring)")
+    route: bool = Field(True, description="route each feature to a tier (SPEC §4); false: no routing, every feature labelled with "
+                                          "`method` (no embedder loaded; routes/ records tier 0, kind not_routed)")
+    method: str | None = Field(None, description="with route: false, the one method that labels every feature (any registered "
+                                                 "method); null: tier2's")
+
+    @model_validator(mode="after")
+    def _method_needs_no_routing(self) -> "LabelConfig":
+        if self.method is not None and self.route:
+            raise ValueError("label.method labels every feature without routing: set label.route: false with it "
+                             "(or name the tier methods tier1 / tier2 / tier3 to route)")
+        return self
+
+    @property
+    def single_method(self) -> str:
+        """The method of an unrouted job: `method`, else tier2's."""
+        return self.method or self.tier2
 
 
 class BenchmarkConfig(Section):

@@ -112,20 +112,15 @@ def actor_map(ds, cls, kwargs: dict | None = None, *, size: int = 1, num_cpus: f
 
     need = _need(size, num_cpus, num_gpus, resources)
     concurrent = is_async(cls)
-    if keep and _kept is not None and set(options) <= {"runtime_env"}:
-        key = _pool_key(cls, kwargs, size, num_cpus, num_gpus, resources, fault_tolerant, options)
-        if key in _kept or _make_room(need):
-            if key not in _kept:
-                _kept[key] = _KeptPool.start(cls, kwargs or {}, size, need, num_cpus, num_gpus, resources, fault_tolerant, options)
-            _kept.move_to_end(key)  # the most recently used is evicted last
-            pool = _kept[key]
-            hand = {"actors": pool.actors, "turn": pool.turn, "kwargs": fn_kwargs or {}}
-            if concurrent:  # whole blocks, cut into batches handed over at once: no batch waits for the one before
-                return ds.map_batches(_hand_over_block, fn_kwargs={**hand, "rows": batch_size}, batch_size=None,
-                                      batch_format="pyarrow", num_cpus=HAND_OVER_CPUS, concurrency=size * (in_flight or 4))
-            # a sync host serves one batch at a time (one more waits, ready)
-            return ds.map_batches(_hand_over, fn_kwargs=hand, batch_size=batch_size, batch_format=batch_format,
-                                  num_cpus=HAND_OVER_CPUS, concurrency=2 * size)
+    pool = _kept_pool(cls, kwargs, size, num_cpus, num_gpus, resources, fault_tolerant, options) if keep else None
+    if pool is not None:
+        hand = {"actors": pool.actors, "turn": pool.turn, "kwargs": fn_kwargs or {}}
+        if concurrent:  # whole blocks, cut into batches handed over at once: no batch waits for the one before
+            return ds.map_batches(_hand_over_block, fn_kwargs={**hand, "rows": batch_size}, batch_size=None,
+                                  batch_format="pyarrow", num_cpus=HAND_OVER_CPUS, concurrency=size * (in_flight or 4))
+        # a sync host serves one batch at a time (one more waits, ready)
+        return ds.map_batches(_hand_over, fn_kwargs=hand, batch_size=batch_size, batch_format=batch_format,
+                              num_cpus=HAND_OVER_CPUS, concurrency=2 * size)
     if _kept is not None:
         _make_room(need)  # (a pool too big to keep beside FREE_CPUS runs as a plain Ray Data pool)
     strategy = ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=in_flight,
@@ -138,6 +133,14 @@ def actor_map(ds, cls, kwargs: dict | None = None, *, size: int = 1, num_cpus: f
     if all_up:  # the Dataset's own context; a timeout (without one Ray Data does not wait)
         out.context.wait_for_min_actors_s = 10**7
     return out
+
+
+def start_kept(cls, kwargs: dict | None = None, *, size: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0,
+               resources: dict[str, float] | None = None, fault_tolerant: bool = False, **options) -> bool:
+    """Start, without waiting, the kept pool that `actor_map(..., keep=True)` with the same
+    arguments will use: its actors start while the job does other work (an API client's
+    pool before the first prompt is ready). False outside `kept_pools()` or without room."""
+    return _kept_pool(cls, kwargs, size, num_cpus, num_gpus, resources, fault_tolerant, options) is not None
 
 
 def is_async(cls) -> bool:
@@ -247,6 +250,22 @@ def kept_pools():
                 pool.kill()
             except Exception:  # noqa: BLE001 - Ray already down (a stopped run): nothing left to kill
                 pass
+
+
+def _kept_pool(cls, kwargs, size, num_cpus, num_gpus, resources, fault_tolerant, options) -> "_KeptPool | None":
+    """The kept pool of these arguments (started when new; the most recently used is
+    evicted last), or None outside `kept_pools()`, for options a pool cannot keep, or
+    without room beside the other kept pools."""
+    if _kept is None or not set(options) <= {"runtime_env"}:
+        return None
+    need = _need(size, num_cpus, num_gpus, resources)
+    key = _pool_key(cls, kwargs, size, num_cpus, num_gpus, resources, fault_tolerant, options)
+    if key not in _kept and not _make_room(need):
+        return None
+    if key not in _kept:
+        _kept[key] = _KeptPool.start(cls, kwargs or {}, size, need, num_cpus, num_gpus, resources, fault_tolerant, options)
+    _kept.move_to_end(key)
+    return _kept[key]
 
 
 def _need(size: int, num_cpus: float, num_gpus: float, resources: dict | None) -> dict[str, float]:

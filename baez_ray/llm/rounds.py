@@ -81,11 +81,6 @@ def _parse_batch(batch: pa.Table, parse, retry_messages, retryable, attempt: int
     return batch.cast(pa.schema([f.with_nullable(True) for f in batch.schema]))
 
 
-def _retried(batch: pa.Table) -> pa.Table:
-    """The number of rows of a batch that took more than one try (one row, column n)."""
-    return pa.table({"n": [int(pc.sum(pc.greater(batch.column("tries"), 1)).as_py() or 0)]})
-
-
 def _final_rows(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.equal(batch.column("retry"), 0)).drop_columns(["retry", "retry_messages"])
 
@@ -111,21 +106,22 @@ def ask_until_parsed(pending, llm, parse: Callable[[dict, int], tuple], retry_me
     included (`total`: the number of prompts, when the caller knows it; else counted).
     `lazy` (backends that ask in the backend only): the Dataset unexecuted, to stream
     into the caller's next step (the caller shows progress)."""
-    if asks_in_backend(llm):
-        until = Until(parse, retry_messages, max_retries, value_type, retryable)
-        if lazy:
-            return generate(pending, llm, until=until)
-        with progress.bar(what, total=total, unit="prompt"):
-            done = generate(pending, llm, until=until).materialize()
-        n_retried = int(done.map_batches(_retried, batch_format="pyarrow").sum("n") or 0) if done.count() else 0
-        if n_retried:
-            log(f"[{what}] {n_retried} unreadable answers asked again (up to {max_retries} more tries each)")
-        return done
+    until = Until(parse, retry_messages, max_retries, value_type, retryable)
     if lazy:
-        raise ValueError(f"{llm.backend}: retries go in rounds; lazy needs a backend that asks until parsed itself")
+        if not asks_in_backend(llm):
+            raise ValueError(f"{llm.backend}: retries go in rounds; lazy needs a backend that asks until parsed itself")
+        return generate(pending, llm, until=until)
     if total is None:
         pending = pending.materialize()  # the prompts, counted for the bar
         total = pending.count()
+    if asks_in_backend(llm):
+        with progress.bar(what, total=total, unit="prompt") as bar:
+            done = generate(pending, llm, until=until).materialize()
+            again = int(done.sum("tries") or 0) - done.count() if done.count() else 0
+            bar.add_total(again)  # the tries after the first joined the bar as they were sent
+        if again:
+            log(f"[{what}] {again} unreadable answers asked again (at most {max_retries} more tries each)")
+        return done
     rounds = []
     with progress.bar(what, total=total, unit="prompt") as bar:
         for attempt in range(max_retries + 1):
@@ -157,11 +153,12 @@ def _label_rows(batch: pa.Table, method: str, version: str) -> pa.Table:
     return schema.conform(pa.Table.from_pylist(out), schema.LABELS) if out else schema.empty(schema.LABELS)
 
 
-def label_rounds(pending, method: str, marker: str, version: str, llm, max_retries: int, dataset: bool = False):
+def label_rounds(pending, method: str, marker: str, version: str, llm, max_retries: int, dataset: bool = False, lazy: bool = False):
     """Label prompt rows (with sae_id, layer, feature, n_examples; optional evidence,
     evidence_scores) → LABELS rows, one per prompt (the label stage's table); with
     `dataset`, the Ray Dataset of those rows (the label stage writes it from the workers:
-    no answer reaches the driver)."""
+    no answer reaches the driver); with `lazy` too, unexecuted where the backend asks until
+    parsed itself (the label stage streams the rows on to their scoring)."""
     from baez_ray.ray_pool import gather
 
     def parse(row: dict, attempt: int):
@@ -179,7 +176,8 @@ def label_rounds(pending, method: str, marker: str, version: str, llm, max_retri
             {"role": "assistant", "content": marker},  # prefill: the reply starts with the marker
         ]
 
-    done = ask_until_parsed(pending, llm, parse, retry, max_retries, pa.string(), what=f"label:{method}")
+    done = ask_until_parsed(pending, llm, parse, retry, max_retries, pa.string(), what=f"label:{method}",
+                            lazy=dataset and lazy and asks_in_backend(llm))
     rows = done.map_batches(_label_rows, batch_format="pyarrow", fn_kwargs={"method": method, "version": version})
     if dataset:
         return rows

@@ -87,6 +87,14 @@ def generate(ds, cfg: LLMConfig, until: "Until | None" = None):
     return import_module(_MODULES[cfg.backend]).generate(ds, cfg, until=until)
 
 
+def prestart(cfg: LLMConfig) -> bool:
+    """Start, without waiting, the actors that `generate(…, cfg)` will use, where they are
+    kept for the job (the API backends, inside `ray_pool.kept_pools()`): they start while
+    the job reads and plans. False where nothing was started."""
+    start = getattr(import_module(_MODULES[cfg.backend]), "prestart", None)
+    return bool(start and start(cfg))
+
+
 def asks_in_backend(cfg: LLMConfig) -> bool:
     """Whether `generate` takes `until` for this LLM: the API backends that answer row by
     row (openai; anthropic's Messages API, not its Message Batches)."""
@@ -140,6 +148,7 @@ async def ask_until(ask_once: AskOnce, row: dict, until: Until | None) -> dict:
         row = {**row, "messages": until.retry_messages(seen, problem, attempt)}
         attempt += 1
         answer, n_in, n_out, err, p = await ask_once(row)
+        progress.tick(1)  # a try after the first: the driver's bar counts it too
         out = {"answer": answer, "input_tokens": out["input_tokens"] + n_in, "output_tokens": out["output_tokens"] + n_out,
                "error": err, "p_yes": p}
 

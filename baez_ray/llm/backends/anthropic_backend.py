@@ -116,7 +116,7 @@ class AnthropicCaller:
         self._key = key
         self._loop = None  # the event loop the client and the window belong to (the actor's)
 
-    def _session(self):
+    def _window(self):
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             self._client = make_client(self.cfg, self._key, asynchronous=True)
@@ -129,7 +129,7 @@ class AnthropicCaller:
             params = request_params(row, self.cfg)
             # temperature as a body field: the SDK's typed `create` does not take it here
             temperature = params.pop("temperature")
-            client, slots = self._session()
+            client, slots = self._window()
             async with slots:
                 msg = await client.messages.create(**params, extra_body={"temperature": temperature})
             text, n_in, n_out = parse_message(msg, row["stop"])
@@ -287,13 +287,24 @@ def generate_batches(ds, cfg: LLMConfig, key: SecretStr):
     return ray.data.from_arrow(tables)
 
 
+def _pool(cfg: LLMConfig, key: SecretStr) -> dict:
+    """The actor pool of `cfg` (messages mode): what `generate` and `prestart` give ray_pool.
+    An actor that dies mid-batch is restarted and the batch retried (fault_tolerant)."""
+    return {"cls": AnthropicCaller, "kwargs": {"cfg": cfg.model_dump(), "key": key}, "size": cfg.num_actors, "num_cpus": ACTOR_CPUS,
+            "fault_tolerant": True}
+
+
 def generate(ds, cfg: LLMConfig, until: Until | None = None):
     from baez_ray.ray_pool import actor_map
 
     key = api_key(cfg)  # on the driver, before anything runs: fails early and clearly
     if cfg.mode == "batches":
         return generate_batches(ds, cfg, key)
-    # an actor that dies mid-batch is restarted and the batch retried
-    return actor_map(ds, AnthropicCaller, {"cfg": cfg.model_dump(), "key": key}, size=cfg.num_actors, num_cpus=ACTOR_CPUS,
-                     batch_size=cfg.batch_size, fault_tolerant=True, keep=True, in_flight=batches_in_flight(cfg),
+    return actor_map(ds, **_pool(cfg, key), batch_size=cfg.batch_size, keep=True, in_flight=batches_in_flight(cfg),
                      fn_kwargs={"until": until} if until is not None else None)
+
+
+def prestart(cfg: LLMConfig) -> bool:
+    from baez_ray.ray_pool import start_kept
+
+    return cfg.mode == "messages" and start_kept(**_pool(cfg, api_key(cfg)))

@@ -157,7 +157,7 @@ class OpenAICaller:
         self.structured = True  # send response_format for constrained rows until the server refuses it
         self._loop = None  # the event loop the client and the window belong to (the actor's)
 
-    def _session(self):
+    def _window(self):
         """The client and the window of the running event loop (made on first use)."""
         import httpx
 
@@ -173,7 +173,7 @@ class OpenAICaller:
     async def post(self, body: dict) -> dict:
         import httpx
 
-        http, slots = self._session()
+        http, slots = self._window()
         attempt = 0
         while True:
             headers = None
@@ -227,10 +227,19 @@ class OpenAICaller:
         return with_results(batch, list(results), self.cfg, until)
 
 
+def _pool(cfg: LLMConfig) -> dict:
+    """The actor pool of `cfg`: what `generate` and `prestart` give ray_pool (one kept pool)."""
+    return {"cls": OpenAICaller, "kwargs": {"cfg": cfg.model_dump(), "key": api_key(cfg)}, "size": cfg.num_actors, "num_cpus": ACTOR_CPUS}
+
+
 def generate(ds, cfg: LLMConfig, until: Until | None = None):
     from baez_ray.ray_pool import actor_map
 
-    key = api_key(cfg)
-    return actor_map(ds, OpenAICaller, {"cfg": cfg.model_dump(), "key": key}, size=cfg.num_actors, num_cpus=ACTOR_CPUS,
-                     batch_size=cfg.batch_size, keep=True, in_flight=batches_in_flight(cfg),
+    return actor_map(ds, **_pool(cfg), batch_size=cfg.batch_size, keep=True, in_flight=batches_in_flight(cfg),
                      fn_kwargs={"until": until} if until is not None else None)
+
+
+def prestart(cfg: LLMConfig) -> bool:
+    from baez_ray.ray_pool import start_kept
+
+    return start_kept(**_pool(cfg))
