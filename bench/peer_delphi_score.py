@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import re
@@ -281,19 +280,38 @@ class Server:
 # ---- delphi (its own venv: delphi, torch, transformers; no baez_ray) ---------------------------
 
 
-def delphi_child(args) -> None:
-    """Run delphi's explainer and scorers over the records at `args.records`; print a
-    JSON line of times and completeness."""
-    import asyncio
+def without_vllm() -> None:
+    """delphi.clients imports its offline client, which imports vLLM (not installed, not
+    used here): stub modules stand in for the names it imports."""
     import types
 
     class Absent(types.ModuleType):
         def __getattr__(self, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
             return type(name, (), {})
 
-    # delphi.clients imports its offline client, which imports vLLM: not used here
     for name in ("vllm", "vllm.distributed", "vllm.distributed.parallel_state", "vllm.inputs"):
         sys.modules.setdefault(name, Absent(name))
+
+
+def delphi_imports() -> None:
+    """What the delphi side imports (`make install-delphi` checks it)."""
+    without_vllm()
+    from delphi.clients import OpenRouter  # noqa: F401
+    from delphi.explainers import DefaultExplainer  # noqa: F401
+    from delphi.pipeline import Pipeline  # noqa: F401
+    from delphi.scorers import DetectionScorer, FuzzingScorer  # noqa: F401
+
+    print("delphi explainer / scorer pipeline: imports fine")
+
+
+def delphi_child(args) -> None:
+    """Run delphi's explainer and scorers over the records at `args.records`; print a
+    JSON line of times and completeness."""
+    import asyncio
+
+    without_vllm()
     import torch
     from delphi.clients import OpenRouter
     from delphi.explainers import DefaultExplainer
@@ -493,7 +511,9 @@ def record(result: dict, args) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] in ("serve", "delphi"):
+    if len(sys.argv) > 1 and sys.argv[1] == "delphi-imports":
+        delphi_imports()
+    elif len(sys.argv) > 1 and sys.argv[1] in ("serve", "delphi"):
         cmd = sys.argv.pop(1)
         ap = argparse.ArgumentParser()
         if cmd == "serve":
