@@ -1,6 +1,6 @@
 """A label job without routing (`label.route: false`, one method for every feature) whose
 score sample streams with its labels through the real openai backend, against the
-deterministic scorer of test_score.py (an HTTP server on 127.0.0.1)."""
+deterministic scorer of tests/helpers.py (an HTTP server on 127.0.0.1)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import pytest
 
 from baez_ray import schema
 from baez_ray.config import ConfigError, validate
-from conftest import serve_local
-from test_score import WORDS, Scorer, scorer_cfg, synthetic_features
+from helpers import WORDS, scorer_cfg, synthetic_features
 
 
 def held_out_features() -> pa.Table:
@@ -46,15 +45,13 @@ def test_method_without_routing_is_a_documented_key(tmp_path):
         load_job(path)
 
 
-def test_unrouted_label_job_scores_its_labels_as_they_come(ray_local, tmp_path):
+@pytest.mark.slow
+def test_unrouted_label_job_scores_its_labels_as_they_come(ray_local, scorer_server, tmp_path):
     from baez_ray.jobs import execute
     from baez_ray.rundir import write_table
 
     write_table(held_out_features(), tmp_path / "features", rows_per_file=4)
-    fake = Scorer()
-    with serve_local(fake.handler()) as url:
-        fake.url = url + "/v1"
-        run = execute(validate(unrouted_job(str(tmp_path / "features"), scorer_cfg(fake))), tmp_path / "run")
+    run = execute(validate(unrouted_job(str(tmp_path / "features"), scorer_cfg(scorer_server))), tmp_path / "run")
     d = tmp_path / "run"
     # no routing: every feature counted, none scored by an embedder, tier 0 / not_routed
     routes = pq.read_table(d / "routes").to_pylist()

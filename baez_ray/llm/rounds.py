@@ -209,9 +209,10 @@ def _score_retryable(row: dict) -> bool:
     return logprob_targets(row["constraint"]) is None
 
 
-def score_rounds(pending, llm, max_retries: int, total: int | None = None):
+def score_rounds(pending, llm, max_retries: int, total: int | None = None, lazy: bool = False):
     """Scorer prompt rows (a Ray Dataset, with `truth`: the 0/1 of each excerpt shown) → a
     Ray Dataset with one row per prompt: `value` (list<double>: the parsed 0/1 list; for a
-    log-prob row `logprob:A,B`, [P(A)]; null when failed), `problem`, `tries` and totals."""
+    log-prob row `logprob:A,B`, [P(A)]; null when failed), `problem`, `tries` and totals
+    (`lazy`: unexecuted, `ask_until_parsed`)."""
     return ask_until_parsed(pending, llm, _score_parse, _score_retry, max_retries, pa.list_(pa.float64()), what="score",
-                            retryable=_score_retryable, total=total)
+                            retryable=_score_retryable, total=total, lazy=lazy)

@@ -84,10 +84,13 @@ def label_stage(cfg: LabelConfig, saes: tuple[SAEConfig, ...], route_cfg: RouteC
 def start_llms(cfg: LabelConfig) -> None:
     """Start the API clients the stage will ask (explainer, small LLM, scorer) before the
     job reads and routes: their actors are up when the first prompt is ready."""
-    from baez_ray.llm.backends import prestart
+    from baez_ray.llm.backends import MissingAPIKeyError, prestart
 
     for llm in {id(c): c for c in (cfg.explainer, cfg.small_llm, cfg.score.scorer if cfg.score else None) if c is not None}.values():
-        prestart(llm)
+        try:
+            prestart(llm)
+        except MissingAPIKeyError:  # said where a prompt first needs the key, as without the head start
+            pass
 
 
 def select(routes: pa.Table, cfg: LabelConfig) -> tuple[pa.Table, dict[int, set], dict]:

@@ -116,7 +116,7 @@ class AnthropicCaller:
         self._key = key
         self._loop = None  # the event loop the client and the window belong to (the actor's)
 
-    def _window(self):
+    def _opened(self):
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             self._client = make_client(self.cfg, self._key, asynchronous=True)
@@ -129,7 +129,7 @@ class AnthropicCaller:
             params = request_params(row, self.cfg)
             # temperature as a body field: the SDK's typed `create` does not take it here
             temperature = params.pop("temperature")
-            client, slots = self._window()
+            client, slots = self._opened()
             async with slots:
                 msg = await client.messages.create(**params, extra_body={"temperature": temperature})
             text, n_in, n_out = parse_message(msg, row["stop"])

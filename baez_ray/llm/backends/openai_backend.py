@@ -157,7 +157,7 @@ class OpenAICaller:
         self.structured = True  # send response_format for constrained rows until the server refuses it
         self._loop = None  # the event loop the client and the window belong to (the actor's)
 
-    def _window(self):
+    def _opened(self):
         """The client and the window of the running event loop (made on first use)."""
         import httpx
 
@@ -173,7 +173,7 @@ class OpenAICaller:
     async def post(self, body: dict) -> dict:
         import httpx
 
-        http, slots = self._window()
+        http, slots = self._opened()
         attempt = 0
         while True:
             headers = None
