@@ -30,6 +30,7 @@ cost of all its tries (`ask_until`).
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import re
@@ -148,7 +149,7 @@ async def ask_until(ask_once: AskOnce, row: dict, until: Until | None) -> dict:
         row = {**row, "messages": until.retry_messages(seen, problem, attempt)}
         attempt += 1
         answer, n_in, n_out, err, p = await ask_once(row)
-        progress.tick(1)  # a try after the first: the driver's bar counts it too
+        await asyncio.to_thread(progress.tick, 1)  # a try after the first: the driver's bar counts it too
         out = {"answer": answer, "input_tokens": out["input_tokens"] + n_in, "output_tokens": out["output_tokens"] + n_out,
                "error": err, "p_yes": p}
 

@@ -142,7 +142,8 @@ class AnthropicCaller:
     async def __call__(self, batch: pa.Table, until: Until | None = None) -> pa.Table:
         rows = batch.to_pylist() if until is not None else _request_rows(batch)
         results = await asyncio.gather(*(ask_until(self.ask_once, r, until) for r in rows))
-        return with_results(batch, list(results), self.cfg, until)
+        # off the event loop: the first progress tick looks its actor up (a blocking call)
+        return await asyncio.to_thread(with_results, batch, list(results), self.cfg, until)
 
 
 # ---- Message Batches ------------------------------------------------------------------

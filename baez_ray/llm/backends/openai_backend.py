@@ -224,7 +224,8 @@ class OpenAICaller:
     async def __call__(self, batch: pa.Table, until: Until | None = None) -> pa.Table:
         rows = batch.to_pylist() if until is not None else batch.select([c for c in _ROW_COLS if c in batch.column_names]).to_pylist()
         results = await asyncio.gather(*(ask_until(self.ask_once, r, until) for r in rows))
-        return with_results(batch, list(results), self.cfg, until)
+        # off the event loop: the first progress tick looks its actor up (a blocking call)
+        return await asyncio.to_thread(with_results, batch, list(results), self.cfg, until)
 
 
 def _pool(cfg: LLMConfig) -> dict:
