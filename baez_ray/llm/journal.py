@@ -4,11 +4,12 @@ pay for, the answers it already got.
 
     jobs.execute: with journal.kept_in(<run>/answers):     # the driver names the folder
     backend.generate: kwargs["journal"] = journal.root()   # ... the API callers get it
-    caller.__call__:  results = journal.ask_once(root, rows, ask, pool.map)
+    caller.__call__:  ask = journal.asking_once(root, rows, self.ask_once)   # then ask(row) per row
 
 Per batch of prompt rows, one file `<run>/answers/<digest>.jsonl`, named by a digest of the
 batch's rows (request id and request: a retried batch has the same rows, so the same
-file); a line per answer received (`ask` gave no error), written and fsync'd as it comes
+file); a line per answer received (the request gave no error; each try of a row that is
+asked again until its answer parses is a line of its own), written and fsync'd as it comes
 (the folder is shared storage on a cluster: the restarted actor on another node reads
 it). A row whose answer is in the file is answered from it; the others are asked. The
 folder is removed when the run finishes. Without a folder (a backend used directly) every
@@ -21,13 +22,14 @@ batch already paid for instead of submitting it again.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Awaitable, Callable
 
 DIR = "answers"
 
@@ -54,32 +56,51 @@ def _key(row: dict) -> str:
     return hashlib.sha256(json.dumps(row, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def ask_once(folder: str | None, rows: list[dict], ask: Callable[[dict], tuple], pmap=map) -> list[tuple]:
-    """`[ask(row) for row in rows]` (through `pmap`, e.g. a thread pool's map), each row
-    answered from the batch's file when it holds its answer; an answer `ask` returns
-    without error (its 4th element None) is added to the file."""
-    if folder is None or not rows:
-        return list(pmap(ask, rows))
-    keys = [_key(r) for r in rows]
-    path = Path(folder) / f"{hashlib.sha256(''.join(keys).encode()).hexdigest()[:40]}.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    known = _read(path)
-    lock = threading.Lock()
+class Kept:
+    """One batch's file of answers received (no file without a folder: every row asked)."""
 
-    def one(i: int) -> tuple:
-        if keys[i] in known:
-            return tuple(known[keys[i]])
-        got = ask(rows[i])
-        if got[3] is None:
-            # a line of its own even after a line cut short by a killed process
-            line = "\n" + json.dumps({"key": keys[i], "answer": list(got)}) + "\n"
-            with lock, open(path, "a", encoding="utf-8") as f:
-                f.write(line)
-                f.flush()
-                os.fsync(f.fileno())
+    def __init__(self, folder: str | None, rows: list[dict]):
+        self.path, self.known, self.lock = None, {}, threading.Lock()
+        if folder is None or not rows:
+            return
+        keys = "".join(_key(r) for r in rows)
+        self.path = Path(folder) / f"{hashlib.sha256(keys.encode()).hexdigest()[:40]}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.known = _read(self.path)
+
+    def get(self, row: dict) -> tuple | None:
+        """The answer this row got before (None: it is to be asked)."""
+        got = self.known.get(_key(row)) if self.path is not None else None
+        return tuple(got) if got is not None else None
+
+    def put(self, row: dict, got: tuple) -> None:
+        """Keep an answer received without error (its 4th element None), fsync'd."""
+        if self.path is None or got[3] is not None:
+            return
+        # a line of its own even after a line cut short by a killed process
+        line = "\n" + json.dumps({"key": _key(row), "answer": list(got)}) + "\n"
+        with self.lock, open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def asking_once(folder: str | None, rows: list[dict], ask: Callable[[dict], Awaitable[tuple]]) -> Callable[[dict], Awaitable[tuple]]:
+    """`ask` (an async API caller's one request) answered from the file of the batch of
+    `rows` when the row was answered before; an answer received is added to it (off the
+    event loop: an fsync). Every try of a row (`backends.ask_until`) is a row of its own."""
+    kept = Kept(folder, rows)
+    if kept.path is None:
+        return ask
+
+    async def once(row: dict) -> tuple:
+        got = kept.get(row)
+        if got is None:
+            got = await ask(row)
+            await asyncio.to_thread(kept.put, row, got)
         return got
 
-    return list(pmap(one, range(len(rows))))
+    return once
 
 
 def submitted(folder: str | None, requests: list[dict]) -> tuple[Path | None, str | None]:
