@@ -37,7 +37,6 @@ from baez_ray.stages.collect import CollectWorker
 from baez_ray.stages.route import RouteWorker
 from conftest import make_text, our_pids_under, serve_local
 
-pytestmark = pytest.mark.slow
 
 
 # ---- the gate ----------------------------------------------------------------------------
@@ -102,11 +101,12 @@ def gated(tmp_path_factory):
 class FakeLLM:
     """Answers from the request alone (the same request, the same answer): explainer
     prompts a label, scorer prompts (a `binary_list` response format) a list of 0/1. A
-    gate (`hold[kind] = k`) holds the k-th request of that kind until `release` is set;
-    that request is never answered. `answered` counts the answers delivered per request."""
+    gate (`hold[kind] = when`) holds the first request of that kind for which `when(n)`
+    (n: the requests of that kind so far) until `release` is set; that request is never
+    answered. `answered` counts the answers delivered per request."""
 
     def __init__(self):
-        self.hold: dict[str, int] = {}
+        self.hold: dict = {}
         self.seen: Counter = Counter()
         self.answered: Counter = Counter()
         self.arrived = {"label": threading.Event(), "score": threading.Event()}
@@ -118,7 +118,10 @@ class FakeLLM:
         digest = hashlib.sha1(json.dumps(body, sort_keys=True).encode()).hexdigest()
         with self.lock:
             self.seen[kind] += 1
-            held = self.hold.get(kind) == self.seen[kind]
+            when = self.hold.get(kind)
+            held = when is not None and when(self.seen[kind])
+            if held:
+                del self.hold[kind]
         if held:
             self.arrived[kind].set()
             self.release[kind].wait(300)
@@ -155,6 +158,19 @@ class FakeLLM:
                 self.wfile.write(payload)
 
         return H
+
+
+def nth_when(k: int, cond):
+    """A hold rule (`FakeLLM.hold`): the k-th request of its kind among those that come
+    while `cond()`."""
+    seen = [0]
+
+    def when(_n: int) -> bool:
+        if cond():
+            seen[0] += 1
+        return seen[0] == k
+
+    return when
 
 
 # ---- the cluster -------------------------------------------------------------------------
@@ -285,6 +301,7 @@ def baseline(cluster, job, tmp_path_factory):
 # ---- a node lost in each stage -----------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_node_lost_in_each_stage_costs_only_its_work_in_flight(cluster, job, baseline, llm, gated, tmp_path, capfd):
     from baez_ray.config import validate
@@ -293,8 +310,11 @@ def test_a_node_lost_in_each_stage_costs_only_its_work_in_flight(cluster, job, b
     node = cluster.add_node(**WORKER)
     for name in ("collect", "route"):
         (gated / f"arm-{name}").touch()
-    llm.hold, llm.seen, llm.answered = {"label": 2, "score": 3}, Counter(), Counter()
     out, result = tmp_path / "run", {}
+    # the label stage asks for labels and scores them as they come (label+score); the score
+    # stage's own requests come once the manifest has the label stage: hold its second
+    label_done = lambda: "label" in json.loads((out / "manifest.json").read_text()).get("stages", {})  # noqa: E731
+    llm.hold, llm.seen, llm.answered = {"label": lambda n: n == 2, "score": nth_when(2, label_done)}, Counter(), Counter()
 
     def run():
         try:
@@ -343,6 +363,7 @@ def test_a_node_lost_in_each_stage_costs_only_its_work_in_flight(cluster, job, b
 # ---- the only node with a resource lost -----------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_an_actor_that_cannot_be_placed_stops_the_run_then_it_resumes(cluster, job, baseline, gated, tmp_path, capfd):
     """Collect's workers need `only_b`, which one node has; it is lost mid-stage: the run
@@ -391,6 +412,23 @@ def test_an_actor_that_cannot_be_placed_stops_the_run_then_it_resumes(cluster, j
 def tables_features(run_dir: Path) -> list[dict]:
     rows = pq.read_table(run_dir / "features").to_pylist()
     return sorted(rows, key=lambda r: (r["sae_id"], r["feature"]))
+
+
+# ---- the operations page ---------------------------------------------------------------------
+
+
+def test_the_operations_page_shows_the_line_and_the_exit_code_of_a_run_stopped_by_a_lost_node():
+    """The line the docs show is the one `faults.stuck_line` writes (for the page's
+    example), and exit code 75 is in the page's table."""
+    from baez_ray import faults
+    from baez_ray.cli import EXIT_UNPLACEABLE
+
+    lost = faults.Node("3f2a9c1e" + "0" * 48, False, "10.0.3.7", {"CPU": 8.0, "only_b": 1.0})
+    left = faults.Node("9bd10c44" + "0" * 48, True, "10.0.3.8", {"CPU": 8.0})
+    actor = faults.Actor("a1", "MapWorker(MapBatches(CollectWorker))", "RESTARTING", 1, lost.id, {"CPU": 1.0, "only_b": 1.0})
+    line = "stopped: " + faults.stuck_line(actor, lost, {n.id: n for n in (lost, left)}, 600, "runs/gemma-l41")
+    page = (Path(__file__).parents[1] / "docs" / "operations.md").read_text()
+    assert line in page and f"| {EXIT_UNPLACEABLE} | stopped: a node was lost" in page
 
 
 # ---- the merge actor's restore, without Ray --------------------------------------------------

@@ -1,19 +1,19 @@
-"""Answers already paid for, kept in the run directory until the run ends, so that a batch
-sent again (its actor's node was lost, or the run was killed and rerun) does not ask, and
-pay for, the answers it already got.
+"""Answers already paid for, kept in the run directory until the run ends, so that a
+request sent again (its actor's node was lost, or the run was killed and rerun) is not
+asked, nor paid for, twice.
 
     jobs.execute: with journal.kept_in(<run>/answers):     # the driver names the folder
     backend.generate: kwargs["journal"] = journal.root()   # ... the API callers get it
-    caller.__call__:  ask = journal.asking_once(root, rows, self.ask_once)   # then ask(row) per row
+    caller.__call__:  ask = journal.asking_once(root, model, self.ask_once)   # then ask(row) per row
 
-Per batch of prompt rows, one file `<run>/answers/<digest>.jsonl`, named by a digest of the
-batch's rows (request id and request: a retried batch has the same rows, so the same
-file); a line per answer received (the request gave no error; each try of a row that is
-asked again until its answer parses is a line of its own), written and fsync'd as it comes
-(the folder is shared storage on a cluster: the restarted actor on another node reads
-it). A row whose answer is in the file is answered from it; the others are asked. The
-folder is removed when the run finishes. Without a folder (a backend used directly) every
-row is asked.
+One file per answer received without error, `<run>/answers/<k[:2]>/<k>.json`, named by a
+digest `k` of what was asked (the model, the request id, the messages and the sampling
+settings: each try of a row asked again until its answer parses is a request of its own),
+written whole (a temporary file renamed) and fsync'd off the actor's event loop. A request
+is looked up by its own digest, whatever batch it travels in: after a lost node Ray Data
+may rebuild the blocks of a stage, and cut them into other batches. The folder is shared
+storage on a cluster: the restarted actor on another node reads it. It is removed when the
+run finishes. Without a folder (a backend used directly) every request is asked.
 
 The anthropic Message Batches mode (run by the driver) keeps the id of each batch it
 submits there (`submitted`, `record`): a rerun after its driver was killed waits on the
@@ -56,48 +56,48 @@ def _key(row: dict) -> str:
     return hashlib.sha256(json.dumps(row, sort_keys=True, default=str).encode()).hexdigest()
 
 
-class Kept:
-    """One batch's file of answers received (no file without a folder: every row asked)."""
-
-    def __init__(self, folder: str | None, rows: list[dict]):
-        self.path, self.known, self.lock = None, {}, threading.Lock()
-        if folder is None or not rows:
-            return
-        keys = "".join(_key(r) for r in rows)
-        self.path = Path(folder) / f"{hashlib.sha256(keys.encode()).hexdigest()[:40]}.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.known = _read(self.path)
-
-    def get(self, row: dict) -> tuple | None:
-        """The answer this row got before (None: it is to be asked)."""
-        got = self.known.get(_key(row)) if self.path is not None else None
-        return tuple(got) if got is not None else None
-
-    def put(self, row: dict, got: tuple) -> None:
-        """Keep an answer received without error (its 4th element None), fsync'd."""
-        if self.path is None or got[3] is not None:
-            return
-        # a line of its own even after a line cut short by a killed process
-        line = "\n" + json.dumps({"key": _key(row), "answer": list(got)}) + "\n"
-        with self.lock, open(self.path, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+REQUEST = ("request_id", "messages", "max_tokens", "temperature", "stop", "constraint")  # what a request asks
 
 
-def asking_once(folder: str | None, rows: list[dict], ask: Callable[[dict], Awaitable[tuple]]) -> Callable[[dict], Awaitable[tuple]]:
-    """`ask` (an async API caller's one request) answered from the file of the batch of
-    `rows` when the row was answered before; an answer received is added to it (off the
-    event loop: an fsync). Every try of a row (`backends.ask_until`) is a row of its own."""
-    kept = Kept(folder, rows)
-    if kept.path is None:
+def _path(folder: str, model: str, row: dict) -> Path:
+    k = _key({"model": model, **{c: row.get(c) for c in REQUEST}})
+    return Path(folder) / k[:2] / f"{k}.json"
+
+
+def known(folder: str, model: str, row: dict) -> tuple | None:
+    """The answer this request got before (None: it is to be asked)."""
+    try:
+        return tuple(json.loads(_path(folder, model, row).read_text(encoding="utf-8")))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def keep(folder: str, model: str, row: dict, got: tuple) -> None:
+    """Keep an answer received without error (its 4th element None), whole and fsync'd."""
+    if got[3] is not None:
+        return
+    path = _path(folder, model, row)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(list(got)))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def asking_once(folder: str | None, model: str, ask: Callable[[dict], Awaitable[tuple]]) -> Callable[[dict], Awaitable[tuple]]:
+    """`ask` (an async API caller's one request) answered from the folder when the same
+    request was answered before; an answer received is kept there (both off the event
+    loop: file reads, an fsync)."""
+    if folder is None:
         return ask
 
     async def once(row: dict) -> tuple:
-        got = kept.get(row)
+        got = await asyncio.to_thread(known, folder, model, row)
         if got is None:
             got = await ask(row)
-            await asyncio.to_thread(kept.put, row, got)
+            await asyncio.to_thread(keep, folder, model, row, got)
         return got
 
     return once
@@ -124,16 +124,3 @@ def record(path: Path | None, batch_id: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def _read(path: Path) -> dict[str, list]:
-    """The answers in a batch's file (a line cut short by a killed process is skipped)."""
-    known: dict[str, list] = {}
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            known[entry["key"]] = entry["answer"]
-    return known

@@ -149,7 +149,7 @@ class AnthropicCaller:
         rows = batch.to_pylist() if until is not None else _request_rows(batch)
         if rows:  # (begun again elsewhere after a lost node: the driver's bar says so; a blocking call, off the loop)
             await asyncio.to_thread(progress.started, f"prompts {rows[0]['request_id']} .. {rows[-1]['request_id']}", len(rows))
-        ask = journal.asking_once(self.journal, rows, self.ask_once)  # answers already paid for are not asked again
+        ask = journal.asking_once(self.journal, self.cfg.model, self.ask_once)  # answers already paid for are not asked again
         results = await asyncio.gather(*(ask_until(ask, r, until) for r in rows))
         # off the event loop: the first progress tick looks its actor up (a blocking call)
         return await asyncio.to_thread(with_results, batch, list(results), self.cfg, until)
