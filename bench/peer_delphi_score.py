@@ -379,6 +379,7 @@ def run_ours(work: Path, n: int, url: str) -> dict:
     t_launch = time.time()
     proc = subprocess.run([str(Path(sys.executable).parent / "baez-ray"), "run", str(job), "--out", str(out)], capture_output=True, text=True)
     t_exit = time.time()
+    (work / f"ours-{n}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode not in (0, 3):
         raise RuntimeError(f"baez-ray run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     manifest = json.loads((out / "manifest.json").read_text())
@@ -473,6 +474,7 @@ def main() -> None:
     ap.add_argument("--widen", type=int, default=32)
     ap.add_argument("--delphi-python", default=str(ROOT / ".venv-delphi" / "bin" / "python"))
     ap.add_argument("--sides", nargs="+", default=["ours", "delphi_widened", "delphi_default"])
+    ap.add_argument("--keep", default=None, help="keep each N's work (features, jobs, server logs, runs) under this folder")
     ap.add_argument("--record", action="store_true", help="write the run to bench/results/peer_delphi_score-<machine>.json")
     args = ap.parse_args()
 
@@ -481,7 +483,8 @@ def main() -> None:
     runs = []
     for n in args.n:
         with tempfile.TemporaryDirectory(prefix="peer_delphi_score-") as tmp:
-            work = Path(tmp)
+            work = Path(args.keep) / f"n{n}" if args.keep else Path(tmp)
+            work.mkdir(parents=True, exist_ok=True)
             table = features_table(n)
             write_table(table, work / "features")
             spec = job_spec(work / "features", "http://127.0.0.1:1")
