@@ -142,6 +142,18 @@ class CollectConfig(Section):
         return self.keep_residual is True or (isinstance(self.keep_residual, list) and layer in self.keep_residual)
 
 
+class ResidualsConfig(Section):
+    """The residuals stage (stages/residuals.py): the base model (the job's `model` section:
+    its actors' num_gpus, num_cpus, resources and dtype) reads each example an AV method
+    needs, cut right after its top token, and keeps the layer-L residual there."""
+
+    batch_size: int = Field(16, ge=1, description="examples per forward pass (examples are sorted by length first, so little padding)")
+    num_actors: int = Field(1, ge=1, description="base-model actors (each takes the job's model.num_gpus / num_cpus / resources)")
+    shard_features: int = Field(256, ge=1, description="resume: features per committed part of residuals/ (a rerun skips committed parts)")
+    prepend_bos: bool = Field(True, description="a window that does not start with BOS (an export's) gets one before it, as every "
+                                                "context the model read in collect did")
+
+
 class IngestSource(Section):
     """One Neuronpedia export folder, optionally kept to one modelId / source id."""
 
@@ -321,6 +333,9 @@ class LabelConfig(Section):
     explainer: LLMConfig
     small_llm: LLMConfig | None = None
     av_sidecar: str | None = Field(None, description="AV sidecar YAML; tier 3 then gets AV explanations and a baez draft label")
+    av_sidecars: dict[int, str] = Field(
+        default_factory=dict, description="an AV per layer: {layer: sidecar YAML} (each sidecar's extraction_layer is its key), "
+                                          "beside or instead of av_sidecar; tier-3 features of an SAE at a layer with an AV get a draft")
     av_examples: int = Field(10, ge=1)
     av: AVRunConfig = AVRunConfig()
     max_retries: int = Field(2, ge=0)
@@ -348,6 +363,9 @@ class BenchmarkConfig(Section):
     explainer: LLMConfig
     max_retries: int = Field(2, ge=0, description="further tries of a label whose answer cannot be parsed")
     av_sidecar: str | None = Field(None, description="AV sidecar for baez / baez_last / nla_direct")
+    av_sidecars: dict[int, str] = Field(
+        default_factory=dict, description="an AV per layer: {layer: sidecar YAML} (each sidecar's extraction_layer is its key), "
+                                          "beside or instead of av_sidecar")
     av: AVRunConfig = AVRunConfig()
     score: ScoreConfig = ScoreConfig()
 
@@ -363,8 +381,11 @@ class JobSpec(Section):
     saes: list[SAEConfig] = Field(default_factory=list, description="SAEs, each with its layer, collected in one pass")
     corpus: CorpusConfig | None = None
     collect: CollectConfig = CollectConfig()
-    ingest: IngestConfig | None = None
-    features: str | None = Field(None, description="label: an existing features table (a collect or ingest run's features/)")
+    ingest: IngestConfig | None = Field(None, description="ingest job: the exports to read; label / benchmark jobs: their features, "
+                                                         "ingested from these exports in the same run (then give `model` for the "
+                                                         "residuals stage of AV methods)")
+    features: str | None = Field(None, description="label / benchmark: an existing features table (a collect or ingest run's features/)")
+    residuals: ResidualsConfig = ResidualsConfig()
     route: RouteConfig = RouteConfig()
     label: LabelConfig | None = None
     benchmark: BenchmarkConfig | None = None
@@ -411,9 +432,11 @@ class JobSpec(Section):
         need = {
             "collect": ("model", "saes", "corpus"),
             "ingest": ("ingest",),
-            "label": ("label",) if self.features else ("label", "model", "saes", "corpus"),
-            "benchmark": ("benchmark",) if self.features else ("benchmark", "model", "saes", "corpus"),
+            "label": ("label",) if self.features or self.ingest else ("label", "model", "saes", "corpus"),
+            "benchmark": ("benchmark",) if self.features or self.ingest else ("benchmark", "model", "saes", "corpus"),
         }[self.job]
+        if self.job in ("label", "benchmark") and self.features and self.ingest is not None:
+            raise ValueError("give features (an existing features table) or ingest (exports ingested in this run), not both")
         missing = [s for s in need if getattr(self, s) in (None, [])]
         if missing:
             raise ValueError(f"job '{self.job}' needs section(s): {', '.join('sae (or saes)' if m == 'saes' else m for m in missing)}")

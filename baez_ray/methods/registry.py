@@ -29,10 +29,12 @@ class LabelContext:
     max_retries: int = 2
     n_examples: int = 10  # examples an AV-based method verbalizes per feature
     av_sidecar: str | None = None
+    av_sidecars: tuple[tuple[int, str], ...] = ()  # (layer, sidecar path) of every AV the job has
     av: AVRunConfig = AVRunConfig()
     saes: tuple[SAEConfig, ...] = ()  # the job's SAEs: nla_direct reads their decoder rows
     route: RouteConfig = RouteConfig()  # token_freq counts over route.top_n examples and its windows
     routes_dir: Path | None = None  # the routes table (kinds) of these features
+    residuals_dir: Path | None = None  # the residuals table of these features (the residuals stage's)
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,7 @@ class Method:
     pattern: str  # a name, or a regular expression for a family (eleuther_acts_top(\d+))
     label: Callable  # (features Dataset, LabelContext) -> LABELS table
     tiers: tuple[int, ...]  # the label job's tiers that may use it
-    needs: tuple[str, ...] = ()  # "explainer", "av_sidecar", "sae"
+    needs: tuple[str, ...] = ()  # "explainer", "av_sidecar", "sae", "residuals" (the vectors at its top examples)
     shown: str = ""  # the name shown in messages (eleuther_acts_topK)
 
     def matches(self, name: str) -> bool:
@@ -91,6 +93,11 @@ def label_rows(name: str, features, ctx: LabelContext):
     return get(name).label(features, ctx)
 
 
+def needs_residuals(names) -> bool:
+    """Whether any of the methods `names` reads the residual vectors at top examples."""
+    return any("residuals" in get(n).needs for n in names)
+
+
 def _problem(name: str, tier: int | None) -> str | None:
     try:
         m = get(name)
@@ -110,14 +117,15 @@ def check_job_methods(spec: JobSpec) -> list[tuple[str, str]]:
             problem = _problem(getattr(spec.label, f"tier{t}"), t)
             if problem:
                 out.append((f"label.tier{t}", problem))
-        if not out and spec.label.av_sidecar and "sae" in get(spec.label.tier3).needs and not spec.saes:
+        has_av = bool(spec.label.av_sidecar or spec.label.av_sidecars)
+        if not out and has_av and "sae" in get(spec.label.tier3).needs and not spec.saes:
             out.append(("label.tier3", f"{spec.label.tier3} reads the SAE's decoder rows: the job needs the sae (or saes) section"))
     if spec.job == "benchmark" and spec.benchmark is not None:
         b = spec.benchmark
         for i, name in enumerate(b.methods):
             problem = _problem(name, None)
-            if problem is None and "av_sidecar" in get(name).needs and not b.av_sidecar:
-                problem = f"{name} needs benchmark.av_sidecar (an activation verbalizer)"
+            if problem is None and "av_sidecar" in get(name).needs and not (b.av_sidecar or b.av_sidecars):
+                problem = f"{name} needs benchmark.av_sidecar or benchmark.av_sidecars (an activation verbalizer)"
             if problem is None and "sae" in get(name).needs and not spec.saes:
                 problem = f"{name} reads the SAE's decoder rows: the job needs the sae (or saes) section"
             if problem:
