@@ -1,7 +1,8 @@
 """The `label` job: features (collected here, or a features table given) → route → label
 each tier with its method → [score a sample] → labels table and report.
 
-    collect (or `features:`) ─▶ route ─▶ label (stages/label.py: tier 1 cheap, tier 2 the
+    collect (or `features:`, or `ingest:`) ─▶ route ─▶ [residuals of the tier-3 features an
+    AV drafts: stages/residuals.py] ─▶ label (stages/label.py: tier 1 cheap, tier 2 the
     frontier method, tier 3 flagged for a human with AV explanations and a draft)
     ─▶ [score: a seeded sample of the labels on held-out examples] ─▶ report
 
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from baez_ray import methods
 from baez_ray.config import JobSpec
 from baez_ray.jobs.collect import features_source
 from baez_ray.ray_pool import remote
@@ -33,6 +35,9 @@ def run_job(spec: JobSpec, run: Run) -> None:
         with run.stage("route") as info:
             info.update(route(features_dir, run.table_dir("routes"), spec.route))
     routes, keys, counts = select(pq.read_table(run.table_dir("routes")), spec.label)
+    if tier3_needs_residuals(spec) and not run.completed("residuals"):
+        with run.stage("residuals") as info:
+            info.update(tier3_residuals(spec, run, features_dir, routes, keys[3]))
     if label_needs_rerun(run):
         with run.stage("label") as info:
             info.update(label_stage(spec.label, tuple(spec.saes), spec.route, run, features_dir, routes, keys), **counts)
@@ -49,6 +54,26 @@ def run_job(spec: JobSpec, run: Run) -> None:
         # worker, not in the driver (a task of report.labels: its worker need not import torch)
         info["path"] = str(ray.get(remote(write_label_report).remote(str(run.dir))))
     log(f"report: {run.dir / 'report' / 'index.html'}")
+
+
+def tier3_needs_residuals(spec: JobSpec) -> bool:
+    """The residuals stage runs when tier 3 has an AV and its method reads the vectors at
+    top examples (baez, baez_last; nla_direct reads decoder rows)."""
+    cfg = spec.label
+    return bool(cfg.av_sidecar or cfg.av_sidecars) and methods.needs_residuals([cfg.tier3])
+
+
+def tier3_residuals(spec: JobSpec, run: Run, features_dir: Path, routes, tier3: set) -> dict:
+    """The residuals of the tier-3 features the AV will draft (after routing and
+    max_per_tier), at the layers an AV reads: never the whole dictionary."""
+    from baez_ray.av.sidecar import sidecars_by_layer
+    from baez_ray.schema import key_table, rows_of
+    from baez_ray.stages.residuals import contexts_of, for_av
+
+    keys = routes.select(["sae_id", "feature", "layer"]).take(rows_of(routes, key_table(sorted(tier3))))
+    layers = sidecars_by_layer(spec.label.av_sidecar, spec.label.av_sidecars, "label")
+    return for_av(features_dir, keys, layers, spec.label.av_examples, run.table_dir("residuals"), contexts_of(features_dir),
+                  spec.model, spec.residuals, run.attempt)
 
 
 def label_needs_rerun(run: Run) -> bool:

@@ -132,4 +132,18 @@ def check_job_methods(spec: JobSpec) -> list[tuple[str, str]]:
                 out.append((f"benchmark.methods.{i}", problem))
         if len(set(b.methods)) != len(b.methods):
             out.append(("benchmark.methods", "a method is listed twice"))
-    return out
+    return out + _residuals_model(spec, out)
+
+
+def _residuals_model(spec: JobSpec, found: list) -> list[tuple[str, str]]:
+    """Features ingested in the job carry no residual vectors: an AV method that reads them
+    needs the base model (the residuals stage computes them)."""
+    section = spec.label if spec.job == "label" else spec.benchmark if spec.job == "benchmark" else None
+    if found or section is None or spec.ingest is None or spec.model is not None or not (section.av_sidecar or section.av_sidecars):
+        return []
+    names = [section.tier3] if spec.job == "label" else section.methods
+    reading = [n for n in names if "residuals" in get(n).needs]
+    if not reading:
+        return []
+    return [("model", f"{', '.join(reading)} read the residual vectors at top examples, which an export does not carry: the "
+                      "residuals stage computes them with the base model, so the job needs the model section")]

@@ -250,6 +250,27 @@ def clear_uncommitted(out_dir: Path) -> None:
 
 # ---- the stage ------------------------------------------------------------------------------
 
+def contexts_of(features_dir: Path) -> Path | None:
+    """The contexts table of the run that collected `features_dir` (its sibling contexts/),
+    when there is one: collected examples then read their whole left context."""
+    c = Path(features_dir).parent / "contexts"
+    return c if c.is_dir() and any(c.glob("*.parquet")) else None
+
+
+def for_av(examples_dir: Path, keys: pa.Table, av_layers, n_examples: int, out_dir: Path, contexts_dir: Path | None,
+           model: ModelConfig | None, cfg: ResidualsConfig, attempt: int = 1) -> dict:
+    """The stage for the features `keys` (sae_id, feature, layer) of `examples_dir` whose
+    layer an AV reads (`av_layers`); the others need no vector. Returns its counts."""
+    layers = sorted(set(av_layers))
+    at = pc.is_in(keys.column("layer"), pa.array(layers, pa.int32())) if keys.num_rows else pa.array([], pa.bool_())
+    keys = keys.filter(at)
+    if not keys.num_rows:
+        log("[residuals] no feature at a layer an AV reads: nothing to compute")
+        return {"features": 0}
+    used = sorted(set(keys.column("layer").to_pylist()))
+    return residuals(examples_dir, keys.select(["sae_id", "feature"]), used, n_examples, out_dir, contexts_dir, model, cfg, attempt)
+
+
 def todo_keys(keys: pa.Table, out_dir: Path) -> tuple[pa.Table, int]:
     """The keys without a committed row, in (sae_id, feature) order; and how many had one."""
     done = committed_keys(out_dir)
