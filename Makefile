@@ -7,7 +7,7 @@ export RAY_AUTH_MODE ?= disabled
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test demo bench clean chromium
+.PHONY: install test test-fast demo bench clean chromium
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,6 +37,10 @@ TEST_WORKERS ?= 2
 
 test: install chromium
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=25 tests
+
+# the suite without the tests marked slow (whole jobs): unit and stage tests, a few minutes
+test-fast: install chromium
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow" --durations=10 tests
 
 # exit code 3: the run finished and some rows failed (its summary says which; the report
 # shows them): the demo's small models leave a few, so that still makes a demo

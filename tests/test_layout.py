@@ -111,3 +111,13 @@ def test_jobs_hold_no_stage():
                 if called in ("map_batches", "map_groups", "actor_map", "from_arrow_refs"):
                     bad.append(f"{name}:{node.lineno} {called}")
     assert bad == []
+
+
+def test_test_modules_import_no_other_test_module():
+    """Shared builders live in tests/helpers.py and tests/conftest.py, not in a test module."""
+    bad = []
+    for p in (PKG.parent / "tests").rglob("test_*.py"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            bad += [f"{p.name}: {n}" for n in names if n.split(".")[0].startswith("test_")]
+    assert bad == []

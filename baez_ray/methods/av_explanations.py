@@ -113,9 +113,11 @@ def _sidecars(ctx: LabelContext) -> dict[int, str]:
 
 @register("baez", tiers=(3,), needs=("explainer", "av_sidecar", "residuals"))
 def baez(features, ctx: LabelContext) -> pa.Table:
+    """The explainer reads the AV's explanations of the top examples, each with its activation 1-10."""
     return label_baez(features, _sidecars(ctx), ctx.explainer, False, ctx.n_examples, ctx.max_retries, ctx.av, residuals_dir=ctx.residuals_dir)
 
 
 @register("baez_last", tiers=(3,), needs=("explainer", "av_sidecar", "residuals"))
 def baez_last(features, ctx: LabelContext) -> pa.Table:
+    """As baez, with only the last paragraph of each AV explanation (the one about the final token)."""
     return label_baez(features, _sidecars(ctx), ctx.explainer, True, ctx.n_examples, ctx.max_retries, ctx.av, residuals_dir=ctx.residuals_dir)

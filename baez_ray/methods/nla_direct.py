@@ -118,8 +118,8 @@ def label_nla_direct(features, sidecar_path: str, saes: list[SAEConfig], llm=Non
 
 @register("nla_direct", tiers=(3,), needs=("av_sidecar", "sae"))
 def nla_direct(features, ctx: LabelContext) -> pa.Table:
-    """Each feature through the AV of its layer (`av_sidecars`); features at a layer no AV
-    reads get their row with the reason."""
+    """The AV of the feature's layer reads its SAE decoder row; the explanation is the label
+    (one AV call per feature; a feature at a layer no AV reads gets its row with the reason)."""
     by_layer = dict(ctx.av_sidecars) if ctx.av_sidecars else as_layers(ctx.av_sidecar)
     if len(by_layer) == 1:
         (path,) = by_layer.values()
