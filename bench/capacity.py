@@ -21,6 +21,8 @@ Per-stage model (F features, live share l, tier shares s1/s2/s3 of the live ones
     tier 1        token_freq: CPU, no tokens (small_llm: CPU s from bench/llm_stage.py)
     tier 2        API tokens = l·F·s2 · (prompt chars / chars per token, answer tokens) · (1 + retry share)
     tier 3        GPU s = l·F·s3 · av_examples · AV tokens / (AV generated tokens/s)
+                  + the residuals stage: l·F·s3 · av_examples · left-context tokens / (forward tokens/s)
+                    (0 with collect.keep_residual: --residuals kept)
                   API tokens = l·F·s3 · baez prompt (the AV explanations) + answer
     no routing    API tokens = l·F · tier-2 tokens
     scoring       a sample of features (--score-sample), detection + fuzz prompts   [same in both]
@@ -271,6 +273,14 @@ def plan(args) -> dict:
         av_per_feature, baez_in, baez_out = 0.0, 0.0, 0.0
         sources["tier3"] = "manual (--tier3 manual): flagged for a human only"
     av_gpu_s = n3 * av_per_feature
+    # the residuals stage: the base model on each example the AV reads, cut after its top
+    # token (the forward rate of measure-gpu: the 27B model as far as layer 41)
+    fwd_rate = gpu_b.get("forward_tokens_per_s") or 0.0
+    res_gpu_s = 0.0 if args.residuals == "kept" or args.tier3 == "manual" or not fwd_rate else \
+        n3 * args.av_examples * args.residual_tokens / fwd_rate
+    sources["residuals_gpu"] = ("none: collect kept the residuals (--residuals kept)" if args.residuals == "kept" else
+                                f"{gpu_files} forward_tokens_per_s ({fwd_rate} tok/s) x {args.residual_tokens} left-context tokens per example")
+    assumptions["residual_tokens_per_example"] = args.residual_tokens
     measured_baez = None
     if man and man.get("label", {}).get("by_tier", {}).get("3") and not man["label"]["by_tier"].get("2"):
         lab = man["label"]
@@ -315,6 +325,7 @@ def plan(args) -> dict:
             elif route_cpu_h is not None:
                 cpu_h["route"] = route_cpu_h
             gpu_s["av_tier3"] = av_gpu_s
+            gpu_s["residuals_tier3"] = res_gpu_s
             if t1_cpu_h is not None:
                 cpu_h["small_llm_tier1"] = t1_cpu_h
             tok_in = n2 * t2_in + n3 * baez_in
@@ -602,6 +613,10 @@ def main() -> None:
     ap.add_argument("--retry-share", type=float, default=0.05, help="share of prompts sent again after a parse failure")
     ap.add_argument("--av-examples", type=int, default=10, help="label.av_examples")
     ap.add_argument("--av-tokens", type=int, default=200, help="tokens per AV explanation (the AV's max_new_tokens)")
+    ap.add_argument("--residuals", choices=["stage", "kept"], default="stage",
+                    help="stage: the residuals stage computes the tier-3 vectors; kept: collect.keep_residual stored them")
+    ap.add_argument("--residual-tokens", type=int, default=512,
+                    help="mean left-context tokens per residual (a collect's: about half the context; an export's: its window)")
     ap.add_argument("--av-tokens-per-s", type=float, help="AV generated tokens/s per GPU (default: --gpu's measurement, else 2500)")
     ap.add_argument("--mfu", type=float, default=0.4, help="collect: model FLOPs utilisation when --gpu gives no rate")
     ap.add_argument("--route-top-n", type=int, default=20, help="route.top_n")

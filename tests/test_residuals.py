@@ -389,3 +389,27 @@ def test_label_job_on_ingested_features_drafts_tier3_at_every_av_layer(exported,
     st = run.manifest["stages"]
     assert st["residuals"]["refused"] == 1 and st["residuals"]["mapped"] == len(residuals) - 1 and st["residuals"]["kept"] == 0
     assert not any("keep_residual" in (r["error"] or "") for r in labels)
+
+
+def test_job_sections_for_exports_and_per_layer_avs(tmp_path):
+    """A job reads its features from `features:` or from `ingest:`, not both; AV methods
+    on ingested features need the model (the residuals stage); each `av_sidecars` key is
+    its sidecar's extraction layer."""
+    from baez_ray.av.sidecar import sidecars_by_layer
+    from baez_ray.config import ConfigError
+    from baez_ray.jobs import load_job
+
+    root = Path(__file__).resolve().parents[1]
+    explainer = {"backend": "openai", "model": "m", "base_url": "http://127.0.0.1:1/v1"}
+    with pytest.raises(ConfigError, match="give features .* or ingest .*, not both"):
+        validate({"job": "label", "features": str(tmp_path), "ingest": {"path": str(tmp_path)}, "label": {"explainer": explainer}})
+    job = tmp_path / "j.yaml"
+    job.write_text(json.dumps({"job": "benchmark", "ingest": {"path": str(tmp_path)},
+                               "benchmark": {"explainer": explainer, "methods": ["baez", "token_freq"],
+                                             "av_sidecars": {12: str(root / "jobs/av/gemma3-270m-self.yaml")}}}))
+    with pytest.raises(ConfigError, match="key 'model': baez read the residual vectors at top examples"):
+        load_job(job)
+    l3, l12 = str(root / "jobs/av/gemma3-270m-self-l3.yaml"), str(root / "jobs/av/gemma3-270m-self.yaml")
+    assert sidecars_by_layer(l12, {3: l3}, "label") == {3: l3, 12: l12}
+    with pytest.raises(ConfigError, match=r"label.av_sidecars.16: .* reads layer-3 vectors \(its extraction_layer\), not layer 16"):
+        sidecars_by_layer(None, {16: l3}, "label")

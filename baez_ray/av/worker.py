@@ -95,8 +95,7 @@ def av_examples(examples: list[dict], n: int) -> list[dict]:
     return [e for e in examples if e["kind"] == "top"][:n]
 
 
-NO_VECTOR = ("no residual vector: not kept by collect (keep_residual) and not in the residuals table "
-             "(the residuals stage did not run for this feature)")
+NO_VECTOR = "no residual vector at the top token: the residuals stage computed none for this example (and collect kept none)"
 VECTOR_ROWS = pa.schema([pa.field("sae_id", pa.string()), pa.field("layer", pa.int32()), pa.field("feature", pa.int64()),
                          pa.field("rank", pa.int32()), pa.field("score", pa.int64()), pa.field("vector", pa.list_(pa.float32())),
                          pa.field("vector_error", pa.string())])
