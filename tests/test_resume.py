@@ -53,7 +53,7 @@ class Runner:
             rc = proc.wait(timeout=timeout)
         finally:
             self.kill(proc)
-        # 3: finished, but rows failed (the tiny model's answers do not parse; README, exit codes)
+        # 3: finished, but rows failed (the tiny model's answers do not parse; docs/operations.md, exit codes)
         assert rc in (0, 3), log.read_text()[-6000:]
 
     def run_until(self, job: Path, out: Path, marker: str, timeout: float = 240) -> None:
