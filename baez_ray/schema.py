@@ -150,19 +150,19 @@ ROUTES = pa.schema(
 # `error` says why, e.g. a token string that maps to no single id)
 RESIDUALS = pa.schema(
     [
-        pa.field("sae_id", pa.string(), nullable=False),
-        pa.field("layer", pa.int32(), nullable=False),
-        pa.field("feature", pa.int64(), nullable=False),
-        pa.field("kind", pa.string(), nullable=False),
-        pa.field("rank", pa.int32(), nullable=False),
-        pa.field("context_id", pa.int64()),
-        pa.field("position", pa.int32()),
-        pa.field("top_index", pa.int32(), nullable=False),
+        pa.field("sae_id", pa.string(), nullable=False),  # the feature's SAE
+        pa.field("layer", pa.int32(), nullable=False),  # its layer: the block whose output is read
+        pa.field("feature", pa.int64(), nullable=False),  # its index within the SAE
+        pa.field("kind", pa.string(), nullable=False),  # the example's kind in the features table (top)
+        pa.field("rank", pa.int32(), nullable=False),  # the example's rank within its kind
+        pa.field("context_id", pa.int64()),  # its corpus context (collect); null for an export's
+        pa.field("position", pa.int32()),  # its top token's position in that context
+        pa.field("top_index", pa.int32(), nullable=False),  # its top token's position in its window
         pa.field("source", pa.string(), nullable=False),  # context | window | refused
         pa.field("n_tokens", pa.int32(), nullable=False),  # tokens the model read (BOS included); 0 when refused
         pa.field("mapped", pa.bool_(), nullable=False),  # token ids mapped from the example's strings (ingest)
-        pa.field("residual", pa.list_(pa.float32())),  # null when refused
-        pa.field("error", pa.string()),  # null on success
+        pa.field("residual", pa.list_(pa.float32())),  # the residual after block `layer` at the top token; null when refused
+        pa.field("error", pa.string()),  # why there is no residual (e.g. an unmappable token string); null on success
     ],
     metadata={"table": "residuals", "schema_version": SCHEMA_VERSION},
 )
