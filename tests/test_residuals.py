@@ -418,3 +418,13 @@ def test_job_sections_for_exports_and_per_layer_avs(tmp_path):
     assert sidecars_by_layer(l12, {3: l3}, "label") == {3: l3, 12: l12}
     with pytest.raises(ConfigError, match=r"label.av_sidecars.16: .* reads layer-3 vectors \(its extraction_layer\), not layer 16"):
         sidecars_by_layer(None, {16: l3}, "label")
+
+
+def test_an_exports_pieces_reach_the_explainer_as_text():
+    """Neuronpedia's bulk exports carry vocabulary pieces ('▁force'): the explainer's
+    prompts show the text they spell, without special tokens."""
+    from baez_ray.llm.prompts import eleuther_user, np_user
+
+    ex = {"token_strs": ["<bos>", "I", "'", "ll", "▁force", "▁thee", "\n"], "acts": [0.0, 0.0, 0.0, 0.1, 3.0, 0.5, 0.0], "top_index": 4}
+    assert eleuther_user([ex]) == "Example 1: I'll<< force>> thee\\n"
+    assert np_user([ex]) == "Example 1: top token 'force' in: I'll force thee\\n"
