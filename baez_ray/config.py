@@ -388,11 +388,41 @@ class LabelConfig(Section):
         return self.method or self.tier2
 
 
+class VerdictConfig(Section):
+    """The routing verdict of a benchmark (SPEC §4, "the protocol is itself measured"): per
+    tier, the method the protocol assigns against the frontier method on the same features
+    and excerpts, their LLM tokens and dollars per feature, and the projected cost of
+    routing a dictionary against labelling all of it with the frontier method."""
+
+    tier1: str = Field("token_freq", description="the method the protocol assigns to tier-1 features (as label.tier1)")
+    tier2: str = Field("eleuther_acts_top5", description="the method the protocol assigns to tier-2 features (as label.tier2)")
+    tier3: str = Field("baez", description="the draft the protocol attaches to tier-3 features (as label.tier3)")
+    frontier: str | None = Field(None, description="the frontier method every tier is compared with; null: the tier-2 method")
+    min_features: int = Field(
+        10, ge=3, description="a tier with fewer features scored by both methods gets 'too few features' instead of a verdict")
+    shares_from: str | None = Field(
+        None, description="the tier shares to project onto: a label run directory (or its manifest.json), read from its route "
+                          "stage; null: the benchmark's own routing (its pool with stratify: tier, else its sample)")
+    dictionary_features: int | None = Field(
+        None, ge=1, description="project the cost onto this many live features (e.g. 262144); null: those of shares_from, "
+                                "else the benchmark's eligible features")
+    price: Price | None = Field(
+        None, description="the price of the dollars per feature and of the projection (e.g. the frontier API you would use); "
+                          "null: benchmark.explainer.price")
+
+
 class BenchmarkConfig(Section):
     """The `benchmark` job (SPEC §5): sample features, label them with each method from
     their train examples, score each label on the test examples."""
 
-    n_features: int = Field(40, ge=2, description="features sampled per SAE")
+    n_features: int = Field(40, ge=2, description="features sampled per SAE (per tier and SAE with stratify: tier)")
+    stratify: Literal["none", "tier"] = Field(
+        "none", description="none: sample n_features of the eligible features; tier: route a seeded pool of the eligible features "
+                            "on their train examples and sample n_features per tier (SPEC §4: the protocol's own test)")
+    stratify_max_routed: int = Field(
+        4096, ge=1, description="stratify: tier routes the eligible features of each SAE in a seeded order, in rounds of doubling "
+                                "size, until every tier has n_features or this many are routed; a tier still short gets what there is")
+    verdict: VerdictConfig = Field(VerdictConfig(), description="the routing verdict that opens the report")
     min_examples: int = Field(15, ge=2, description="sample only features with at least this many activating examples")
     split: Literal["top", "deciles", "random"] = Field("top", description="how train and test examples are chosen")
     train_examples: int = Field(5, ge=1, description="train examples (top ranks 1..N for top/deciles)")

@@ -185,6 +185,11 @@ def check_job_methods(spec: JobSpec) -> list[tuple[str, str]]:
                 out.append((f"benchmark.methods.{i}", problem))
         if len(set(b.methods)) != len(b.methods):
             out.append(("benchmark.methods", "a method is listed twice"))
+        for key in ("tier1", "tier2", "tier3", "frontier"):  # the routing verdict's methods (benchmarked or not)
+            name = getattr(b.verdict, key)
+            problem = _problem(name, None) if name else None
+            if problem:
+                out.append((f"benchmark.verdict.{key}", problem))
     return out + _residuals_model(spec, out)
 
 
@@ -194,7 +199,7 @@ def _residuals_model(spec: JobSpec, found: list) -> list[tuple[str, str]]:
     section = spec.label if spec.job == "label" else spec.benchmark if spec.job == "benchmark" else None
     if found or section is None or spec.ingest is None or spec.model is not None or not (section.av_sidecar or section.av_sidecars):
         return []
-    names = [section.tier3] if spec.job == "label" else section.methods
+    names = ([section.tier3] if section.route else [section.single_method]) if spec.job == "label" else section.methods
     reading = [n for n in names if "residuals" in get(n).needs]
     if not reading:
         return []
