@@ -428,3 +428,18 @@ def test_an_exports_pieces_reach_the_explainer_as_text():
     ex = {"token_strs": ["<bos>", "I", "'", "ll", "▁force", "▁thee", "\n"], "acts": [0.0, 0.0, 0.0, 0.1, 3.0, 0.5, 0.0], "top_index": 4}
     assert eleuther_user([ex]) == "Example 1: I'll<< force>> thee\\n"
     assert np_user([ex]) == "Example 1: top token 'force' in: I'll force thee\\n"
+
+
+def test_the_demo_drafts_tier3_at_each_of_its_layers():
+    """`make demo` (jobs/demo.yaml): each of its SAEs' layers has a self-verbalizer reading
+    that layer, tier 3 is a draft that reads residuals, and the label job computes them
+    (no keep_residual: the residuals stage runs on the tier-3 features)."""
+    from baez_ray.av.sidecar import sidecars_by_layer
+    from baez_ray.jobs import load_job
+    from baez_ray.jobs.label import av_needs_residuals
+
+    root = Path(__file__).resolve().parents[1]
+    spec = load_job(root / "jobs" / "demo.yaml")
+    layers = sidecars_by_layer(spec.label.av_sidecar, spec.label.av_sidecars, "label")
+    assert sorted(layers) == sorted(s.layer for s in spec.saes) == [3, 12, 16]
+    assert spec.label.tier3 == "baez" and not spec.collect.keep_residual and av_needs_residuals(spec)
