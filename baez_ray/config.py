@@ -271,7 +271,13 @@ class AVRunConfig(Section):
     device: Literal["cpu", "cuda"] = "cpu"
     engine: Literal["transformers", "vllm"] = Field(
         "transformers", description="transformers: generate(inputs_embeds); vllm: vllm.LLM(enable_prompt_embeds=True) in the actor (GPU)")
-    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vllm engine: extra vllm.LLM arguments (gpu_memory_utilization, max_model_len, ...)")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description=(
+        "vllm engine: extra vllm.LLM arguments (gpu_memory_utilization, max_model_len, ...); transformers engine: "
+        "cache (prefix: the template's KV computed once, the default | static: HF's static cache, compiled on CUDA | dynamic: plain generate)"))
+    max_new_tokens: int | None = Field(None, ge=1, description=(
+        "cap on each explanation's length in tokens (null: the sidecar's max_new_tokens); the AV's stop string ends most explanations first"))
+    dedup_window: int = Field(8, ge=0, description=(
+        "a feature's top examples whose last N tokens up to the top token are the same are verbalized once (0: every example)"))
     nla_direct_shorten: bool = Field(False, description="nla_direct: the explainer condenses the AV's text into a short label")
 
 
