@@ -323,7 +323,9 @@ class LabelConfig(Section):
     # method names are checked against the registry (baez_ray.methods) when the job is loaded
     tier1: str = Field("token_freq", description="a tier-1 method: token_freq | small_llm")
     tier2: str = Field("eleuther_acts_top5", description="a tier-2 method: eleuther_acts_topK | np_max_act")
-    tier3: str = Field("baez", description="the draft label of tier-3 features (needs av_sidecar): baez | baez_last | nla_direct (also the sae section)")
+    tier3: str = Field("baez", description=(
+        "the draft label of tier-3 features (needs av_sidecar): baez | baez_kN | baez_last | baez_last_kN | nla_direct (also the sae "
+        "section); docs/tier3-price.md prices each"))
     explainer: LLMConfig
     small_llm: LLMConfig | None = None
     av_sidecar: str | None = Field(None, description="AV sidecar YAML; tier 3 then gets AV explanations and a baez draft label")
