@@ -11,7 +11,7 @@ without routing (every feature to the job's tier-2 method), on N GPUs.
 No figure is typed in here. Each comes from a file, and the output prints which:
 
 * `bench/results/*.json` (`--results`): the latest recorded run of each bench:
-  `capacity-gpu` (`measure-gpu` below, on a GPU: collect, the AV generating, the
+  `capacity_measure_gpu` (`measure-gpu` below, on a GPU: collect, the AV generating, the
   embedder), `av` (bench/av.py: the vLLM / transformers ratio of the AV engines on one
   machine), `tier3_trade` (bench/tier3_trade.py: the benchmark demo's tier-3 policies,
   their scores paired against `baez_k10` and the tier-2 method, and the share of
@@ -62,7 +62,7 @@ LAYER = 41
 D_SAE = 262_144
 H100_BF16_DENSE_FLOPS = 989e12
 NLA_PROMPT_TOKENS, NLA_MARKER_AT = 108, 93  # jobs/av/nla-gemma3-27b-L41.yaml through the Gemma 3 chat template
-GPU_BENCHES = ("capacity-gpu", "capacity_measure_gpu")  # measure-gpu's runs (the second: docs' name for them)
+GPU_BENCHES = ("capacity_measure_gpu",)  # measure-gpu's runs
 POLICIES = ("manual", "nla_direct", "baez_k3", "baez_k5", "baez_k10")
 
 
@@ -713,7 +713,7 @@ def measure_gpu(args) -> dict:
 
     d = _Device(args.tiny)
     torch.manual_seed(0)
-    out: dict = {"bench": "capacity-gpu", "device": torch.cuda.get_device_name() if d.dev == "cuda" else "cpu", "tiny": d.tiny}
+    out: dict = {"bench": "capacity_measure_gpu", "device": torch.cuda.get_device_name() if d.dev == "cuda" else "cpu", "tiny": d.tiny}
     if "collect" in args.parts_to_time:
         out.update(measure_collect(args, d))
         d.free()
@@ -740,7 +740,7 @@ def measure_gpu_parser() -> argparse.ArgumentParser:
                     help="what to time, of collect,av,embedder")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (a smoke test of the code paths)")
     ap.add_argument("--out", help="also write the JSON here")
-    ap.add_argument("--record", action="store_true", help="append the run to bench/results/capacity-gpu-<machine>.json")
+    ap.add_argument("--record", action="store_true", help="append the run to bench/results/capacity_measure_gpu-<machine>.json")
     return ap
 
 
@@ -753,7 +753,7 @@ def measure_gpu_main(argv: list[str]) -> None:
     if args.record and not res["tiny"]:
         from record import append_run
 
-        path = append_run("capacity-gpu", "bench/capacity.py measure-gpu", res, "random weights of the target shapes", res["device"])
+        path = append_run("capacity_measure_gpu", "bench/capacity.py measure-gpu", res, "random weights of the target shapes", res["device"])
         print(f"recorded: {_shown(path)}")
     print(line)
 

@@ -92,7 +92,7 @@ def results(tmp_path):
     folder.mkdir()
     gpu = {"device": "NVIDIA H200", "collect_full_state_tokens_per_s": 10000.0, "av_generated_tokens_per_s": 500.0, "av_batch": 64,
            "embedder_texts_per_s": 50000.0, "embedder_tokens": 24}
-    results_file(folder, "capacity-gpu", "h200", ("2026-11-26", gpu))
+    results_file(folder, "capacity_measure_gpu", "h200", ("2026-11-26", gpu))
     results_file(folder, "av", "cpu2", ("2026-12-01", {"model": "m", "vllm_over_plain": 9.0}), ("2026-12-07", {"model": "m", "vllm_over_plain": 2.0}))
     results_file(folder, "demo", "cpu2", ("2026-11-27", {"route": {"tier1": 20, "tier2": 20, "tier3": 60}}))
     results_file(folder, "tier3_trade", "cpu2", ("2026-12-07", {"features": 40, "comparisons": COMPARISONS, "dedup_window": 8,
@@ -117,7 +117,7 @@ def test_capacity_plans_from_results_files_only(capacity, results):
     assert p["tier_shares"] == [0.2, 0.2, 0.6] and p["tier3_default"] == "nla_direct" and p["av_engine"] == "vllm"
     assert p["av_generated_tokens_per_s"] == 1000.0  # 500 x 2.0 (the later av run, not the earlier 9.0)
     src = p["sources"]
-    assert "capacity-gpu-h200.json" in src["av_gpu"] and "av-cpu2.json" in src["av_gpu"] and src["av_gpu"].startswith("estimate")
+    assert "capacity_measure_gpu-h200.json" in src["av_gpu"] and "av-cpu2.json" in src["av_gpu"] and src["av_gpu"].startswith("estimate")
     assert "demo-cpu2.json" in src["tier_shares"] and "tier3_trade-cpu2.json" in src["duplicate_share"]
     assert "README" not in json.dumps(src) and "Message Batches (x0.5)" in src["prices"]
     # by hand: per live feature, tier 2 in dollars against route + 0.2 tier 2 + 0.6 tier 3
@@ -154,7 +154,7 @@ def test_capacity_manifest_shares_and_a_transformers_engine(capacity, results, t
     assert p["tier3_default"] == "baez_k5" and p["av_tokens_per_explanation"] == 160 and p["av_generated_tokens_per_s"] == 500.0
     capacity.print_plan(p)
     out = capsys.readouterr().out
-    assert "baez_k5" in out and "<- the job's" in out and "capacity-gpu-h200.json" in out and "nla_direct − baez_k10: detection -0.050" in out
+    assert "baez_k5" in out and "<- the job's" in out and "capacity_measure_gpu-h200.json" in out and "nla_direct − baez_k10: detection -0.050" in out
 
 
 def test_measure_gpu_times_the_tuned_av_engine(capacity):
