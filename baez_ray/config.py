@@ -188,6 +188,16 @@ class Price(Section):
     batch_discount: float = Field(0.5, ge=0, le=1, description="multiplier in Message Batches mode")
 
 
+# An API backend's window and batches when the job leaves them unset: a vLLM or SGLang server
+# batches 256 sequences or more at once, an API tier serves thousands of requests a minute;
+# a window holds that many requests in flight per actor, in batches of `batch_size` rows,
+# several batches per actor (backends.batches_in_flight) so that it never runs dry.
+API_DEFAULTS: dict[str, dict[str, int]] = {
+    "openai": {"max_concurrency": 128, "batch_size": 64},
+    "anthropic": {"max_concurrency": 64, "batch_size": 64},
+}
+
+
 class LLMConfig(Section):
     """One LLM behind one interface (baez_ray/backends): prompt rows in, answers out."""
 
@@ -201,7 +211,7 @@ class LLMConfig(Section):
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (vllm: per engine; fractional shares the GPU)")
     num_cpus: float = Field(1.0, gt=0, description="Ray CPUs per actor of a local engine")
     resources: Resources = Field(default_factory=dict, description="Ray custom resources per engine actor (vllm: per engine worker)")
-    batch_size: int = Field(16, ge=1, description="prompts per generate call (local) or per Ray Data batch (API)")
+    batch_size: int = Field(16, ge=1, description="prompts per generate call (local) or per Ray Data batch (API: 64 unless set, API_DEFAULTS)")
     max_tokens: int | None = Field(
         None, ge=8, le=8192, description="label prompts: the longest answer (tokens) the LLM may write, retries included; null: the "
                                         "method's own (eleuther_acts_topK, baez, baez_last, nla_direct: 200; np_max_act, small_llm: 40). "
@@ -210,7 +220,8 @@ class LLMConfig(Section):
     base_url: str | None = Field(None, description="anthropic: the API root without /v1; openai: the API root with /v1, "
                                                    "e.g. http://127.0.0.1:8000/v1")
     api_key_env: str | None = Field(None, description="environment variable holding the key (default per backend)")
-    max_concurrency: int = Field(8, ge=1, description="requests in flight per actor")
+    max_concurrency: int = Field(8, ge=1, description="API backends: requests in flight per actor, shared by the batches it holds "
+                                                      "(unless set: openai 128, anthropic 64; API_DEFAULTS)")
     max_retries: int = Field(6, ge=0, description="API backends: retries of a request (429, 5xx, connection errors) before its row fails")
     timeout_s: float = Field(120.0, gt=0, description="API backends: seconds per request")
     mode: Literal["messages", "batches"] = Field(
@@ -224,6 +235,13 @@ class LLMConfig(Section):
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description="vllm: share of each GPU's memory (null: 0.9, scaled by a fractional num_gpus)")
     concurrency: int | tuple[int, int] | None = Field(None, description="vllm: engine replicas, or (min, max) to autoscale; null: num_actors")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vllm: further engine arguments (enable_prefix_caching, max_num_seqs, ...)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _api_defaults(cls, data):
+        if isinstance(data, dict) and data.get("backend") in API_DEFAULTS:
+            data = {**API_DEFAULTS[data["backend"]], **data}
+        return data
 
     @model_validator(mode="after")
     def _local_resources(self):
@@ -345,13 +363,59 @@ class LabelConfig(Section):
     shard_features: int | None = Field(
         None, ge=1, description="resume: features per committed label shard; null: about 1/64 of a tier's work, within [256, 8192]")
     score: LabelScoreConfig | None = Field(None, description="score a sample of the labels (null: no scoring)")
+    route: bool = Field(True, description="route each feature to a tier (SPEC §4); false: no routing, every feature labelled with "
+                                          "`method` (no embedder loaded; routes/ records tier 0, kind not_routed)")
+    method: str | None = Field(None, description="with route: false, the one method that labels every feature (any registered "
+                                                 "method); null: tier2's")
+
+    @model_validator(mode="after")
+    def _method_needs_no_routing(self) -> "LabelConfig":
+        if self.method is not None and self.route:
+            raise ValueError("label.method labels every feature without routing: set label.route: false with it "
+                             "(or name the tier methods tier1 / tier2 / tier3 to route)")
+        return self
+
+    @property
+    def single_method(self) -> str:
+        """The method of an unrouted job: `method`, else tier2's."""
+        return self.method or self.tier2
+
+
+class VerdictConfig(Section):
+    """The routing verdict of a benchmark (SPEC §4, "the protocol is itself measured"): per
+    tier, the method the protocol assigns against the frontier method on the same features
+    and excerpts, their LLM tokens and dollars per feature, and the projected cost of
+    routing a dictionary against labelling all of it with the frontier method."""
+
+    tier1: str = Field("token_freq", description="the method the protocol assigns to tier-1 features (as label.tier1)")
+    tier2: str = Field("eleuther_acts_top5", description="the method the protocol assigns to tier-2 features (as label.tier2)")
+    tier3: str = Field("baez", description="the draft the protocol attaches to tier-3 features (as label.tier3)")
+    frontier: str | None = Field(None, description="the frontier method every tier is compared with; null: the tier-2 method")
+    min_features: int = Field(
+        10, ge=3, description="a tier with fewer features scored by both methods gets 'too few features' instead of a verdict")
+    shares_from: str | None = Field(
+        None, description="the tier shares to project onto: a label run directory (or its manifest.json), read from its route "
+                          "stage; null: the benchmark's own routing (its pool with stratify: tier, else its sample)")
+    dictionary_features: int | None = Field(
+        None, ge=1, description="project the cost onto this many live features (e.g. 262144); null: those of shares_from, "
+                                "else the benchmark's eligible features")
+    price: Price | None = Field(
+        None, description="the price of the dollars per feature and of the projection (e.g. the frontier API you would use); "
+                          "null: benchmark.explainer.price")
 
 
 class BenchmarkConfig(Section):
     """The `benchmark` job (SPEC §5): sample features, label them with each method from
     their train examples, score each label on the test examples."""
 
-    n_features: int = Field(40, ge=2, description="features sampled per SAE")
+    n_features: int = Field(40, ge=2, description="features sampled per SAE (per tier and SAE with stratify: tier)")
+    stratify: Literal["none", "tier"] = Field(
+        "none", description="none: sample n_features of the eligible features; tier: route a seeded pool of the eligible features "
+                            "on their train examples and sample n_features per tier (SPEC §4: the protocol's own test)")
+    stratify_max_routed: int = Field(
+        4096, ge=1, description="stratify: tier routes the eligible features of each SAE in a seeded order, in rounds of doubling "
+                                "size, until every tier has n_features or this many are routed; a tier still short gets what there is")
+    verdict: VerdictConfig = Field(VerdictConfig(), description="the routing verdict that opens the report")
     min_examples: int = Field(15, ge=2, description="sample only features with at least this many activating examples")
     split: Literal["top", "deciles", "random"] = Field("top", description="how train and test examples are chosen")
     train_examples: int = Field(5, ge=1, description="train examples (top ranks 1..N for top/deciles)")

@@ -1,9 +1,9 @@
 """The tier-3 trade: what each tier-3 policy costs and what it scores, measured on the
-same features (paired) by the benchmark demo (jobs/benchmark_demo.yaml): `baez` with 3, 5
+same features (paired) by the tier-3 benchmark (jobs/benchmark_tier3.yaml, the demo SAE): `baez` with 3, 5
 and 10 explanations (`baez_k3`, `baez_k5`, `baez_k10`) and `nla_direct`, beside the tier-2
 method (`eleuther_acts_top5`).
 
-    baez-ray run jobs/benchmark_demo.yaml --out runs/bench-demo   (or --run DIR: a finished run)
+    baez-ray run jobs/benchmark_tier3.yaml --out runs/bench-tier3   (or --run DIR: a finished run)
       ─▶ per method: mean headline metric of each benchmark (the manifest's summary), AV
          explanations and explainer tokens per feature (labels/<method>.parquet)
       ─▶ per tier-3 policy: the paired difference against the baez with the most
@@ -15,7 +15,7 @@ method (`eleuther_acts_top5`).
 `bench/capacity.py` prices every tier-3 policy from the recorded run and prints its quality
 beside its routing saving.
 
-    .venv/bin/python bench/tier3_trade.py [--run runs/bench-demo] [--job jobs/benchmark_demo.yaml] [--record]
+    .venv/bin/python bench/tier3_trade.py [--run runs/bench-tier3] [--job jobs/benchmark_tier3.yaml] [--record]
 
 `--record` appends the run to bench/results/tier3_trade-<machine>.json. Last line:
 {"bench": "tier3_trade", "features", "means", "comparisons", "work", "duplicate_share", ...}
@@ -124,7 +124,7 @@ def trade(run: Path, spec) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--job", default="jobs/benchmark_demo.yaml")
+    ap.add_argument("--job", default="jobs/benchmark_tier3.yaml")
     ap.add_argument("--run", default=str(ROOT / "runs" / "bench-demo"), help="the run folder (the job runs there unless finished)")
     ap.add_argument("--record", action="store_true", help="append the run to bench/results/tier3_trade-<machine>.json")
     args = ap.parse_args()

@@ -55,7 +55,7 @@ def test_baez_with_k_explanations_is_a_method_family():
     assert methods.get("baez_k3").shown == "baez_kN" and methods.get("baez_last_k10").shown == "baez_last_kN"
     assert methods.get("baez").shown == "baez" and 3 in methods.get("baez_k3").tiers
     assert [explanations_of(methods.LabelContext(name=n, n_examples=7)) for n in ("baez_k3", "baez_last_k12", "baez", "baez_last")] == [3, 12, 7, 7]
-    spec = load_job(ROOT / "jobs" / "benchmark_demo.yaml")
+    spec = load_job(ROOT / "jobs" / "benchmark_tier3.yaml")
     assert {"baez_k3", "baez_k5", "baez_k10", "nla_direct", "eleuther_acts_top5"} <= set(spec.benchmark.methods)
     assert spec.benchmark.train_examples >= 10 and spec.collect.residual_top_n >= 10
 
