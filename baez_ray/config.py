@@ -306,7 +306,13 @@ class AVRunConfig(Section):
     device: Literal["cpu", "cuda"] = Field("cpu", description="where the AV runs")
     engine: Literal["transformers", "vllm"] = Field(
         "transformers", description="transformers: generate(inputs_embeds); vllm: vllm.LLM(enable_prompt_embeds=True) in the actor (GPU)")
-    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vllm engine: extra vllm.LLM arguments (gpu_memory_utilization, max_model_len, ...)")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description=(
+        "vllm engine: extra vllm.LLM arguments (gpu_memory_utilization, max_model_len, ...); transformers engine: "
+        "cache (prefix: the template's KV computed once, the default | static: HF's static cache, compiled on CUDA | dynamic: plain generate)"))
+    max_new_tokens: int | None = Field(None, ge=1, description=(
+        "cap on each explanation's length in tokens (null: the sidecar's max_new_tokens); the AV's stop string ends most explanations first"))
+    dedup_window: int = Field(8, ge=0, description=(
+        "a feature's top examples whose last N tokens up to the top token are the same are verbalized once (0: every example)"))
     nla_direct_shorten: bool = Field(False, description="nla_direct: the explainer condenses the AV's text into a short label")
 
 
@@ -353,7 +359,9 @@ class LabelConfig(Section):
     # method names are checked against the registry (baez_ray.methods) when the job is loaded
     tier1: str = Field("token_freq", description="a tier-1 method: token_freq | small_llm")
     tier2: str = Field("eleuther_acts_top5", description="a tier-2 method: eleuther_acts_topK | np_max_act")
-    tier3: str = Field("baez", description="the draft label of tier-3 features (needs av_sidecar): baez | baez_last | nla_direct (also the sae section)")
+    tier3: str = Field("baez", description=(
+        "the draft label of tier-3 features (needs av_sidecar): baez | baez_kN | baez_last | baez_last_kN | nla_direct (also the sae "
+        "section); docs/tier3-price.md prices each"))
     explainer: LLMConfig = Field(description="the LLM that writes labels (tier 2, the baez draft of tier 3; small_llm when that is not set)")
     small_llm: LLMConfig | None = Field(None, description="the small LLM of tier1: small_llm; null: the explainer")
     av_sidecar: str | None = Field(None, description="AV sidecar YAML; tier 3 then gets AV explanations and a baez draft label")

@@ -91,7 +91,9 @@ def av_residuals(spec: JobSpec, run: Run, features_dir: Path, routes, todo: set)
 
     keys = routes.select(["sae_id", "feature", "layer"]).take(rows_of(routes, key_table(sorted(todo))))
     layers = sidecars_by_layer(spec.label.av_sidecar, spec.label.av_sidecars, "label")
-    return for_av(features_dir, keys, layers, spec.label.av_examples, run.table_dir("residuals"), contexts_of(features_dir),
+    cfg = spec.label
+    n = methods.examples_read(cfg.tier3 if cfg.route else cfg.single_method, cfg.av_examples)  # baez_kN reads N
+    return for_av(features_dir, keys, layers, n, run.table_dir("residuals"), contexts_of(features_dir),
                   spec.model, spec.residuals, run.attempt)
 
 

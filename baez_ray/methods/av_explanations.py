@@ -1,5 +1,7 @@
 """`baez` and `baez_last` (SPEC §2): an LLM reads the AV's explanations of a feature's top
-examples instead of the examples themselves.
+examples instead of the examples themselves. `baez_kN` / `baez_last_kN` read N explanations
+(the plain names: the job's `av_examples`, a benchmark's train examples); near-duplicate
+examples are verbalized and shown once (`av.dedup_window`).
 
     features ─top examples' residual vectors (kept by collect, or the residuals table)─▶
       AV actor pool of the feature's layer (one AV per layer: `av_sidecars`) ─▶ explanations
@@ -65,16 +67,18 @@ def _prompt_rows(expl: pa.Table, method: str, last_only: bool, max_tokens: int) 
 
 
 def label_baez(features, sidecars, llm, last_only: bool = False, n_examples: int = 10, max_retries: int = 2,
-               av: AVRunConfig = AVRunConfig(), max_tokens: int | None = None, residuals_dir: str | Path | None = None) -> pa.Table:
+               av: AVRunConfig = AVRunConfig(), max_tokens: int | None = None, residuals_dir: str | Path | None = None,
+               method: str | None = None) -> pa.Table:
     """`baez` (`baez_last`: only the last paragraph of each explanation) of every feature
     of `features` (a Ray Dataset of FEATURES rows), through the AV of its layer (`sidecars`:
     a sidecar path, or {layer: path}); vectors the examples do not carry come from the
     residuals table `residuals_dir`. The explainer's answers are at most `max_tokens`
-    tokens (None: `llm.max_tokens`, else 200)."""
+    tokens (None: `llm.max_tokens`, else 200); `method`: the name its rows carry (default
+    baez / baez_last)."""
     import ray
 
     max_tokens = max_tokens or llm.max_tokens or 200
-    method = "baez_last" if last_only else "baez"
+    method = method or ("baez_last" if last_only else "baez")
     by_layer = as_layers(sidecars)
     parts = [verbalize(features, path, n_examples, av, str(residuals_dir) if residuals_dir else None) for path in by_layer.values()]
     parts = [p for p in parts if p.num_rows]
@@ -121,3 +125,23 @@ def baez(features, ctx: LabelContext) -> pa.Table:
 def baez_last(features, ctx: LabelContext) -> pa.Table:
     """As baez, with only the last paragraph of each AV explanation (the one about the final token)."""
     return label_baez(features, _sidecars(ctx), ctx.explainer, True, ctx.n_examples, ctx.max_retries, ctx.av, residuals_dir=ctx.residuals_dir)
+
+
+def explanations_of(ctx: LabelContext) -> int:
+    """N of a `baez_kN` / `baez_last_kN` name; the context's `n_examples` for the plain names."""
+    k = ctx.name.rsplit("_k", 1)[1] if "_k" in ctx.name else ""
+    return int(k) if k.isdigit() else ctx.n_examples
+
+
+@register(r"baez_k(\d+)", tiers=(3,), needs=("explainer", "av_sidecar", "residuals"), shown="baez_kN")
+def baez_k(features, ctx: LabelContext) -> pa.Table:
+    """As baez, from N explanations (baez_k3: the top 3 examples), whatever av_examples says."""
+    return label_baez(features, _sidecars(ctx), ctx.explainer, False, explanations_of(ctx), ctx.max_retries, ctx.av,
+                      residuals_dir=ctx.residuals_dir, method=ctx.name)
+
+
+@register(r"baez_last_k(\d+)", tiers=(3,), needs=("explainer", "av_sidecar", "residuals"), shown="baez_last_kN")
+def baez_last_k(features, ctx: LabelContext) -> pa.Table:
+    """As baez_last, from N explanations."""
+    return label_baez(features, _sidecars(ctx), ctx.explainer, True, explanations_of(ctx), ctx.max_retries, ctx.av,
+                      residuals_dir=ctx.residuals_dir, method=ctx.name)

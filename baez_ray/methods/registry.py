@@ -131,6 +131,13 @@ def needs_residuals(names) -> bool:
     return any("residuals" in get(n).needs for n in names)
 
 
+def examples_read(name: str, default: int) -> int:
+    """How many top examples the AV method `name` reads: N of `baez_kN` / `baez_last_kN`,
+    else `default` (the job's av_examples)."""
+    k = name.rsplit("_k", 1)[1] if "_k" in name else ""
+    return int(k) if k.isdigit() else default
+
+
 def _problem(name: str, tier: int | None) -> str | None:
     try:
         m = get(name)
