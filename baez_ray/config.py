@@ -104,6 +104,17 @@ class CorpusConfig(Section):
         return self
 
 
+class LogitLensConfig(Section):
+    """The logit lens after collect (stages/logit_lens.py): every feature's decoder row
+    through the unembedding, its top promoted and suppressed tokens written into the
+    features table (pos_tokens / pos_values / neg_tokens / neg_values). The actors run where
+    the base model runs (model.num_cpus, num_gpus, resources)."""
+
+    enabled: bool = Field(True, description="fill pos_tokens / neg_tokens of collected features (ingested ones carry the export's)")
+    top_k: int = Field(10, ge=1, le=1000, description="promoted and suppressed tokens kept per feature")
+    num_actors: int = Field(1, ge=1, description="actors, each holding the unembedding and one SAE's decoder")
+
+
 class CollectConfig(Section):
     top_k: int = Field(20, ge=1)
     window: int = Field(32, ge=1, description="tokens per example window")
@@ -131,6 +142,7 @@ class CollectConfig(Section):
     checkpoint_contexts: int | None = Field(
         4096, ge=1, description="resume: also snapshot when this many contexts were merged since the last snapshot (null: by time only); "
                                 "a stop (SIGINT, SIGTERM) snapshots too")
+    logit_lens: LogitLensConfig = Field(default_factory=LogitLensConfig, description="the logit lens stage after collect")
 
     @model_validator(mode="after")
     def _window(self) -> "CollectConfig":
