@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from baez_ray import benchmarks
+
 
 class ConfigError(ValueError):
     """A job file that cannot be used; the message names the file and the key."""
@@ -287,16 +289,27 @@ class AVRunConfig(Section):
     nla_direct_shorten: bool = Field(False, description="nla_direct: the explainer condenses the AV's text into a short label")
 
 
-LOGPROB_BENCHMARKS = ("detection_logprob", "fuzz_logprob")  # need a scorer that gives log-probs
+LOGPROB_BENCHMARKS = tuple(b for b in benchmarks.names() if benchmarks.get(b).logprobs)  # need a scorer that gives log-probs
 NO_LOGPROB_BACKENDS = ("anthropic",)
 
 
-class ScoreConfig(Section):
-    """Scoring of labels (SPEC §3): detection, fuzz, embedding, the log-prob benchmarks
-    (detection_logprob, fuzz_logprob), and the random-label control."""
+def _known_benchmarks(names: list[str]) -> list[str]:
+    for name in names:
+        benchmarks.get(name)  # ValueError naming the known ones
+    if len(set(names)) != len(names):
+        raise ValueError("a benchmark is listed twice")
+    return names
 
-    benchmarks: list[Literal["detection", "fuzz", "embedding", "detection_logprob", "fuzz_logprob"]] = Field(
-        default_factory=lambda: ["detection", "fuzz", "embedding"])
+
+class ScoreConfig(Section):
+    """Scoring of labels (SPEC §3): the benchmarks of baez_ray/benchmarks.py (input side:
+    detection, fuzz, embedding, detection_logprob, fuzz_logprob; output side:
+    logit_embedding), and the random-label control."""
+
+    benchmarks: Annotated[list[str], AfterValidator(_known_benchmarks)] = Field(
+        default_factory=lambda: ["detection", "fuzz", "embedding"],
+        description="benchmarks to run (baez_ray/benchmarks.py): detection, fuzz, embedding, detection_logprob, fuzz_logprob, "
+                    "logit_embedding")
     scorer: LLMConfig | None = Field(None, description="the LLM that scores; null: the job's explainer")
     test_examples: int = Field(10, ge=1, description="positives per feature (test examples)")
     negatives: Literal["other_features", "corpus"] = Field(
@@ -308,6 +321,8 @@ class ScoreConfig(Section):
     control_method: str | None = Field(None, description="whose labels the control borrows; null: the first method")
     max_retries: int = Field(2, ge=0, description="further tries of a prompt whose answer cannot be parsed")
     embedder: str | None = Field(None, description="sentence-transformers path or id; null: the packaged all-MiniLM-L6-v2")
+    logit_tokens: int = Field(10, ge=1, description="logit_embedding: the feature's top promoted tokens shown (positives), and as "
+                                                    "many promoted tokens of other features (negatives)")
 
     @model_validator(mode="after")
     def _scorer_lengths(self) -> "ScoreConfig":
