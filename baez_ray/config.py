@@ -215,7 +215,7 @@ class LLMConfig(Section):
     batch_size: int = Field(16, ge=1, description="prompts per generate call (local) or per Ray Data batch (API)")
     max_tokens: int | None = Field(
         None, ge=8, le=8192, description="label prompts: the longest answer (tokens) the LLM may write, retries included; null: the "
-                                        "method's own (eleuther_acts_topK, baez, baez_last, nla_direct: 200; np_max_act, small_llm: 40). "
+                                        "method's own (eleuther_acts_topK, baez, baez_last, nla_direct: 200; np_max_act, np_max_act_logits, small_llm: 40). "
                                         "Scoring sets its own lengths")
     # API backends
     base_url: str | None = None
@@ -343,7 +343,7 @@ class LabelConfig(Section):
 
     # method names are checked against the registry (baez_ray.methods) when the job is loaded
     tier1: str = Field("token_freq", description="a tier-1 method: token_freq | small_llm")
-    tier2: str = Field("eleuther_acts_top5", description="a tier-2 method: eleuther_acts_topK | np_max_act")
+    tier2: str = Field("eleuther_acts_top5", description="a tier-2 method: eleuther_acts_topK | np_max_act | np_max_act_logits")
     tier3: str = Field("baez", description="the draft label of tier-3 features (needs av_sidecar): baez | baez_last | nla_direct (also the sae section)")
     explainer: LLMConfig
     small_llm: LLMConfig | None = None

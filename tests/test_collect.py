@@ -193,6 +193,18 @@ def test_logit_lens_equals_brute_force(one_shard, tiny_gemma, random_sae, corpus
         np.testing.assert_allclose(f["neg_values"], neg.values[i].numpy(), rtol=1e-4, atol=1e-5)
     stage = json.loads((one_shard / "manifest.json").read_text())["stages"]["logit_lens"]
     assert stage["features"] == len(feats) and stage["parts_run"] == stage["parts"] >= 1
+    # token_freq's output labels read them, as they read an export's
+    import pyarrow as pa
+
+    from baez_ray.methods.token_freq import normalise, token_freq_labels
+
+    table = pq.read_table(one_shard / "features")
+    n = table.num_rows
+    routes = pa.table({"sae_id": table.column("sae_id"), "layer": table.column("layer"), "feature": table.column("feature"),
+                       "tier": pa.array([1] * n, pa.int8()), "kind": ["output"] * n})
+    for lab, f in zip(token_freq_labels(table, routes).to_pylist(), feats):
+        want = list(dict.fromkeys(t for t in map(normalise, f["pos_tokens"]) if t))[:3]
+        assert lab["feature"] == f["feature"] and lab["label"].endswith("; logits: " + " / ".join(want))
     spec = job(tiny_gemma, random_sae, corpus)
     assert logit_lens(one_shard / "features", spec.model, spec.saes, LogitLensConfig())["parts_run"] == 0
     part = sorted((one_shard / "features").glob("part-*.parquet"))[0]

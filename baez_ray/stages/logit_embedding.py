@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from baez_ray.config import ScoreConfig
 from baez_ray.models.windows import token_text
+from baez_ray.ray_pool import resolved
 from baez_ray.stages.split import feature_seed
 
 VERSION = "logit_embedding/v1"
@@ -68,9 +69,7 @@ def block_logit_items(promoted: dict[tuple[str, int], list[str]], cfg: ScoreConf
 def _tag_logits(batch: pa.Table, blocks, cfg: ScoreConfig) -> pa.Table:
     """Rows (sae_id, feature, pos_tokens, pos_values) of the features in `blocks` → (sae_id,
     feature, block, texts)."""
-    import ray
-
-    blocks = ray.get(blocks) if isinstance(blocks, ray.ObjectRef) else blocks
+    blocks = resolved(blocks)
     if "pos_tokens" not in batch.column_names:
         raise ValueError("logit_embedding reads the features' promoted tokens (pos_tokens): the test rows have none")
     idx = pa.table({"sae_id": batch.column("sae_id"), "feature": batch.column("feature").cast(pa.int64()),
