@@ -26,7 +26,7 @@ bound on the same tokens in the same run.
 
 * The logit lens (stages/logit_lens.py) after collect, beside it: collect runs without it;
   then a second child runs the stage over the first `--lens-parts` parts of the features
-  table just written (4,096 features each; the full 64 parts take ~35 min on 2 cores: the
+  table just written (4,096 features each; the full 64 parts take ~23 min on 2 cores: the
   matmul alone is 262,144 × 262,144 × 640 multiply-adds), one actor of `--threads`
   threads, every process watched; its time over all 262,144 features is extrapolated from
   the actor's seconds per feature.

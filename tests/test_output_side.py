@@ -177,3 +177,33 @@ def test_benchmark_job_scores_both_sides_and_reports_by_kind(both_sides_run):
     assert "By kind: input side and output side" in page and "<table class=bykind>" in page
     assert page.index("<table class=bykind>") < page.index("<table class=reliability>")
     assert (d / "report" / "by_kind.png").stat().st_size > 5000
+
+
+def test_label_report_shows_the_by_kind_table(tmp_path):
+    """The label job's report (its scored sample) shows the sides by kind too, from the
+    routes' kinds; the page's tables and figure stay within the report's width rules."""
+    from baez_ray.report.labels import write_label_report
+    from baez_ray.rundir import write_table
+    from test_report import TAUS, features_table, routes_table, write_manifest
+
+    d = tmp_path / "run"
+    write_manifest(d, {"job": "label", "name": "label-run", "spec": {"route": TAUS, "seed": 0}, "stages": {"label": {"features": 5}}})
+    write_table(features_table(), d / "features")
+    write_table(routes_table(), d / "routes")
+    method = {0: "token_freq", 1: "token_freq", 2: "eleuther_acts_top5", 3: "baez", 4: "eleuther_acts_top5"}
+    labels = [{"sae_id": "s", "layer": 0, "feature": f, "method": m, "label": f"label {f}", "tier": [1, 1, 2, 3, 2][f], "n_examples": 3,
+               "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0, "tries": 1} for f, m in method.items()]
+    write_table(schema.conform(pa.Table.from_pylist(labels), schema.LABELS), d / "labels")
+    scores = [{"sae_id": "s", "layer": 0, "feature": f, "method": m, "benchmark": b, "label": "x", "n_shown": 20, "n_failed": 0,
+               "balanced_accuracy": 0.6 + 0.05 * f if b == "detection" else None, "auroc": 0.8 if b == "logit_embedding" else None,
+               "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}
+              for f in method for m in (method[f], "random_label") for b in ("detection", "logit_embedding")]
+    write_table(schema.conform(pa.Table.from_pylist(scores), schema.SCORES), d / "scores")
+    page = write_label_report(d).read_text()
+    assert "By kind: input side and output side" in page
+    rows = page.split("<table class=bykind>", 1)[1].split("</table>", 1)[0].split("<tr>")[3:]
+    assert [re.findall(r"<td>([^<]*)</td><td>([^<]*)</td>", r)[0] for r in rows] == [
+        ("input", "token_freq"), ("input", "random_label"), ("output", "token_freq"), ("output", "random_label"),
+        ("cross", "eleuther_acts_top5"), ("cross", "random_label"), ("obscure", "baez"), ("obscure", "random_label")]
+    data = json.loads((d / "report" / "by_kind.json").read_text())
+    assert len(data["sentences"]) == 4 and data["sentences"][2].startswith("cross features: eleuther_acts_top5's labels")
