@@ -149,7 +149,8 @@ def read_scores(run_dir: Path):
     import pyarrow.dataset as pads
 
     names = set(pads.dataset(run_dir / "scores", format="parquet").schema.names)
-    return pq.read_table(run_dir / "scores", columns=[c for c in SCORE_COLUMNS if c in names]).to_pandas()
+    wanted = list(dict.fromkeys(SCORE_COLUMNS + list(HEADLINE.values())))  # a benchmark's own headline column too
+    return pq.read_table(run_dir / "scores", columns=[c for c in wanted if c in names]).to_pandas()
 
 
 def statistics(run_dir: Path, scores, seed: int = 0):
