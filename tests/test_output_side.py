@@ -111,7 +111,8 @@ def test_by_kind_says_which_side_each_kinds_labels_pass():
     assert [r["kind"] for r in data["rows"]] == ["input", "input", "output", "output", "unrouted", "unrouted"]
     out_a = next(r for r in data["rows"] if (r["kind"], r["method"]) == ("output", "A"))
     assert out_a["n"] == 12 and out_a["cells"]["logit_embedding"] == pytest.approx(0.9, abs=0.03)
-    assert data["sentences"][1].startswith("output features: A's labels pass the output side (input side not shown")
+    assert re.fullmatch(r"output features: A passes the output side \(input [+-]0\.0\d, not shown; output \+0\.[34]\d, passes\)\.",
+                        data["sentences"][1]), data["sentences"][1]
 
 
 # ------------------------------------------------------------------ a benchmark job with both sides
@@ -206,4 +207,4 @@ def test_label_report_shows_the_by_kind_table(tmp_path):
         ("input", "token_freq"), ("input", "random_label"), ("output", "token_freq"), ("output", "random_label"),
         ("cross", "eleuther_acts_top5"), ("cross", "random_label"), ("obscure", "baez"), ("obscure", "random_label")]
     data = json.loads((d / "report" / "by_kind.json").read_text())
-    assert len(data["sentences"]) == 4 and data["sentences"][2].startswith("cross features: eleuther_acts_top5's labels")
+    assert len(data["sentences"]) == 4 and data["sentences"][2].startswith("cross features: eleuther_acts_top5 passes")

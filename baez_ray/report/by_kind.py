@@ -92,15 +92,17 @@ def side_rows(df, seed: int = 0) -> list[dict]:
 
 
 def kind_sentence(kind: str, rows: list[dict]) -> str:
-    """One sentence per kind: which side its labels pass, method by method."""
+    """One sentence per kind: which side its labels pass, method by method, e.g. "output
+    features: token_freq passes the output side (input +0.08, not shown; output +0.23,
+    passes)"."""
     parts = []
     for method in method_order(r["method"] for r in rows):
         mine = {r["side"]: r for r in rows if r["method"] == method}
         passed = [s for s in SIDES if mine.get(s, {}).get("verdict") == "passes"]
-        shown = ", ".join(f"{s} side {VERDICT_WORDS[mine[s]['verdict']]} ({mine[s]['mean_diff']:+.2f} over the control)"
-                          if s in mine and mine[s]["verdict"] != "none" else f"{s} side not scored" for s in SIDES)
-        head = f"pass the {' and '.join(passed)} side{'s' if len(passed) > 1 else ''}" if passed else "pass neither side"
-        parts.append(f"{method}'s labels {head} ({shown})")
+        head = f"passes the {' and '.join(passed)} side{'s' if len(passed) > 1 else ''}" if passed else "passes neither side"
+        shown = "; ".join(f"{s} {mine[s]['mean_diff']:+.2f}, {VERDICT_WORDS[mine[s]['verdict']]}" if s in mine and mine[s]["verdict"] != "none"
+                          else f"{s} not scored" for s in SIDES)
+        parts.append(f"{method} {head} ({shown})")
     return f"{kind} features: " + "; ".join(parts) + "." if parts else f"{kind} features: no labels scored."
 
 
