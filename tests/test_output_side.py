@@ -18,7 +18,7 @@ import pytest
 from baez_ray import benchmarks, schema
 from baez_ray.config import ScoreConfig
 from conftest import serve_local
-from test_score import WORDS, Scorer, scorer_cfg, synthetic_features
+from helpers import WORDS, Scorer, scorer_cfg, synthetic_features
 
 
 def test_registry_gives_side_headline_and_chance():
@@ -130,7 +130,7 @@ class LogitReader(Scorer):
 
 
 @pytest.fixture(scope="module")
-def both_sides_run(ray_local, tmp_path_factory):
+def both_sides_run(ray_local, tmp_path_factory):  # a whole benchmark job: its test is marked slow
     from baez_ray.config import validate
     from baez_ray.jobs import execute
     from baez_ray.rundir import write_table
@@ -150,6 +150,7 @@ def both_sides_run(ray_local, tmp_path_factory):
     return run.dir
 
 
+@pytest.mark.slow
 def test_benchmark_job_scores_both_sides_and_reports_by_kind(both_sides_run):
     d = both_sides_run
     labels = pq.read_table(d / "labels").to_pandas()
@@ -185,12 +186,19 @@ def test_label_report_shows_the_by_kind_table(tmp_path):
     routes' kinds; the page's tables and figure stay within the report's width rules."""
     from baez_ray.report.labels import write_label_report
     from baez_ray.rundir import write_table
-    from test_report import TAUS, features_table, routes_table, write_manifest
 
     d = tmp_path / "run"
-    write_manifest(d, {"job": "label", "name": "label-run", "spec": {"route": TAUS, "seed": 0}, "stages": {"label": {"features": 5}}})
-    write_table(features_table(), d / "features")
-    write_table(routes_table(), d / "routes")
+    d.mkdir()
+    (d / "manifest.json").write_text(json.dumps({"job": "label", "name": "label-run", "stages": {"label": {"features": 5}},
+                                                 "spec": {"route": {"tau_in": 0.5, "tau_out": 0.5, "tau_cross": 0.4}, "seed": 0}}))
+    kinds = [(1, "input"), (1, "output"), (2, "cross"), (3, "obscure"), (2, "cross")]
+    write_table(schema.conform(pa.Table.from_pylist(
+        [{"sae_id": "s", "model_id": "m", "layer": 0, "feature": f, "n_tokens": 100, "n_firing": 3, "max_activation": 1.0,
+          "examples": [{"kind": "top", "rank": 0, "value": 1.0, "top_index": 0, "token_strs": [" w"], "acts": [1.0]}]}
+         for f in range(5)]), schema.FEATURES), d / "features")
+    write_table(schema.conform(pa.Table.from_pylist(
+        [{"sae_id": "s", "layer": 0, "feature": f, "n_examples": 3, "c_in": 0.5, "c_out": 0.5, "tier": t, "kind": k}
+         for f, (t, k) in enumerate(kinds)]), schema.ROUTES), d / "routes")
     method = {0: "token_freq", 1: "token_freq", 2: "eleuther_acts_top5", 3: "baez", 4: "eleuther_acts_top5"}
     labels = [{"sae_id": "s", "layer": 0, "feature": f, "method": m, "label": f"label {f}", "tier": [1, 1, 2, 3, 2][f], "n_examples": 3,
                "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0, "tries": 1} for f, m in method.items()]

@@ -8,7 +8,7 @@
     nla_direct          (tier 3): the AV reads the SAE decoder row; its text is the label
 
 Every module of this folder is imported here, so that its `@register` runs: a new method
-is one new module (see README, "Adding a method").
+is one new module (see docs/methods.md, "Adding a method").
 """
 
 from __future__ import annotations
@@ -22,4 +22,4 @@ for _m in pkgutil.iter_modules(__path__):
     if _m.name != "registry":
         import_module(f"{__name__}.{_m.name}")
 
-__all__ = ["LabelContext", "check_job_methods", "get", "known", "label", "register"]
+__all__ = ["LabelContext", "check_job_methods", "get", "known", "label", "label_rows", "register"]
