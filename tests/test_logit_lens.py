@@ -72,7 +72,8 @@ def features_part(path: Path, sae_id: str, features: list[int]) -> Path:
 @pytest.mark.timeout(300)
 def test_demo_sae_logit_lens_equals_brute_force(tmp_path):
     """Gemma 3 270M (vocabulary 262,144, tied embedding) and the demo SAE: the unembedding
-    read from the checkpoint is the model's LM head; the chunked top-k equals the float64
+    read from the checkpoint is the model's LM head, the decoder read from the SAE's
+    safetensors is sae-lens'; the chunked top-k equals the float64
     brute force (exact ids); the worker writes each id's decoded string and the values, and
     marks the part done."""
     from sae_lens import SAE
@@ -80,6 +81,7 @@ def test_demo_sae_logit_lens_equals_brute_force(tmp_path):
 
     from baez_ray.config import ModelConfig, SAEConfig
     from baez_ray.models.lm import resolve_model_path, unembedding
+    from baez_ray.models.sae import decoder_rows
     from baez_ray.stages.logit_lens import LogitLensWorker
 
     cfg = ModelConfig(id="gemma-3-270m", path="pypi:gemma3-270m")
@@ -88,13 +90,15 @@ def test_demo_sae_logit_lens_equals_brute_force(tmp_path):
     assert W_U.shape == (262144, 640) and torch.equal(W_U, head.float())
     del head
     W_dec = SAE.load_from_disk(DEMO_SAE, device="cpu").W_dec.detach().float()
+    sae_cfg = SAEConfig(id="12-res-4k", path=str(DEMO_SAE), layer=12)
+    assert torch.equal(decoder_rows(sae_cfg), W_dec)  # read from the safetensors alone, as sae-lens loads it
     feats = list(range(0, 4096, 128))  # 32 features across the dictionary
     want = brute(W_dec[feats], W_U, 10)
     assert_same(top_logits(W_dec[feats], W_U, 10, budget=262144 * 8), want)  # chunks of 8 features
 
     part = features_part(tmp_path / "features" / "part-000-00000.parquet", "12-res-4k", feats)
     assert not is_done(part, 10)
-    worker = LogitLensWorker(cfg.model_dump(), [SAEConfig(id="12-res-4k", path=str(DEMO_SAE), layer=12).model_dump()], 10, 2)
+    worker = LogitLensWorker(cfg.model_dump(), [sae_cfg.model_dump()], 10, 2)
     assert worker.part(part) == len(feats) and is_done(part, 10) and not is_done(part, 5)
     tok = AutoTokenizer.from_pretrained(resolve_model_path(cfg.path))
     table = pq.read_table(part)

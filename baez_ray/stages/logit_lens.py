@@ -32,9 +32,10 @@ negative first (Neuronpedia's pos_str / neg_str order). Ties between equal logit
 broken by torch.topk.
 
 Memory. An actor holds W_U in float32 (262,144 × 640: 671 MB for Gemma 3 270M), the
-decoder of the SAE whose rows it is reading (sae-lens loads the whole SAE; W_enc is
-dropped at once), one part of the features table and one chunk of logits of at most
-LOGITS_BUDGET values (256 MB): bounded whatever the width. On a GPU (the base model's
+decoder of the SAE whose rows it is reading (`models.sae.decoder_rows`: read alone from an
+SAE folder; a release is loaded whole by sae-lens, its encoder dropped at once), one part
+of the features table and one chunk of logits of at most LOGITS_BUDGET values (256 MB):
+bounded whatever the width. On a GPU (the base model's
 `num_gpus`) W_U, the decoder and the chunk live there.
 
 Resume. A part is done when its Parquet metadata holds the marker with the same version
@@ -108,13 +109,11 @@ class LogitLensWorker:
 
     def decoder(self, sae_id: str) -> torch.Tensor:
         """W_dec [F, d] float32 of SAE `sae_id` (one SAE held at a time)."""
-        from baez_ray.models.sae import load_sae
+        from baez_ray.models.sae import decoder_rows
 
         if self._decoder is None or self._decoder[0] != sae_id:
             self._decoder = None  # free the last one before loading the next
-            sae = load_sae(self.saes[sae_id], "cpu")
-            W = sae.W_dec.detach().float()
-            del sae
+            W = decoder_rows(self.saes[sae_id])
             if W.shape[1] != self.W_U.shape[1]:
                 raise ValueError(f"sae {sae_id}: decoder rows of size {W.shape[1]}, the model's unembedding reads {self.W_U.shape[1]}")
             self._decoder = (sae_id, W.to(self.device))
