@@ -168,9 +168,16 @@ def bootstrap_ci(values: Iterable[float], n_boot: int = 2000, level: float = 0.9
     return m, float(lo), float(hi)
 
 
-# the headline metric of each benchmark (the bar chart's y axis), from the registry
+# the headline metric of each benchmark (the bar chart's y axis), its side (input: what
+# makes the feature fire; output: what it does), from the registry (benchmarks.py)
 HEADLINE = {b: benchmarks.get(b).headline for b in benchmarks.names()}
-CHANCE = 0.5  # chance of every headline metric so far (each benchmark's own: benchmarks.get(b).chance)
+SIDE = {b: benchmarks.side(b) for b in benchmarks.names()}
+CHANCE = 0.5  # the chance level of most headline metrics; each benchmark's own: chance(b)
+
+
+def chance(benchmark: str) -> float:
+    """The chance level of a benchmark's headline metric (the registry's)."""
+    return benchmarks.get(benchmark).chance
 
 
 def aggregate(scores, seed: int = 0):

@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from baez_ray import benchmarks
-from baez_ray.metrics import ALPHA, CONTROL, EXACT_MAX, HEADLINE, N_PERM, RELIABILITY_MIN, aggregate
+from baez_ray.metrics import ALPHA, CONTROL, EXACT_MAX, HEADLINE, N_PERM, RELIABILITY_MIN, aggregate, chance
 from baez_ray.report.by_kind import by_kind_section
 from baez_ray.report.html import duplicates, label_shared, pyplot, render_page, save_figure, section
 
@@ -66,7 +66,7 @@ def scores_chart(summary, path: Path) -> Path:
         ax.bar(x + (j - (len(methods) - 1) / 2) * width, mean, width, yerr=err, capsize=3, label=m,
                color="#999999" if m == "random_label" else colors(j), hatch="//" if m == "random_label" else None)
     for i, b in enumerate(benches):  # each benchmark's own chance level
-        ax.hlines(benchmarks.get(b).chance, i - 0.45, i + 0.45, color="black", linestyle="--", linewidth=1, label="chance" if i == 0 else None)
+        ax.hlines(chance(b), i - 0.45, i + 0.45, color="black", linestyle="--", linewidth=1, label="chance" if i == 0 else None)
     ax.set_xticks(x, [f"{b}\n({HEADLINE[b].replace('_', ' ')}{', output side' if benchmarks.side(b) == 'output' else ''})" for b in benches])
     ax.set_ylim(0, 1)
     ax.set_ylabel("score (mean, 95% CI)")
