@@ -216,3 +216,26 @@ def test_label_report_shows_the_by_kind_table(tmp_path):
         ("cross", "eleuther_acts_top5"), ("cross", "random_label"), ("obscure", "baez"), ("obscure", "random_label")]
     data = json.loads((d / "report" / "by_kind.json").read_text())
     assert len(data["sentences"]) == 4 and data["sentences"][2].startswith("cross features: eleuther_acts_top5 passes")
+
+
+@pytest.mark.slow
+def test_label_job_scores_logit_embedding_on_its_sample(ray_local, scorer_server, tmp_path):
+    """A label job's score sample gets the output side too: the held-out rows carry the
+    features' promoted tokens to logit_embedding (the score stage's finish, no LLM)."""
+    from baez_ray.config import validate
+    from baez_ray.jobs import execute
+    from baez_ray.rundir import write_table
+
+    feats = with_promoted(synthetic_features()).to_pylist()
+    for r in feats:  # decile samples of their own: held-out examples
+        r["examples"] = [{**e, "context_id": e["context_id"] + 10**6} if e["kind"] == "sample" else e for e in r["examples"]]
+    write_table(schema.conform(pa.Table.from_pylist(feats), schema.FEATURES), tmp_path / "features", rows_per_file=4)
+    execute(validate({"job": "label", "name": "logit", "seed": 1, "features": str(tmp_path / "features"),
+                      "label": {"route": False, "method": "eleuther_acts_top5", "explainer": scorer_cfg(scorer_server), "max_retries": 1,
+                                "score": {"benchmarks": ["logit_embedding"], "test_examples": 5, "min_test_examples": 2,
+                                          "logit_tokens": 5}}}), tmp_path / "run")
+    scores = pq.read_table(tmp_path / "run" / "scores").to_pandas()
+    assert set(scores["benchmark"]) == {"logit_embedding"} and len(scores) == 12 * 2
+    assert (scores["n_shown"] == 10).all() and (scores["input_tokens"] == 0).all()
+    own = scores[scores["method"] == "eleuther_acts_top5"]
+    assert own["auroc"].mean() > scores[scores["method"] == "random_label"]["auroc"].mean() + 0.3
