@@ -74,11 +74,14 @@ def test_np_max_act_logits_prompt_shows_examples_and_promoted_tokens():
     feats = with_promoted(synthetic_features()).slice(0, 2).to_pylist()
     feats[1]["pos_tokens"] = None
     rows = prompt_rows(schema.conform(pa.Table.from_pylist(feats), schema.FEATURES)).to_pylist()
-    assert [r["n_examples"] for r in rows] == [10, 10] and NP_LOGITS_VERSION == "np_max_act_logits/v1"
+    assert [r["n_examples"] for r in rows] == [10, 10] and NP_LOGITS_VERSION == "np_max_act_logits/v2"
     user0, user1 = rows[0]["messages"][1]["content"], rows[1]["messages"][1]["content"]
     assert "Example 10: top token 'alpha'" in user0
     assert user0.endswith("Top promoted tokens: ' alpha', 'Alpha', ' alphas', 'ALPHA', ' alpha-like'")
     assert user1.endswith("Top promoted tokens: (none known)")
+    feats[1]["pos_tokens"] = ["▁beta", "<bos>", "Ġbetas"]  # an export's vocabulary pieces, shown as text
+    rows = prompt_rows(schema.conform(pa.Table.from_pylist(feats), schema.FEATURES)).to_pylist()
+    assert rows[1]["messages"][1]["content"].endswith("Top promoted tokens: ' beta', ' betas'")
     assert "Explanation: <label>" in rows[0]["messages"][0]["content"]
 
 
@@ -156,7 +159,7 @@ def test_benchmark_job_scores_both_sides_and_reports_by_kind(both_sides_run):
     labels = pq.read_table(d / "labels").to_pandas()
     np_labels = labels[labels["method"] == "np_max_act_logits"]
     assert len(np_labels) == 8 and all(lab == WORDS[f] for f, lab in zip(np_labels["feature"], np_labels["label"]))
-    assert set(np_labels["prompt_version"]) == {"np_max_act_logits/v1"}
+    assert set(np_labels["prompt_version"]) == {"np_max_act_logits/v2"}
     scores = pq.read_table(d / "scores").to_pandas()
     assert len(scores) == 8 * 3 * 3 and set(scores["benchmark"]) == {"detection", "embedding", "logit_embedding"}
     # logit_embedding: the feature's 5 promoted tokens and 5 of other features', both halves, no LLM
