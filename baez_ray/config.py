@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from baez_ray import benchmarks
+
 
 class ConfigError(ValueError):
     """A job file that cannot be used; the message names the file and the key."""
@@ -110,6 +112,17 @@ class CorpusConfig(Section):
         return self
 
 
+class LogitLensConfig(Section):
+    """The logit lens after collect (stages/logit_lens.py): every feature's decoder row
+    through the unembedding, its top promoted and suppressed tokens written into the
+    features table (pos_tokens / pos_values / neg_tokens / neg_values). The actors run where
+    the base model runs (model.num_cpus, num_gpus, resources)."""
+
+    enabled: bool = Field(True, description="fill pos_tokens / neg_tokens of collected features (ingested ones carry the export's)")
+    top_k: int = Field(10, ge=1, le=1000, description="promoted and suppressed tokens kept per feature")
+    num_actors: int = Field(1, ge=1, description="actors, each holding the unembedding and one SAE's decoder")
+
+
 class CollectConfig(Section):
     top_k: int = Field(20, ge=1, description="top-activating examples kept per feature (one per context)")
     window: int = Field(32, ge=1, description="tokens per example window")
@@ -140,6 +153,7 @@ class CollectConfig(Section):
     checkpoint_contexts: int | None = Field(
         4096, ge=1, description="resume: also snapshot when this many contexts were merged since the last snapshot (null: by time only); "
                                 "a stop (SIGINT, SIGTERM) snapshots too")
+    logit_lens: LogitLensConfig = Field(default_factory=LogitLensConfig, description="the logit lens stage after collect")
 
     @model_validator(mode="after")
     def _window(self) -> "CollectConfig":
@@ -149,6 +163,18 @@ class CollectConfig(Section):
 
     def keeps_residual(self, layer: int) -> bool:
         return self.keep_residual is True or (isinstance(self.keep_residual, list) and layer in self.keep_residual)
+
+
+class ResidualsConfig(Section):
+    """The residuals stage (stages/residuals.py): the base model (the job's `model` section:
+    its actors' num_gpus, num_cpus, resources and dtype) reads each example an AV method
+    needs, cut right after its top token, and keeps the layer-L residual there."""
+
+    batch_size: int = Field(16, ge=1, description="examples per forward pass (examples are sorted by length first, so little padding)")
+    num_actors: int = Field(1, ge=1, description="base-model actors (each takes the job's model.num_gpus / num_cpus / resources)")
+    shard_features: int = Field(256, ge=1, description="resume: features per committed part of residuals/ (a rerun skips committed parts)")
+    prepend_bos: bool = Field(True, description="a window that does not start with BOS (an export's) gets one before it, as every "
+                                                "context the model read in collect did")
 
 
 class IngestSource(Section):
@@ -221,7 +247,7 @@ class LLMConfig(Section):
     batch_size: int = Field(16, ge=1, description="prompts per generate call (local) or per Ray Data batch (API: 64 unless set, API_DEFAULTS)")
     max_tokens: int | None = Field(
         None, ge=8, le=8192, description="label prompts: the longest answer (tokens) the LLM may write, retries included; null: the "
-                                        "method's own (eleuther_acts_topK, baez, baez_last, nla_direct: 200; np_max_act, small_llm: 40). "
+                                        "method's own (eleuther_acts_topK, baez, baez_last, nla_direct: 200; np_max_act, np_max_act_logits, small_llm: 40). "
                                         "Scoring sets its own lengths")
     # API backends
     base_url: str | None = Field(None, description="anthropic: the API root without /v1; openai: the API root with /v1, "
@@ -301,21 +327,37 @@ class AVRunConfig(Section):
     device: Literal["cpu", "cuda"] = Field("cpu", description="where the AV runs")
     engine: Literal["transformers", "vllm"] = Field(
         "transformers", description="transformers: generate(inputs_embeds); vllm: vllm.LLM(enable_prompt_embeds=True) in the actor (GPU)")
-    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vllm engine: extra vllm.LLM arguments (gpu_memory_utilization, max_model_len, ...)")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description=(
+        "vllm engine: extra vllm.LLM arguments (gpu_memory_utilization, max_model_len, ...); transformers engine: "
+        "cache (prefix: the template's KV computed once, the default | static: HF's static cache, compiled on CUDA | dynamic: plain generate)"))
+    max_new_tokens: int | None = Field(None, ge=1, description=(
+        "cap on each explanation's length in tokens (null: the sidecar's max_new_tokens); the AV's stop string ends most explanations first"))
+    dedup_window: int = Field(8, ge=0, description=(
+        "a feature's top examples whose last N tokens up to the top token are the same are verbalized once (0: every example)"))
     nla_direct_shorten: bool = Field(False, description="nla_direct: the explainer condenses the AV's text into a short label")
 
 
-LOGPROB_BENCHMARKS = ("detection_logprob", "fuzz_logprob")  # need a scorer that gives log-probs
+LOGPROB_BENCHMARKS = tuple(b for b in benchmarks.names() if benchmarks.get(b).logprobs)  # need a scorer that gives log-probs
 NO_LOGPROB_BACKENDS = ("anthropic",)
 
 
-class ScoreConfig(Section):
-    """Scoring of labels (SPEC §3): detection, fuzz, embedding, the log-prob benchmarks
-    (detection_logprob, fuzz_logprob), and the random-label control."""
+def _known_benchmarks(names: list[str]) -> list[str]:
+    for name in names:
+        benchmarks.get(name)  # ValueError naming the known ones
+    if len(set(names)) != len(names):
+        raise ValueError("a benchmark is listed twice")
+    return names
 
-    benchmarks: list[Literal["detection", "fuzz", "embedding", "detection_logprob", "fuzz_logprob"]] = Field(
+
+class ScoreConfig(Section):
+    """Scoring of labels (SPEC §3): the benchmarks of baez_ray/benchmarks.py (input side:
+    detection, fuzz, embedding, detection_logprob, fuzz_logprob; output side:
+    logit_embedding), and the random-label control."""
+
+    benchmarks: Annotated[list[str], AfterValidator(_known_benchmarks)] = Field(
         default_factory=lambda: ["detection", "fuzz", "embedding"],
-        description="the benchmarks run on every label; the log-prob ones need a scorer that gives log-probs (not anthropic)")
+        description="the benchmarks run on every label (baez_ray/benchmarks.py): detection, fuzz, embedding, detection_logprob, "
+                    "fuzz_logprob (these two need a scorer that gives log-probs, not anthropic), logit_embedding")
     scorer: LLMConfig | None = Field(None, description="the LLM that scores; null: the job's explainer")
     test_examples: int = Field(10, ge=1, description="positives per feature (test examples)")
     negatives: Literal["other_features", "corpus"] = Field(
@@ -327,6 +369,8 @@ class ScoreConfig(Section):
     control_method: str | None = Field(None, description="whose labels the control borrows; null: the first method")
     max_retries: int = Field(2, ge=0, description="further tries of a prompt whose answer cannot be parsed")
     embedder: str | None = Field(None, description="sentence-transformers path or id; null: the packaged all-MiniLM-L6-v2")
+    logit_tokens: int = Field(10, ge=1, description="logit_embedding: the feature's top promoted tokens shown (positives), and as "
+                                                    "many promoted tokens of other features (negatives)")
 
     @model_validator(mode="after")
     def _scorer_lengths(self) -> "ScoreConfig":
@@ -347,11 +391,16 @@ class LabelConfig(Section):
 
     # method names are checked against the registry (baez_ray.methods) when the job is loaded
     tier1: str = Field("token_freq", description="a tier-1 method: token_freq | small_llm")
-    tier2: str = Field("eleuther_acts_top5", description="a tier-2 method: eleuther_acts_topK | np_max_act")
-    tier3: str = Field("baez", description="the draft label of tier-3 features (needs av_sidecar): baez | baez_last | nla_direct (also the sae section)")
+    tier2: str = Field("eleuther_acts_top5", description="a tier-2 method: eleuther_acts_topK | np_max_act | np_max_act_logits")
+    tier3: str = Field("baez", description=(
+        "the draft label of tier-3 features (needs av_sidecar): baez | baez_kN | baez_last | baez_last_kN | nla_direct (also the sae "
+        "section); docs/tier3-price.md prices each"))
     explainer: LLMConfig = Field(description="the LLM that writes labels (tier 2, the baez draft of tier 3; small_llm when that is not set)")
     small_llm: LLMConfig | None = Field(None, description="the small LLM of tier1: small_llm; null: the explainer")
     av_sidecar: str | None = Field(None, description="AV sidecar YAML; tier 3 then gets AV explanations and a baez draft label")
+    av_sidecars: dict[int, str] = Field(
+        default_factory=dict, description="an AV per layer: {layer: sidecar YAML} (each sidecar's extraction_layer is its key), "
+                                          "beside or instead of av_sidecar; tier-3 features of an SAE at a layer with an AV get a draft")
     av_examples: int = Field(10, ge=1, description="top examples the AV verbalizes per tier-3 feature")
     av: AVRunConfig = Field(AVRunConfig(), description="where the AV runs")
     max_retries: int = Field(2, ge=0, description="further tries of a label whose answer cannot be parsed")
@@ -426,6 +475,9 @@ class BenchmarkConfig(Section):
     explainer: LLMConfig = Field(description="the LLM that writes every method's labels")
     max_retries: int = Field(2, ge=0, description="further tries of a label whose answer cannot be parsed")
     av_sidecar: str | None = Field(None, description="AV sidecar for baez / baez_last / nla_direct")
+    av_sidecars: dict[int, str] = Field(
+        default_factory=dict, description="an AV per layer: {layer: sidecar YAML} (each sidecar's extraction_layer is its key), "
+                                          "beside or instead of av_sidecar")
     av: AVRunConfig = Field(AVRunConfig(), description="where the AV runs")
     score: ScoreConfig = Field(ScoreConfig(), description="how the labels are scored")
 
@@ -436,13 +488,17 @@ class JobSpec(Section):
     seed: int = Field(0, description="seeds every sample, split and shuffle of the run")
     out: str = Field("runs", description="where run directories go")
     ray: RayConfig = Field(RayConfig(), description="the Ray cluster to start or join")
-    model: ModelConfig | None = Field(None, description="the base model (collect, and label or benchmark without `features`)")
+    model: ModelConfig | None = Field(None, description="the base model (collect; label or benchmark without `features`; the residuals stage of AV methods)")
     sae: SAEConfig | None = Field(None, description="one SAE at model.layer; read back as `saes` (a list of one)")
     saes: list[SAEConfig] = Field(default_factory=list, description="SAEs, each with its layer, collected in one pass")
     corpus: CorpusConfig | None = Field(None, description="the text collect runs the model over")
     collect: CollectConfig = Field(CollectConfig(), description="what collect keeps per feature, and its actors")
-    ingest: IngestConfig | None = Field(None, description="the Neuronpedia export(s) of an ingest job")
-    features: str | None = Field(None, description="label: an existing features table (a collect or ingest run's features/)")
+    ingest: IngestConfig | None = Field(None, description="the Neuronpedia export(s) of an ingest job; in a label or benchmark job, "
+                                                         "its features, ingested from these exports in the same run (give `model` "
+                                                         "for the residuals stage of the AV methods)")
+    features: str | None = Field(None, description="label / benchmark: an existing features table (a collect or ingest run's features/)")
+    residuals: ResidualsConfig = Field(ResidualsConfig(), description="the residuals stage: the vectors the AV methods read, "
+                                                                      "computed with the base model (docs/residuals.md)")
     route: RouteConfig = Field(RouteConfig(), description="tier routing: windows, thresholds, the embedder")
     label: LabelConfig | None = Field(None, description="the label job: a method per tier, the LLMs, budgets, scoring of a sample")
     benchmark: BenchmarkConfig | None = Field(None, description="the benchmark job: methods compared on sampled features")
@@ -489,9 +545,11 @@ class JobSpec(Section):
         need = {
             "collect": ("model", "saes", "corpus"),
             "ingest": ("ingest",),
-            "label": ("label",) if self.features else ("label", "model", "saes", "corpus"),
-            "benchmark": ("benchmark",) if self.features else ("benchmark", "model", "saes", "corpus"),
+            "label": ("label",) if self.features or self.ingest else ("label", "model", "saes", "corpus"),
+            "benchmark": ("benchmark",) if self.features or self.ingest else ("benchmark", "model", "saes", "corpus"),
         }[self.job]
+        if self.job in ("label", "benchmark") and self.features and self.ingest is not None:
+            raise ValueError("give features (an existing features table) or ingest (exports ingested in this run), not both")
         missing = [s for s in need if getattr(self, s) in (None, [])]
         if missing:
             raise ValueError(f"job '{self.job}' needs section(s): {', '.join('sae (or saes)' if m == 'saes' else m for m in missing)}")

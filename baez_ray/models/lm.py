@@ -12,6 +12,7 @@ the block's output).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -192,6 +193,7 @@ class ResidualReader:
         text_cfg = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
         self.d_model = text_cfg.hidden_size
         self._captured: dict[int, torch.Tensor] = {}
+        self._until: int | None = None
         for layer in self.read:
             self.layers[layer].register_forward_hook(self._hook(layer, stop=layer == self.read[-1]))
         # the forward never runs past the deepest hook: free the blocks above it (Gemma-3-27B
@@ -201,29 +203,88 @@ class ResidualReader:
     def _hook(self, layer: int, stop: bool):
         def hook(module, args, output):
             self._captured[layer] = output[0] if isinstance(output, tuple) else output
-            if stop:
+            if stop or layer == self._until:
                 raise _Stop
 
         return hook
 
     @torch.inference_mode()
-    def residuals(self, ids: torch.Tensor) -> dict[int, torch.Tensor]:
+    def residuals(self, ids: torch.Tensor, until: int | None = None) -> dict[int, torch.Tensor]:
         """[B, T] token ids → {layer: [B, T, d_model] residual stream after block `layer`}
-        for every layer read."""
-        self._captured = {}
+        for every layer read; with `until` (a layer read), only the layers up to it, and
+        the forward stops there."""
+        if until is not None and until not in self.read:
+            raise ValueError(f"until={until}: not a layer this reader reads ({self.read})")
+        self._captured, self._until = {}, until
         try:
             self.model(input_ids=ids.to(self.device), use_cache=False)
         except _Stop:
             pass
         out, self._captured = self._captured, {}
-        if len(out) != len(self.read):
-            raise RuntimeError(f"the hooks of layers {sorted(set(self.read) - set(out))} did not fire")
+        want = [layer for layer in self.read if until is None or layer <= until]
+        if len(out) != len(want):
+            raise RuntimeError(f"the hooks of layers {sorted(set(want) - set(out))} did not fire")
         return out
 
     def residual(self, ids: torch.Tensor) -> torch.Tensor:
         """[B, T] token ids → [B, T, d_model]: a reader of one layer."""
         (out,) = self.residuals(ids).values()
         return out
+
+
+EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
+HEAD_SUFFIXES = ("lm_head.weight", "embed_out.weight")
+
+
+def checkpoint_weight_map(root: str | Path) -> dict[str, Path]:
+    """Tensor name → the safetensors file of a checkpoint folder that holds it (from
+    `model.safetensors.index.json`, else from the files' headers); empty without
+    safetensors files."""
+    from safetensors import safe_open
+
+    root = Path(root)
+    index = root / "model.safetensors.index.json"
+    if index.exists():
+        return {k: root / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+    out: dict[str, Path] = {}
+    for f in sorted(root.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            out.update({k: f for k in h.keys()})
+    return out
+
+
+def _one_key(weights: dict[str, Path], suffixes: tuple[str, ...]) -> str | None:
+    keys = [k for k in weights if k.endswith(suffixes) and "vision" not in k]
+    if len(keys) > 1:
+        raise ValueError(f"expected one tensor ending in {' / '.join(suffixes)}, found {keys}")
+    return keys[0] if keys else None
+
+
+def unembedding(cfg: ModelConfig) -> torch.Tensor:
+    """The base model's unembedding as [vocab, d_model] float32: the LM head's weight, or
+    the input embedding when the checkpoint ties the two (no `lm_head.weight` stored: Gemma,
+    GPT-2). Read from the checkpoint's safetensors alone (a hub id: its snapshot in the HF
+    cache), so a 27B model is not loaded for one matrix; a GGUF file or a checkpoint without
+    safetensors loads the model and takes its output embeddings."""
+    path = resolve_model_path(cfg.path)
+    if not cfg.gguf_file:
+        root = Path(path).expanduser()
+        if not root.exists():  # a hub id
+            from huggingface_hub import snapshot_download
+
+            root = Path(snapshot_download(path))
+        weights = checkpoint_weight_map(root)
+        key = _one_key(weights, HEAD_SUFFIXES) or _one_key(weights, EMBED_SUFFIXES)
+        if key is not None:
+            from safetensors import safe_open
+
+            with safe_open(str(weights[key]), framework="pt") as h:
+                return h.get_tensor(key).float()
+    from transformers import AutoModelForCausalLM
+
+    kw = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code, **kw)
+    return model.get_output_embeddings().weight.detach().float()
 
 
 def token_texts(tokenizer):
