@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 # ---------------------------------------------------------------- eleuther_acts_topK
-ELEUTHER_VERSION = "eleuther_acts/v1"
+ELEUTHER_VERSION = "eleuther_acts/v2"  # v2: tokens as text (an export's pieces, no <bos>)
 ELEUTHER_MARKER = "[EXPLANATION]:"
 
 ELEUTHER_SYSTEM = """You study the features of a language model. A feature is a direction in the model's internal activations that is active on some tokens of some texts.
@@ -39,7 +39,7 @@ ELEUTHER_FEWSHOT = [
 ]
 
 # ---------------------------------------------------------------- np_max_act
-NP_VERSION = "np_max_act/v1"
+NP_VERSION = "np_max_act/v2"  # v2: tokens as text (an export's pieces, no <bos>)
 NP_MARKER = "Explanation:"
 
 NP_SYSTEM = """You label features of a language model. For each example you get the token where the feature is most active and the text around it. Give a label of 1 to 6 words that says what the feature responds to. Answer with one line:
@@ -87,7 +87,7 @@ def eleuther_user(examples: list[dict], mark_frac: float = 0.6) -> str:
     lines = []
     for i, ex in enumerate(examples, 1):
         peak = max(ex["acts"]) if ex["acts"] else 0.0
-        text = mark_tokens(ex["token_strs"], ex["acts"], mark_frac * peak)
+        text = mark_tokens(texts_of(ex["token_strs"]), ex["acts"], mark_frac * peak)
         lines.append(f"Example {i}: {one_line(text).strip()}")
     return "\n".join(lines)
 
@@ -104,14 +104,24 @@ def np_user(examples: list[dict], radius: int = 24) -> str:
     lines = []
     for i, ex in enumerate(examples, 1):
         t = ex["top_index"]
-        lo, hi = max(0, t - radius), min(len(ex["token_strs"]), t + radius + 1)
-        window = one_line("".join(ex["token_strs"][lo:hi])).strip()
-        lines.append(f"Example {i}: top token {ex['token_strs'][t].strip()!r} in: {window}")
+        toks = texts_of(ex["token_strs"])
+        lo, hi = max(0, t - radius), min(len(toks), t + radius + 1)
+        window = one_line("".join(toks[lo:hi])).strip()
+        lines.append(f"Example {i}: top token {toks[t].strip()!r} in: {window}")
     return "\n".join(lines)
 
 
 def np_messages(examples: list[dict]) -> list[dict]:
     return [{"role": "system", "content": NP_SYSTEM}, {"role": "user", "content": np_user(examples)}]
+
+
+def texts_of(token_strs: list[str]) -> list[str]:
+    """An example's tokens as the text they spell: an export's vocabulary pieces ('▁the',
+    'Ġthe') become ' the', special tokens ('<bos>') nothing (`models.windows.token_text`);
+    decoded strings (collect's) stay as they are."""
+    from baez_ray.models.windows import token_text
+
+    return [token_text(t) for t in token_strs]
 
 
 def one_line(text: str) -> str:
