@@ -53,6 +53,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from baez_ray import benchmarks
+
 NAN = float("nan")
 
 
@@ -166,10 +168,16 @@ def bootstrap_ci(values: Iterable[float], n_boot: int = 2000, level: float = 0.9
     return m, float(lo), float(hi)
 
 
-# the headline metric of each benchmark (the bar chart's y axis); chance is 0.5 for both
-HEADLINE = {"detection": "balanced_accuracy", "fuzz": "balanced_accuracy", "embedding": "auroc",
-            "detection_logprob": "auroc", "fuzz_logprob": "auroc"}
-CHANCE = 0.5
+# the headline metric of each benchmark (the bar chart's y axis), its side (input: what
+# makes the feature fire; output: what it does), from the registry (benchmarks.py)
+HEADLINE = {b: benchmarks.get(b).headline for b in benchmarks.names()}
+SIDE = {b: benchmarks.side(b) for b in benchmarks.names()}
+CHANCE = 0.5  # the chance level of most headline metrics; each benchmark's own: chance(b)
+
+
+def chance(benchmark: str) -> float:
+    """The chance level of a benchmark's headline metric (the registry's)."""
+    return benchmarks.get(benchmark).chance
 
 
 def aggregate(scores, seed: int = 0):

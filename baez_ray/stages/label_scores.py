@@ -11,7 +11,7 @@ them as they come, finished after (SPEC §3 on a label job's labels).
             ─backend (asked until parsed in the API actors)─▶ final rows, written
             ─score.scores_of (a Ray task)─▶ the shard's SCORES part, committed with its labels
     finish  streamed SCORES ∪ score.score_labels over the rest (the random-label control,
-            the embedding benchmark, labels not streamed) ─▶ scores/
+            the embedding benchmarks, labels not streamed) ─▶ scores/
 
 A shard's labels and scores stream together (`streams`) when the scorer asks until parsed
 itself (the API backends: `backends.asks_in_backend`) and the negatives are other features'
@@ -172,13 +172,14 @@ def finish_scores(cfg: LabelConfig, seed: int, run: Run, features_dir: Path, key
     rest = subs.filter(pa.array([k not in done for k in zip(*(subs.column(c).to_pylist() for c in ("sae_id", "feature", "method")))], pa.bool_()))
     info = {k: counts.get(k, 0) for k in COUNTS}
     parts = [streamed]
-    todo = [(llm_benchmarks(s), rest)] + ([(["embedding"], subs)] if "embedding" in s.benchmarks else [])
+    todo = [(llm_benchmarks(s), rest)] + [([b], subs) for b in ("embedding", "logit_embedding") if b in s.benchmarks]
     todo = [(b, t) for b, t in todo if b and t.num_rows]
     if todo:
         items, tests = _items(cfg, seed, features_dir, sample, plan)
         for benchmarks, subs_ in todo:
-            table, more = score_labels(tests, sample, labels, s.model_copy(update={"benchmarks": benchmarks}), scorer_of(cfg), seed=seed,
-                                       items=items, subs=subs_, negatives_table=negatives)
+            its, tes = _logit_inputs(cfg, features_dir, sample) if benchmarks == ["logit_embedding"] else (items, tests)
+            table, more = score_labels(tes, sample, labels, s.model_copy(update={"benchmarks": benchmarks}), scorer_of(cfg), seed=seed,
+                                       items=its, subs=subs_, negatives_table=negatives)
             parts.append(table)
             for k in COUNTS:
                 info[k] += more.get(k, 0)
@@ -198,6 +199,16 @@ def saved_sample(cfg: LabelConfig, seed: int, run: Run, features_dir: Path, keys
     sample, _ = sample_keys(cfg, seed, features_dir, keys)
     write_table(sample, path)
     return sample
+
+
+def _logit_inputs(cfg: LabelConfig, features_dir: Path, sample: pa.Table):
+    """(items, tests) for logit_embedding: no excerpt items, the held-out test rows with the
+    features' promoted tokens (pos_tokens, pos_values) it reads."""
+    import ray
+
+    from baez_ray.stages.split import held_out_examples
+
+    return ray.data.from_arrow(ITEMS.empty_table()), held_out_examples(features_dir, sample, cfg.score.test_examples)
 
 
 def _items(cfg: LabelConfig, seed: int, features_dir: Path, sample: pa.Table, plan: ScorePlan | None):
