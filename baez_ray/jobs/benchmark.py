@@ -4,7 +4,8 @@
       ─▶ split: train/ (what labellers read) and test/ (what scorers read), disjoint
       ─▶ route train/ (kinds for token_freq; tier shares for the report)
       ─▶ label train/ with every method (one stage per method; resume skips finished ones)
-      ─▶ score every label on test/ with every benchmark + the random-label control
+      ─▶ score every label on test/ with every benchmark + the random-label control (the
+         intervention benchmarks' steered continuations in steering/)
       ─▶ summary (mean and 95% CI per method × benchmark), split-half reliability per
          benchmark × method, paired comparisons of the methods ─▶ report/index.html
 """
@@ -12,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -65,7 +67,10 @@ def score_stage(spec: JobSpec, run: Run, labels_dir: Path, test_dir: Path) -> di
         negatives = corpus_negatives_ref(run.table_dir("contexts"), spec.model, spec.saes, spec.corpus, spec.collect.window,
                                      spec.collect.batch_size, sorted(zip(keys.column("sae_id").to_pylist(), keys.column("feature").to_pylist())),
                                      sc.n_negatives, spec.seed)
-    scores, counts = score_labels(tests, keys, labels, sc, sc.scorer or b.explainer, seed=spec.seed, negatives_table=negatives)
+    steering = run.table_dir("steering")
+    shutil.rmtree(steering, ignore_errors=True)  # a rerun of the stage writes it anew
+    scores, counts = score_labels(tests, keys, labels, sc, sc.scorer or b.explainer, seed=spec.seed, negatives_table=negatives,
+                                  model=spec.model, saes=spec.saes, steering_dir=steering)
     return {**counts, "parts": write_table(scores, run.table_dir("scores")), "rows": scores.num_rows}
 
 

@@ -186,9 +186,22 @@ def _score_retryable(row: dict) -> bool:
     return logprob_targets(row["constraint"]) is None
 
 
-def score_rounds(pending, llm, max_retries: int, total: int | None = None):
+def score_rounds(pending, llm, max_retries: int, total: int | None = None,
+                 parsers: dict[str, tuple[Callable, Callable]] | None = None):
     """Scorer prompt rows (a Ray Dataset, with `truth`: the 0/1 of each excerpt shown) → a
     Ray Dataset with one row per prompt: `value` (list<double>: the parsed 0/1 list; for a
-    log-prob row `logprob:A,B`, [P(A)]; null when failed), `problem`, `tries` and totals."""
-    return ask_until_parsed(pending, llm, _score_parse, _score_retry, max_retries, pa.list_(pa.float64()), what="score",
+    log-prob row `logprob:A,B`, [P(A)]; null when failed), `problem`, `tries` and totals.
+    `parsers`: benchmark name → (parse(row, attempt), retry_messages(row, problem, attempt))
+    for rows whose `benchmark` reads its answer its own way (simulation, intervention)."""
+    parsers = parsers or {}
+
+    def parse(row: dict, attempt: int):
+        own = parsers.get(row.get("benchmark"))
+        return own[0](row, attempt) if own and not logprob_targets(row["constraint"]) else _score_parse(row, attempt)
+
+    def retry(row: dict, problem: str, attempt: int) -> list:
+        own = parsers.get(row.get("benchmark"))
+        return own[1](row, problem, attempt) if own else _score_retry(row, problem, attempt)
+
+    return ask_until_parsed(pending, llm, parse, retry, max_retries, pa.list_(pa.float64()), what="score",
                             retryable=_score_retryable, total=total)

@@ -18,6 +18,15 @@ the text of the token the model put first. Where neither A nor B is among the to
 `p_yes` is null (the caller counts the row as failed); where one of them is missing, its
 probability is taken as the smallest listed one (an upper bound). Backends without
 log-probs (anthropic) answer such a row with an error. Every other row has `p_yes` null.
+
+Token log-probs: a row with `top_logprobs = k` (k > 0) is generated as usual and also gets
+`token_logprobs`: for every token of its answer, the token's text and log-prob and the k
+most likely tokens at its place (text, log-prob), from the model's logits (transformers:
+log-softmax of the raw logits of each generated step) or the server's log-probs (vllm:
+`SamplingParams(logprobs=k)`, the entry of the sampled token included; openai: `logprobs`,
+`top_logprobs=min(k, 20)`). The simulation benchmark reads its expected activations from
+them. Backends without log-probs (anthropic) leave `token_logprobs` null and answer the
+row as text, so that the caller falls back to the answer's own text.
 """
 
 from __future__ import annotations
@@ -67,6 +76,12 @@ def p_from_top(top: dict[str, float], targets: tuple[str, str]) -> float | None:
     return a / (a + b)
 
 
+def token_logprobs_of(row: dict) -> int:
+    """The k of a row's `top_logprobs` (0: the row does not ask)."""
+    k = row.get("top_logprobs")
+    return int(k) if k else 0
+
+
 def generate(ds, cfg: LLMConfig):
     """Prompt rows → prompt rows with answers (a lazy Ray Dataset)."""
     return import_module(_MODULES[cfg.backend]).generate(ds, cfg)
@@ -79,8 +94,9 @@ def cost(cfg: LLMConfig, input_tokens: int, output_tokens: int, batch: bool = Fa
 
 def with_answers(batch: pa.Table, answers: list[str | None], in_tok: list[int], out_tok: list[int],
                  errors: list[str | None], cfg: LLMConfig, batch_mode: bool = False,
-                 p_yes: list[float | None] | None = None) -> pa.Table:
-    """Append the ANSWER_FIELDS columns to a batch of prompt rows (`p_yes`: log-prob rows)."""
+                 p_yes: list[float | None] | None = None, token_logprobs: list[list[dict] | None] | None = None) -> pa.Table:
+    """Append the ANSWER_FIELDS columns to a batch of prompt rows (`p_yes`: log-prob rows;
+    `token_logprobs`: rows with `top_logprobs`, schema.TOKEN_LOGPROBS values)."""
     n = batch.num_rows
     cols = {
         "answer": pa.array(answers, pa.string()),
@@ -91,6 +107,7 @@ def with_answers(batch: pa.Table, answers: list[str | None], in_tok: list[int], 
         "backend": pa.array([cfg.backend] * n, pa.string()),
         "model": pa.array([cfg.model] * n, pa.string()),
         "p_yes": pa.array(p_yes if p_yes is not None else [None] * n, pa.float64()),
+        "token_logprobs": pa.array(token_logprobs if token_logprobs is not None else [None] * n, schema.TOKEN_LOGPROBS),
     }
     for f in schema.ANSWER_FIELDS:
         if f.name in batch.column_names:

@@ -19,6 +19,12 @@ models enforce it). When a server answers 400 to that and the same request succe
 without it, the actor stops sending `response_format` and relies on the prompt and the
 parser, as the backends without structured outputs do.
 
+Log-probs: a `logprob:A,B` row is sent with `logprobs: true`, `top_logprobs: 20` and
+`max_tokens: 1` (`p_yes` from the first token); a row with `top_logprobs = k` with
+`logprobs: true`, `top_logprobs: min(k, 20)` and its own `max_tokens`, and every token of
+`choices[0].logprobs.content` becomes its `token_logprobs` (a server that sends none leaves
+them null).
+
 The API key is read only from the environment variable `api_key_env` (default
 `OPENAI_API_KEY`) and sent as `Authorization: Bearer`. It is optional: with the default
 variable unset, requests go without a key (local servers); a variable named explicitly in
@@ -36,7 +42,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
 from pydantic import SecretStr
 
-from baez_ray.llm.backends import TOP_LOGPROBS, cut_at_stop, error_text, logprob_targets, p_from_top, read_api_key, with_answers
+from baez_ray.llm.backends import (TOP_LOGPROBS, cut_at_stop, error_text, logprob_targets, p_from_top, read_api_key, token_logprobs_of,
+                                   with_answers)
 from baez_ray.config import LLMConfig
 
 log = logging.getLogger(__name__)
@@ -48,7 +55,7 @@ RETRY_STATUS = {408, 409, 429}  # and every 5xx
 INITIAL_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 8.0
 MAX_RETRY_AFTER_S = 120.0
-_ROW_COLS = ["request_id", "messages", "max_tokens", "temperature", "stop", "constraint"]
+_ROW_COLS = ["request_id", "messages", "max_tokens", "temperature", "stop", "constraint", "top_logprobs"]
 
 
 class APIStatusError(RuntimeError):
@@ -113,6 +120,8 @@ def request_body(row: dict, cfg: LLMConfig, structured: bool = True) -> dict:
         body["response_format"] = binary_list_format(int(c.split(":", 1)[1]))
     if logprob_targets(c):
         body.update(logprobs=True, top_logprobs=TOP_LOGPROBS, max_tokens=1)
+    elif token_logprobs_of(row):
+        body.update(logprobs=True, top_logprobs=min(token_logprobs_of(row), TOP_LOGPROBS))
     return body
 
 
@@ -126,6 +135,16 @@ def first_token_p(data: dict, targets: tuple[str, str] | None) -> float | None:
     top = {t.get("token"): t.get("logprob") for t in content[0].get("top_logprobs") or []}
     top.setdefault(content[0].get("token"), content[0].get("logprob"))
     return p_from_top(top, targets)
+
+
+def answer_tokens(data: dict) -> list[dict] | None:
+    """`token_logprobs` (schema.TOKEN_LOGPROBS values) of a chat completion's
+    `choices[0].logprobs.content`; None when the server sent none."""
+    content = (data["choices"][0].get("logprobs") or {}).get("content")
+    if not content:
+        return None
+    return [{"token": t.get("token"), "logprob": t.get("logprob"),
+             "top": [{"token": c.get("token"), "logprob": c.get("logprob")} for c in t.get("top_logprobs") or []]} for t in content]
 
 
 class OpenAICaller:
@@ -172,7 +191,7 @@ class OpenAICaller:
             time.sleep(delay)
             attempt += 1
 
-    def _one(self, row: dict) -> tuple[str | None, int, int, str | None, float | None]:
+    def _one(self, row: dict) -> tuple[str | None, int, int, str | None, float | None, list | None]:
         try:
             body = request_body(row, self.cfg, self.structured)
             try:
@@ -189,18 +208,19 @@ class OpenAICaller:
             text = msg.get("content") or ""
             usage = data.get("usage") or {}
             p = first_token_p(data, logprob_targets(row.get("constraint")))
-            return cut_at_stop(text, row["stop"]), int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0), None, p
+            toks = answer_tokens(data) if token_logprobs_of(row) else None
+            return cut_at_stop(text, row["stop"]), int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0), None, p, toks
         except Exception as e:  # after the retries: recorded on this row only
             err = error_text(e, self._key)
             log.warning("openai request %s failed: %s", row.get("request_id"), err)
-            return None, 0, 0, err, None
+            return None, 0, 0, err, None, None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         cols = [c for c in _ROW_COLS if c in batch.column_names]
         rows = batch.select(cols).to_pylist()
         results = list(self.pool.map(self._one, rows))
-        answers, n_in, n_out, errors, p_yes = (list(c) for c in zip(*results)) if results else ([], [], [], [], [])
-        return with_answers(batch, answers, n_in, n_out, errors, self.cfg, p_yes=p_yes)
+        answers, n_in, n_out, errors, p_yes, toks = (list(c) for c in zip(*results)) if results else ([], [], [], [], [], [])
+        return with_answers(batch, answers, n_in, n_out, errors, self.cfg, p_yes=p_yes, token_logprobs=toks)
 
 
 def generate(ds, cfg: LLMConfig):

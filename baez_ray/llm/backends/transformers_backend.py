@@ -5,7 +5,11 @@ Log-prob rows (`constraint: logprob:A,B`) are not generated: one forward pass of
 prompts gives the next-token logits, and `p_yes` = softmax over the logits of the tokens A
 and B (each must be one token). Consecutive rows that share more than the call's common
 prefix (a scorer's instructions + label, one feature after another) run as one batch over
-that longer prefix's KV cache, so each feature's prefix is computed once."""
+that longer prefix's KV cache, so each feature's prefix is computed once.
+
+Rows with `top_logprobs = k` are generated as the others and also get `token_logprobs`:
+each kept answer token with its log-prob and the k most likely tokens at its place, from
+the log-softmax of that step's raw logits (before any output constraint)."""
 
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import re
 import pyarrow as pa
 import torch
 
-from baez_ray.llm.backends import cut_at_stop, logprob_targets, with_answers
+from baez_ray.llm.backends import cut_at_stop, logprob_targets, token_logprobs_of, with_answers
 from baez_ray.config import LLMConfig
 
 
@@ -198,8 +202,20 @@ class TransformersChat:
                 p[i], top[i] = pair[j], self.tok.decode([best[j]])
         return p, top, [len(x) for x in ids]
 
+    def _step_logprobs(self, steps: list[torch.Tensor], row: int, kept: list[int], k: int) -> list[dict]:
+        """schema.TOKEN_LOGPROBS of one generated row: for each kept token, its log-prob and
+        the top k at its step (`steps`: the raw logits of every step, [B, V] each)."""
+        out = []
+        for j, t in enumerate(kept):
+            lp = torch.log_softmax(steps[j][row].float(), dim=-1)
+            vals, ids = lp.topk(k)
+            out.append({"token": self.tok.decode([t]), "logprob": float(lp[t]),
+                        "top": [{"token": self.tok.decode([i]), "logprob": float(v)} for v, i in zip(vals.tolist(), ids.tolist())]})
+        return out
+
     @torch.inference_mode()
-    def generate(self, texts: list[str], max_tokens: list[int], temperature: float, constraint: str | None = None) -> tuple[list[str], list[int], list[int]]:
+    def generate(self, texts: list[str], max_tokens: list[int], temperature: float, constraint: str | None = None,
+                 top_logprobs: int = 0) -> tuple[list[str], list[int], list[int], list[list[dict] | None]]:
         enc, n_in = self._inputs(texts)
         width = enc["input_ids"].shape[1]
         kw = dict(do_sample=temperature > 0, temperature=temperature) if temperature > 0 else dict(do_sample=False)
@@ -211,48 +227,53 @@ class TransformersChat:
         if fn is not None:
             kw["prefix_allowed_tokens_fn"] = fn
             max_new = min(max_new, 2 * int(m.group(1)) + 2)
+        if top_logprobs:
+            kw.update(output_logits=True, return_dict_in_generate=True)
         out = self.model.generate(
             **enc, max_new_tokens=max_new, pad_token_id=self.tok.pad_token_id,
             eos_token_id=sorted(self.eos), top_p=None, top_k=None, **kw,
         )
-        gen = out[:, width:].tolist()
-        answers, n_out = [], []
-        for row, limit in zip(gen, max_tokens):
+        seqs = out.sequences if top_logprobs else out
+        gen = seqs[:, width:].tolist()
+        answers, n_out, toks = [], [], []
+        for b, (row, limit) in enumerate(zip(gen, max_tokens)):
             row = row[:limit]
             cut = next((i for i, t in enumerate(row) if t in self.eos), None)
             kept = row if cut is None else row[: cut + 1]
             n_out.append(len(kept))
             answers.append(self.tok.decode(kept, skip_special_tokens=True))
-        return answers, n_in, n_out
+            toks.append(self._step_logprobs(out.logits, b, kept, top_logprobs) if top_logprobs else None)
+        return answers, n_in, n_out, toks
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        cols = ["messages", "max_tokens", "temperature", "stop"] + (["constraint"] if "constraint" in batch.column_names else [])
+        cols = ["messages", "max_tokens", "temperature", "stop"] + [c for c in ("constraint", "top_logprobs") if c in batch.column_names]
         rows = batch.select(cols).to_pylist()
         n = len(rows)
         answers: list[str | None] = [None] * n
-        n_in, n_out, errors, p_yes = [0] * n, [0] * n, [None] * n, [None] * n
-        # one generate call per sampling temperature and output constraint (a stage's
-        # prompts usually share both)
+        n_in, n_out, errors, p_yes, toks = [0] * n, [0] * n, [None] * n, [None] * n, [None] * n
+        # one generate call per sampling temperature, output constraint and top log-probs
+        # (a stage's prompts usually share all three)
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(rows):
-            groups.setdefault((round(float(r["temperature"]), 6), r.get("constraint")), []).append(i)
-        for (temp, constraint), idx in groups.items():
+            groups.setdefault((round(float(r["temperature"]), 6), r.get("constraint"), token_logprobs_of(r)), []).append(i)
+        for (temp, constraint, k), idx in groups.items():
             targets = logprob_targets(constraint)
             try:
                 texts = [self.prompt_text(rows[i]["messages"]) for i in idx]
+                tl = [None] * len(idx)
                 if targets:
                     p, a, ti = self.next_token_p(texts, targets)
                     to = [1] * len(idx)
                 else:
                     p = [None] * len(idx)
-                    a, ti, to = self.generate(texts, [int(rows[i]["max_tokens"]) for i in idx], temp, constraint)
+                    a, ti, to, tl = self.generate(texts, [int(rows[i]["max_tokens"]) for i in idx], temp, constraint, k)
             except Exception as e:  # recorded on the rows it touched, never dropped
                 for i in idx:
                     errors[i] = f"{type(e).__name__}: {e}"
                 continue
             for j, i in enumerate(idx):
-                answers[i], n_in[i], n_out[i], p_yes[i] = cut_at_stop(a[j], rows[i]["stop"]), ti[j], to[j], p[j]
-        return with_answers(batch, answers, n_in, n_out, errors, self.cfg, p_yes=p_yes)
+                answers[i], n_in[i], n_out[i], p_yes[i], toks[i] = cut_at_stop(a[j], rows[i]["stop"]), ti[j], to[j], p[j], tl[j]
+        return with_answers(batch, answers, n_in, n_out, errors, self.cfg, p_yes=p_yes, token_logprobs=toks)
 
 
 def generate(ds, cfg: LLMConfig):
