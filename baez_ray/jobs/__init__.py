@@ -17,8 +17,6 @@ from pathlib import Path
 from baez_ray.config import ConfigError, JobSpec, parse_job
 from baez_ray.rundir import Run, log
 
-JOBS = ("collect", "ingest", "label", "benchmark")
-
 
 def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     """A job file, validated: its schema (config.py) and its method names (the registry)."""

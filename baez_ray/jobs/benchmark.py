@@ -23,21 +23,17 @@ from baez_ray import methods, schema
 from baez_ray.config import JobSpec
 from baez_ray.jobs.collect import features_source
 from baez_ray.rundir import Run, log, write_table
+from baez_ray.stages.label import method_context
 from baez_ray.stages.route import route
 from baez_ray.stages.split import sample_and_split
-
-
-def method_context(spec: JobSpec, name: str, routes_dir: Path) -> methods.LabelContext:
-    b = spec.benchmark
-    return methods.LabelContext(name=name, explainer=b.explainer, max_retries=b.max_retries, n_examples=b.train_examples,
-                                av_sidecar=b.av_sidecar, av=b.av, saes=tuple(spec.saes), route=spec.route, routes_dir=routes_dir)
 
 
 def label_method(spec: JobSpec, run: Run, method: str, train_dir: Path, labels_dir: Path) -> dict:
     """Labels of every feature in train/ by one method → labels/<method>.parquet; counts."""
     import ray
 
-    labels = methods.label(method, ray.data.read_parquet(str(train_dir)), method_context(spec, method, run.table_dir("routes")))
+    labels = methods.label(method, ray.data.read_parquet(str(train_dir)),
+                           method_context(method, spec.benchmark, tuple(spec.saes), spec.route, run.table_dir("routes")))
     labels = schema.conform(labels, schema.LABELS)
     tmp = labels_dir / f".{method}.parquet.tmp"
     pq.write_table(labels, tmp)

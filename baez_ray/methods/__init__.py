@@ -21,4 +21,4 @@ for _m in pkgutil.iter_modules(__path__):
     if _m.name != "registry":
         import_module(f"{__name__}.{_m.name}")
 
-__all__ = ["LabelContext", "check_job_methods", "get", "known", "label", "register"]
+__all__ = ["LabelContext", "check_job_methods", "get", "known", "label", "label_rows", "register"]

@@ -81,9 +81,11 @@ def label_baez(features, sidecar_path: str, llm, last_only: bool = False, n_exam
 
 @register("baez", tiers=(3,), needs=("explainer", "av_sidecar"))
 def baez(features, ctx: LabelContext) -> pa.Table:
+    """The explainer reads the AV's explanations of the top examples, each with its activation 1-10."""
     return label_baez(features, ctx.av_sidecar, ctx.explainer, False, ctx.n_examples, ctx.max_retries, ctx.av)
 
 
 @register("baez_last", tiers=(3,), needs=("explainer", "av_sidecar"))
 def baez_last(features, ctx: LabelContext) -> pa.Table:
+    """As baez, with only the last paragraph of each AV explanation (the one about the final token)."""
     return label_baez(features, ctx.av_sidecar, ctx.explainer, True, ctx.n_examples, ctx.max_retries, ctx.av)

@@ -75,14 +75,17 @@ def label_with_llm(features, name: str, llm, max_retries: int = 2, temperature: 
 
 @register(r"eleuther_acts_top(\d+)", tiers=(2,), needs=("explainer",), shown="eleuther_acts_topK")
 def eleuther_acts(features, ctx: LabelContext) -> pa.Table:
+    """Delphi-style: the explainer reads the top K examples with their active tokens marked << >>."""
     return label_with_llm(features, ctx.name, ctx.explainer, ctx.max_retries, dataset=True)
 
 
 @register("np_max_act", tiers=(2,), needs=("explainer",))
 def np_max_act(features, ctx: LabelContext) -> pa.Table:
+    """Neuronpedia-style: the max-activating token of each example with its ±24-token window; a 1-6 word label."""
     return label_with_llm(features, "np_max_act", ctx.explainer, ctx.max_retries, dataset=True)
 
 
 @register("small_llm", tiers=(1,), needs=("explainer",))
 def small_llm(features, ctx: LabelContext) -> pa.Table:
+    """A small local LLM (label.small_llm, else the explainer) with the np_max_act prompt: a cheap tier-1 label."""
     return label_with_llm(features, "small_llm", ctx.small_llm or ctx.explainer, ctx.max_retries, dataset=True)

@@ -118,4 +118,5 @@ def label_nla_direct(features, sidecar_path: str, saes: list[SAEConfig], llm=Non
 
 @register("nla_direct", tiers=(3,), needs=("av_sidecar", "sae"))
 def nla_direct(features, ctx: LabelContext) -> pa.Table:
+    """The AV reads the feature's SAE decoder row; its explanation is the label (one AV call per feature)."""
     return label_nla_direct(features, ctx.av_sidecar, list(ctx.saes), ctx.explainer, max_retries=ctx.max_retries, av=ctx.av)

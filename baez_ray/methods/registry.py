@@ -35,29 +35,59 @@ class LabelContext:
     routes_dir: Path | None = None  # the routes table (kinds) of these features
 
 
+NEEDS = {
+    "explainer": "an LLM writes the label (the section's explainer; small_llm: label.small_llm when set)",
+    "av_sidecar": "an activation verbalizer (av_sidecar / av_sidecars)",
+    "sae": "the SAE's weights (the job's sae / saes section)",
+}
+
+
 @dataclass(frozen=True)
 class Method:
     pattern: str  # a name, or a regular expression for a family (eleuther_acts_top(\d+))
-    label: Callable  # (features Dataset, LabelContext) -> LABELS table
+    label: Callable  # (features Dataset, LabelContext) -> LABELS table or a Dataset of its rows
     tiers: tuple[int, ...]  # the label job's tiers that may use it
-    needs: tuple[str, ...] = ()  # "explainer", "av_sidecar", "sae"
+    needs: tuple[str, ...] = ()  # keys of NEEDS
     shown: str = ""  # the name shown in messages (eleuther_acts_topK)
+    description: str = ""  # one line, for `baez-ray methods` and the docs
 
     def matches(self, name: str) -> bool:
         return re.fullmatch(self.pattern, name) is not None
+
+    def examples(self) -> list[str]:
+        """Names this method answers to, for the overlap check: its shown name, and a
+        family's pattern with each group filled in (eleuther_acts_top5)."""
+        return [self.shown, re.sub(r"\([^)]*\)", "5", self.pattern)]
 
 
 _METHODS: list[Method] = []
 
 
-def register(pattern: str, *, tiers: tuple[int, ...], needs: tuple[str, ...] = (), shown: str | None = None):
-    """Decorator: register `fn(features, ctx) -> LABELS table` under `pattern`."""
+def register(pattern: str, *, tiers: tuple[int, ...], needs: tuple[str, ...] = (), shown: str | None = None,
+             description: str | None = None):
+    """Decorator: register `fn(features, ctx)` under `pattern`. Raises ValueError on a name
+    (or family) that an already registered method answers to, or on an unknown need.
+    `description` defaults to the first line of `fn`'s docstring."""
 
     def add(fn: Callable) -> Callable:
-        _METHODS.append(Method(pattern, fn, tiers, needs, shown or pattern))
+        unknown = set(needs) - set(NEEDS)
+        if unknown:
+            raise ValueError(f"method {pattern!r}: unknown needs {sorted(unknown)} (known: {', '.join(NEEDS)})")
+        doc = (fn.__doc__ or "").strip().splitlines()
+        new = Method(pattern, fn, tiers, needs, shown or pattern, description or (doc[0] if doc else ""))
+        for old in _METHODS:
+            if old.pattern == pattern or any(old.matches(n) for n in new.examples()) or any(new.matches(n) for n in old.examples()):
+                raise ValueError(f"method {new.shown!r} overlaps the registered method {old.shown!r} "
+                                 f"(patterns {pattern!r} and {old.pattern!r}); give it another name")
+        _METHODS.append(new)
         return fn
 
     return add
+
+
+def methods() -> list[Method]:
+    """Every registered method, in registration order."""
+    return list(_METHODS)
 
 
 def get(name: str) -> Method:
@@ -101,13 +131,20 @@ def _problem(name: str, tier: int | None) -> str | None:
     return None
 
 
+def _missing_explainer(name: str, explainer) -> str | None:
+    if "explainer" in get(name).needs and explainer is None:
+        return f"{name} asks an LLM for its label: the section needs an explainer"
+    return None
+
+
 def check_job_methods(spec: JobSpec) -> list[tuple[str, str]]:
     """(key, problem) for every method name of the job that the registry does not know
     or that lacks what it needs; empty when all is well."""
     out: list[tuple[str, str]] = []
     if spec.job == "label" and spec.label is not None:
         for t in (1, 2, 3):
-            problem = _problem(getattr(spec.label, f"tier{t}"), t)
+            name = getattr(spec.label, f"tier{t}")
+            problem = _problem(name, t) or _missing_explainer(name, spec.label.explainer)
             if problem:
                 out.append((f"label.tier{t}", problem))
         if not out and spec.label.av_sidecar and "sae" in get(spec.label.tier3).needs and not spec.saes:
@@ -115,7 +152,7 @@ def check_job_methods(spec: JobSpec) -> list[tuple[str, str]]:
     if spec.job == "benchmark" and spec.benchmark is not None:
         b = spec.benchmark
         for i, name in enumerate(b.methods):
-            problem = _problem(name, None)
+            problem = _problem(name, None) or _missing_explainer(name, b.explainer)
             if problem is None and "av_sidecar" in get(name).needs and not b.av_sidecar:
                 problem = f"{name} needs benchmark.av_sidecar (an activation verbalizer)"
             if problem is None and "sae" in get(name).needs and not spec.saes:

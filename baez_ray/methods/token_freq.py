@@ -224,7 +224,7 @@ def _label_features(batch: pa.Table, routes_dir: str, cfg: TokenFreqConfig) -> p
     return token_freq_labels(batch, routes, cfg, tier=None)
 
 
-@register("token_freq", tiers=(1,))
+@register("token_freq", tiers=(1,), description="No LLM: the most frequent tokens of the input (or output) window across the top examples")
 def token_freq(features, ctx: LabelContext):
     """The registered method: counts over the job's `route.top_n` examples and its output
     window; the kind (input/output) of each feature comes from the routes table. Returns

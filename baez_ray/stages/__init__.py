@@ -5,7 +5,8 @@ parts, columns from `schema.py`). They never see the whole job file; the jobs in
     collect   contexts/ ─▶ features/          (base model + SAE actors, merge)
     ingest    Neuronpedia export ─▶ features/ (+ rejects/)
     route     features/ ─▶ routes/            (embedder actors: C_in, C_out, C_cross, tier)
-    split     features/ ─▶ train/, test/      (disjoint examples)
+    split     features/ ─▶ train/, test/      (disjoint examples; held-out samples of a label run)
+    label     routes/ + features/ ─▶ label_shards/ ─▶ labels/   (one method per tier; resumable)
     negatives corpus ─▶ examples where a feature does not fire
     score     labels + test examples ─▶ scores/
 """

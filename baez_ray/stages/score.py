@@ -54,7 +54,7 @@ from baez_ray.llm import prompts
 from baez_ray.llm.rounds import score_rounds
 from baez_ray.metrics import auroc, binary_metrics, embedding_metrics, half_scores
 from baez_ray.models.windows import token_text
-from baez_ray.ray_pool import actor_map, gather
+from baez_ray.ray_pool import actor_map, gather, resolved
 from baez_ray.rundir import log
 from baez_ray.stages import intervention, simulation
 from baez_ray.stages.split import feature_seed
@@ -93,12 +93,6 @@ def fuzz_text(ex: dict, positions: set[int]) -> str:
     return prompts.mark_tokens([token_text(t) for t in ex["token_strs"]], acts, 0.5)
 
 
-def _get(x):
-    import ray
-
-    return ray.get(x) if isinstance(x, ray.ObjectRef) else x
-
-
 # ---- items: each feature's excerpts, built per block in the workers ------------------------
 
 def feature_blocks(keys: pa.Table, block_features: int = BLOCK_FEATURES) -> pa.Table:
@@ -114,7 +108,7 @@ def feature_blocks(keys: pa.Table, block_features: int = BLOCK_FEATURES) -> pa.T
 def _tag(batch: pa.Table, blocks, role: str) -> pa.Table:
     """Rows (sae_id, feature, examples) of the features in `blocks` → + block and role
     (test: positives; negatives: given negatives), examples cut to ITEM_EXAMPLE."""
-    blocks = _get(blocks)
+    blocks = resolved(blocks)
     idx = pa.table({"sae_id": batch.column("sae_id"), "feature": batch.column("feature").cast(pa.int64()),
                     "_row": pa.array(np.arange(batch.num_rows), pa.int64())})
     hit = idx.join(blocks, ["sae_id", "feature"], join_type="inner").sort_by("_row")
@@ -224,7 +218,7 @@ def subjects(labels: pa.Table, keys: pa.Table, cfg: ScoreConfig, seed: int) -> p
 def _subjects_of(batch: pa.Table, subs) -> tuple[list[dict], dict]:
     """The subjects of the features of an items batch (in subject order), and the batch's
     items by key."""
-    subs = _get(subs)
+    subs = resolved(subs)
     items = {(r["sae_id"], r["feature"]): r for r in batch.to_pylist()}
     mine = subs.filter(pc.is_in(subs.column("feature"), value_set=batch.column("feature").unique()))
     return [s for s in mine.to_pylist() if (s["sae_id"], s["feature"]) in items], items

@@ -143,3 +143,55 @@ def sample_and_split(features_dir: Path, n_features: int, min_examples: int, how
     train_t = schema.conform(pa.Table.from_pylist(train_rows, schema=table.schema), schema.FEATURES)
     test_t = schema.conform(pa.Table.from_pylist(test_rows, schema=table.schema), schema.FEATURES)
     return train_t, test_t, {"eligible": eligible.num_rows, "sampled": len(rows), "min_examples": need, "split": how}
+
+
+def _held_out(batch: pa.Table, keys, test_n: int, counts_only: bool) -> pa.Table:
+    """FEATURES rows → the held-out test examples of those in `keys` (the decile samples
+    that are not among the feature's top examples: every labelling method reads top
+    examples only): rows (sae_id, feature, examples), or with `counts_only` their number
+    (sae_id, feature, n_test)."""
+    from baez_ray.ray_pool import resolved
+
+    keys = resolved(keys)
+    idx = pa.table({"sae_id": batch.column("sae_id"), "feature": batch.column("feature"), "_row": pa.array(range(batch.num_rows), pa.int64())})
+    hit = idx.join(keys.select(["sae_id", "feature"]), ["sae_id", "feature"], join_type="inner").sort_by("_row")
+    tests = []
+    for exs in batch.column("examples").take(hit.column("_row")).to_pylist():
+        n_top = sum(1 for e in exs if e["kind"] == "top")
+        tests.append([{**e, "residual": None} for e in split_examples(exs, "deciles", train_n=n_top, test_n=test_n)[1]])
+    out = {"sae_id": hit.column("sae_id"), "feature": hit.column("feature")}
+    if counts_only:
+        return pa.table({**out, "n_test": pa.array([len(t) for t in tests], pa.int32())})
+    return pa.table({**out, "examples": pa.array(tests, pa.list_(schema.EXAMPLE))})
+
+
+def held_out_sample(labels: pa.Table, features_dir: Path, test_n: int, min_test: int, sample: int | None, seed: int) -> tuple[pa.Table, dict]:
+    """The features `label.score` scores: a seeded sample of the labelled ones (`sample`
+    per SAE) among those with `min_test` of the `test_n` held-out examples (`_held_out`), counted
+    in the workers: the driver reads only (sae_id, feature, n_test). Returns (their keys: a
+    table (sae_id, feature) in key order, counts)."""
+    import ray
+
+    from baez_ray.ray_pool import gather
+
+    labelled = labels.filter(pc.is_valid(labels.column("label"))).select(["sae_id", "feature"])
+    labelled = labelled.group_by(["sae_id", "feature"]).aggregate([])
+    feats = ray.data.read_parquet(str(features_dir)).select_columns(["sae_id", "feature", "examples"])
+    n_test = gather(feats.map_batches(_held_out, batch_format="pyarrow",
+                                      fn_kwargs={"keys": ray.put(labelled), "test_n": test_n, "counts_only": True}),
+                    like=pa.schema([("sae_id", pa.string()), ("feature", pa.int64()), ("n_test", pa.int32())]))
+    ok = pc.greater_equal(n_test.column("n_test"), min_test)
+    # a feature that fired in few contexts has all of them among its top examples
+    too_few = n_test.num_rows - int(pc.sum(ok).as_py() or 0)
+    eligible = n_test.filter(ok).select(["sae_id", "feature"]).sort_by([("sae_id", "ascending"), ("feature", "ascending")])
+    keys = eligible.take(pa.array(sample_per_sae(eligible.column("sae_id").to_pylist(), sample, seed), pa.int64()))
+    return keys, {"labelled_features_too_few_test_examples": too_few, "eligible": eligible.num_rows}
+
+
+def held_out_examples(features_dir: Path, keys: pa.Table, test_n: int):
+    """A Dataset of the held-out test examples (`_held_out`) of the features `keys`, split
+    out of features/ in the workers: rows (sae_id, feature, examples)."""
+    import ray
+
+    return ray.data.read_parquet(str(features_dir)).select_columns(["sae_id", "feature", "examples"]).map_batches(
+        _held_out, batch_format="pyarrow", fn_kwargs={"keys": ray.put(keys), "test_n": test_n, "counts_only": False})

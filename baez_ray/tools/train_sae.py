@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -52,6 +52,9 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from baez_ray.config import ConfigError, CorpusConfig, ModelConfig, Section, read_yaml_mapping, validate_model
+
+if TYPE_CHECKING:
+    import torch
 
 
 class SAEArch(Section):
