@@ -12,6 +12,7 @@ its committed shards, and runs again while rows that failed in the LLM backend r
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -76,6 +77,9 @@ def score_sample(spec: JobSpec, run: Run, features_dir: Path) -> dict:
         key_list = list(zip(keys.column("sae_id").to_pylist(), keys.column("feature").to_pylist()))
         negatives = corpus_negatives_ref(run.table_dir("contexts"), spec.model, spec.saes, spec.corpus, spec.collect.window,
                                          spec.collect.batch_size, key_list, cfg.n_negatives, spec.seed)
-    scores, info = score_labels(tests, keys, labels, cfg, cfg.scorer or spec.label.explainer, seed=spec.seed, negatives_table=negatives)
+    steering = run.table_dir("steering")  # the intervention benchmarks' continuations
+    shutil.rmtree(steering, ignore_errors=True)
+    scores, info = score_labels(tests, keys, labels, cfg, cfg.scorer or spec.label.explainer, seed=spec.seed, negatives_table=negatives,
+                                model=spec.model, saes=spec.saes, steering_dir=steering)
     info.update(parts=write_table(scores, run.table_dir("scores")), rows=scores.num_rows, **counts)
     return info

@@ -13,7 +13,9 @@ rows that the label stage's workers write into a shard) and rows to ask again; t
 driver keeps counts.
 
 A prompt whose answer stays unreadable, or whose request failed in the backend (after the
-backend's own retries), ends with `value = None` and its `problem`: never dropped. A row
+backend's own retries), ends with `value = None` and its `problem`: never dropped. A row's
+`token_logprobs` (a simulation answer's top log-probs) are read by its parser and then
+emptied: the rounds keep values, not candidates. A row
 carries its tries and the tokens and cost of its earlier tries (`spent_*`) from round to
 round, so that its final row has the totals of all its tries. Log-prob scorer rows (one
 answer token, `p_yes`) are not retried: their probability does not change when asked
@@ -63,6 +65,8 @@ def _parse_batch(batch: pa.Table, parse, retry_messages, retryable, attempt: int
     spent = {c: batch.column(f"spent_{c}") if f"spent_{c}" in batch.column_names else None for c in SPENT}
     tries = batch.column("tries") if "tries" in batch.column_names else pa.array([0] * n, pa.int32())
     batch = batch.drop_columns([c for c in ROUND_COLUMNS if c in batch.column_names])
+    if "token_logprobs" in batch.column_names:  # read into `value` above; heavy (k candidates per answer token)
+        batch = batch.set_column(batch.schema.get_field_index("token_logprobs"), "token_logprobs", pa.nulls(n, schema.TOKEN_LOGPROBS))
     for c in SPENT:  # this try + the earlier ones
         if spent[c] is not None:
             batch = batch.set_column(batch.schema.get_field_index(c), c, pc.add(batch.column(c), spent[c]).cast(batch.schema.field(c).type))
