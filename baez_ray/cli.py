@@ -1,7 +1,7 @@
 """`baez-ray`: job files in, run directories out. One handler per subcommand; the jobs
 themselves live in `baez_ray/jobs/`.
 
-Exit codes (README, "Errors and exit codes"):
+Exit codes (docs/operations.md, "Errors and exit codes"):
 
     0    done: every row succeeded
     1    the run failed (`error: <file or key>: <problem>`; the traceback with --debug)
@@ -24,6 +24,7 @@ EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_PARTIAL = 0, 1, 2, 3
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 
 ADDR_HELP = "Ray Jobs (dashboard) URL, e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS)"
+SET_HELP = "override a key of the job file (the value is read as YAML); repeatable"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,19 +35,19 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--verbose", action="store_true",
                         help="show third-party warnings and logs: Ray's and Ray Data's, the Ray workers' output, sae_lens, transformers")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    overrides = dict(dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    overrides = dict(dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help=SET_HELP)
     p = sub.add_parser("validate", parents=[common], help="check a job file and its inputs (preflight); print the resolved job")
-    p.add_argument("job")
+    p.add_argument("job", help="the job file (YAML)")
     p.add_argument("--set", **overrides)
     p.add_argument("--out", help="run directory to check (default: <out>/<name> from the job file)")
     p.add_argument("--offline", action="store_true", help="skip the checks that need the Hugging Face hub")
     p.add_argument("--schema-only", action="store_true", help="check the job file only, not its inputs (no preflight)")
     p = sub.add_parser("run", parents=[common], help="run a job file")
-    p.add_argument("job")
+    p.add_argument("job", help="the job file (YAML); rerun the same command to resume")
     p.add_argument("--out", help="run directory (default: <out>/<name> from the job file)")
     p.add_argument("--set", **overrides)
     p = sub.add_parser("report", parents=[common], help="re-render a run's report/index.html from its tables")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run directory")
     p = sub.add_parser("new", parents=[common], help="write a minimal job file for your model and SAE")
     p.add_argument("kind", choices=("label", "benchmark", "collect"), help="the job to write")
     p.add_argument("--model", required=True, help="the base model: a hub id, a local folder or pypi:<name>")
@@ -61,13 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="the job file to write (refuses to overwrite)")
     sub.add_parser("methods", parents=[common], help="list the labelling methods: tiers, what each needs, what it does")
     p = sub.add_parser("export", parents=[common], help="a finished run's labels as JSONL, CSV or Neuronpedia explanation files")
-    p.add_argument("run_dir")
-    p.add_argument("--format", choices=("jsonl", "csv", "neuronpedia"), default="jsonl")
+    p.add_argument("run_dir", help="a finished run directory")
+    p.add_argument("--format", choices=("jsonl", "csv", "neuronpedia"), default="jsonl", help="jsonl, csv: a line per label; neuronpedia: its files")
     p.add_argument("-o", "--output", required=True, help="a file (jsonl, csv) or a folder (neuronpedia)")
     p.add_argument("--author-id", default="", help="neuronpedia: your Neuronpedia user id (authorId)")
     # Ray Jobs: the same job files on a running cluster (baez_ray/tools/submit.py)
     p = sub.add_parser("submit", parents=[common], help="run a job file on a Ray cluster (Ray Jobs); prints the submission id")
-    p.add_argument("job")
+    p.add_argument("job", help="the job file (YAML), inside the shipped directory")
     p.add_argument("--address", help=ADDR_HELP)
     p.add_argument("--set", **overrides)
     p.add_argument("--out", help="run directory on the cluster (use storage every node shares)")

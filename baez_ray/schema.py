@@ -48,18 +48,18 @@ EXAMPLE = pa.struct(
 FEATURES = pa.schema(
     [
         pa.field("sae_id", pa.string(), nullable=False),  # e.g. "gemma-3-270m/12-res-demo"
-        pa.field("model_id", pa.string(), nullable=False),
-        pa.field("layer", pa.int32(), nullable=False),
-        pa.field("feature", pa.int64(), nullable=False),
+        pa.field("model_id", pa.string(), nullable=False),  # the base model's id (model.id; modelId for ingest)
+        pa.field("layer", pa.int32(), nullable=False),  # the block whose output the SAE reads
+        pa.field("feature", pa.int64(), nullable=False),  # the feature's index within its SAE
         pa.field("n_tokens", pa.int64(), nullable=False),  # tokens seen (0 when unknown)
         pa.field("n_firing", pa.int64(), nullable=False),  # tokens with activation > 0
-        pa.field("max_activation", pa.float32(), nullable=False),
-        pa.field("examples", pa.list_(EXAMPLE), nullable=False),
+        pa.field("max_activation", pa.float32(), nullable=False),  # the largest activation seen (0 for a feature that never fired)
+        pa.field("examples", pa.list_(EXAMPLE), nullable=False),  # top examples (kind top, by rank) and decile samples (kind sample)
         # top logits of the decoder direction, when known (Neuronpedia pos_str/neg_str)
         pa.field("pos_tokens", pa.list_(pa.string())),
-        pa.field("pos_values", pa.list_(pa.float32())),
-        pa.field("neg_tokens", pa.list_(pa.string())),
-        pa.field("neg_values", pa.list_(pa.float32())),
+        pa.field("pos_values", pa.list_(pa.float32())),  # their logit values
+        pa.field("neg_tokens", pa.list_(pa.string())),  # the most suppressed tokens
+        pa.field("neg_values", pa.list_(pa.float32())),  # their logit values
         # labels that came with an export (Neuronpedia explanations), for comparison
         pa.field("source_explanations", pa.list_(pa.string())),
     ],
@@ -70,8 +70,8 @@ FEATURES = pa.schema(
 # one). `context_id` is the context's index in the corpus token stream.
 CONTEXTS = pa.schema(
     [
-        pa.field("context_id", pa.int64(), nullable=False),
-        pa.field("tokens", pa.list_(pa.int32()), nullable=False),
+        pa.field("context_id", pa.int64(), nullable=False),  # the context's index in the corpus token stream
+        pa.field("tokens", pa.list_(pa.int32()), nullable=False),  # token ids, BOS first
     ],
     metadata={"table": "contexts", "schema_version": SCHEMA_VERSION},
 )
@@ -81,17 +81,17 @@ CONTEXTS = pa.schema(
 # "count" rows carry per-feature firing counts (feature = -1 carries the token count).
 CANDIDATES = pa.schema(
     [
-        pa.field("kind", pa.string(), nullable=False),
-        pa.field("feature", pa.int64(), nullable=False),
-        pa.field("value", pa.float32(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),  # top | sample | count
+        pa.field("feature", pa.int64(), nullable=False),  # the feature, numbered across every SAE of the job
+        pa.field("value", pa.float32(), nullable=False),  # activation at the top token
         pa.field("key", pa.float64(), nullable=False),  # sort key (value or hashed key)
-        pa.field("context_id", pa.int64(), nullable=False),
-        pa.field("position", pa.int32(), nullable=False),
-        pa.field("top_index", pa.int32(), nullable=False),
-        pa.field("tokens", pa.list_(pa.int32())),
-        pa.field("acts", pa.list_(pa.float32())),
-        pa.field("residual", pa.list_(pa.float32())),
-        pa.field("count", pa.int64(), nullable=False),
+        pa.field("context_id", pa.int64(), nullable=False),  # the corpus context
+        pa.field("position", pa.int32(), nullable=False),  # the top token's position in its context
+        pa.field("top_index", pa.int32(), nullable=False),  # the top token's index in the window
+        pa.field("tokens", pa.list_(pa.int32())),  # the window's token ids
+        pa.field("acts", pa.list_(pa.float32())),  # the activation at every token of the window
+        pa.field("residual", pa.list_(pa.float32())),  # the residual at the top token (keep_residual)
+        pa.field("count", pa.int64(), nullable=False),  # count rows: the firing count
     ],
     metadata={"table": "candidates", "schema_version": SCHEMA_VERSION},
 )
@@ -104,13 +104,13 @@ CANDIDATES = pa.schema(
 MESSAGE = pa.struct([pa.field("role", pa.string()), pa.field("content", pa.string())])
 PROMPTS = pa.schema(
     [
-        pa.field("request_id", pa.string(), nullable=False),
-        pa.field("messages", pa.list_(MESSAGE), nullable=False),
-        pa.field("max_tokens", pa.int32(), nullable=False),
-        pa.field("temperature", pa.float32(), nullable=False),
-        pa.field("stop", pa.list_(pa.string())),
-        pa.field("constraint", pa.string()),
-        pa.field("top_logprobs", pa.int32()),
+        pa.field("request_id", pa.string(), nullable=False),  # unique per prompt; answers come back under it
+        pa.field("messages", pa.list_(MESSAGE), nullable=False),  # the chat: system, user and assistant (a prefill) turns
+        pa.field("max_tokens", pa.int32(), nullable=False),  # longest answer
+        pa.field("temperature", pa.float32(), nullable=False),  # sampling temperature (0: greedy)
+        pa.field("stop", pa.list_(pa.string())),  # stop strings
+        pa.field("constraint", pa.string()),  # null | binary_list:N | logprob:A,B
+        pa.field("top_logprobs", pa.int32()),  # null | k: the top-k log-probs of every answer token (token_logprobs)
     ],
     metadata={"table": "prompts", "schema_version": SCHEMA_VERSION},
 )
@@ -122,12 +122,12 @@ TOKEN_LOGPROBS = pa.list_(pa.struct([pa.field("token", pa.string()), pa.field("l
 # what every backend adds to each prompt row
 ANSWER_FIELDS = [
     pa.field("answer", pa.string()),  # null when the request failed
-    pa.field("input_tokens", pa.int64(), nullable=False),
-    pa.field("output_tokens", pa.int64(), nullable=False),
-    pa.field("cost_usd", pa.float64(), nullable=False),
+    pa.field("input_tokens", pa.int64(), nullable=False),  # prompt tokens
+    pa.field("output_tokens", pa.int64(), nullable=False),  # answer tokens
+    pa.field("cost_usd", pa.float64(), nullable=False),  # price x tokens
     pa.field("error", pa.string()),  # null on success
-    pa.field("backend", pa.string(), nullable=False),
-    pa.field("model", pa.string(), nullable=False),
+    pa.field("backend", pa.string(), nullable=False),  # the backend that answered
+    pa.field("model", pa.string(), nullable=False),  # the model that answered
     # a `logprob:A,B` row: P(A) / (P(A) + P(B)) for the first answer token, from the
     # scorer's log-probs; null on every other row and when neither token was among them
     pa.field("p_yes", pa.float64()),
@@ -139,12 +139,12 @@ ANSWERS = pa.schema(list(PROMPTS) + ANSWER_FIELDS, metadata={"table": "answers",
 
 ROUTES = pa.schema(
     [
-        pa.field("sae_id", pa.string(), nullable=False),
-        pa.field("layer", pa.int32(), nullable=False),
-        pa.field("feature", pa.int64(), nullable=False),
-        pa.field("n_examples", pa.int32(), nullable=False),
-        pa.field("c_in", pa.float32()),
-        pa.field("c_out", pa.float32()),
+        pa.field("sae_id", pa.string(), nullable=False),  # the feature's SAE
+        pa.field("layer", pa.int32(), nullable=False),  # its layer
+        pa.field("feature", pa.int64(), nullable=False),  # its index within the SAE
+        pa.field("n_examples", pa.int32(), nullable=False),  # top examples the scores were computed over
+        pa.field("c_in", pa.float32()),  # correlation score of the input window (null: fewer than two windows)
+        pa.field("c_out", pa.float32()),  # correlation score of the output window
         pa.field("c_cross", pa.float32()),  # null when not computed (tier 1)
         pa.field("tier", pa.int8(), nullable=False),  # 1, 2, 3
         pa.field("kind", pa.string(), nullable=False),  # input | output | cross | obscure
@@ -154,22 +154,22 @@ ROUTES = pa.schema(
 
 LABELS = pa.schema(
     [
-        pa.field("sae_id", pa.string(), nullable=False),
-        pa.field("layer", pa.int32(), nullable=False),
-        pa.field("feature", pa.int64(), nullable=False),
-        pa.field("method", pa.string(), nullable=False),
+        pa.field("sae_id", pa.string(), nullable=False),  # the feature's SAE
+        pa.field("layer", pa.int32(), nullable=False),  # its layer
+        pa.field("feature", pa.int64(), nullable=False),  # its index within the SAE
+        pa.field("method", pa.string(), nullable=False),  # the labelling method (manual: tier 3 flagged for a human)
         pa.field("label", pa.string()),  # null when labelling failed
-        pa.field("tier", pa.int8()),
-        pa.field("kind", pa.string()),
-        pa.field("prompt_version", pa.string()),
-        pa.field("backend", pa.string()),
-        pa.field("model", pa.string()),
-        pa.field("n_examples", pa.int32(), nullable=False),
-        pa.field("input_tokens", pa.int64(), nullable=False),
-        pa.field("output_tokens", pa.int64(), nullable=False),
-        pa.field("cost_usd", pa.float64(), nullable=False),
-        pa.field("tries", pa.int32(), nullable=False),
-        pa.field("error", pa.string()),
+        pa.field("tier", pa.int8()),  # the feature's tier (1, 2, 3)
+        pa.field("kind", pa.string()),  # input | output | cross | obscure
+        pa.field("prompt_version", pa.string()),  # the prompt's version (none: no LLM)
+        pa.field("backend", pa.string()),  # the LLM backend that answered
+        pa.field("model", pa.string()),  # the LLM that answered
+        pa.field("n_examples", pa.int32(), nullable=False),  # examples the method read
+        pa.field("input_tokens", pa.int64(), nullable=False),  # prompt tokens, retries included
+        pa.field("output_tokens", pa.int64(), nullable=False),  # answer tokens, retries included
+        pa.field("cost_usd", pa.float64(), nullable=False),  # the row's cost (price x tokens)
+        pa.field("tries", pa.int32(), nullable=False),  # tries made (0: not tried, e.g. tier 3 flagged for a human)
+        pa.field("error", pa.string()),  # why there is no label (null on success)
         pa.field("raw", pa.string()),  # the explainer's full answer
         pa.field("evidence", pa.list_(pa.string())),  # e.g. AV explanations used by baez
         pa.field("evidence_scores", pa.list_(pa.int32())),  # their 1-10 activation scores

@@ -154,3 +154,13 @@ def tiny_gemma(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def random_sae(tmp_path_factory) -> Path:
     return build_random_sae(tmp_path_factory.mktemp("sae"))
+
+
+@pytest.fixture(scope="module")
+def scorer_server():
+    from helpers import Scorer
+
+    fake = Scorer()
+    with serve_local(fake.handler()) as url:
+        fake.url = url + "/v1"
+        yield fake

@@ -14,6 +14,7 @@ from baez_ray.methods.av_explanations import label_baez
 from conftest import make_text
 
 
+
 @pytest.mark.slow
 def test_baez_labels_every_feature_with_its_evidence(ray_local, tiny_gemma, random_sae, tmp_path):
     (tmp_path / "c.txt").write_text(make_text(400, 7))
@@ -103,36 +104,33 @@ def test_nla_direct_labels_each_feature_from_its_decoder_row(ray_local, tiny_gem
         assert r["backend"] == "av:transformers" and r["model"] == str(tiny_gemma) and r["n_examples"] == 0
 
 
-@pytest.mark.slow
-def test_label_job_tier3_nla_direct_shortened(ray_local, tiny_gemma, random_sae, tmp_path):
-    """The label job with label.tier3 = nla_direct and av.nla_direct_shorten: every tier-3
-    feature gets one label row, written by the explainer from the AV's text (its evidence),
-    with the prompt version; the explainer's `max_tokens` bounds every answer (SmolLM2 on
-    this CPU: 32 tokens instead of the method's 200 cut the test from ~100 s)."""
-    (tmp_path / "c.txt").write_text(make_text(300, 5))
-    sidecar = tiny_self_sidecar(tiny_gemma, tmp_path / "self.yaml")
-    spec = validate({
-        "job": "label", "name": "nd",
-        "model": {"id": "tiny", "path": str(tiny_gemma), "layer": 0, "num_cpus": 0.5},
-        "sae": {"id": "s", "path": str(random_sae)},
-        "corpus": {"paths": [str(tmp_path / "c.txt")], "context_len": 24},
-        "collect": {"top_k": 4, "window": 8, "window_left": 5, "features": 3, "reservoir": 0},
-        # every feature to tier 3 (τ = 1 everywhere)
-        "route": {"tau_in": 1.0, "tau_out": 1.0, "tau_cross": 1.0, "num_cpus": 0.5},
-        "label": {"explainer": {"backend": "transformers", "model": "pypi:smollm2-135m", "batch_size": 4, "max_tokens": 32},
-                  "tier3": "nla_direct", "av_sidecar": str(sidecar), "av": {"num_cpus": 0.5, "nla_direct_shorten": True},
-                  "max_retries": 1},
-    })
-    run = execute(spec, tmp_path / "run")
-    labels = sorted(pq.read_table(tmp_path / "run" / "labels").to_pylist(), key=lambda r: r["feature"])
-    n = pq.read_table(tmp_path / "run" / "features").num_rows
-    assert [r["feature"] for r in labels] == list(range(n)) and n == 3
-    assert run.manifest["stages"]["label"]["by_tier"] == {"1": 0, "2": 0, "3": 3}
-    for r in labels:
-        assert r["tier"] == 3 and r["method"] == "nla_direct"
-        assert r["prompt_version"] == f"{prompts.NLA_DIRECT_VERSION}+av:tiny-self"
-        assert len(r["evidence"]) == 1 and r["evidence"][0]  # the AV's text on the decoder row
-        assert r["backend"] == "transformers" and r["model"] == "pypi:smollm2-135m" and r["input_tokens"] > 0
-        assert (r["label"] is None) == (r["error"] is not None)
-        assert 0 < r["output_tokens"] <= 32 * r["tries"]  # the job's max_tokens, on every try
-    assert sum(r["label"] is not None for r in labels) >= 2
+def test_nla_direct_shortened_sends_the_av_text_to_the_explainer(ray_local, scorer_server):
+    """nla_direct with nla_direct_shorten: each AV text becomes one explainer prompt whose
+    answer is the label (the AV's text kept as evidence, the prompt version with the AV's
+    name); a decoder error or an AV failure stays a row with its error, never a prompt."""
+    import pyarrow as pa
+
+    from baez_ray.config import LLMConfig
+    from baez_ray.llm.rounds import label_rounds, rows_table
+    from baez_ray.methods.nla_direct import _rows
+    from helpers import scorer_cfg
+
+    version = f"{prompts.NLA_DIRECT_VERSION}+av:tiny-self"
+    key = lambda f: {"sae_id": "s", "layer": 0, "feature": f}  # noqa: E731
+    expl = pa.Table.from_pylist([
+        {**key(0), "explanation": "words about <<cobalt>> and <<cobalt>> again", "decoder_error": None, "av_error": None},
+        {**key(1), "explanation": None, "decoder_error": "feature 1 is not in the SAE (it has 1 features)", "av_error": None},
+        {**key(2), "explanation": None, "decoder_error": None, "av_error": "RuntimeError: out of memory"},
+    ])
+    done, pending = _rows(expl, True, "transformers", "tiny", version, 32)
+    assert [(r["feature"], r["error"]) for r in done] == [(1, "feature 1 is not in the SAE (it has 1 features)"), (2, "RuntimeError: out of memory")]
+    assert [r["feature"] for r in pending] == [0] and pending[0]["evidence"] == ["words about <<cobalt>> and <<cobalt>> again"]
+    assert pending[0]["messages"] == prompts.nla_direct_messages("words about <<cobalt>> and <<cobalt>> again")
+    assert pending[0]["max_tokens"] == 32
+    llm = LLMConfig(**scorer_cfg(scorer_server))
+    ds = ray_local.data.from_arrow(rows_table(pending, pa.schema([pa.field("layer", pa.int32())])))
+    (row,) = label_rounds(ds, "nla_direct", prompts.ELEUTHER_MARKER, version, llm, max_retries=1).to_pylist()
+    assert row["label"] == "cobalt" and row["prompt_version"] == version and row["evidence"] == pending[0]["evidence"]
+    assert row["backend"] == "openai" and row["tries"] == 1 and row["input_tokens"] > 0
+    unshortened, none = _rows(expl.slice(0, 1), False, "transformers", "tiny", version, 32)
+    assert none == [] and unshortened[0]["label"] == unshortened[0]["raw"] == "words about <<cobalt>> and <<cobalt>> again"

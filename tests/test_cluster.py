@@ -230,6 +230,7 @@ def _baez(*args, timeout=180, **env) -> subprocess.CompletedProcess:
     return subprocess.run([*BAEZ, *args], capture_output=True, text=True, env=_env(**env), timeout=timeout, cwd=ROOT)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_submit_status_logs_real_ingest_job(ray_head, tmp_path):
     wd = tmp_path / "project"  # the directory shipped to the cluster: job file + data
@@ -279,6 +280,7 @@ def test_submit_status_logs_real_ingest_job(ray_head, tmp_path):
     assert bad.returncode == 1 and "raysubmit_doesnotexist" in bad.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_stop_running_job(ray_head):
     from ray.job_submission import JobStatus, JobSubmissionClient
@@ -301,6 +303,7 @@ def test_stop_running_job(ray_head):
     assert again.returncode == 0 and "already STOPPED" in again.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_submitted_driver_joins_the_cluster_it_runs_on(ray_head):
     """init_ray with no ray.address, inside a Ray job, joins the job's cluster (RAY_ADDRESS set

@@ -88,6 +88,7 @@ def three_merges(ray_local, tiny_gemma, random_sae, corpus, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", ["one_shard", "three_merges"])
 def test_topk_equals_brute_force(run, dense, request):
     """One merge actor, and three (each its range of the features: rows routed by the
@@ -128,6 +129,7 @@ def test_topk_equals_brute_force(run, dense, request):
     assert {p.name.split("-")[1] for p in (run_dir / "features").glob("part-*.parquet")} == {f"{i:03d}" for i in range(n_merge)}
 
 
+@pytest.mark.slow
 def test_topk_equals_a_delphi_like_reference(one_shard, dense):
     """Stands in for bench/peer_delphi.py in CI: with delphi's definitions (activations
     above 1e-5 stored in float16, one example window per context, windows ranked by their
@@ -148,6 +150,7 @@ def test_topk_equals_a_delphi_like_reference(one_shard, dense):
     assert comparable >= 10
 
 
+@pytest.mark.slow
 def test_decile_samples(one_shard, dense):
     ids, acts, _, cids = dense
     vmax = acts.max(axis=1)
@@ -168,6 +171,7 @@ def test_decile_samples(one_shard, dense):
     assert n_samples > 0
 
 
+@pytest.mark.slow
 def test_shards_and_order_do_not_change_the_result(one_shard, ray_local, tiny_gemma, random_sae, corpus, tmp_path):
     execute(job(tiny_gemma, random_sae, corpus, batch_size=2, num_actors=2), tmp_path)
     a, b = read_features(one_shard), read_features(tmp_path)
@@ -185,6 +189,7 @@ def test_shards_and_order_do_not_change_the_result(one_shard, ray_local, tiny_ge
     assert manifest["status"] == "done" and manifest["stages"]["collect"]["features"] == len(a)
 
 
+@pytest.mark.slow
 def test_merger_compaction_is_exact(one_shard, tiny_gemma, random_sae, corpus):
     """Feeding the same candidates through a merger that compacts after every batch gives
     the same table as one that never compacts."""
@@ -234,6 +239,7 @@ def test_merger_compaction_is_exact(one_shard, tiny_gemma, random_sae, corpus):
     assert top_rows[-1] < top_rows[0]
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_stages_and_refuses_another_spec(one_shard, tiny_gemma, random_sae, corpus):
     first = sorted((one_shard / "features").glob("part-*.parquet"))[0]  # part-000-00000: merge actor 0's first
     before = first.stat().st_mtime_ns
@@ -244,6 +250,7 @@ def test_rerun_skips_finished_stages_and_refuses_another_spec(one_shard, tiny_ge
         execute(job(tiny_gemma, random_sae, corpus, batch_size=4, num_actors=1), one_shard)
 
 
+@pytest.mark.slow
 def test_report_shows_examples(one_shard):
     page = (one_shard / "report" / "index.html").read_text()
     assert (one_shard / "report" / "firing.png").stat().st_size > 1000

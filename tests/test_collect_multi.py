@@ -58,6 +58,7 @@ def by_sae(run_dir):
     return out
 
 
+@pytest.mark.slow
 def test_each_sae_equals_brute_force_at_its_layer(one_pass, parts):
     """Top-k of every feature of every SAE from the one-pass collect equals the dense
     computation (plain HF forward, hidden_states[layer + 1], the SAE's encode), exactly."""
@@ -165,6 +166,7 @@ class WaitingWorker(CollectWorker):
         return super().__call__(batch)
 
 
+@pytest.mark.slow
 def test_resume_after_an_interrupted_multi_sae_collect(one_pass, parts, tmp_path, monkeypatch):
     """A run that dies right after its first snapshot, run again: the same tables as the
     uninterrupted run (every SAE's rows), and the rerun merged only the other parts."""
@@ -207,6 +209,7 @@ def test_resume_after_an_interrupted_multi_sae_collect(one_pass, parts, tmp_path
     assert rows(tmp_path) == rows(one_pass)
 
 
+@pytest.mark.slow
 def test_corpus_negatives_of_two_saes(one_pass, parts):
     """`score.negatives: corpus` with features of both SAEs: one forward pass reads both
     layers, and every window returned is silent for its feature at its SAE's layer."""

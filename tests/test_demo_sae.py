@@ -109,5 +109,5 @@ def test_demo_sae_reconstructs_heldout_text_as_recorded(layer):
     assert got["l0"] == pytest.approx(held["l0"], rel=0.2)
     assert held["fve"] > 0.5, "the committed SAE should explain most of the held-out variance"
     # the recorded dead share is reproduced (its level, 60% over 20k held-out tokens, is a
-    # known weakness of this short training run: see the README)
+    # known weakness of this short training run: see docs/results/2026-11-27-demo.md)
     assert got["dead_share"] == pytest.approx(sample["dead_share"], abs=0.02)

@@ -6,25 +6,19 @@ error in the labels table, and the same command run again retries only those row
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import random
-import re
 import sys
-import threading
 from collections import Counter
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from baez_ray import schema
 from baez_ray.config import LLMConfig, validate
 from baez_ray.jobs import execute
 from baez_ray.ray_pool import ACTOR_FAULT_TOLERANCE
 from conftest import make_text, serve_local
+from helpers import KEY, KEY_ENV, Outage, tagged_features, tiny_chat_model
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -80,8 +74,6 @@ class DyingCollectWorker(CollectWorker):
 
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory):
-    from test_resume import tiny_chat_model
-
     return tiny_chat_model(tmp_path_factory.mktemp("chat"))
 
 
@@ -106,6 +98,7 @@ def test_llm_actor_dies_mid_batch_is_restarted_and_batch_retried(ray_local, chat
     assert out["error"].isna().all() and out["answer"].notna().all() and (out["output_tokens"] > 0).all()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_collect_actor_dies_mid_corpus_same_result(ray_local, tiny_gemma, random_sae, tmp_path, monkeypatch):
     from baez_ray.stages import collect
@@ -138,58 +131,6 @@ def test_collect_actor_dies_mid_corpus_same_result(ray_local, tiny_gemma, random
 
 # ---- (b) an LLM backend outage beyond its retries -----------------------------------------
 
-KEY = "sk-faults-test-key-0123456789"
-KEY_ENV = "BAEZ_FAULTS_API_KEY"
-TAG = re.compile(r"zq(\d+)x")
-WORDS = "the a cat dog sat ran on in under over big small red blue green old new".split()
-
-
-class Outage:
-    """A fake Anthropic Messages API: while `down`, every request that shows an example
-    of a feature in `failing` gets 529 Overloaded; every request is logged."""
-
-    def __init__(self, failing: set[int]):
-        self.failing, self.down = failing, True
-        self.lock = threading.Lock()
-        self.log: list[tuple[int, int]] = []  # (feature, status)
-
-    def handler(self):
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def send(self, code: int, payload: dict) -> None:
-                data = json.dumps(payload).encode()
-                self.send_response(code)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                if code != 200:
-                    self.send_header("retry-after", "0")
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)))
-                text = " ".join(m["content"] for m in body["messages"] if isinstance(m["content"], str))
-                feats = {int(t) for t in TAG.findall(text)}
-                assert len(feats) == 1, text
-                (f,) = feats
-                code = 529 if fake.down and f in fake.failing else 200
-                with fake.lock:
-                    fake.log.append((f, code))
-                if code == 529:
-                    return self.send(529, {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
-                self.send(200, {"id": f"msg_{f}", "type": "message", "role": "assistant", "model": body["model"],
-                                "content": [{"type": "text", "text": f"The examples share a word.\n[EXPLANATION]: the word zq{f}x"}],
-                                "stop_reason": "end_turn", "stop_sequence": None, "usage": {"input_tokens": 200, "output_tokens": 12}})
-
-        return Handler
-
-
 @pytest.fixture
 def outage():
     fake = Outage(failing={2, 5})
@@ -197,29 +138,13 @@ def outage():
         yield fake
 
 
-def synthetic_features(n: int) -> pa.Table:
-    """n features; each fires on its own tag token `zq<f>x` amid random words (so the
-    windows differ and the feature is not tier 1)."""
-    rng = random.Random(0)
-    rows = []
-    for f in range(n):
-        ex = []
-        for r in range(6):
-            toks = [" " + rng.choice(WORDS) for _ in range(5)] + [f" zq{f}x"] + [" " + rng.choice(WORDS) for _ in range(4)]
-            acts = [0.0] * len(toks)
-            acts[5] = 4.0 - 0.3 * r
-            ex.append({"kind": "top", "rank": r, "value": acts[5], "top_index": 5, "token_strs": toks, "acts": acts})
-        rows.append({"sae_id": "fake", "model_id": "fake", "layer": 3, "feature": f, "n_tokens": 1000, "n_firing": 6,
-                     "max_activation": 4.0, "examples": ex})
-    return schema.conform(pa.Table.from_pylist(rows), schema.FEATURES)
-
-
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_llm_outage_fails_only_its_rows_and_rerun_retries_only_them(ray_local, outage, tmp_path, monkeypatch):
     from baez_ray.rundir import write_table
 
     monkeypatch.setenv(KEY_ENV, KEY)
-    write_table(synthetic_features(8), tmp_path / "features")
+    write_table(tagged_features(8), tmp_path / "features")
     spec = validate({
         "job": "label", "name": "outage", "features": str(tmp_path / "features"),
         "route": {"tau_in": 1.0, "tau_out": 1.0, "tau_cross": -1.0, "num_cpus": 0.5},

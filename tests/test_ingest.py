@@ -205,6 +205,7 @@ def run_ingest(root: Path, out: Path, **ingest):
     return execute(spec, out=out)
 
 
+@pytest.mark.slow
 def test_ingest_export(ray_local, export, tmp_path):
     root, exp = export
     run = run_ingest(root, tmp_path / "run")
@@ -260,6 +261,7 @@ def test_ingest_export(ray_local, export, tmp_path):
     assert info["rejects_by_reason"]["bad json"] == 2 and info["rejects_by_reason"]["unreadable gzip"] == 1
 
 
+@pytest.mark.slow
 def test_same_table_for_any_chunking(ray_local, export, tmp_path, monkeypatch):
     """Rows of one feature spread over many parse chunks and shuffle partitions: same table."""
     import baez_ray.stages.ingest as ingest
@@ -278,6 +280,7 @@ def test_same_table_for_any_chunking(ray_local, export, tmp_path, monkeypatch):
         assert r["source_explanations"] == w["source_explanations"] and r["pos_tokens"] == w["pos_tokens"]
 
 
+@pytest.mark.slow
 def test_ingest_filters_and_resume(ray_local, export, tmp_path):
     root, exp = export
     run = run_ingest(root, tmp_path / "run", model_id=B[0], layer=B[1], top_k=TOP_K)
@@ -308,6 +311,7 @@ def test_missing_export_is_a_clear_error(tmp_path):
     assert manifest["status"] == "failed" and "no activation files" in manifest["stages"]["ingest"]["error"]
 
 
+@pytest.mark.slow
 def test_ingest_sources_several_exports_in_one_job(ray_local, export, tmp_path):
     """`ingest.sources`: two exports (here two copies of one), each kept to one of its
     model/source pairs: one features table with both pairs, as the whole export gives, and

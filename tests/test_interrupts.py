@@ -19,7 +19,9 @@ import pytest
 import yaml
 
 from conftest import build_random_sae, make_text, our_pids_under, serve_local
-from test_faults import KEY, KEY_ENV, Outage, synthetic_features
+from helpers import KEY, KEY_ENV, Outage, tagged_features
+
+pytestmark = pytest.mark.slow  # whole jobs (execute / the CLI with Ray): not in make test-fast
 
 ROOT = Path(__file__).resolve().parents[1]
 EXIT_PARTIAL, EXIT_STOPPED = 3, {"SIGINT": 130, "SIGTERM": 143}
@@ -75,7 +77,6 @@ def collect_job(tmp: Path, tiny_gemma: Path) -> Path:
     return path
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("how", ["ctrl-c-group", "sigterm-driver"])
 def test_stop_during_collect_saves_a_snapshot_the_rerun_uses(tiny_gemma, tmp_path, how):
@@ -121,12 +122,11 @@ def test_stop_during_collect_saves_a_snapshot_the_rerun_uses(tiny_gemma, tmp_pat
         s.close()
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_failed_llm_rows_exit_partial_with_a_banner(tmp_path):
     from baez_ray.rundir import write_table
 
-    write_table(synthetic_features(8), tmp_path / "features")
+    write_table(tagged_features(8), tmp_path / "features")
     fake = Outage(failing={2, 5})
     s = Session(tmp_path, **{KEY_ENV: KEY})
     with serve_local(fake.handler()) as fake.url:

@@ -6,10 +6,14 @@ import json
 
 import pyarrow.parquet as pq
 
+import pytest
+
 from baez_ray import schema
 from baez_ray.config import validate
 from baez_ray.jobs import execute
 from conftest import make_text
+
+pytestmark = pytest.mark.slow  # whole jobs (execute / the CLI with Ray): not in make test-fast
 
 
 def test_label_job_routes_labels_and_reports(ray_local, tiny_gemma, random_sae, tmp_path):

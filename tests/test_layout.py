@@ -1,4 +1,4 @@
-"""The package's shape (README, Architecture): imports flow one way, functions stay short,
+"""The package's shape (docs/maintainers/architecture.md): imports flow one way, functions stay short,
 private helpers are not copied from module to module."""
 
 from __future__ import annotations
@@ -98,6 +98,33 @@ def test_layers_import_downwards_only():
     assert bad == []
 
 
+def undescribed_fields(module) -> list[str]:
+    """`Model.field` for every field of the module's pydantic models without a description."""
+    from pydantic import BaseModel
+
+    models = [v for v in vars(module).values() if isinstance(v, type) and issubclass(v, BaseModel) and v.__module__ == module.__name__]
+    return [f"{m.__name__}.{name}" for m in models for name, f in m.model_fields.items() if not (f.description or "").strip()]
+
+
+def test_every_job_file_field_has_a_description():
+    """The job file reference (docs/reference/config.md) is generated from these."""
+    from baez_ray import config
+    from baez_ray.tools import train_sae
+
+    assert undescribed_fields(config) == [] and undescribed_fields(train_sae) == []
+
+
+def test_the_description_check_sees_a_field_without_one():
+    import types
+
+    from pydantic import BaseModel, Field
+
+    mod = types.ModuleType("fake_config")
+    mod.Section = type("Section", (BaseModel,), {"__module__": "fake_config", "__annotations__": {"a": int, "b": int},
+                                                "a": Field(1, description="described"), "b": 2})
+    assert undescribed_fields(mod) == ["Section.b"]
+
+
 def test_jobs_hold_no_stage():
     """A job module orders stages: it maps no batches and builds no actor pool itself."""
     bad = []
@@ -110,4 +137,14 @@ def test_jobs_hold_no_stage():
                 called = fn.attr if isinstance(fn, ast.Attribute) else fn.id if isinstance(fn, ast.Name) else ""
                 if called in ("map_batches", "map_groups", "actor_map", "from_arrow_refs"):
                     bad.append(f"{name}:{node.lineno} {called}")
+    assert bad == []
+
+
+def test_test_modules_import_no_other_test_module():
+    """Shared builders live in tests/helpers.py and tests/conftest.py, not in a test module."""
+    bad = []
+    for p in (PKG.parent / "tests").rglob("test_*.py"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            bad += [f"{p.name}: {n}" for n in names if n.split(".")[0].startswith("test_")]
     assert bad == []

@@ -20,7 +20,7 @@ from baez_ray.config import ConfigError, LLMConfig, ScoreConfig, validate
 from baez_ray.llm import prompts
 from baez_ray.llm.backends import logprob_targets, p_from_top, prompt_table
 from conftest import json_handler, serve_local
-from test_score import WORDS, as_dataset, synthetic_features
+from helpers import WORDS, as_dataset, synthetic_features
 
 # ------------------------------------------------------------------ pure parts
 
@@ -217,6 +217,7 @@ def test_seed_study_jobs_validate():
         load_job(jobs / "seed_study.yaml", ["benchmark.score.benchmarks=[detection, detection_logprob]"])
 
 
+@pytest.mark.slow
 def test_benchmark_job_with_logprob_benchmarks_summary_and_report(ray_local, tmp_path):
     """A benchmark job (token_freq labels, no explainer call) scored with the log-prob
     benchmarks on the local log-prob server: scores, the summary (AUROC headline) and the

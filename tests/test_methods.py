@@ -1,5 +1,5 @@
 """The method registry: a new labelling method is one module in baez_ray/methods/ (the
-README's "Adding a method" example, run as written), and job files are checked against
+docs' "Adding a method" example, docs/methods.md, run as written), and job files are checked against
 the registry when they are loaded."""
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from baez_ray.jobs import load_job
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def readme_example() -> str:
-    text = (ROOT / "README.md").read_text()
+def docs_example() -> str:
+    text = (ROOT / "docs" / "methods.md").read_text()
     section = text[text.index("## Adding a method"):]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
@@ -45,11 +45,11 @@ print("ok")
 
 
 def test_a_new_method_is_one_module(tmp_path):
-    """Copy the package, add the README's example as methods/top_token.py and nothing
+    """Copy the package, add the docs' example as methods/top_token.py and nothing
     else: a label job file naming it validates, and the registry runs it on real rows."""
     pkg = tmp_path / "baez_ray"
     shutil.copytree(ROOT / "baez_ray", pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    (pkg / "methods" / "top_token.py").write_text(readme_example())
+    (pkg / "methods" / "top_token.py").write_text(docs_example())
     (tmp_path / "label.yaml").write_text("job: label\nfeatures: f/\nlabel:\n  tier1: top_token\n  explainer: {model: x}\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "RAY_AUTH_MODE": "disabled"}
     res = subprocess.run([sys.executable, "-c", CHECK], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

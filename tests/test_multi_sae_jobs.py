@@ -1,4 +1,4 @@
-"""route, label, score and the benchmark job on a features table of two SAEs whose feature
+"""route, label and score (the label job) on a features table of two SAEs whose feature
 numbers coincide (0..9 in each, each feature on its own word): every join must go by
 (sae_id, feature), or a label would be made from, or scored on, the other SAE's examples."""
 
@@ -12,8 +12,9 @@ from baez_ray import schema
 from baez_ray.config import validate
 from baez_ray.jobs import execute
 from baez_ray.rundir import write_table
-from test_score import WORDS, Scorer, scorer_cfg, synthetic_features  # noqa: F401 (Scorer: the fixture's server)
-from test_score import scorer_server  # noqa: F401 (a fixture)
+from helpers import WORDS, scorer_cfg, synthetic_features
+
+pytestmark = pytest.mark.slow  # whole jobs (execute / the CLI with Ray): not in make test-fast
 
 N = 10  # features per SAE (WORDS[10:] are the fake scorer's failing words)
 SAES = {"syn-a": 3, "syn-b": 9}  # sae_id → layer
@@ -39,31 +40,6 @@ def features_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("two_saes")
     write_table(two_sae_features(), root / "features")
     return root / "features"
-
-
-def test_benchmark_job_on_two_saes(ray_local, scorer_server, features_dir, tmp_path):  # noqa: F811
-    spec = validate({
-        "job": "benchmark", "name": "two-saes", "seed": 1, "features": str(features_dir),
-        "benchmark": {"n_features": 2 * N, "min_examples": 15, "methods": ["eleuther_acts_top5", "token_freq"],
-                      "explainer": scorer_cfg(scorer_server), "split": "top", "score": {"max_retries": 1}},
-        "route": {"top_n": 5},
-    })
-    run = execute(spec, tmp_path / "run")
-    routes = pq.read_table(run.dir / "routes").to_pylist()
-    assert sorted((r["sae_id"], r["layer"], r["feature"]) for r in routes) == sorted(
-        (s, layer, f) for s, layer in SAES.items() for f in range(N))
-    labels = pq.read_table(run.dir / "labels").to_pylist()
-    assert len(labels) == 2 * N * 2 and len({(r["sae_id"], r["feature"], r["method"]) for r in labels}) == len(labels)
-    for r in labels:  # each label names its own SAE's word: made from that SAE's train examples
-        assert word(r["sae_id"], r["feature"]) in r["label"].lower(), r
-        assert r["layer"] == SAES[r["sae_id"]]
-    scores = pq.read_table(run.dir / "scores").to_pandas()
-    assert len(scores) == 2 * N * 3 * 3 and set(scores["sae_id"]) == set(SAES)
-    # scored on its own SAE's test examples: a label scored on the other SAE's would miss
-    det = scores[(scores["method"] == "eleuther_acts_top5") & (scores["benchmark"] == "detection")]
-    assert det["balanced_accuracy"].min() >= 0.95, det[["sae_id", "feature", "label", "balanced_accuracy"]]
-    page = (run.dir / "report" / "index.html").read_text()
-    assert "syn-a" in page and "syn-b" in page
 
 
 def test_label_job_on_two_saes(ray_local, scorer_server, features_dir, tmp_path):  # noqa: F811

@@ -4,33 +4,14 @@ without a traceback unless --debug."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import build_random_sae, make_text, our_pids_under
+from conftest import build_random_sae, make_text
+from helpers import EXIT_FAILED, EXIT_INVALID, cli
 
-ROOT = Path(__file__).resolve().parents[1]
-EXIT_FAILED, EXIT_INVALID = 1, 2
-
-
-def cli(*args, env: dict | None = None, cwd: Path = ROOT) -> tuple[subprocess.CompletedProcess, list[str]]:
-    """`baez-ray ARGS` with Ray's temp dir in a private folder; returns the result and what
-    Ray left there (the entries of that folder: empty when no cluster was started)."""
-    ray_tmp = tempfile.mkdtemp(prefix="bpf", dir="/tmp")
-    full = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "ANTHROPIC_API_KEY")}
-    full.update(PYTHONPATH=str(ROOT), RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1", RAY_TMPDIR=ray_tmp, **(env or {}))
-    try:
-        res = subprocess.run([sys.executable, "-m", "baez_ray.cli", *args], capture_output=True, text=True, cwd=cwd, env=full, timeout=300)
-        left = sorted(os.listdir(ray_tmp)) + [f"pid {p}" for p in our_pids_under(ray_tmp)]
-    finally:
-        subprocess.run(["rm", "-rf", ray_tmp])
-    return res, left
 
 
 @pytest.fixture(scope="module")

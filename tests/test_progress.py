@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from conftest import build_random_sae, json_handler, make_text, serve_local
-from test_preflight import EXIT_INVALID, cli
+from helpers import EXIT_INVALID, cli
 
 ROOT = Path(__file__).resolve().parents[1]
 # e.g. "12:00:01 [collect] 1.54k/8.33k tok (18%), 690 tok/s, 00:09 elapsed, ETA 00:10"
@@ -50,6 +50,7 @@ def noise(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if any(n in line for n in NOISE)]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_collect_shows_progress_in_tokens_then_skips_finished_stages(job, tmp_path):
     path, out = write(tmp_path, job), tmp_path / "run"
@@ -68,6 +69,7 @@ def test_collect_shows_progress_in_tokens_then_skips_finished_stages(job, tmp_pa
     assert not PROGRESS.search(res.stderr), res.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_verbose_shows_ray_output_and_an_advertised_custom_resource_runs(job, tmp_path):
     path = write(tmp_path, job, ray={"resources": {"tiny_node": 1}}, model={**job["model"], "resources": {"tiny_node": 1}})
@@ -77,6 +79,7 @@ def test_verbose_shows_ray_output_and_an_advertised_custom_resource_runs(job, tm
     assert "Started a local Ray instance" in res.stderr and "warning" in res.stderr.lower(), res.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_an_error_after_ray_started_is_our_one_line_without_ray_logs(job, tmp_path):
     sae = build_random_sae(tmp_path / "sae")

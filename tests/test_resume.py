@@ -21,24 +21,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import build_random_sae, build_tiny_gemma, make_text, our_pids_under
+from conftest import build_random_sae, make_text, our_pids_under
+from helpers import tiny_chat_model
+
+pytestmark = pytest.mark.slow  # whole jobs (execute / the CLI with Ray): not in make test-fast
 
 BIN = Path(sys.executable).parent
-CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
-
-
-def tiny_chat_model(path: Path) -> Path:
-    """The tiny random Gemma of conftest with a chat template, so that it can stand in for
-    an explainer (its answers are noise: labels fail to parse, deterministically)."""
-    from transformers import AutoTokenizer
-
-    build_tiny_gemma(path)
-    tok = AutoTokenizer.from_pretrained(path)
-    tok.chat_template = CHAT_TEMPLATE
-    tok.save_pretrained(path)
-    return path
-
-
 class Runner:
     """`baez-ray run` in its own process group, with Ray's temp dir in a private folder so
     that every process it leaves behind can be found and killed (never `ray stop`)."""
@@ -65,7 +53,7 @@ class Runner:
             rc = proc.wait(timeout=timeout)
         finally:
             self.kill(proc)
-        # 3: finished, but rows failed (the tiny model's answers do not parse; README, exit codes)
+        # 3: finished, but rows failed (the tiny model's answers do not parse; docs/operations.md, exit codes)
         assert rc in (0, 3), log.read_text()[-6000:]
 
     def run_until(self, job: Path, out: Path, marker: str, timeout: float = 240) -> None:
@@ -136,7 +124,6 @@ def manifest(run_dir: Path) -> dict:
     return json.loads((run_dir / "manifest.json").read_text())
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(900)  # 3 x its time when make test runs two tests at a time (205 s in a fresh clone)
 def test_sigkill_mid_collect_and_mid_label_then_rerun_equals_uninterrupted(tmp_path):
     job = write_job(tmp_path)

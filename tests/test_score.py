@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import threading
 from collections import Counter
 
 import numpy as np
@@ -21,7 +20,7 @@ from baez_ray.config import LLMConfig, ScoreConfig
 from baez_ray.metrics import aggregate, auroc, binary_metrics, bootstrap_ci, embedding_metrics
 from baez_ray.llm.prompts import parse_binary_list
 from baez_ray.stages.split import identity, split_examples
-from conftest import json_handler, serve_local
+from helpers import FILLER, WORDS, Scorer, as_dataset, scorer_cfg, synthetic_features  # noqa: F401
 
 # ------------------------------------------------------------------ metrics
 
@@ -68,44 +67,6 @@ def test_parse_binary_list():
 
 
 # ------------------------------------------------------------------ synthetic features
-
-WORDS = ["alpha", "bravo", "cobalt", "delta", "ember", "falcon", "garnet", "harbor", "indigo", "jasper", "kappa", "lambda"]
-FILLER = "the of and to in is was it for on with as his that at by from they this had not are but be".split()
-
-
-def synthetic_features(n_top: int = 16, n_samples: int = 6, seed: int = 0) -> pa.Table:
-    """Feature i fires on the word WORDS[i] (its top token) amid filler words; its decile
-    samples repeat two of its top examples (same context and position), which a split must
-    never put on both sides."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for f, word in enumerate(WORDS):
-        examples = []
-        for r in range(n_top):
-            toks = [" " + FILLER[i] for i in rng.integers(0, len(FILLER), 20)]
-            t = int(rng.integers(4, 16))
-            toks[t] = " " + word
-            acts = [0.0] * 20
-            acts[t] = float(10 - 0.3 * r)
-            acts[t - 1] = 0.5
-            examples.append({"kind": "top", "rank": r, "decile": None, "context_id": 1000 * f + r, "position": t, "value": acts[t],
-                             "top_index": t, "tokens": None, "token_strs": toks, "acts": acts, "residual": None})
-        for s in range(n_samples):
-            src = examples[s % 2] if s < 2 else examples[n_top - 1 - s]
-            examples.append({**src, "kind": "sample", "rank": s, "decile": 10 - s})
-        rows.append({"sae_id": "syn", "model_id": "syn-model", "layer": 3, "feature": f, "n_tokens": 100_000, "n_firing": 200,
-                     "max_activation": 10.0, "examples": examples})
-    return schema.conform(pa.Table.from_pylist(rows), schema.FEATURES)
-
-
-def as_dataset(tests: dict[tuple[str, int], list[dict]]):
-    """score_labels' inputs from {(sae_id, feature): test examples}: a Ray Dataset of rows
-    (sae_id, feature, examples) and the keys table."""
-    import ray
-
-    table = pa.Table.from_pylist([{"sae_id": s, "feature": f, "examples": e} for (s, f), e in sorted(tests.items())])
-    return ray.data.from_arrow(table), table.select(["sae_id", "feature"])
-
 
 def test_negatives_are_other_features_examples_drawn_uniformly():
     """Each feature's negatives (one block): n_negatives distinct examples of other
@@ -258,59 +219,6 @@ def test_splits_never_overlap(split):
 
 # ------------------------------------------------------------------ a deterministic scorer
 
-class Scorer:
-    """An OpenAI-compatible chat server that answers like a perfect reader of labels:
-    detection: 1 when the label's word is in the excerpt; fuzz: 1 when it is inside << >>.
-    Explainer prompts (eleuther) get the most frequent marked word as the label. Labels
-    with 'kappa' get an unreadable answer on their first try; 'lambda' always."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.requests: list[dict] = []
-
-    def answer(self, body: dict) -> str:
-        msgs = body["messages"]
-        system = msgs[0]["content"] if msgs[0]["role"] == "system" else ""
-        user = [m["content"] for m in msgs if m["role"] == "user"]
-        if "[EXPLANATION]" in system:  # an explainer prompt: name the most marked word
-            marked = Counter(w.strip().lower() for w in re.findall(r"<<(.*?)>>", user[-1]))
-            return f"The marked tokens are one word.\n[EXPLANATION]: {marked.most_common(1)[0][0] if marked else 'unknown'}"
-        first = user[0]
-        label = re.search(r"^Label: (.*)$", first, re.M).group(1).strip().lower()
-        excerpts = re.findall(r"^Excerpt \d+: (.*)$", first, re.M)
-        retry = len(user) > 1
-        if "lambda" in label or ("kappa" in label and not retry):
-            return f"I am not sure, maybe [{','.join('1' * (len(excerpts) + 1))}]"
-        if "Excerpt" in first and "<<" in first and "marked at random" in system:
-            vals = [int(any(label in m.lower() for m in re.findall(r"<<(.*?)>>", e))) for e in excerpts]
-        else:
-            vals = [int(label in e.lower()) for e in excerpts]
-        return json.dumps(vals)
-
-    def handler(self):
-        def respond(body: dict) -> dict:
-            with self.lock:
-                self.requests.append(body)
-            return {"id": "c1", "object": "chat.completion", "created": 0, "model": body["model"],
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": self.answer(body)}, "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110}}
-
-        return json_handler(respond)
-
-
-@pytest.fixture(scope="module")
-def scorer_server():
-    fake = Scorer()
-    with serve_local(fake.handler()) as url:
-        fake.url = url + "/v1"
-        yield fake
-
-
-def scorer_cfg(server) -> dict:
-    return {"backend": "openai", "model": "fake-scorer", "base_url": server.url, "batch_size": 16, "max_concurrency": 8,
-            "max_retries": 1, "timeout_s": 10, "price": {"input_per_mtok": 3.0, "output_per_mtok": 15.0}}
-
-
 def test_named_token_label_beats_random_label_control(ray_local, scorer_server):
     from baez_ray.stages.score import score_labels
 
@@ -389,6 +297,7 @@ def benchmark_run(ray_local, scorer_server, tmp_path_factory):
     return run.dir
 
 
+@pytest.mark.slow
 def test_benchmark_job_tables_and_manifest(benchmark_run):
     d = benchmark_run
     train, test = pq.read_table(d / "train").to_pylist(), pq.read_table(d / "test").to_pylist()
@@ -410,6 +319,7 @@ def test_benchmark_job_tables_and_manifest(benchmark_run):
     assert (d / "report" / "index.html").exists() and (d / "report" / "scores_by_method.png").stat().st_size > 5000
 
 
+@pytest.mark.slow
 def test_benchmark_job_reliability_comparisons_and_verdict(benchmark_run):
     """summarise writes the split-half reliability and the paired comparisons beside the
     summary (and in the manifest); the report opens with the verdict table."""
@@ -441,6 +351,7 @@ def test_benchmark_job_reliability_comparisons_and_verdict(benchmark_run):
     assert "eleuther_acts_top5 vs random_label" in page
 
 
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium(benchmark_run, tmp_path):
     """The report opened in Debian's chromium (playwright drives it): no console or page
     errors, every image loads, the chart and the tables are there; a screenshot is kept."""

@@ -24,7 +24,7 @@ from baez_ray.llm import prompts
 from baez_ray.metrics import simulation_correlation
 from baez_ray.stages import simulation
 from conftest import json_handler, serve_local
-from test_score import WORDS, as_dataset, synthetic_features
+from helpers import WORDS, as_dataset, synthetic_features
 
 # ------------------------------------------------------------------ pure parts
 

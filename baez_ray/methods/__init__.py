@@ -7,7 +7,7 @@
     nla_direct          (tier 3): the AV reads the SAE decoder row; its text is the label
 
 Every module of this folder is imported here, so that its `@register` runs: a new method
-is one new module (see README, "Adding a method").
+is one new module (see docs/methods.md, "Adding a method").
 """
 
 from __future__ import annotations

@@ -226,8 +226,10 @@ def _label_features(batch: pa.Table, routes_dir: str, cfg: TokenFreqConfig) -> p
 
 @register("token_freq", tiers=(1,), description="No LLM: the most frequent tokens of the input (or output) window across the top examples")
 def token_freq(features, ctx: LabelContext):
-    """The registered method: counts over the job's `route.top_n` examples and its output
-    window; the kind (input/output) of each feature comes from the routes table. Returns
+    """No LLM: the most frequent normalised tokens of the top examples' input or output window.
+
+    Counts over the job's `route.top_n` examples and its output window; the kind
+    (input/output) of each feature comes from the routes table. Returns
     the Ray Dataset of the LABELS rows (labelled in the workers; `methods.label` gathers)."""
     if ctx.routes_dir is None:
         raise ValueError("token_freq reads each feature's kind from the routes table: route the features first")

@@ -58,50 +58,51 @@ if TYPE_CHECKING:
 
 
 class SAEArch(Section):
-    architecture: Literal["topk", "batchtopk", "jumprelu", "standard"] = "topk"
-    d_sae: int = Field(4096, ge=1)
+    architecture: Literal["topk", "batchtopk", "jumprelu", "standard"] = Field("topk", description="the sae-lens SAE architecture")
+    d_sae: int = Field(4096, ge=1, description="features of the SAE")
     k: int | None = Field(32, ge=1, description="active features per token (topk / batchtopk)")
-    normalize_activations: Literal["none", "expected_average_only_in"] = "expected_average_only_in"
+    normalize_activations: Literal["none", "expected_average_only_in"] = Field(
+        "expected_average_only_in", description="sae-lens' normalize_activations setting")
     options: dict[str, Any] = Field(default_factory=dict, description="other fields of the sae-lens training config class")
 
 
 class TrainSettings(Section):
     unique_tokens: int | None = Field(None, ge=1, description="tokens of the training corpus run through the model (None: all); cached, then reused for several epochs")
     training_tokens: int = Field(1_000_000, ge=1, description="SAE training samples (activations), epochs over the unique tokens included")
-    batch_size_tokens: int = Field(1024, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    lr_scheduler: Literal["constant", "cosineannealing"] = "constant"
-    lr_warm_up_steps: int = Field(50, ge=0)
+    batch_size_tokens: int = Field(1024, ge=1, description="activations per training step")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    lr_scheduler: Literal["constant", "cosineannealing"] = Field("constant", description="learning-rate schedule between warm-up and decay")
+    lr_warm_up_steps: int = Field(50, ge=0, description="linear warm-up steps")
     lr_decay_steps: int = Field(200, ge=0, description="linear decay to 0 over the last N steps")
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
+    adam_beta1: float = Field(0.9, description="Adam beta1")
+    adam_beta2: float = Field(0.999, description="Adam beta2")
     store_batch_size_prompts: int = Field(16, ge=1, description="contexts per model forward")
     n_batches_in_buffer: int = Field(4, ge=1, description="forwards per activation-cache part")
-    n_batches_for_norm_estimate: int = Field(20, ge=1)
+    n_batches_for_norm_estimate: int = Field(20, ge=1, description="batches read to estimate the normalisation constant")
     dead_feature_window: int = Field(200, ge=1, description="steps without firing before a feature counts as dead (aux loss)")
-    feature_sampling_window: int = Field(500, ge=1)
-    exclude_special_tokens: bool = True
+    feature_sampling_window: int = Field(500, ge=1, description="sae-lens' feature_sampling_window (steps)")
+    exclude_special_tokens: bool = Field(True, description="leave the tokenizer's special tokens (BOS, EOS, padding) out of the training activations")
     num_threads: int | None = Field(None, ge=1, description="torch threads (default: torch's choice)")
 
 
 class EvalSettings(Section):
     max_contexts: int | None = Field(None, ge=1, description="held-out contexts evaluated, evenly spaced (None: all)")
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, description="contexts per evaluation forward")
     test_sample_contexts: int = Field(16, ge=1, description="the first N evaluated contexts: the sample the test re-evaluates")
 
 
 class TrainSAEJob(Section):
-    job: Literal["train_sae"]
-    name: str = "train-sae"
-    seed: int = 0
-    out: str
-    save_dtype: Literal["float16", "float32"] = "float16"
-    model: ModelConfig
-    corpus: CorpusConfig
-    eval_corpus: CorpusConfig
-    sae: SAEArch = SAEArch()
-    train: TrainSettings = TrainSettings()
-    eval: EvalSettings = EvalSettings()
+    job: Literal["train_sae"] = Field(description="train a TopK (or other sae-lens) SAE")
+    name: str = Field("train-sae", description="the job's name (informational: the SAE is written to `out`)")
+    seed: int = Field(0, description="seeds the SAE's initialisation and the data order")
+    out: str = Field(description="the directory the trained SAE (sae-lens format) and metrics.json go to")
+    save_dtype: Literal["float16", "float32"] = Field("float16", description="dtype of the saved weights")
+    model: ModelConfig = Field(description="the base model; model.layer is the block whose output the SAE reads")
+    corpus: CorpusConfig = Field(description="the training text")
+    eval_corpus: CorpusConfig = Field(description="the held-out text of metrics.json")
+    sae: SAEArch = Field(SAEArch(), description="the SAE's architecture")
+    train: TrainSettings = Field(TrainSettings(), description="training settings (sae-lens trainer)")
+    eval: EvalSettings = Field(EvalSettings(), description="held-out evaluation")
 
     @model_validator(mode="after")
     def _layer(self) -> "TrainSAEJob":
