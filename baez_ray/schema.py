@@ -109,7 +109,7 @@ PROMPTS = pa.schema(
         pa.field("max_tokens", pa.int32(), nullable=False),  # longest answer
         pa.field("temperature", pa.float32(), nullable=False),  # sampling temperature (0: greedy)
         pa.field("stop", pa.list_(pa.string())),  # stop strings
-        pa.field("constraint", pa.string()),  # null | binary_list:N | logprob:A,B
+        pa.field("constraint", pa.string()),  # null | binary_list:N | activation_lines:N | choice:A,B | logprob:A,B
         pa.field("top_logprobs", pa.int32()),  # null | k: the top-k log-probs of every answer token (token_logprobs)
     ],
     metadata={"table": "prompts", "schema_version": SCHEMA_VERSION},

@@ -47,7 +47,7 @@ def test_pairs_order_prompts_and_answers():
     for r, f in zip(rows, first * 2):
         user = r["messages"][1]["content"]
         assert r["truth"] == [int(f)] and ("Continuation 1: cats" in user) == f
-    assert rows[2]["constraint"] == "logprob:1,2" and rows[2]["max_tokens"] == 1 and rows[0]["constraint"] is None
+    assert rows[2]["constraint"] == "logprob:1,2" and rows[2]["max_tokens"] == 1 and rows[0]["constraint"] == "choice:1,2"
 
 
 def test_intervention_needs_the_model_and_saes(tmp_path):

@@ -95,6 +95,7 @@ def test_simulation_excerpts_and_prompt_rows():
     rows = simulation.prompt_rows(item, [subject], ScoreConfig(benchmarks=["simulation"]))
     assert [r["acts"] for r in rows] == [[5.0, 10.0], [0.0]]  # 0-10 by the feature's largest activation
     assert rows[0]["top_logprobs"] == 20 and rows[0]["request_id"] == "s|3|m|simulation|0" and rows[1]["truth"] == [0]
+    assert rows[0]["constraint"] == "activation_lines:2" and rows[1]["max_tokens"] == 8 + 16
     user = rows[0]["messages"][1]["content"]
     assert 'Label: b words' in user and '1: " a"\n2: " b"' in user and "Answer with 2 lines" in user
 
@@ -103,32 +104,49 @@ def test_simulation_excerpts_and_prompt_rows():
 
 
 def test_transformers_token_logprobs_match_a_direct_forward_pass():
-    """A row with top_logprobs = 5 gets, for each greedy answer token, its log-prob and the
-    top 5 at its step, equal to the log-softmax of one forward pass over prompt + answer."""
+    """A simulation row (constraint activation_lines:3, top_logprobs = 20): the answer is
+    exactly three `i: v` lines, and each answer token comes with its log-prob and the top 20
+    at its step, equal to the log-softmax of one forward pass over prompt + answer (the raw
+    logits: the constraint only limits the choice)."""
     import torch
 
     from baez_ray.llm.backends import prompt_table
     from baez_ray.llm.backends.transformers_backend import TransformersChat
 
     chat = TransformersChat(LLMConfig(backend="transformers", model="pypi:smollm2-135m", num_cpus=1).model_dump())
-    row = {"request_id": "r", "messages": prompts.simulation_messages("cats", [" The", " cat", " sat"]), "max_tokens": 8,
-           "temperature": 0.0, "stop": None, "constraint": None, "top_logprobs": 5}
-    out = chat(prompt_table([row, {**row, "request_id": "plain", "top_logprobs": None}])).to_pylist()
+    kept = {}
+    step_logprobs = chat._step_logprobs
+
+    def spy(steps, row, ids, k):  # the generated ids, to run them through the model again
+        kept[row] = ids
+        return step_logprobs(steps, row, ids, k)
+
+    chat._step_logprobs = spy
+    row = {"request_id": "r", "messages": prompts.simulation_messages("cats", [" The", " cat", " sat"]), "max_tokens": 40,
+           "temperature": 0.0, "stop": None, "constraint": "activation_lines:3", "top_logprobs": 20}
+    choice = {**row, "request_id": "choice", "messages": prompts.intervention_messages("cats", "I think", "cats purr", "it rains"),
+              "constraint": "choice:1,2", "top_logprobs": None}  # intervention's parsed form: one of the two digits
+    out = chat(prompt_table([row, {**row, "request_id": "plain", "top_logprobs": None}, choice])).to_pylist()
+    assert out[2]["answer"].strip() in ("1", "2") and out[2]["output_tokens"] <= 2
     toks = out[0]["token_logprobs"]
     assert out[1]["token_logprobs"] is None and out[0]["answer"] == out[1]["answer"]  # the same greedy text
-    assert len(toks) == out[0]["output_tokens"] and all(len(t["top"]) == 5 for t in toks)
+    assert prompts.parse_simulation(out[0]["answer"], 3)[0] is not None, out[0]["answer"]
+    assert len(toks) == out[0]["output_tokens"] == len(kept[0]) and all(len(t["top"]) == 20 for t in toks)
+    assert sorted(simulation.expected_values(toks, 3)) == [1, 2, 3]  # digits are among the top 20 at every value
     prompt_ids = chat.tok(chat.prompt_text(row["messages"]), add_special_tokens=False)["input_ids"]
-    answer_ids = [chat.tok.convert_tokens_to_ids(chat.tok.tokenize(t["token"]))[0] for t in toks]
     with torch.inference_mode():
-        lp = torch.log_softmax(chat.model(input_ids=torch.tensor([prompt_ids + answer_ids])).logits[0].float(), -1)
-    for j, (t, a) in enumerate(zip(toks, answer_ids)):
+        lp = torch.log_softmax(chat.model(input_ids=torch.tensor([prompt_ids + kept[0]])).logits[0].float(), -1)
+    for j, (t, a) in enumerate(zip(toks, kept[0])):
         step = lp[len(prompt_ids) + j - 1]
         assert t["logprob"] == pytest.approx(float(step[a]), abs=1e-4)
-        assert t["top"][0]["logprob"] == pytest.approx(float(step.max()), abs=1e-4) and t["top"][0]["token"] == t["token"]  # greedy
+        assert [c["logprob"] for c in t["top"]] == pytest.approx(step.topk(20).values.tolist(), abs=1e-4)
 
 
 def test_vllm_backend_reads_every_answer_tokens_logprobs():
-    from baez_ray.llm.backends.vllm_backend import _postprocess, _preprocess, answer_tokens
+    from baez_ray.llm.backends.vllm_backend import _postprocess, _preprocess, answer_tokens, structured_outputs
+
+    assert structured_outputs("activation_lines:2") == {"regex": "1: (10|[0-9])\n2: (10|[0-9])"}
+    assert structured_outputs("choice:1,2") == {"regex": "(1|2)"}
 
     row = {"max_tokens": 50, "temperature": 0.0, "stop": None, "constraint": None, "top_logprobs": 20, "tokenized_prompt": [1, 2]}
     assert _preprocess(row)["sampling_params"]["logprobs"] == 20

@@ -244,6 +244,7 @@ def logprob_messages(benchmark: str, label: str, text: str) -> list[dict]:
 INTERVENTION_VERSION = "intervention/v1"
 INTERVENTION_LOGPROB_VERSION = "intervention_logprob/v1"
 INTERVENTION_CONSTRAINT = "logprob:1,2"
+INTERVENTION_CHOICE = "choice:1,2"  # the parsed form: local backends admit only these two answers
 # the base model's prompts: openings with no topic of their own, so that what a steered
 # continuation is about comes from the feature; `score.intervention_pairs` of them are used,
 # in a seeded order (stages/intervention.py). Change the version when the list changes.

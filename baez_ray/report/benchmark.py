@@ -1,8 +1,9 @@
 """Scoring report pieces (SPEC §3, §5) and the `benchmark` job's report.
 
 * `scores_chart`: grouped bars, methods × benchmarks, of each benchmark's headline metric
-  (balanced accuracy for detection and fuzz, AUROC for embedding; chance 0.5 for all),
-  error bars the 95% bootstrap CI, the random-label control among the methods;
+  (metrics.HEADLINE: balanced accuracy, AUROC, simulation's correlation), each with its own
+  chance level (0.5; simulation 0), error bars the 95% bootstrap CI, the random-label
+  control among the methods;
 * `gap_chart`: the embedding gap per method with its CI (0 = chance);
 * `verdict_section`: the paired comparisons (metrics.comparison_table): which method beats
   which, on which benchmark, by how much, Holm-corrected; the benchmark report opens with it;
@@ -34,10 +35,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from baez_ray.metrics import ALPHA, CHANCE, CONTROL, EXACT_MAX, HEADLINE, N_PERM, RELIABILITY_MIN, aggregate
+from baez_ray.metrics import ALPHA, CONTROL, EXACT_MAX, HEADLINE, N_PERM, RELIABILITY_MIN, aggregate, chance
 from baez_ray.report.html import duplicates, label_shared, pyplot, render_page, save_figure, section
 
-BENCH_ORDER = ("detection", "fuzz", "embedding", "detection_logprob", "fuzz_logprob")
+BENCH_ORDER = ("detection", "fuzz", "embedding", "detection_logprob", "fuzz_logprob", "simulation", "intervention", "intervention_logprob")
 PER_FEATURE_ROWS = 1000  # rows of the per-feature table shown (all are in scores/)
 
 
@@ -62,9 +63,10 @@ def scores_chart(summary, path: Path) -> Path:
         err = np.array([[mu - l if np.isfinite(mu) else 0 for mu, l in zip(mean, lo)], [h - mu if np.isfinite(mu) else 0 for mu, h in zip(mean, hi)]])
         ax.bar(x + (j - (len(methods) - 1) / 2) * width, mean, width, yerr=err, capsize=3, label=m,
                color="#999999" if m == "random_label" else colors(j), hatch="//" if m == "random_label" else None)
-    ax.axhline(CHANCE, color="black", linestyle="--", linewidth=1, label="chance")
+    for i, b in enumerate(benches):  # each benchmark's own chance level (simulation's correlation: 0)
+        ax.hlines(chance(b), i - 0.45, i + 0.45, color="black", linestyle="--", linewidth=1, label="chance" if i == 0 else None)
     ax.set_xticks(x, [f"{b}\n({HEADLINE[b].replace('_', ' ')})" for b in benches])
-    ax.set_ylim(0, 1)
+    ax.set_ylim(min(0.0, float(np.nanmin(summary["ci_low"].to_numpy(dtype=float), initial=0.0)) - 0.05), 1)  # a correlation can be < 0
     ax.set_ylabel("score (mean, 95% CI)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("Label scores by method and benchmark")
@@ -136,7 +138,7 @@ def per_feature_rows(scores, failed=None, limit: int | None = None, frame=None) 
 
 
 SCORE_COLUMNS = ["sae_id", "feature", "method", "benchmark", "label", "n_shown", "n_failed", "balanced_accuracy", "accuracy",
-                 "precision", "recall", "f1", "gap", "auroc", "score_half_a", "score_half_b"]
+                 "precision", "recall", "f1", "gap", "auroc", "correlation", "score_half_a", "score_half_b"]
 
 
 def read_scores(run_dir: Path):

@@ -124,7 +124,7 @@ def prompt_rows(cont: dict, subjects: list[dict], cfg: ScoreConfig, seed: int) -
         for s in subjects:
             common = {"sae_id": s["sae_id"], "layer": s["layer"], "feature": s["feature"], "method": s["method"], "benchmark": bench,
                       "label": s["label"], "temperature": 0.0, "stop": None, "max_tokens": 1 if logprob else ANSWER_TOKENS,
-                      "constraint": prompts.INTERVENTION_CONSTRAINT if logprob else None}
+                      "constraint": prompts.INTERVENTION_CONSTRAINT if logprob else prompts.INTERVENTION_CHOICE}
             for i, (p, on, off, first) in enumerate(zip(cont["prompts"], cont["steered"], cont["unsteered"], order)):
                 a, b = (on, off) if first else (off, on)
                 rows.append({**common, "request_id": f"{s['sae_id']}|{s['feature']}|{s['method']}|{bench}|{i}",

@@ -6,8 +6,10 @@ the feature's activation at every token of an excerpt.
        stages/score.py's items, in the order shown; `simulation_excerpts` caps each kind)
     × its subjects (labels + the random-label control) ─▶ one scorer prompt per (label,
        excerpt): the label, the excerpt, its tokens numbered, all in one call, asking for
-       `index: value` lines, 0-10 (llm/prompts.py), with the top log-probs of every answer
-       token (`top_logprobs`, where the backend gives them)
+       `index: value` lines, 0-10 (llm/prompts.py; output constraint `activation_lines:N`,
+       which the local backends enforce: transformers token by token, vLLM as a regex),
+       with the top log-probs of every answer token (`top_logprobs`, where the backend
+       gives them)
     ─▶ per token, the expected value of the scorer's digits (`expected_values`), or the
        written integer where there are no log-probs (anthropic) or the value's token does
        not carry the number; an unreadable answer is retried (llm.rounds.ask_until_parsed),
@@ -74,7 +76,7 @@ def prompt_rows(item: dict, subjects: list[dict], cfg: ScoreConfig) -> list[dict
             rows.append({"sae_id": s["sae_id"], "layer": s["layer"], "feature": s["feature"], "method": s["method"],
                          "benchmark": BENCHMARK, "label": s["label"], "request_id": f"{s['sae_id']}|{s['feature']}|{s['method']}|{BENCHMARK}|{i}",
                          "messages": prompts.simulation_messages(s["label"], ex["token_strs"]), "max_tokens": 8 * n + 16,
-                         "temperature": 0.0, "stop": None, "constraint": None, "top_logprobs": TOP_LOGPROBS,
+                         "temperature": 0.0, "stop": None, "constraint": f"activation_lines:{n}", "top_logprobs": TOP_LOGPROBS,
                          "truth": [item["truth"][i]], "acts": [SCALE * a / peak if peak > 0 else 0.0 for a in ex["acts"]]})
     return rows
 

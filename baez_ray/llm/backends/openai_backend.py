@@ -17,7 +17,8 @@ Output constraint: a row with `constraint = "binary_list:N"` is sent with
 "schema": <array of exactly N integers 0/1>, "strict": false}}` (vLLM and most OpenRouter
 models enforce it). When a server answers 400 to that and the same request succeeds
 without it, the actor stops sending `response_format` and relies on the prompt and the
-parser, as the backends without structured outputs do.
+parser, as the backends without structured outputs do. `activation_lines:N` (simulation)
+is not sent: no JSON schema writes lines; the prompt and the parser hold the form.
 
 Log-probs: a `logprob:A,B` row is sent with `logprobs: true`, `top_logprobs: 20` and
 `max_tokens: 1` (`p_yes` from the first token); a row with `top_logprobs = k` with

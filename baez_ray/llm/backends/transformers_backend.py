@@ -7,6 +7,10 @@ and B (each must be one token). Consecutive rows that share more than the call's
 prefix (a scorer's instructions + label, one feature after another) run as one batch over
 that longer prefix's KV cache, so each feature's prefix is computed once.
 
+Output constraints: `binary_list:N`, `activation_lines:N` (the simulation's `i: v` lines)
+and `choice:A,B` (intervention: one of two single tokens) are enforced token by token
+(`prefix_allowed_tokens_fn`).
+
 Rows with `top_logprobs = k` are generated as the others and also get `token_logprobs`:
 each kept answer token with its log-prob and the k most likely tokens at its place, from
 the log-softmax of that step's raw logits (before any output constraint)."""
@@ -90,6 +94,55 @@ class TransformersChat:
             if pos == 2 * n:
                 return [ids["]"]]
             return end
+
+        return allowed
+
+    def constraint_fn(self, constraint: str | None, prompt_len: int, max_new: int):
+        """(`prefix_allowed_tokens_fn` of an output constraint or None, the answer's longest
+        length under it): `binary_list:N`, `activation_lines:N`, `choice:A,B` (one of the
+        single tokens A, B, then the end of the turn)."""
+        m = re.fullmatch(r"(binary_list|activation_lines):(\d+)|choice:([^,]+),([^,]+)", constraint or "")
+        if constraint and not m:
+            raise ValueError(f"unknown output constraint {constraint!r} (known: binary_list:N, activation_lines:N, choice:A,B)")
+        if not m:
+            return None, max_new
+        if m.group(1) == "binary_list":
+            return self.binary_list_fn(int(m.group(2)), prompt_len), 2 * int(m.group(2)) + 2
+        if m.group(1) == "activation_lines":
+            return self.activation_lines_fn(int(m.group(2)), prompt_len), max_new
+        ids, end = [self._token_id(m.group(3)), self._token_id(m.group(4))], sorted(self.eos)
+        return (lambda batch_id, input_ids: ids if input_ids.shape[-1] == prompt_len else end), 2
+
+    def activation_lines_fn(self, n: int, prompt_len: int):
+        """`prefix_allowed_tokens_fn` of the `activation_lines:N` constraint (simulation):
+        the answer is exactly `1: v` … `N: v`, one line each, v a whole number 0-10, then
+        the end of the turn. The line's `i: ` is forced token by token (the first token of
+        what is still missing); the model chooses only the values (a digit; after a 1, a 0
+        to make 10 or the line's end). None when the tokenizer has no single token for a
+        digit or the newline."""
+        digits = [self.tok.encode(str(d), add_special_tokens=False) for d in range(10)]
+        newline = self.tok.encode("\n", add_special_tokens=False)
+        if any(len(d) != 1 for d in digits) or len(newline) != 1:
+            return None
+        digit_ids, nl, end = [d[0] for d in digits], newline[0], sorted(self.eos)
+
+        def allowed(batch_id: int, input_ids: torch.Tensor) -> list[int]:
+            text = self.tok.decode(input_ids[prompt_len:].tolist(), skip_special_tokens=True)
+            lines = text.split("\n")
+            i, cur = len(lines), lines[-1]
+            head = f"{i}: "
+            value = cur[len(head):]
+            on_form = head.startswith(cur) if len(cur) < len(head) else cur.startswith(head) and (value == "" or value.isdigit())
+            if i > n or not on_form:
+                return end  # (off the form, which the tokenizer's decoding can cause: end; the parser then says why)
+            if len(cur) < len(head):
+                return self.tok.encode(head[len(cur):], add_special_tokens=False)[:1]
+            if value == "":
+                return digit_ids
+            nxt = nl if i < n else None
+            if value == "1":
+                return [digit_ids[0]] + ([nxt] if nxt is not None else end)
+            return [nxt] if nxt is not None else end
 
         return allowed
 
@@ -220,13 +273,10 @@ class TransformersChat:
         width = enc["input_ids"].shape[1]
         kw = dict(do_sample=temperature > 0, temperature=temperature) if temperature > 0 else dict(do_sample=False)
         max_new = max(max_tokens)
-        m = re.fullmatch(r"binary_list:(\d+)", constraint or "")
-        if constraint and not m:
-            raise ValueError(f"unknown output constraint {constraint!r} (known: binary_list:N)")
-        fn = self.binary_list_fn(int(m.group(1)), width) if m else None
+        fn, cap = self.constraint_fn(constraint, width, max_new)
         if fn is not None:
             kw["prefix_allowed_tokens_fn"] = fn
-            max_new = min(max_new, 2 * int(m.group(1)) + 2)
+            max_new = min(max_new, cap)
         if top_logprobs:
             kw.update(output_logits=True, return_dict_in_generate=True)
         out = self.model.generate(

@@ -10,7 +10,9 @@
   own column names (`request_id`, `prompt`, `model`, `params`, ...).
 * preprocess: `max_tokens`, `temperature`, `stop` and the output `constraint` become vLLM
   `SamplingParams`. A `binary_list:N` constraint becomes a structured-outputs regex that
-  admits exactly a JSON list of N 0/1 integers (`[0, 1, 1]`). A `logprob:A,B` constraint
+  admits exactly a JSON list of N 0/1 integers (`[0, 1, 1]`); `activation_lines:N`
+  (simulation) one that admits exactly the lines `1: v` … `N: v`, v in 0-10; `choice:A,B`
+  (intervention) one that admits either string. A `logprob:A,B` constraint
   (one token, `p_yes`) asks for `logprobs=TOP_LOGPROBS` and `max_tokens=1`; the Prompter
   looks up the token ids of A and B (one token each: a tokenizer that splits one stops
   the run with an error naming them: a setup error, not a row's), and `p_yes`
@@ -65,14 +67,23 @@ def binary_list_regex(n: int) -> str:
     return r"\[\]" if n == 0 else r"\[[01](, [01]){%d}\]" % (n - 1)
 
 
+def activation_lines_regex(n: int) -> str:
+    """A regex that matches exactly the lines `1: v` … `n: v`, v a whole number 0-10."""
+    return "\n".join(f"{i}: (10|[0-9])" for i in range(1, n + 1))
+
+
 def structured_outputs(constraint: str | None) -> dict | None:
     """Our output constraint as vLLM `StructuredOutputsParams` kwargs (None: unconstrained)."""
     if not constraint or logprob_targets(constraint):
         return None
-    m = re.fullmatch(r"binary_list:(\d+)", constraint.strip())
+    c = re.fullmatch(r"choice:([^,]+),([^,]+)", constraint.strip())
+    if c is not None:
+        return {"regex": f"({re.escape(c.group(1))}|{re.escape(c.group(2))})"}  # a regex like the others: one struct type in every block
+    m = re.fullmatch(r"(binary_list|activation_lines):(\d+)", constraint.strip())
     if m is None:
-        raise ValueError(f"unknown output constraint {constraint!r} (known: binary_list:N, logprob:A,B)")
-    return {"regex": binary_list_regex(int(m.group(1)))}
+        raise ValueError(f"unknown output constraint {constraint!r} (known: binary_list:N, activation_lines:N, choice:A,B, logprob:A,B)")
+    n = int(m.group(2))
+    return {"regex": binary_list_regex(n) if m.group(1) == "binary_list" else activation_lines_regex(n)}
 
 
 def _ipc(table: pa.Table) -> bytes:
