@@ -317,8 +317,9 @@ class ScoreConfig(Section):
                                     "each one (steered, unsteered) pair and one scorer call per label")
     intervention_tokens: int = Field(25, ge=1, le=256, description="intervention: new tokens per continuation (greedy; Gur-Arieh et al. 2025: 25)")
     intervention_scale: float = Field(
-        0.25, gt=0, description="intervention: steering strength, a multiple of the mean residual norm at the SAE's layer over the "
-                                "prompts' tokens (0.25: median KL ~0.5 on the demo SAE; the paper's targets are KL 0.25 and 0.5)")
+        0.2, gt=0, description="intervention: steering strength, a multiple of the mean residual norm at the SAE's layer over the "
+                               "prompts' tokens (0.2: a median KL of 0.3-0.5 on the demo SAE, between the targets of Gur-Arieh et al. "
+                               "2025, KL 0.25 and 0.5; docs/output-scoring.md)")
     intervention_batch: int = Field(8, ge=1, description="intervention: features per steering call (× intervention_pairs rows per generate)")
     intervention_actors: int = Field(1, ge=1, description="intervention: base-model actors that steer (each reserves the model section's CPUs/GPUs)")
 

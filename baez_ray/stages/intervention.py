@@ -21,9 +21,9 @@ scorer that always says "1" gets 0.5); chance 0.5. `intervention_logprob`: AUROC
 P(first) against truth (chance 0.5), and the balanced accuracy of P(first) > 0.5.
 
 Defaults (config.ScoreConfig; docs/output-scoring.md): `intervention_pairs` 6 prompts,
-`intervention_tokens` 25 new tokens (the paper: 25), `intervention_scale` 0.25 of the mean
-residual norm (the paper sets a strength per feature by a target KL of 0.25 or 0.5; 0.25
-gives a median KL of about 0.5 on the demo SAE); greedy decoding (the paper samples at
+`intervention_tokens` 25 new tokens (the paper: 25), `intervention_scale` 0.2 of the mean
+residual norm (the paper sets a strength per feature by a target KL of 0.25 or 0.5; 0.2
+gives a median KL of 0.3-0.5 on the demo SAE); greedy decoding (the paper samples at
 temperature 0.75): the unsteered continuations are shared across features and a run is
 reproducible.
 """

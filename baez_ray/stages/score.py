@@ -1,5 +1,5 @@
-"""Scoring labels (SPEC §3): detection, fuzz, embedding, the log-prob benchmarks and the
-random-label control, as one streaming Ray Data pipeline. The driver holds the keys
+"""Scoring labels (SPEC §3): detection, fuzz, embedding, the log-prob benchmarks,
+simulation, intervention and the random-label control, as one streaming Ray Data pipeline. The driver holds the keys
 (sae_id, feature), the labels and counts; examples, prompts and answers stay in the
 workers and the object store.
 
@@ -9,15 +9,19 @@ workers and the object store.
          per feature, shared by every method: methods are compared on the same excerpts)
       ─map_batches (× the subjects of each feature: its labels + the random_label control)─▶
       prompt rows: detection / fuzz (examples_per_prompt excerpts each), detection_logprob /
-         fuzz_logprob (one excerpt each, a label's prompts one after another: shared prefix)
-      ─backend (llm.backends.generate)─▶ answers ─parse in workers─▶ 0/1 lists or [p_yes]
+         fuzz_logprob (one excerpt each, a label's prompts one after another: shared prefix),
+         simulation (one excerpt each, its tokens numbered: stages/simulation.py)
+    keys ─SteerWorker actors (the base model steered: stages/intervention.py)─▶ continuations
+      ─map_batches (× subjects)─▶ intervention / intervention_logprob prompt rows (one pair each)
+      ─all prompt rows: backend (llm.backends.generate)─▶ answers ─parse in workers─▶ 0/1
+         lists, [p_yes], [choice] or predicted activations (simulation: expected values)
                     ▲                                   │ unreadable
                     └── retry round over those rows only (llm.rounds.ask_until_parsed),
                         up to max_retries times
       ─groupby(sae_id, feature, method, benchmark).map_groups─▶ metrics
     items × subjects ─EmbedScorer actor pool (one encode call per batch)─▶ gap, AUROC
     ─▶ scores table (schema.SCORES), one row per (feature, method, benchmark), with the
-       headline metric also on each half of the excerpts (score_half_a/b: the split-half
+       headline metric (metrics.HEADLINE) also on each half of the excerpts (score_half_a/b: the split-half
        reliability of metrics.py, from the same answers and similarities, no extra call)
 
 Negatives (`negatives = other_features`, the default): the features to score, in
@@ -36,8 +40,9 @@ A prompt whose answer stays unreadable after the retries, or that failed in the 
 is a *failed batch*: its excerpts count in `n_failed` (and in `n_shown`), never silently
 dropped; the metrics use the answered excerpts. A log-prob prompt whose two tokens are
 both missing from the scorer's top log-probs is failed the same way (not retried: asking
-again gives the same probabilities). Positives are the feature's test examples (the
-caller splits: see stages/split.py).
+again gives the same probabilities). A feature that cannot be steered (its SAE is not
+among the job's) has its intervention pairs counted as failed. Positives are the
+feature's test examples (the caller splits: see stages/split.py).
 """
 
 from __future__ import annotations
