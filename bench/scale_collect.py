@@ -24,10 +24,19 @@ bound on the same tokens in the same run.
   bound. The stage's end-to-end rate (start-up and the features table included) is given
   beside it.
 
-    python bench/scale_collect.py [--tokens 32768] [--merge-actors 2] [--threads 2] [--actors 1] [--batch-size 8]
+* The logit lens (stages/logit_lens.py) after collect, beside it: collect runs without it;
+  then a second child runs the stage over the first `--lens-parts` parts of the features
+  table just written (4,096 features each; the full 64 parts take ~23 min on 2 cores: the
+  matmul alone is 262,144 × 262,144 × 640 multiply-adds), one actor of `--threads`
+  threads, every process watched; its time over all 262,144 features is extrapolated from
+  the actor's seconds per feature.
+
+    python bench/scale_collect.py [--tokens 32768] [--merge-actors 2] [--threads 2] [--actors 1] [--batch-size 8] [--lens-parts 2]
 Last line: {"bench": "scale_collect", "collect_wide_driver_peak_mb", "collect_wide_tokens_per_s",
-"collect_wide_bound_tokens_per_s", "collect_wide_ratio", "collect_wide_actor_peak_mb", "processes", ...}
-Targets (issue #12): driver peak <= 1.5 GB, every process <= 4 GB, ratio >= 0.85.
+"collect_wide_bound_tokens_per_s", "collect_wide_ratio", "collect_wide_actor_peak_mb", "stage_s", "logit_lens_s",
+"logit_lens_full_width_s_est", "logit_lens_actor_peak_rss_mb", "processes", ...}
+Targets (issue #12): driver peak <= 1.5 GB, every process <= 4 GB, ratio >= 0.85; (issue #26) the
+logit lens's every process <= 4 GB.
 """
 
 from __future__ import annotations
@@ -203,6 +212,55 @@ def bound_actors(parts: list[np.ndarray], sae_path: Path, actors: int, threads: 
             "encode_s": [o["encode_s"] for o in out], "tokens_per_s": round(sum(o["tokens_per_s"] for o in out), 1)}
 
 
+def lens_child(spec_path: str, run_dir: str, result_path: str, n_parts: str) -> None:
+    """The logit lens stage (stages/logit_lens.py) over the first `n_parts` parts of the
+    collect run's features table, in this fresh process (its own local Ray cluster)."""
+    import pyarrow.parquet as pq
+
+    from baez_ray.config import validate
+    from baez_ray.ray_pool import init_ray
+    from baez_ray.stages.logit_lens import logit_lens
+
+    spec = validate(json.loads(Path(spec_path).read_text()))
+    every = sorted((Path(run_dir) / "features").glob("part-*.parquet"))
+    init_ray(spec.ray)
+    t0 = time.time()
+    info = logit_lens(Path(run_dir) / "features", spec.model, spec.saes, spec.collect.logit_lens, parts=every[: int(n_parts)])
+    Path(result_path).write_text(json.dumps({"info": info, "seconds": time.time() - t0, "parts": len(every),
+                                             "features": sum(pq.ParquetFile(p).metadata.num_rows for p in every)}))
+
+
+def lens(spec: dict, run_dir: Path, threads: int, n_parts: int) -> dict:
+    """The logit lens at width 262,144 (W_U of 262,144 × 640 and the SAE's 262,144 decoder
+    rows) over `n_parts` parts of the features table just collected, one actor of
+    `threads` threads, in a child process whose every process is watched (PerProcess).
+    Its time over the whole table is extrapolated from the actor's seconds per feature
+    (the work is the same matmul and top-k per feature), plus the stage's start-up."""
+    spec = json.loads(json.dumps(spec))
+    spec["model"]["num_cpus"] = threads
+    spec["collect"]["logit_lens"] = {"enabled": True}
+    work = run_dir.parent / "lens"
+    work.mkdir(exist_ok=True)
+    (work / "spec.json").write_text(json.dumps(spec))
+    cmd = [sys.executable, __file__, "--lens-child", str(work / "spec.json"), str(run_dir), str(work / "result.json"), str(n_parts)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(cmd, env=env)
+    with PerProcess(proc.pid) as mem:
+        if proc.wait():
+            sys.exit(f"logit lens child failed: {work}")
+    res = json.loads((work / "result.json").read_text())
+    info = res["info"]
+    per_feature = info["actor_seconds"] / max(1, info["features"])
+    workers = [p for p in mem.peaks.values() if "LogitLensWorker" in p["name"]]
+    return {"logit_lens_parts": info["parts_run"], "logit_lens_features": info["features"], "logit_lens_s": round(res["seconds"], 1),
+            "logit_lens_actor_s": info["actor_seconds"], "logit_lens_features_per_s": round(1 / per_feature, 1) if per_feature else None,
+            "logit_lens_full_width_s_est": round(res["seconds"] - info["actor_seconds"] + per_feature * res["features"], 0),
+            "logit_lens_actor_peak_rss_mb": round(max((p["rss_mb"] for p in workers), default=0.0), 1),
+            "logit_lens_actor_peak_uss_mb": round(max((p["uss_mb"] for p in workers), default=0.0), 1),
+            "logit_lens_max_process_rss_mb": round(max((p["rss_mb"] for p in mem.peaks.values()), default=0.0), 1),
+            "logit_lens_threads": threads}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=32768)
@@ -214,7 +272,11 @@ def main() -> None:
     ap.add_argument("--l0", type=float, default=50.0, help="features firing per token (target of the threshold)")
     ap.add_argument("--corpus", nargs="*")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (the 1.3 GB SAE, the run) and print its path")
+    ap.add_argument("--lens-parts", type=int, default=2, help="logit lens over this many features parts (4,096 features each; 0: none)")
+    ap.add_argument("--lens-child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.lens_child:
+        return lens_child(*args.lens_child)
     if args.actors < 1 or args.threads % args.actors:
         sys.exit(f"--threads {args.threads} must be a multiple of --actors {args.actors}")
 
@@ -231,7 +293,8 @@ def main() -> None:
         "model": {**MODEL, "layer": LAYER, "num_cpus": args.threads // args.actors},
         "sae": {"id": f"{LAYER}-res-random-262k", "path": str(tmp / "sae")},
         "corpus": {"paths": corpus, "context_len": CTX, "max_tokens": args.tokens},
-        "collect": {"batch_size": args.batch_size, "num_actors": args.actors, "merge_actors": args.merge_actors, "merge_num_cpus": 0.25},
+        "collect": {"batch_size": args.batch_size, "num_actors": args.actors, "merge_actors": args.merge_actors, "merge_num_cpus": 0.25,
+                    "logit_lens": {"enabled": False}},  # collect alone; the logit lens runs after, on its own (`lens`)
     }
     job = validate(spec)
     tok = load_tokenizer(job.model)
@@ -263,6 +326,8 @@ def main() -> None:
     parts = [read_part(str(p))[0] for p in sorted((work / "run" / "contexts").glob("part-*.parquet"))]
     b = bound_actors(parts, tmp / "sae", args.actors, args.threads // args.actors, args.batch_size, ACTS_BUDGET)
 
+    lens_fig = lens(spec, work / "run", args.threads, args.lens_parts) if args.lens_parts else {}
+
     procs = sorted(mem.peaks.items(), key=lambda kv: -kv[1]["uss_mb"])
     driver = mem.peaks.get(proc.pid, {"uss_mb": None, "rss_mb": None})
     workers = [p for _, p in procs if "CollectWorker" in p["name"]]
@@ -283,6 +348,7 @@ def main() -> None:
         "collect_wide_actor_peak_rss_mb": round(max((p["rss_mb"] for p in workers), default=0.0), 1),
         "collect_wide_merge_peak_mb": round(max((p["uss_mb"] for p in merges), default=0.0), 1),
         "max_process_uss_mb": round(procs[0][1]["uss_mb"], 1) if procs else None,
+        **lens_fig,
         "threads": args.threads, "actors": args.actors, "batch_size": args.batch_size, "tmp": str(tmp) if args.keep else None,
         "processes": [{"pid": pid, "name": p["name"], "uss_mb": round(p["uss_mb"], 1), "rss_mb": round(p["rss_mb"], 1),
                        "cpu_s": round(p["cpu_s"], 1)} for pid, p in procs],

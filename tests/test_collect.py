@@ -172,6 +172,54 @@ def test_decile_samples(one_shard, dense):
 
 
 @pytest.mark.slow
+def test_logit_lens_equals_brute_force(one_shard, tiny_gemma, random_sae, corpus):
+    """After collect every feature carries its decoder row's top promoted and suppressed
+    tokens (stages/logit_lens.py): the brute-force W_dec @ W_U top-k in float64, token
+    strings as the tokenizer decodes each id; a rerun of the stage runs no part, and a
+    part whose marker is gone is the only one run again."""
+    from sae_lens import SAE
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from baez_ray.config import LogitLensConfig
+    from baez_ray.stages.logit_lens import MARKER, logit_lens
+
+    W_U = AutoModelForCausalLM.from_pretrained(tiny_gemma).get_output_embeddings().weight.detach().double()
+    logits = SAE.load_from_disk(random_sae).W_dec.detach().double() @ W_U.T
+    k = LogitLensConfig().top_k
+    pos, neg = torch.topk(logits, k, dim=1), torch.topk(logits, k, dim=1, largest=False)
+    tok = AutoTokenizer.from_pretrained(tiny_gemma)
+    feats = read_features(one_shard)
+    for f in feats:
+        i = f["feature"]
+        assert f["pos_tokens"] == [tok.decode([int(t)]) for t in pos.indices[i]]
+        assert f["neg_tokens"] == [tok.decode([int(t)]) for t in neg.indices[i]]
+        np.testing.assert_allclose(f["pos_values"], pos.values[i].numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(f["neg_values"], neg.values[i].numpy(), rtol=1e-4, atol=1e-5)
+    stage = json.loads((one_shard / "manifest.json").read_text())["stages"]["logit_lens"]
+    assert stage["features"] == len(feats) and stage["parts_run"] == stage["parts"] >= 1
+    # token_freq's output labels read them, as they read an export's
+    import pyarrow as pa
+
+    from baez_ray.methods.token_freq import normalise, token_freq_labels
+
+    table = pq.read_table(one_shard / "features")
+    n = table.num_rows
+    routes = pa.table({"sae_id": table.column("sae_id"), "layer": table.column("layer"), "feature": table.column("feature"),
+                       "tier": pa.array([1] * n, pa.int8()), "kind": ["output"] * n})
+    for lab, f in zip(token_freq_labels(table, routes).to_pylist(), feats):
+        want = list(dict.fromkeys(t for t in map(normalise, f["pos_tokens"]) if t))[:3]
+        assert lab["feature"] == f["feature"] and lab["label"].endswith("; logits: " + " / ".join(want))
+    spec = job(tiny_gemma, random_sae, corpus)
+    assert logit_lens(one_shard / "features", spec.model, spec.saes, LogitLensConfig())["parts_run"] == 0
+    part = sorted((one_shard / "features").glob("part-*.parquet"))[0]
+    table = pq.read_table(part)
+    pq.write_table(table.replace_schema_metadata({k_: v for k_, v in table.schema.metadata.items() if k_ != MARKER}), part)
+    again = logit_lens(one_shard / "features", spec.model, spec.saes, LogitLensConfig())
+    assert again["parts_run"] == 1 and again["features"] == table.num_rows
+    assert read_features(one_shard) == feats
+
+
+@pytest.mark.slow
 def test_shards_and_order_do_not_change_the_result(one_shard, ray_local, tiny_gemma, random_sae, corpus, tmp_path):
     execute(job(tiny_gemma, random_sae, corpus, batch_size=2, num_actors=2), tmp_path)
     a, b = read_features(one_shard), read_features(tmp_path)

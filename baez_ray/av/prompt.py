@@ -4,7 +4,6 @@ parsed out of the generated text."""
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -84,30 +83,21 @@ class PromptEmbeddings:
             raise ValueError(f"{source}: vectors of shape {tuple(v.shape)}, the AV reads [N, {self.d_model}]")
 
 
-_EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
-
-
 def embedding_rows(path: str | Path, ids: list[int], dtype: torch.dtype) -> torch.Tensor:
     """Rows `ids` of the input-embedding matrix of a safetensors checkpoint, read without
     loading the model (the vLLM engine builds its prompt from these)."""
     from safetensors import safe_open
 
+    from baez_ray.models.lm import EMBED_SUFFIXES, checkpoint_weight_map
+
     root = Path(path)
-    index = root / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-    else:
-        files = sorted(root.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"{root}: no safetensors files (the vllm AV engine reads the embedding matrix from them)")
-        weight_map = {}
-        for f in files:
-            with safe_open(str(f), framework="pt") as h:
-                weight_map.update({k: f.name for k in h.keys()})
-    keys = [k for k in weight_map if k.endswith(_EMBED_SUFFIXES) and "vision" not in k]
+    weight_map = checkpoint_weight_map(root)
+    if not weight_map:
+        raise FileNotFoundError(f"{root}: no safetensors files (the vllm AV engine reads the embedding matrix from them)")
+    keys = [k for k in weight_map if k.endswith(EMBED_SUFFIXES) and "vision" not in k]
     if len(keys) != 1:
-        raise ValueError(f"{root}: expected one input-embedding tensor (a key ending in {' / '.join(_EMBED_SUFFIXES)}), found {keys}")
-    with safe_open(str(root / weight_map[keys[0]]), framework="pt") as h:
+        raise ValueError(f"{root}: expected one input-embedding tensor (a key ending in {' / '.join(EMBED_SUFFIXES)}), found {keys}")
+    with safe_open(str(weight_map[keys[0]]), framework="pt") as h:
         sl = h.get_slice(keys[0])
         rows = torch.stack([sl[i] for i in ids]) if ids else torch.empty(0)
     return rows.to(dtype)

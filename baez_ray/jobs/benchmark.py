@@ -55,7 +55,7 @@ def score_stage(spec: JobSpec, run: Run, labels_dir: Path, test_dir: Path) -> di
     labels = pa.concat_tables([pq.read_table(labels_dir / f"{m}.parquet") for m in b.methods])
     # the driver reads the keys; the test examples stream from test/ through the workers
     keys = pq.read_table(test_dir, columns=["sae_id", "feature"])
-    tests = ray.data.read_parquet(str(test_dir)).select_columns(["sae_id", "feature", "examples"])
+    tests = ray.data.read_parquet(str(test_dir)).select_columns(["sae_id", "feature", "examples", "pos_tokens", "pos_values"])
     negatives = None
     if sc.negatives == "corpus":
         from baez_ray.stages.negatives import corpus_negatives_ref

@@ -1,6 +1,7 @@
 """The `collect` job: corpus → contexts → features (top-k and decile examples, firing
-counts) → the features report. Label and benchmark jobs run the same steps when they are
-not given a features table (`features_source`)."""
+counts) → logit lens (each feature's top promoted and suppressed tokens) → the features
+report. Label and benchmark jobs run the same steps when they are not given a features
+table (`features_source`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from baez_ray.config import JobSpec
 from baez_ray.ray_pool import init_ray
 from baez_ray.rundir import Run
 from baez_ray.stages.collect import collect
+from baez_ray.stages.logit_lens import logit_lens
 from baez_ray.stages.merge import STATE_DIR
 
 
@@ -39,6 +41,10 @@ def collect_features(spec: JobSpec, run: Run) -> Path:
             info.update(collect(contexts_dir, state_root, run.table_dir("features"), spec.model, spec.saes, spec.collect,
                                 spec.seed, tokenizer, run.manifest["stages"]["contexts"]["tokens"]))
         shutil.rmtree(state_root, ignore_errors=True)  # the features table is committed now
+    if spec.collect.logit_lens.enabled and not run.completed("logit_lens"):
+        init_ray(spec.ray)
+        with run.stage("logit_lens") as info:
+            info.update(logit_lens(run.table_dir("features"), spec.model, spec.saes, spec.collect.logit_lens))
     return run.table_dir("features")
 
 

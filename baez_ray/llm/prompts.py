@@ -45,6 +45,27 @@ NP_MARKER = "Explanation:"
 NP_SYSTEM = """You label features of a language model. For each example you get the token where the feature is most active and the text around it. Give a label of 1 to 6 words that says what the feature responds to. Answer with one line:
 Explanation: <label>"""
 
+# ---------------------------------------------------------------- np_max_act_logits
+# np_max_act's windows, plus the tokens the feature's decoder direction promotes most (the
+# logit lens: features' pos_tokens); same answer line.
+NP_LOGITS_VERSION = "np_max_act_logits/v1"
+
+NP_LOGITS_SYSTEM = """You label features of a language model. For each example you get the token where the feature is most active and the text around it. You also get the tokens the feature promotes most: the next tokens the model predicts more often when the feature is active. A feature may be about what it reads (the examples) or about what it makes the model say next (the promoted tokens), or both. Give a label of 1 to 6 words that says what the feature responds to or does. Answer with one line:
+Explanation: <label>"""
+
+
+def promoted_line(pos_tokens: list[str] | None, n: int = 10) -> str:
+    """The feature's top promoted tokens as one line of quoted texts (leading and trailing
+    whitespace of each token kept visible by the quotes), or a note that none are known."""
+    texts = [t for t in (pos_tokens or []) if t is not None and t.strip()][:n]
+    return "Top promoted tokens: " + (", ".join(repr(t) for t in texts) if texts else "(none known)")
+
+
+def np_logits_messages(examples: list[dict], pos_tokens: list[str] | None) -> list[dict]:
+    body = np_user(examples) + "\n\n" + promoted_line(pos_tokens)
+    return [{"role": "system", "content": NP_LOGITS_SYSTEM}, {"role": "user", "content": body}]
+
+
 # ---------------------------------------------------------------- baez / baez_last
 BAEZ_VERSION = "baez/v1"
 

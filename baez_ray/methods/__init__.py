@@ -3,6 +3,7 @@
     token_freq          tier 1, no LLM: the most frequent tokens of the input/output window
     from_examples       eleuther_acts_topK, np_max_act (tier 2), small_llm (tier 1): an LLM
                         reads activation examples
+    np_max_act_logits   tier 2: np_max_act's windows plus the feature's top promoted tokens
     av_explanations     baez, baez_last (tier 3): an LLM reads the AV's explanations
     nla_direct          (tier 3): the AV reads the SAE decoder row; its text is the label
 

@@ -12,6 +12,7 @@ the block's output).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -224,6 +225,61 @@ class ResidualReader:
         """[B, T] token ids → [B, T, d_model]: a reader of one layer."""
         (out,) = self.residuals(ids).values()
         return out
+
+
+EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
+HEAD_SUFFIXES = ("lm_head.weight", "embed_out.weight")
+
+
+def checkpoint_weight_map(root: str | Path) -> dict[str, Path]:
+    """Tensor name → the safetensors file of a checkpoint folder that holds it (from
+    `model.safetensors.index.json`, else from the files' headers); empty without
+    safetensors files."""
+    from safetensors import safe_open
+
+    root = Path(root)
+    index = root / "model.safetensors.index.json"
+    if index.exists():
+        return {k: root / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+    out: dict[str, Path] = {}
+    for f in sorted(root.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            out.update({k: f for k in h.keys()})
+    return out
+
+
+def _one_key(weights: dict[str, Path], suffixes: tuple[str, ...]) -> str | None:
+    keys = [k for k in weights if k.endswith(suffixes) and "vision" not in k]
+    if len(keys) > 1:
+        raise ValueError(f"expected one tensor ending in {' / '.join(suffixes)}, found {keys}")
+    return keys[0] if keys else None
+
+
+def unembedding(cfg: ModelConfig) -> torch.Tensor:
+    """The base model's unembedding as [vocab, d_model] float32: the LM head's weight, or
+    the input embedding when the checkpoint ties the two (no `lm_head.weight` stored: Gemma,
+    GPT-2). Read from the checkpoint's safetensors alone (a hub id: its snapshot in the HF
+    cache), so a 27B model is not loaded for one matrix; a GGUF file or a checkpoint without
+    safetensors loads the model and takes its output embeddings."""
+    path = resolve_model_path(cfg.path)
+    if not cfg.gguf_file:
+        root = Path(path).expanduser()
+        if not root.exists():  # a hub id
+            from huggingface_hub import snapshot_download
+
+            root = Path(snapshot_download(path))
+        weights = checkpoint_weight_map(root)
+        key = _one_key(weights, HEAD_SUFFIXES) or _one_key(weights, EMBED_SUFFIXES)
+        if key is not None:
+            from safetensors import safe_open
+
+            with safe_open(str(weights[key]), framework="pt") as h:
+                return h.get_tensor(key).float()
+    from transformers import AutoModelForCausalLM
+
+    kw = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code, **kw)
+    return model.get_output_embeddings().weight.detach().float()
 
 
 def token_texts(tokenizer):

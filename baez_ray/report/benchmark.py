@@ -1,9 +1,9 @@
 """Scoring report pieces (SPEC §3, §5) and the `benchmark` job's report.
 
 * `scores_chart`: grouped bars, methods × benchmarks, of each benchmark's headline metric
-  (metrics.HEADLINE: balanced accuracy, AUROC, simulation's correlation), each with its own
-  chance level (0.5; simulation 0), error bars the 95% bootstrap CI, the random-label
-  control among the methods;
+  (balanced accuracy for detection, fuzz and intervention, AUROC for the others,
+  simulation's correlation; each benchmark's chance level from benchmarks.py, output-side
+  ones marked), error bars the 95% bootstrap CI, the random-label control among the methods;
 * `gap_chart`: the embedding gap per method with its CI (0 = chance);
 * `verdict_section`: the paired comparisons (metrics.comparison_table): which method beats
   which, on which benchmark, by how much, Holm-corrected; the benchmark report opens with it;
@@ -11,7 +11,7 @@
   when a benchmark is too unreliable to compare methods;
 * `scoring_section`: the verdict (unless shown elsewhere), the charts, the summary table
   (with failure rates, negative-gap shares and the control beside each method), the
-  reliability table, the per-feature scores (`per_feature_frame`: one row per feature ×
+  input and output sides by kind of feature (report/by_kind.py), the reliability table, the per-feature scores (`per_feature_frame`: one row per feature ×
   method that exists, labels shared by several features marked; the first
   PER_FEATURE_ROWS shown);
 * `distant_pairs`: the features whose labels from two methods are furthest apart
@@ -35,10 +35,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from baez_ray import benchmarks
 from baez_ray.metrics import ALPHA, CONTROL, EXACT_MAX, HEADLINE, N_PERM, RELIABILITY_MIN, aggregate, chance
+from baez_ray.report.by_kind import by_kind_section
 from baez_ray.report.html import duplicates, label_shared, pyplot, render_page, save_figure, section
 
-BENCH_ORDER = ("detection", "fuzz", "embedding", "detection_logprob", "fuzz_logprob", "simulation", "intervention", "intervention_logprob")
+BENCH_ORDER = tuple(benchmarks.names())  # the registry's order
 PER_FEATURE_ROWS = 1000  # rows of the per-feature table shown (all are in scores/)
 
 
@@ -63,9 +65,9 @@ def scores_chart(summary, path: Path) -> Path:
         err = np.array([[mu - l if np.isfinite(mu) else 0 for mu, l in zip(mean, lo)], [h - mu if np.isfinite(mu) else 0 for mu, h in zip(mean, hi)]])
         ax.bar(x + (j - (len(methods) - 1) / 2) * width, mean, width, yerr=err, capsize=3, label=m,
                color="#999999" if m == "random_label" else colors(j), hatch="//" if m == "random_label" else None)
-    for i, b in enumerate(benches):  # each benchmark's own chance level (simulation's correlation: 0)
+    for i, b in enumerate(benches):  # each benchmark's own chance level
         ax.hlines(chance(b), i - 0.45, i + 0.45, color="black", linestyle="--", linewidth=1, label="chance" if i == 0 else None)
-    ax.set_xticks(x, [f"{b}\n({HEADLINE[b].replace('_', ' ')})" for b in benches])
+    ax.set_xticks(x, [f"{b}\n({HEADLINE[b].replace('_', ' ')}{', output side' if benchmarks.side(b) == 'output' else ''})" for b in benches])
     ax.set_ylim(min(0.0, float(np.nanmin(summary["ci_low"].to_numpy(dtype=float), initial=0.0)) - 0.05), 1)  # a correlation can be < 0
     ax.set_ylabel("score (mean, 95% CI)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -147,7 +149,8 @@ def read_scores(run_dir: Path):
     import pyarrow.dataset as pads
 
     names = set(pads.dataset(run_dir / "scores", format="parquet").schema.names)
-    return pq.read_table(run_dir / "scores", columns=[c for c in SCORE_COLUMNS if c in names]).to_pandas()
+    wanted = list(dict.fromkeys(SCORE_COLUMNS + list(HEADLINE.values())))  # a benchmark's own headline column too
+    return pq.read_table(run_dir / "scores", columns=[c for c in wanted if c in names]).to_pandas()
 
 
 def statistics(run_dir: Path, scores, seed: int = 0):
@@ -226,6 +229,7 @@ def scoring_section(run_dir: Path, out: Path, seed: int = 0, verdict: bool = Tru
     gap = gap_chart(scores, out / "embedding_gap.png", seed=seed)
     table = per_feature_frame(scores, failed)
     ctx = {"verdict": verdict_section(comparisons, reliability) if verdict else "", "gap": gap is not None,
+           "by_kind": by_kind_section(run_dir, scores, out, seed),
            "failed": int(scores["n_failed"].sum()), "shown": int(scores["n_shown"].sum()), "summary": summary_rows(summary),
            "reliability": reliability_section(reliability), "benches": [b for b in BENCH_ORDER if b in set(scores["benchmark"])],
            "features": per_feature_rows(scores, failed, PER_FEATURE_ROWS, frame=table), "n_features": len(table),

@@ -1,5 +1,5 @@
 """Scoring labels (SPEC §3): detection, fuzz, embedding, the log-prob benchmarks,
-simulation, intervention and the random-label control, as one streaming Ray Data pipeline. The driver holds the keys
+simulation, intervention, logit_embedding and the random-label control, as one streaming Ray Data pipeline. The driver holds the keys
 (sae_id, feature), the labels and counts; examples, prompts and answers stay in the
 workers and the object store.
 
@@ -20,6 +20,9 @@ workers and the object store.
                         up to max_retries times
       ─groupby(sae_id, feature, method, benchmark).map_groups─▶ metrics
     items × subjects ─EmbedScorer actor pool (one encode call per batch)─▶ gap, AUROC
+    test rows' promoted tokens ─stages/logit_embedding.py─▶ logit items (the feature's
+       promoted tokens + other features' of its block) × subjects ─EmbedScorer─▶ gap, AUROC
+       (logit_embedding: the output side, benchmarks.py)
     ─▶ scores table (schema.SCORES), one row per (feature, method, benchmark), with the
        headline metric (metrics.HEADLINE) also on each half of the excerpts (score_half_a/b: the split-half
        reliability of metrics.py, from the same answers and similarities, no extra call)
@@ -62,6 +65,8 @@ from baez_ray.models.windows import token_text
 from baez_ray.ray_pool import actor_map, gather, resolved
 from baez_ray.rundir import log
 from baez_ray.stages import intervention, simulation
+from baez_ray.stages.logit_embedding import VERSION as LOGIT_EMBEDDING_VERSION
+from baez_ray.stages.logit_embedding import logit_items_dataset
 from baez_ray.stages.split import feature_seed
 
 RANDOM_LABEL = "random_label"
@@ -390,22 +395,23 @@ EMBED_ROWS = pa.schema([pa.field("sae_id", pa.string()), pa.field("layer", pa.in
                         pa.field("truth", pa.list_(pa.int8())), pa.field("n_shown", pa.int32())])
 
 
-def _embedding_rows(batch: pa.Table, subs) -> pa.Table:
-    """Rows (subject, texts, truth, n_shown) of an items batch, for EmbedScorer."""
+def _embedding_rows(batch: pa.Table, subs, texts: str = "plain") -> pa.Table:
+    """Rows (subject, texts, truth, n_shown) of an items batch (the column `texts` of the
+    items: excerpts, or logit_embedding's promoted tokens), for EmbedScorer."""
     subjects_, items = _subjects_of(batch, subs)
-    rows = [{**s, "texts": items[(s["sae_id"], s["feature"])]["plain"], "truth": items[(s["sae_id"], s["feature"])]["truth"],
+    rows = [{**s, "texts": items[(s["sae_id"], s["feature"])][texts], "truth": items[(s["sae_id"], s["feature"])]["truth"],
              "n_shown": len(items[(s["sae_id"], s["feature"])]["truth"])} for s in subjects_]
     return pa.Table.from_pylist(rows, schema=EMBED_ROWS)
 
 
-def _embedding_scores(batch: pa.Table) -> pa.Table:
-    """EmbedScorer rows → SCORES rows. An excerpt whose similarity is NaN is left out of
-    the metrics, and counted as failed."""
+def _embedding_scores(batch: pa.Table, benchmark: str = "embedding", version: str = EMBEDDING_VERSION) -> pa.Table:
+    """EmbedScorer rows → SCORES rows of `benchmark`. A text whose similarity is NaN is
+    left out of the metrics, and counted as failed."""
     n = batch.num_rows
     out = batch.select(["sae_id", "layer", "feature", "method", "label", "gap", "auroc", "score_half_a", "score_half_b", "n_shown"])
-    out = out.append_column("benchmark", pa.array(["embedding"] * n, pa.string()))
+    out = out.append_column("benchmark", pa.array([benchmark] * n, pa.string()))
     out = out.append_column("n_failed", batch.column("n_dropped"))
-    out = out.append_column("prompt_version", pa.array([EMBEDDING_VERSION] * n, pa.string()))
+    out = out.append_column("prompt_version", pa.array([version] * n, pa.string()))
     for c, t in (("input_tokens", pa.int64()), ("output_tokens", pa.int64()), ("cost_usd", pa.float64())):
         out = out.append_column(c, pa.array([0] * n, t))
     return schema.conform(out, schema.SCORES)
@@ -469,16 +475,38 @@ def _llm_scores(pending, total: int, scorer: LLMConfig, cfg: ScoreConfig, info: 
     return gather(by.map_groups(_score_group, batch_format="pyarrow"))
 
 
+def _embedded_scores(tests, keys: pa.Table, items, subs: pa.Table, subs_ref, cfg: ScoreConfig, seed: int, threads: int,
+                     block_features: int) -> list[pa.Table]:
+    """SCORES rows of the sentence-embedding benchmarks: embedding (the label against the
+    excerpts) and logit_embedding (against the promoted tokens: stages/logit_embedding.py)."""
+    import ray
+
+    parts = []
+    embedded = {"embedding": ("plain", items, EMBEDDING_VERSION)}
+    if "logit_embedding" in cfg.benchmarks and subs.num_rows:
+        n_blocks = max(1, math.ceil(keys.num_rows / block_features))
+        embedded["logit_embedding"] = ("texts", logit_items_dataset(tests, ray.put(feature_blocks(keys, block_features)), n_blocks, cfg,
+                                                                    seed, MAX_PARTITIONS), LOGIT_EMBEDDING_VERSION)
+    for bench, (column, source, version) in embedded.items():
+        if bench in cfg.benchmarks and subs.num_rows:
+            rows = source.map_batches(_embedding_rows, batch_format="pyarrow", fn_kwargs={"subs": subs_ref, "texts": column})
+            with progress.bar(f"score:{bench}", total=subs.num_rows, unit="label"):
+                emb = actor_map(rows, EmbedScorer, {"embedder": cfg.embedder, "threads": threads}, num_cpus=0.5, batch_size=256, keep=True)
+                parts.append(gather(emb.map_batches(_embedding_scores, batch_format="pyarrow",
+                                                    fn_kwargs={"benchmark": bench, "version": version})))
+    return parts
+
+
 def score_labels(tests, keys: pa.Table, labels: pa.Table, cfg: ScoreConfig, scorer: LLMConfig, seed: int = 0,
                  negatives_table: pa.Table | None = None, threads: int = 2,
                  block_features: int = BLOCK_FEATURES, model=None, saes=(), steering_dir=None) -> tuple[pa.Table, dict]:
     """Score every label of the features `keys` (a table with sae_id, feature) with each
     benchmark of `cfg`, plus the random-label control. `tests`: a Ray Dataset of rows
     (sae_id, feature, examples: the feature's test examples; rows of other features are
-    ignored); `negatives_table`: rows (sae_id, feature, examples) of given negatives
-    (`negatives = corpus`); `model` and `saes` (config.ModelConfig, SAEConfig list): the
-    base model the intervention benchmarks steer, and the SAEs whose decoder rows they
-    steer along; `steering_dir`: where the steered continuations are written. Returns the
+    ignored; with pos_tokens and pos_values for logit_embedding); `negatives_table`: rows
+    (sae_id, feature, examples) of given negatives (`negatives = corpus`); `model` and
+    `saes` (config.ModelConfig, SAEConfig list): the base model the intervention
+    benchmarks steer, and the SAEs whose decoder rows they steer along; `steering_dir`: where the steered continuations are written. Returns the
     SCORES table and counts for the manifest."""
     import ray
 
@@ -499,11 +527,7 @@ def score_labels(tests, keys: pa.Table, labels: pa.Table, cfg: ScoreConfig, scor
     log(f"[score] {len(per_key)} features, {subs.num_rows} labels (incl. control), {total} scorer prompts ({scorer.backend}:{scorer.model})")
     if total:
         parts.append(_llm_scores(pending, total, scorer, cfg, info))
-    if "embedding" in cfg.benchmarks and subs.num_rows:
-        rows = items.map_batches(_embedding_rows, batch_format="pyarrow", fn_kwargs={"subs": subs_ref})
-        with progress.bar("score:embedding", total=subs.num_rows, unit="label"):
-            emb = actor_map(rows, EmbedScorer, {"embedder": cfg.embedder, "threads": threads}, num_cpus=0.5, batch_size=256)
-            parts.append(gather(emb.map_batches(_embedding_scores, batch_format="pyarrow")))
+    parts += _embedded_scores(tests, keys, items, subs, subs_ref, cfg, seed, threads, block_features)
     table = pa.concat_tables([schema.empty(schema.SCORES)] + [schema.conform(p, schema.SCORES) for p in parts if p.num_rows])
     table = table.sort_by([("sae_id", "ascending"), ("feature", "ascending"), ("method", "ascending"), ("benchmark", "ascending")])
     return table, info

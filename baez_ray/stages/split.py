@@ -162,7 +162,8 @@ def _held_out(batch: pa.Table, keys, test_n: int, counts_only: bool) -> pa.Table
     out = {"sae_id": hit.column("sae_id"), "feature": hit.column("feature")}
     if counts_only:
         return pa.table({**out, "n_test": pa.array([len(t) for t in tests], pa.int32())})
-    return pa.table({**out, "examples": pa.array(tests, pa.list_(schema.EXAMPLE))})
+    logits = {c: batch.column(c).take(hit.column("_row")) for c in ("pos_tokens", "pos_values") if c in batch.column_names}
+    return pa.table({**out, "examples": pa.array(tests, pa.list_(schema.EXAMPLE)), **logits})
 
 
 def held_out_sample(labels: pa.Table, features_dir: Path, test_n: int, min_test: int, sample: int | None, seed: int) -> tuple[pa.Table, dict]:
@@ -190,8 +191,10 @@ def held_out_sample(labels: pa.Table, features_dir: Path, test_n: int, min_test:
 
 def held_out_examples(features_dir: Path, keys: pa.Table, test_n: int):
     """A Dataset of the held-out test examples (`_held_out`) of the features `keys`, split
-    out of features/ in the workers: rows (sae_id, feature, examples)."""
+    out of features/ in the workers: rows (sae_id, feature, examples, pos_tokens,
+    pos_values: the promoted tokens logit_embedding reads)."""
     import ray
 
-    return ray.data.read_parquet(str(features_dir)).select_columns(["sae_id", "feature", "examples"]).map_batches(
+    cols = ["sae_id", "feature", "examples", "pos_tokens", "pos_values"]
+    return ray.data.read_parquet(str(features_dir)).select_columns(cols).map_batches(
         _held_out, batch_format="pyarrow", fn_kwargs={"keys": ray.put(keys), "test_n": test_n, "counts_only": False})
