@@ -91,9 +91,11 @@ install-vllm: $(VSTAMP)
 test-vllm: install-vllm
 	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(VBIN)/python -m pytest -q tests/vllm_engine
 
-# The collect peer (bench/peer_delphi.py): EleutherAI delphi 0.1.3 in its own venv, without
-# its full dependency set (vLLM, sparsify, bitsandbytes, ...): only what `delphi.latents`
-# (LatentCache, save_splits, LatentDataset and its example constructor) imports.
+# The peers of collect (bench/peer_delphi.py) and of the LLM stages (bench/peer_delphi_score.py):
+# EleutherAI delphi 0.1.3 in its own venv, without its full dependency set (vLLM, sparsify,
+# bitsandbytes, ...): only what `delphi.latents` (LatentCache, save_splits, LatentDataset and
+# its example constructor) and its explainer / scorer pipeline (clients, explainers, scorers,
+# pipeline; its vLLM client is not imported: the bench stubs that module) import.
 DVENV := .venv-delphi
 DBIN := $(DVENV)/bin
 DSTAMP := $(DVENV)/.installed-stamp
@@ -104,14 +106,20 @@ $(DSTAMP): Makefile
 	$(DBIN)/pip install -q torch==2.13.0
 	$(DBIN)/pip install -q --no-deps eai-delphi==0.1.3
 	$(DBIN)/pip install -q 'transformers>=5.0,<6' safetensors jaxtyping tqdm simple_parsing blobfile orjson asyncer \
-	  faiss-cpu sentence-transformers numpy psutil
+	  faiss-cpu sentence-transformers numpy psutil httpx aiofiles beartype tiktoken
 	$(DBIN)/python -c "import delphi, torch, transformers; from delphi.latents import LatentCache, LatentDataset, constructor; print('delphi', delphi.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
+	$(DBIN)/python bench/peer_delphi_score.py delphi-imports
 	touch $(DSTAMP)
 
-.PHONY: install-delphi bench-peer
+.PHONY: install-delphi bench-peer bench-peer-score
 install-delphi: $(DSTAMP)
 
 # collect against delphi's LatentCache on identical token ids (docs/benchmarks.md);
 # PEER_ARGS, e.g. PEER_ARGS='--tokens 4096' for a smoke run
 bench-peer: install $(DSTAMP)
 	$(BIN)/python bench/peer_delphi.py --delphi-python $(DBIN)/python $(PEER_ARGS)
+
+# the label and score stages against delphi's explainer and scorers, one local server on
+# 127.0.0.1 (docs/llm-stages.md); PEER_ARGS, e.g. PEER_ARGS='--n 64 --sides ours' for a smoke run
+bench-peer-score: install $(DSTAMP)
+	$(BIN)/python bench/peer_delphi_score.py --delphi-python $(DBIN)/python $(PEER_ARGS)

@@ -202,6 +202,16 @@ class Price(Section):
     batch_discount: float = Field(0.5, ge=0, le=1, description="multiplier in Message Batches mode")
 
 
+# An API backend's window and batches when the job leaves them unset: a vLLM or SGLang server
+# batches 256 sequences or more at once, an API tier serves thousands of requests a minute;
+# a window holds that many requests in flight per actor, in batches of `batch_size` rows,
+# several batches per actor (backends.batches_in_flight) so that it never runs dry.
+API_DEFAULTS: dict[str, dict[str, int]] = {
+    "openai": {"max_concurrency": 128, "batch_size": 64},
+    "anthropic": {"max_concurrency": 64, "batch_size": 64},
+}
+
+
 class LLMConfig(Section):
     """One LLM behind one interface (baez_ray/backends): prompt rows in, answers out."""
 
@@ -215,7 +225,7 @@ class LLMConfig(Section):
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (vllm: per engine; fractional shares the GPU)")
     num_cpus: float = Field(1.0, gt=0, description="Ray CPUs per actor of a local engine")
     resources: Resources = Field(default_factory=dict, description="Ray custom resources per engine actor (vllm: per engine worker)")
-    batch_size: int = Field(16, ge=1, description="prompts per generate call (local) or per Ray Data batch (API)")
+    batch_size: int = Field(16, ge=1, description="prompts per generate call (local) or per Ray Data batch (API: 64 unless set, API_DEFAULTS)")
     max_tokens: int | None = Field(
         None, ge=8, le=8192, description="label prompts: the longest answer (tokens) the LLM may write, retries included; null: the "
                                         "method's own (eleuther_acts_topK, baez, baez_last, nla_direct: 200; np_max_act, np_max_act_logits, small_llm: 40). "
@@ -224,7 +234,8 @@ class LLMConfig(Section):
     base_url: str | None = Field(None, description="anthropic: the API root without /v1; openai: the API root with /v1, "
                                                    "e.g. http://127.0.0.1:8000/v1")
     api_key_env: str | None = Field(None, description="environment variable holding the key (default per backend)")
-    max_concurrency: int = Field(8, ge=1, description="requests in flight per actor")
+    max_concurrency: int = Field(8, ge=1, description="API backends: requests in flight per actor, shared by the batches it holds "
+                                                      "(unless set: openai 128, anthropic 64; API_DEFAULTS)")
     max_retries: int = Field(6, ge=0, description="API backends: retries of a request (429, 5xx, connection errors) before its row fails")
     timeout_s: float = Field(120.0, gt=0, description="API backends: seconds per request")
     mode: Literal["messages", "batches"] = Field(
@@ -238,6 +249,13 @@ class LLMConfig(Section):
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description="vllm: share of each GPU's memory (null: 0.9, scaled by a fractional num_gpus)")
     concurrency: int | tuple[int, int] | None = Field(None, description="vllm: engine replicas, or (min, max) to autoscale; null: num_actors")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vllm: further engine arguments (enable_prefix_caching, max_num_seqs, ...)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _api_defaults(cls, data):
+        if isinstance(data, dict) and data.get("backend") in API_DEFAULTS:
+            data = {**API_DEFAULTS[data["backend"]], **data}
+        return data
 
     @model_validator(mode="after")
     def _local_resources(self):
@@ -380,6 +398,22 @@ class LabelConfig(Section):
     shard_features: int | None = Field(
         None, ge=1, description="resume: features per committed label shard; null: about 1/64 of a tier's work, within [256, 8192]")
     score: LabelScoreConfig | None = Field(None, description="score a sample of the labels (null: no scoring)")
+    route: bool = Field(True, description="route each feature to a tier (SPEC §4); false: no routing, every feature labelled with "
+                                          "`method` (no embedder loaded; routes/ records tier 0, kind not_routed)")
+    method: str | None = Field(None, description="with route: false, the one method that labels every feature (any registered "
+                                                 "method); null: tier2's")
+
+    @model_validator(mode="after")
+    def _method_needs_no_routing(self) -> "LabelConfig":
+        if self.method is not None and self.route:
+            raise ValueError("label.method labels every feature without routing: set label.route: false with it "
+                             "(or name the tier methods tier1 / tier2 / tier3 to route)")
+        return self
+
+    @property
+    def single_method(self) -> str:
+        """The method of an unrouted job: `method`, else tier2's."""
+        return self.method or self.tier2
 
 
 class BenchmarkConfig(Section):

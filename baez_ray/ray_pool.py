@@ -18,12 +18,18 @@ that hand each batch to one of them (in turn). Kept actors are killed when the s
 ends, or earlier when another pool needs their resources: a pool is evicted (oldest
 first) whenever what the kept pools hold plus what a new pool asks for would leave less
 than one CPU of the cluster free, so keeping never starves a stage of the job.
+
+Async actors. A class whose `__call__` is a coroutine function (the API backends: their
+actors wait on the network) serves `in_flight` batches at once, on one event loop: Ray
+Data's actor pool runs that many calls per actor concurrently, a kept pool's host is an
+async actor fed by `in_flight` hand-over tasks per actor.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import json
 import os
 import signal
@@ -90,39 +96,56 @@ def init_ray(cfg: RayConfig) -> None:
 def actor_map(ds, cls, kwargs: dict | None = None, *, size: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0,
               resources: dict[str, float] | None = None, batch_size: int | None = None, batch_format: str = "pyarrow",
               fault_tolerant: bool = False, keep: bool = False, in_flight: int | None = None, all_up: bool = False,
-              **options):
+              fn_kwargs: dict | None = None, **options):
     """`ds.map_batches(cls)` on a pool of `size` actors built with `cls(**kwargs)` (lazy);
     each actor reserves `num_cpus`, `num_gpus` and the custom `resources` (a job's
     `model.resources`, ...: e.g. {"accelerator_type:H100": 0.001}). `keep`: inside
     `kept_pools()`, the actors outlive this Dataset and serve every later call with the
     same class and arguments (see the module docstring). `in_flight`: the batches queued
-    on one actor at once (Ray Data's default: 4). `all_up`: no batch is handed out before
+    on one actor at once (Ray Data's default: 4; an async class runs them concurrently).
+    `fn_kwargs`: keyword arguments of every call (not of the pool: a kept pool serves
+    calls with different ones). `all_up`: no batch is handed out before
     every actor is built (Ray Data otherwise gives them to the first actor ready while the
     others still load their model); an actor that cannot be built fails the map with its
     own error."""
     import ray
 
     need = _need(size, num_cpus, num_gpus, resources)
-    if keep and _kept is not None and set(options) <= {"runtime_env"}:
-        key = _pool_key(cls, kwargs, size, num_cpus, num_gpus, resources, fault_tolerant, options)
-        if key in _kept or _make_room(need):
-            if key not in _kept:
-                _kept[key] = _KeptPool.start(cls, kwargs or {}, size, need, num_cpus, num_gpus, resources, fault_tolerant, options)
-            _kept.move_to_end(key)  # the most recently used is evicted last
-            pool = _kept[key]
-            return ds.map_batches(_hand_over, fn_kwargs={"actors": pool.actors, "turn": pool.turn}, batch_size=batch_size,
-                                  batch_format=batch_format, num_cpus=HAND_OVER_CPUS, concurrency=2 * size)
+    concurrent = is_async(cls)
+    pool = _kept_pool(cls, kwargs, size, num_cpus, num_gpus, resources, fault_tolerant, options) if keep else None
+    if pool is not None:
+        hand = {"actors": pool.actors, "turn": pool.turn, "kwargs": fn_kwargs or {}}
+        if concurrent:  # whole blocks, cut into batches handed over at once: no batch waits for the one before
+            return ds.map_batches(_hand_over_block, fn_kwargs={**hand, "rows": batch_size}, batch_size=None,
+                                  batch_format="pyarrow", num_cpus=HAND_OVER_CPUS, concurrency=size * (in_flight or 4))
+        # a sync host serves one batch at a time (one more waits, ready)
+        return ds.map_batches(_hand_over, fn_kwargs=hand, batch_size=batch_size, batch_format=batch_format,
+                              num_cpus=HAND_OVER_CPUS, concurrency=2 * size)
     if _kept is not None:
         _make_room(need)  # (a pool too big to keep beside FREE_CPUS runs as a plain Ray Data pool)
+    strategy = ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=in_flight,
+                                          max_concurrent_calls_per_actor=(in_flight or 4) if concurrent else None)
     out = ds.map_batches(
-        cls, fn_constructor_kwargs=kwargs or {}, batch_size=batch_size, batch_format=batch_format,
-        compute=ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=in_flight),
-        num_cpus=num_cpus, num_gpus=num_gpus or None, resources=resources or None,
+        cls, fn_constructor_kwargs=kwargs or {}, fn_kwargs=fn_kwargs, batch_size=batch_size, batch_format=batch_format,
+        compute=strategy, num_cpus=num_cpus, num_gpus=num_gpus or None, resources=resources or None,
         **(ACTOR_FAULT_TOLERANCE if fault_tolerant else {}), **options,
     )
     if all_up:  # the Dataset's own context; a timeout (without one Ray Data does not wait)
         out.context.wait_for_min_actors_s = 10**7
     return out
+
+
+def start_kept(cls, kwargs: dict | None = None, *, size: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0,
+               resources: dict[str, float] | None = None, fault_tolerant: bool = False, **options) -> bool:
+    """Start, without waiting, the kept pool that `actor_map(..., keep=True)` with the same
+    arguments will use: its actors start while the job does other work (an API client's
+    pool before the first prompt is ready). False outside `kept_pools()` or without room."""
+    return _kept_pool(cls, kwargs, size, num_cpus, num_gpus, resources, fault_tolerant, options) is not None
+
+
+def is_async(cls) -> bool:
+    """Whether instances of `cls` are called with `await` (a coroutine `__call__`)."""
+    return inspect.iscoroutinefunction(getattr(cls, "__call__", None))
 
 
 # ---- kept pools ---------------------------------------------------------------------------
@@ -139,8 +162,18 @@ class _Host:
     def __init__(self, cls, kwargs: dict):
         self.fn = cls(**kwargs)
 
-    def call(self, batch):
-        return self.fn(batch)
+    def call(self, batch, **kwargs):
+        return self.fn(batch, **kwargs)
+
+
+class _AsyncHost:
+    """A kept actor of an async class: its calls share the actor's event loop."""
+
+    def __init__(self, cls, kwargs: dict):
+        self.fn = cls(**kwargs)
+
+    async def call(self, batch, **kwargs):
+        return await self.fn(batch, **kwargs)
 
 
 class _Turn:
@@ -167,7 +200,7 @@ class _KeptPool:
         opts: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": dict(resources or {}), **options}
         if fault_tolerant:  # an actor that dies is restarted (its model reloaded) and the call retried
             opts.update(ACTOR_FAULT_TOLERANCE)
-        host = ray.remote(_Host)
+        host = ray.remote(_AsyncHost if is_async(cls) else _Host)
         actors = [host.options(**opts).remote(cls, kwargs) for _ in range(size)]
         return cls_(actors, ray.remote(_Turn).options(num_cpus=0).remote(), need)
 
@@ -178,12 +211,25 @@ class _KeptPool:
             ray.kill(a)
 
 
-def _hand_over(batch, actors: list, turn):
+def _hand_over(batch, actors: list, turn, kwargs: dict):
     """A Ray Data task: the batch to the kept actor whose turn it is; its answer back."""
     import ray
 
     i = ray.get(turn.next.remote()) % len(actors)
-    return ray.get(actors[i].call.remote(batch))
+    return ray.get(actors[i].call.remote(batch, **kwargs))
+
+
+def _hand_over_block(block: pa.Table, actors: list, turn, kwargs: dict, rows: int | None):
+    """A Ray Data task (an async kept pool): a block cut into batches of `rows`, all handed
+    over at once, to the actors in turn (an actor's window serves them together); their
+    answers back in order."""
+    import ray
+
+    step = rows or max(1, block.num_rows)
+    first = ray.get(turn.next.remote())
+    cuts = [block.slice(a, step) for a in range(0, block.num_rows, step)] or [block]
+    refs = [actors[(first + j) % len(actors)].call.remote(cut, **kwargs) for j, cut in enumerate(cuts)]
+    return pa.concat_tables(ray.get(refs), promote_options="default")
 
 
 @contextmanager
@@ -204,6 +250,22 @@ def kept_pools():
                 pool.kill()
             except Exception:  # noqa: BLE001 - Ray already down (a stopped run): nothing left to kill
                 pass
+
+
+def _kept_pool(cls, kwargs, size, num_cpus, num_gpus, resources, fault_tolerant, options) -> "_KeptPool | None":
+    """The kept pool of these arguments (started when new; the most recently used is
+    evicted last), or None outside `kept_pools()`, for options a pool cannot keep, or
+    without room beside the other kept pools."""
+    if _kept is None or not set(options) <= {"runtime_env"}:
+        return None
+    need = _need(size, num_cpus, num_gpus, resources)
+    key = _pool_key(cls, kwargs, size, num_cpus, num_gpus, resources, fault_tolerant, options)
+    if key not in _kept and not _make_room(need):
+        return None
+    if key not in _kept:
+        _kept[key] = _KeptPool.start(cls, kwargs or {}, size, need, num_cpus, num_gpus, resources, fault_tolerant, options)
+    _kept.move_to_end(key)
+    return _kept[key]
 
 
 def _need(size: int, num_cpus: float, num_gpus: float, resources: dict | None) -> dict[str, float]:

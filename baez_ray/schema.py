@@ -146,11 +146,13 @@ ROUTES = pa.schema(
         pa.field("c_in", pa.float32()),  # correlation score of the input window (null: fewer than two windows)
         pa.field("c_out", pa.float32()),  # correlation score of the output window
         pa.field("c_cross", pa.float32()),  # null when not computed (tier 1)
-        pa.field("tier", pa.int8(), nullable=False),  # 1, 2, 3
-        pa.field("kind", pa.string(), nullable=False),  # input | output | cross | obscure
+        pa.field("tier", pa.int8(), nullable=False),  # 1, 2, 3; 0: not routed (label.route: false)
+        pa.field("kind", pa.string(), nullable=False),  # input | output | cross | obscure | not_routed
     ],
     metadata={"table": "routes", "schema_version": SCHEMA_VERSION},
 )
+NOT_ROUTED_TIER = 0  # a label job without routing (label.route: false): one method labels every feature
+NOT_ROUTED_KIND = "not_routed"
 
 LABELS = pa.schema(
     [

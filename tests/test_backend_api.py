@@ -3,6 +3,7 @@ against a fake API server on 127.0.0.1 that fails before it succeeds."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -437,7 +438,7 @@ def test_openai_falls_back_when_response_format_is_refused(server, key_env):
     caller = OpenAICaller(cfg.model_dump(), api_key(cfg))
     r = rows()[4]
     assert r["constraint"] == "binary_list:3"
-    out = caller(prompt_table([r])).to_pylist()[0]
+    out = asyncio.run(caller(prompt_table([r]))).to_pylist()[0]
     assert out["error"] is None and out["answer"].startswith("echo:")
     assert caller.structured is False
 
@@ -456,7 +457,7 @@ def test_openai_connection_errors_become_row_errors(server, key_env, monkeypatch
     cfg = LLMConfig(backend="openai", model="m", base_url=f"http://127.0.0.1:{port}/v1", api_key_env=KEY_ENV,
                     max_retries=2, timeout_s=2)
     caller = OpenAICaller(cfg.model_dump(), api_key(cfg))
-    out = caller(prompt_table(rows()[:2])).to_pylist()
+    out = asyncio.run(caller(prompt_table(rows()[:2]))).to_pylist()
     assert all(o["answer"] is None and o["error"].startswith("ConnectError") for o in out)
     assert all(KEY not in o["error"] for o in out)
 
@@ -481,3 +482,77 @@ def test_retry_after_parsing():
     assert retry_after({}) is None
     assert backoff(0, {"retry-after": "1000"}) == 120.0
     assert 0.375 <= backoff(0) <= 0.5 and 6.0 <= backoff(10) <= 8.0
+
+
+# ---- the window stays full across batches ---------------------------------------------
+
+
+class Window:
+    """A chat-completions server whose answers take a variable time (100-370 ms, by the
+    prompt); it records the requests in flight after every arrival and every answer."""
+
+    def __init__(self, total: int):
+        self.lock = threading.Lock()
+        self.total, self.arrived, self.in_flight = total, 0, 0
+        self.events: list[tuple[str, int, int]] = []  # (arrive | answer, in flight after, arrived so far)
+
+    def handler(self):
+        window = self
+
+        class H(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)))
+                content = last_user(body)
+                with window.lock:
+                    window.arrived += 1
+                    window.in_flight += 1
+                    window.events.append(("arrive", window.in_flight, window.arrived))
+                time.sleep(0.1 + 0.03 * (sum(map(ord, content)) % 10))
+                data = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": f"answer to {content}"}}],
+                                   "usage": {"prompt_tokens": 10, "completion_tokens": 3}}).encode()
+                with window.lock:  # counted out before the answer leaves: the client cannot send the next one earlier
+                    window.in_flight -= 1
+                    window.events.append(("answer", window.in_flight, window.arrived))
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        return H
+
+    def emptied_early(self) -> list[tuple]:
+        """Answers after which nothing was in flight although requests were still to come."""
+        return [e for e in self.events if e[0] == "answer" and e[1] == 0 and e[2] < self.total]
+
+
+@pytest.mark.parametrize("kept", [False, True], ids=["ray-data-pool", "kept-pool"])
+def test_openai_window_stays_full_across_batches(ray_local, kept):
+    """Many small batches through one actor with a window of 6 against answers of 100-370 ms:
+    the requests in flight never drop to 0 while requests remain (no batch waits for the
+    one before, nor for its own slowest row), never exceed the window, and every row is
+    answered once."""
+    from contextlib import nullcontext
+
+    from baez_ray.ray_pool import kept_pools
+
+    n = 96
+    window = Window(n)
+    prompt_rows = [{"request_id": f"r{i}", "messages": [{"role": "user", "content": f"prompt {i}"}], "max_tokens": 8,
+                    "temperature": 0.0, "stop": None, "constraint": None} for i in range(n)]
+    table = prompt_table(prompt_rows)
+    with serve_local(window.handler()) as url, (kept_pools() if kept else nullcontext()):
+        cfg = LLMConfig(backend="openai", model="m", base_url=url + "/v1", max_retries=0, timeout_s=30, batch_size=8,
+                        max_concurrency=6, num_actors=1)
+        ds = ray_local.data.from_arrow([table.slice(i, 16) for i in range(0, n, 16)])  # blocks of 2 batches
+        out = generate(ds, cfg).to_pandas()
+    out = out.set_index("request_id").loc[[r["request_id"] for r in prompt_rows]].reset_index()
+    assert out["error"].isna().all() and (out["answer"] == [f"answer to prompt {i}" for i in range(n)]).all()
+    assert window.arrived == n
+    assert max(e[1] for e in window.events) <= 6
+    assert window.emptied_early() == []

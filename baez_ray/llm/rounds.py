@@ -6,6 +6,12 @@
              what was wrong with it (labels: the reply prefilled with the marker); only
              the unreadable rows of a round, up to `max_retries` further rounds
 
+The API backends (`backends.asks_in_backend`: openai, anthropic messages) run this loop
+inside their actors instead (`backends.Until`): each row is asked again as soon as its
+answer fails to parse, no round waits for the slowest row, and the result is the same one
+row per prompt. The rounds below serve the local engines (transformers, vllm), whose
+batches are worth filling.
+
 The loop keeps no row in the driver: each round's answered rows are materialized in the
 object store, split there into final rows (a Dataset for the caller: the score stage
 reduces it by a groupby; `label_rounds` returns its LABELS table, or the Dataset of its
@@ -31,7 +37,7 @@ import pyarrow.compute as pc
 
 from baez_ray import progress, schema
 from baez_ray.llm import prompts
-from baez_ray.llm.backends import generate, logprob_targets, prompt_table
+from baez_ray.llm.backends import Until, asks_in_backend, generate, logprob_targets, prompt_table
 from baez_ray.rundir import log
 
 ANSWER_COLUMNS = [f.name for f in schema.ANSWER_FIELDS]
@@ -94,17 +100,32 @@ def _next_round(batch: pa.Table) -> pa.Table:
 
 def ask_until_parsed(pending, llm, parse: Callable[[dict, int], tuple], retry_messages: Callable[[dict, str, int], list],
                      max_retries: int, value_type: pa.DataType, what: str = "llm", retryable: Callable[[dict], bool] | None = None,
-                     total: int | None = None):
+                     total: int | None = None, lazy: bool = False):
     """Send `pending` (a Ray Dataset of prompt rows), parse every answer in the workers with
     `parse(row, attempt) -> (value, problem)` (`value` of `value_type`), resend the
     unreadable ones with `retry_messages(row, problem, attempt)` (those for which
     `retryable(row)`, when given). Returns a Ray Dataset (over materialized rounds) with one
     row per prompt: its row (last try), `value`, `problem`, `tries`, and the tokens and
     cost of all its tries. A progress bar counts the prompts answered, retry rounds
-    included (`total`: the number of prompts, when the caller knows it; else counted)."""
+    included (`total`: the number of prompts, when the caller knows it; else counted).
+    `lazy` (backends that ask in the backend only): the Dataset unexecuted, to stream
+    into the caller's next step (the caller shows progress)."""
+    until = Until(parse, retry_messages, max_retries, value_type, retryable)
+    if lazy:
+        if not asks_in_backend(llm):
+            raise ValueError(f"{llm.backend}: retries go in rounds; lazy needs a backend that asks until parsed itself")
+        return generate(pending, llm, until=until)
     if total is None:
         pending = pending.materialize()  # the prompts, counted for the bar
         total = pending.count()
+    if asks_in_backend(llm):
+        with progress.bar(what, total=total, unit="prompt") as bar:
+            done = generate(pending, llm, until=until).materialize()
+            again = int(done.sum("tries") or 0) - done.count() if done.count() else 0
+            bar.add_total(again)  # the tries after the first joined the bar as they were sent
+        if again:
+            log(f"[{what}] {again} unreadable answers asked again (at most {max_retries} more tries each)")
+        return done
     rounds = []
     with progress.bar(what, total=total, unit="prompt") as bar:
         for attempt in range(max_retries + 1):
@@ -136,11 +157,12 @@ def _label_rows(batch: pa.Table, method: str, version: str) -> pa.Table:
     return schema.conform(pa.Table.from_pylist(out), schema.LABELS) if out else schema.empty(schema.LABELS)
 
 
-def label_rounds(pending, method: str, marker: str, version: str, llm, max_retries: int, dataset: bool = False):
+def label_rounds(pending, method: str, marker: str, version: str, llm, max_retries: int, dataset: bool = False, lazy: bool = False):
     """Label prompt rows (with sae_id, layer, feature, n_examples; optional evidence,
     evidence_scores) → LABELS rows, one per prompt (the label stage's table); with
     `dataset`, the Ray Dataset of those rows (the label stage writes it from the workers:
-    no answer reaches the driver)."""
+    no answer reaches the driver); with `lazy` too, unexecuted where the backend asks until
+    parsed itself (the label stage streams the rows on to their scoring)."""
     from baez_ray.ray_pool import gather
 
     def parse(row: dict, attempt: int):
@@ -158,7 +180,8 @@ def label_rounds(pending, method: str, marker: str, version: str, llm, max_retri
             {"role": "assistant", "content": marker},  # prefill: the reply starts with the marker
         ]
 
-    done = ask_until_parsed(pending, llm, parse, retry, max_retries, pa.string(), what=f"label:{method}")
+    done = ask_until_parsed(pending, llm, parse, retry, max_retries, pa.string(), what=f"label:{method}",
+                            lazy=dataset and lazy and asks_in_backend(llm))
     rows = done.map_batches(_label_rows, batch_format="pyarrow", fn_kwargs={"method": method, "version": version})
     if dataset:
         return rows
@@ -190,13 +213,14 @@ def _score_retryable(row: dict) -> bool:
     return logprob_targets(row["constraint"]) is None
 
 
-def score_rounds(pending, llm, max_retries: int, total: int | None = None,
+def score_rounds(pending, llm, max_retries: int, total: int | None = None, lazy: bool = False,
                  parsers: dict[str, tuple[Callable, Callable]] | None = None):
     """Scorer prompt rows (a Ray Dataset, with `truth`: the 0/1 of each excerpt shown) → a
     Ray Dataset with one row per prompt: `value` (list<double>: the parsed 0/1 list; for a
-    log-prob row `logprob:A,B`, [P(A)]; null when failed), `problem`, `tries` and totals.
-    `parsers`: benchmark name → (parse(row, attempt), retry_messages(row, problem, attempt))
-    for rows whose `benchmark` reads its answer its own way (simulation, intervention)."""
+    log-prob row `logprob:A,B`, [P(A)]; null when failed), `problem`, `tries` and totals
+    (`lazy`: unexecuted, `ask_until_parsed`). `parsers`: benchmark name → (parse(row,
+    attempt), retry_messages(row, problem, attempt)) for rows whose `benchmark` reads its
+    answer its own way (simulation, intervention)."""
     parsers = parsers or {}
 
     def parse(row: dict, attempt: int):
@@ -208,4 +232,4 @@ def score_rounds(pending, llm, max_retries: int, total: int | None = None,
         return own[1](row, problem, attempt) if own else _score_retry(row, problem, attempt)
 
     return ask_until_parsed(pending, llm, parse, retry, max_retries, pa.list_(pa.float64()), what="score",
-                            retryable=_score_retryable, total=total)
+                            retryable=_score_retryable, total=total, lazy=lazy)

@@ -63,29 +63,31 @@ def prompt_rows(name: str, temperature: float = 0.0, max_tokens: int | None = No
     return build
 
 
-def label_with_llm(features, name: str, llm, max_retries: int = 2, temperature: float = 0.0, dataset: bool = False):
+def label_with_llm(features, name: str, llm, max_retries: int = 2, temperature: float = 0.0, dataset: bool = False,
+                   lazy: bool = False):
     """Label every feature of `features` (a Ray Dataset of FEATURES rows) with the LLM
     method `name`; returns the LABELS table (with `dataset`: the Ray Dataset of its rows,
-    which the label stage writes from the workers). Answers are at most `llm.max_tokens`
-    tokens (None: the method's own length)."""
+    which the label stage writes from the workers; `lazy`: unexecuted where the backend
+    allows, llm.rounds.label_rounds). Answers are at most `llm.max_tokens` tokens (None:
+    the method's own length)."""
     style = prompt_style(name)
     pending = features.map_batches(prompt_rows(name, temperature, llm.max_tokens), batch_format="pyarrow")
-    return label_rounds(pending, name, style.marker, style.version, llm, max_retries, dataset=dataset)
+    return label_rounds(pending, name, style.marker, style.version, llm, max_retries, dataset=dataset, lazy=lazy)
 
 
 @register(r"eleuther_acts_top(\d+)", tiers=(2,), needs=("explainer",), shown="eleuther_acts_topK")
 def eleuther_acts(features, ctx: LabelContext) -> pa.Table:
     """Delphi-style: the explainer reads the top K examples with their active tokens marked << >>."""
-    return label_with_llm(features, ctx.name, ctx.explainer, ctx.max_retries, dataset=True)
+    return label_with_llm(features, ctx.name, ctx.explainer, ctx.max_retries, dataset=True, lazy=ctx.stream)
 
 
 @register("np_max_act", tiers=(2,), needs=("explainer",))
 def np_max_act(features, ctx: LabelContext) -> pa.Table:
     """Neuronpedia-style: the max-activating token of each example with its ±24-token window; a 1-6 word label."""
-    return label_with_llm(features, "np_max_act", ctx.explainer, ctx.max_retries, dataset=True)
+    return label_with_llm(features, "np_max_act", ctx.explainer, ctx.max_retries, dataset=True, lazy=ctx.stream)
 
 
 @register("small_llm", tiers=(1,), needs=("explainer",))
 def small_llm(features, ctx: LabelContext) -> pa.Table:
     """A small local LLM (label.small_llm, else the explainer) with the np_max_act prompt: a cheap tier-1 label."""
-    return label_with_llm(features, "small_llm", ctx.small_llm or ctx.explainer, ctx.max_retries, dataset=True)
+    return label_with_llm(features, "small_llm", ctx.small_llm or ctx.explainer, ctx.max_retries, dataset=True, lazy=ctx.stream)

@@ -33,6 +33,7 @@ class LabelContext:
     saes: tuple[SAEConfig, ...] = ()  # the job's SAEs: nla_direct reads their decoder rows
     route: RouteConfig = RouteConfig()  # token_freq counts over route.top_n examples and its windows
     routes_dir: Path | None = None  # the routes table (kinds) of these features
+    stream: bool = False  # the rows go on to be scored as they come: a method may return its Dataset unexecuted
 
 
 NEEDS = {
@@ -137,11 +138,25 @@ def _missing_explainer(name: str, explainer) -> str | None:
     return None
 
 
+def _missing_input(name: str, section: str, av_sidecar: str | None, spec: JobSpec) -> str | None:
+    """What the method `name` reads that the job lacks: an AV, or the SAE's weights."""
+    if "av_sidecar" in get(name).needs and not av_sidecar:
+        return f"{name} needs {section}.av_sidecar (an activation verbalizer)"
+    if "sae" in get(name).needs and not spec.saes:
+        return f"{name} reads the SAE's decoder rows: the job needs the sae (or saes) section"
+    return None
+
+
 def check_job_methods(spec: JobSpec) -> list[tuple[str, str]]:
     """(key, problem) for every method name of the job that the registry does not know
     or that lacks what it needs; empty when all is well."""
     out: list[tuple[str, str]] = []
-    if spec.job == "label" and spec.label is not None:
+    if spec.job == "label" and spec.label is not None and not spec.label.route:
+        name = spec.label.single_method
+        problem = _problem(name, None) or _missing_explainer(name, spec.label.explainer) or _missing_input(name, "label", spec.label.av_sidecar, spec)
+        if problem:
+            out.append(("label.method" if spec.label.method else "label.tier2", problem))
+    elif spec.job == "label" and spec.label is not None:
         for t in (1, 2, 3):
             name = getattr(spec.label, f"tier{t}")
             problem = _problem(name, t) or _missing_explainer(name, spec.label.explainer)
@@ -152,11 +167,7 @@ def check_job_methods(spec: JobSpec) -> list[tuple[str, str]]:
     if spec.job == "benchmark" and spec.benchmark is not None:
         b = spec.benchmark
         for i, name in enumerate(b.methods):
-            problem = _problem(name, None) or _missing_explainer(name, b.explainer)
-            if problem is None and "av_sidecar" in get(name).needs and not b.av_sidecar:
-                problem = f"{name} needs benchmark.av_sidecar (an activation verbalizer)"
-            if problem is None and "sae" in get(name).needs and not spec.saes:
-                problem = f"{name} reads the SAE's decoder rows: the job needs the sae (or saes) section"
+            problem = _problem(name, None) or _missing_explainer(name, b.explainer) or _missing_input(name, "benchmark", b.av_sidecar, spec)
             if problem:
                 out.append((f"benchmark.methods.{i}", problem))
         if len(set(b.methods)) != len(b.methods):

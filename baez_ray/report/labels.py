@@ -14,8 +14,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from markupsafe import Markup
+
 from baez_ray.report.html import duplicates, label_shared, render_page
-from baez_ray.schema import key_table, read_keyed
+from baez_ray.schema import NOT_ROUTED_KIND, key_table, read_keyed
 
 N_SHOWN = 200  # labels shown (all are in labels/)
 COLUMNS = ["sae_id", "feature", "tier", "kind", "method", "label", "error", "tries"]
@@ -38,6 +40,20 @@ def label_rows(labels: pa.Table, n: int = N_SHOWN) -> tuple[list[dict], dict[str
     return rows, duplicates(labels.column("label"), shared)
 
 
+def routed(routes: pa.Table) -> bool:
+    """Whether a label job routed its features (false: `label.route: false`, kind not_routed)."""
+    return routes.num_rows == 0 or not pc.all(pc.equal(routes.column("kind"), NOT_ROUTED_KIND)).as_py()
+
+
+def not_routed_html(routes: pa.Table, spec: dict) -> Markup:
+    """The routing section of a job without routing: what labelled every feature."""
+    label = spec.get("label") or {}
+    method = label.get("method") or label.get("tier2") or "eleuther_acts_top5"
+    fired = int(pc.sum(pc.greater(routes.column("n_examples"), 0)).as_py() or 0)
+    return Markup("<h2>Routing</h2>\n<p>Not routed (<code>label.route: false</code>): the {:,} features that fired were all labelled "
+                  "with <code>{}</code>; no routing scores, no tiers.</p>\n").format(fired, method)
+
+
 def write_label_report(run_dir: str | Path, n_examples: int = 3) -> Path:
     from baez_ray.report.benchmark import score_failures, scoring_section
     from baez_ray.report.routing import read_routes, write_routing_report
@@ -48,7 +64,8 @@ def write_label_report(run_dir: str | Path, n_examples: int = 3) -> Path:
     manifest = json.loads((run_dir / "manifest.json").read_text())
     spec = manifest["spec"]
     taus = {k: spec["route"][k] for k in ("tau_in", "tau_out", "tau_cross")}
-    routing = write_routing_report(read_routes(run_dir / "routes"), out, taus=taus)
+    routes = read_routes(run_dir / "routes")
+    routing = write_routing_report(routes, out, taus=taus) if routed(routes) else {"html": not_routed_html(routes, spec)}
     labels = pq.read_table(run_dir / "labels", columns=COLUMNS)
     shown, dups = label_rows(labels)
     # the examples of the features shown only (`read_keyed`: Parquet statistics skip the other

@@ -5,9 +5,12 @@ committed shards (SPEC §4).
       ─ per tier, per shard of features ─▶ features rows read by a Ray task (`_subset`)
           ─ tier 1: token_freq / small_llm
           ├ tier 2: the frontier method (eleuther_acts_top5)
-          └ tier 3: flagged for a human, with AV explanations and a draft when an AV is
-                    configured (label.tier3: baez | baez_last | nla_direct), else `manual` rows
+          ├ tier 3: flagged for a human, with AV explanations and a draft when an AV is
+          │         configured (label.tier3: baez | baez_last | nla_direct), else `manual` rows
+          └ tier 0: not routed (label.route: false): every feature with label.method
       ─▶ label_shards/ (committed per shard: stages/label_shards.py) ─finish_labels─▶ labels/
+                  └─ with a score plan (stages/label_scores.py), a shard's sampled labels
+                     are scored as they come, in the same pipeline, committed with it
 
 Resume: a rerun labels only the features without a committed row, plus those whose row
 failed in the LLM backend (`backend_failed`); labels/ is then rebuilt from the committed
@@ -23,6 +26,7 @@ the shard (`LabelShards.commit_dataset`); labels/ is written from the shards by 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,19 +37,21 @@ from baez_ray import methods, schema
 from baez_ray.config import BenchmarkConfig, LabelConfig, RouteConfig, SAEConfig
 from baez_ray.ray_pool import remote
 from baez_ray.rundir import Run, log, write_table
-from baez_ray.schema import key_table, read_keyed, rows_of
+from baez_ray.schema import NOT_ROUTED_TIER, key_table, read_keyed, rows_of
 from baez_ray.stages.label_shards import SHARD_DIR, LabelShards, backend_failed, committed_rows, failed_rows, latest, with_route
 
 SUBSET_BLOCK = 64  # features per Ray Data block of a subset (blocks spread over the actors)
+TIERS = (NOT_ROUTED_TIER, 1, 2, 3)  # in the order they are labelled
 
 
 def label_stage(cfg: LabelConfig, saes: tuple[SAEConfig, ...], route_cfg: RouteConfig, run: Run, features_dir: Path,
-                routes: pa.Table, keys: dict[int, set]) -> dict:
+                routes: pa.Table, keys: dict[int, set], scores=None) -> dict:
     """Label every selected feature (`keys`: per tier, from `select`), tier by tier, in
     committed shards; resume: only the features without a committed row, and those whose
     row failed in the LLM backend. The labels and answers stay out of the driver: the
     workers write the shards, and `finish_labels` (a Ray task) writes labels/ from them and
-    counts it; the driver keeps keys and counts. Returns the stage's manifest counts."""
+    counts it; the driver keeps keys and counts. `scores` (label_scores.ScorePlan): a
+    shard's sampled labels are scored as they come. Returns the stage's manifest counts."""
     import ray
 
     shards = LabelShards(run.table_dir(SHARD_DIR), run.attempt)
@@ -54,24 +60,37 @@ def label_stage(cfg: LabelConfig, saes: tuple[SAEConfig, ...], route_cfg: RouteC
     retry = _key_set(failed)
     done = _key_set(before) - retry
     del before, failed
-    resumed, retried = sum(len(keys[t] & done) for t in (1, 2, 3)), sum(len(keys[t] & retry) for t in (1, 2, 3))
+    resumed, retried = sum(len(keys[t] & done) for t in TIERS), sum(len(keys[t] & retry) for t in TIERS)
     if resumed or retried:
         log(f"[label] resuming: {resumed} features labelled by an earlier attempt; {retried} that failed in the LLM backend are retried")
-    for t in (1, 2, 3):
+    for t in TIERS:
         todo = sorted(keys[t] - done)
         size = shard_size(len(todo), cfg.shard_features)
         for i in range(0, len(todo), size):
             chunk = set(todo[i : i + size])
             if len(todo) > size:
                 log(f"[label] tier {t}: shard {i // size + 1}/{math.ceil(len(todo) / size)} ({len(chunk)} features)")
-            labels = label_shard(cfg, saes, route_cfg, t, chunk, features_dir, routes, run.table_dir("routes"))
+            scored = scores.scorer_for(chunk) if scores is not None else None
+            labels = label_shard(cfg, saes, route_cfg, t, chunk, features_dir, routes, run.table_dir("routes"), stream=scored is not None)
             if isinstance(labels, pa.Table):
                 shards.commit(t, labels)
             else:
-                shards.commit_dataset(t, labels, _route_rows(routes, chunk))
-    every = key_table(sorted(k for t in (1, 2, 3) for k in keys[t]))
-    info = ray.get(remote(finish_labels).remote(str(shards.root), every, str(run.table_dir("labels")), {t: len(keys[t]) for t in (1, 2, 3)}))
+                shards.commit_dataset(t, labels, _route_rows(routes, chunk), scored=scored)
+    every = key_table(sorted(k for t in TIERS for k in keys[t]))
+    info = ray.get(remote(finish_labels).remote(str(shards.root), every, str(run.table_dir("labels")), {t: len(keys[t]) for t in TIERS}))
     return {"resumed_features": resumed, "retried_backend_failed": retried, "shards": shards.n, **info}
+
+
+def start_llms(cfg: LabelConfig) -> None:
+    """Start the API clients the stage will ask (explainer, small LLM, scorer) before the
+    job reads and routes: their actors are up when the first prompt is ready."""
+    from baez_ray.llm.backends import MissingAPIKeyError, prestart
+
+    for llm in {id(c): c for c in (cfg.explainer, cfg.small_llm, cfg.score.scorer if cfg.score else None) if c is not None}.values():
+        try:
+            prestart(llm)
+        except MissingAPIKeyError:  # said where a prompt first needs the key, as without the head start
+            pass
 
 
 def select(routes: pa.Table, cfg: LabelConfig) -> tuple[pa.Table, dict[int, set], dict]:
@@ -96,7 +115,7 @@ def select(routes: pa.Table, cfg: LabelConfig) -> tuple[pa.Table, dict[int, set]
     keep = rank_within(sae * 4 + tiers) < cap
     routes, tiers = routes.filter(pa.array(keep)), tiers[keep]
     keys = {t: set(zip(routes.column("sae_id").filter(pa.array(tiers == t)).to_pylist(), routes.column("feature").filter(pa.array(tiers == t)).to_pylist()))
-            for t in (1, 2, 3)}
+            for t in TIERS}
     return routes, keys, {"skipped_few_examples": n_skipped, "not_labelled_max_per_tier": int((~keep).sum())}
 
 
@@ -122,18 +141,20 @@ def shard_size(n_todo: int, fixed: int | None = None) -> int:
 
 
 def label_shard(cfg: LabelConfig, saes: tuple[SAEConfig, ...], route_cfg: RouteConfig, t: int, chunk: set[tuple[str, int]],
-                features_dir: Path, routes: pa.Table, routes_dir: Path):
+                features_dir: Path, routes: pa.Table, routes_dir: Path, stream: bool = False):
     """LABELS rows of the features `chunk` of tier `t` (one shard), by the tier's method: a
     table, or the Ray Dataset of the rows (methods that label in the workers; their
-    `tier` and `kind` are filled when the workers write them, `LabelShards.commit_dataset`)."""
-    name = {1: cfg.tier1, 2: cfg.tier2, 3: cfg.tier3}[t]
+    `tier` and `kind` are filled when the workers write them, `LabelShards.commit_dataset`;
+    `stream`: unexecuted where the method can, to be scored as they come)."""
+    name = {NOT_ROUTED_TIER: cfg.single_method, 1: cfg.tier1, 2: cfg.tier2, 3: cfg.tier3}[t]
     if t == 3 and not cfg.av_sidecar:
         log(f"[label] tier 3: {len(chunk)} features flagged for manual labelling (no AV configured)")
         return with_route(manual_rows(routes, chunk), routes)
-    where = f" ({cfg.explainer.backend}:{cfg.explainer.model})" if t == 2 else ""
+    where = f" ({cfg.explainer.backend}:{cfg.explainer.model})" if t in (NOT_ROUTED_TIER, 2) and "explainer" in methods.get(name).needs else ""
     what = "flagged for manual labelling; AV explanations and a draft by " if t == 3 else "with "
-    log(f"[label] tier {t}: {len(chunk)} features {what}{name}{where}")
-    ctx = method_context(name, cfg, saes, route_cfg, routes_dir)
+    tier = "not routed" if t == NOT_ROUTED_TIER else f"tier {t}"
+    log(f"[label] {tier}: {len(chunk)} features {what}{name}{where}")
+    ctx = replace(method_context(name, cfg, saes, route_cfg, routes_dir), stream=stream)
     labels = methods.label_rows(name, _subset(features_dir, chunk), ctx)
     return with_route(schema.conform(labels, schema.LABELS), routes) if isinstance(labels, pa.Table) else labels
 
@@ -212,12 +233,12 @@ def label_counts(labels: pa.Table, by_tier: dict[int, int]) -> dict:
     # rows that were tried and got no label (backend failures and unparsed answers); a
     # tier-3 row flagged for a human, or without AV evidence, was not tried (tries 0)
     info["llm_failed"] = int(failed_rows(labels).sum())
-    info["by_tier"] = {str(t): by_tier[t] for t in (1, 2, 3)}
+    info["by_tier"] = {str(t): by_tier.get(t, 0) for t in TIERS if t or by_tier.get(t)}
     info.update(cost_usd=float(total("cost_usd")), input_tokens=int(total("input_tokens")), output_tokens=int(total("output_tokens")))
     tier2 = labels.filter(pc.equal(labels.column("tier"), 2))
-    per_feature = (pc.sum(tier2.column("input_tokens")).as_py() or 0) / max(1, by_tier[2]) if tier2.num_rows else None
+    per_feature = (pc.sum(tier2.column("input_tokens")).as_py() or 0) / max(1, by_tier.get(2, 0)) if tier2.num_rows else None
     if per_feature:
-        info["tokens_saved_estimate"] = int(per_feature * (by_tier[1] + by_tier[3]))
+        info["tokens_saved_estimate"] = int(per_feature * (by_tier.get(1, 0) + by_tier.get(3, 0)))
     return info
 
 

@@ -22,6 +22,11 @@ Per batch of features, a RouteWorker
 
 The thresholds are per score, so a `--set route.tau_in=…` changes one test only. c_cross is
 null when it was not computed (tier 1).
+
+Without routing (`label.route: false`, `not_routed`): no embedder; each feature gets a
+routes row with its `n_examples` (counted as above: its top examples, at most top_n), no
+scores, tier 0 and kind `not_routed` (schema.NOT_ROUTED_TIER / NOT_ROUTED_KIND), read from
+the examples' kinds only.
 """
 
 from __future__ import annotations
@@ -197,6 +202,44 @@ def route_dataset(features, cfg: RouteConfig):
 def route_table(features, cfg: RouteConfig) -> pa.Table:
     """Run the route stage and gather its rows on the driver (routes are small: 9 columns)."""
     return gather(route_dataset(features, cfg), like=schema.ROUTES)
+
+
+NOT_ROUTED_INPUT = pa.schema(
+    [schema.FEATURES.field(n) for n in ("sae_id", "layer", "feature")]
+    + [pa.field("examples", pa.list_(pa.struct([schema.EXAMPLE.field("kind")])), nullable=False)]
+)
+
+
+def not_routed_batch(batch: pa.Table, top_n: int) -> pa.Table:
+    """FEATURES rows (NOT_ROUTED_INPUT) → routes rows without scores: tier 0, kind
+    not_routed, n_examples = the feature's top examples (all of its examples when it has
+    no top ones), at most `top_n`."""
+    import pyarrow.compute as pc
+
+    ex = batch.column("examples").combine_chunks()
+    lengths = pc.fill_null(pc.list_value_length(ex), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    feat = np.repeat(np.arange(batch.num_rows), lengths)
+    is_top = pc.equal(pc.struct_field(pc.list_flatten(ex), "kind"), "top").to_numpy(zero_copy_only=False).astype(bool)
+    n_top = np.bincount(feat[is_top], minlength=batch.num_rows)
+    n = np.minimum(np.where(n_top > 0, n_top, lengths), top_n).astype(np.int32)
+    empty = pa.nulls(batch.num_rows, pa.float32())
+    return schema.conform(pa.table({
+        "sae_id": batch.column("sae_id"), "layer": batch.column("layer"), "feature": batch.column("feature"),
+        "n_examples": pa.array(n, pa.int32()), "c_in": empty, "c_out": empty, "c_cross": empty,
+        "tier": pa.array(np.full(batch.num_rows, schema.NOT_ROUTED_TIER, np.int8)),
+        "kind": pa.array([schema.NOT_ROUTED_KIND] * batch.num_rows, pa.string())}), schema.ROUTES)
+
+
+def not_routed(features_dir: str | Path, out_dir: str | Path, cfg: RouteConfig) -> dict:
+    """The route stage of an unrouted job: features/ → routes/ rows without scores (tier 0,
+    kind not_routed), no embedder. Returns counts for the manifest."""
+    import ray
+
+    ds = ray.data.read_parquet(str(features_dir), schema=NOT_ROUTED_INPUT)
+    table = gather(ds.map_batches(not_routed_batch, batch_format="pyarrow", fn_kwargs={"top_n": cfg.top_n}), like=schema.ROUTES)
+    fired = np.asarray(table.column("n_examples").to_numpy()) > 0
+    return {"features": table.num_rows, "never_fired": int((~fired).sum()), "not_routed": int(fired.sum()),
+            "parts": write_table(table, Path(out_dir))}
 
 
 def route(features_dir: str | Path, out_dir: str | Path, cfg: RouteConfig) -> dict:

@@ -195,6 +195,56 @@ def items_dataset(tests, keys: pa.Table, cfg: ScoreConfig, seed: int, negatives_
                                           fn_kwargs={"cfg": cfg, "seed": seed, "corpus": negatives_table is not None})
 
 
+def block_items_table(features_dir: str, keys: pa.Table, cfg: ScoreConfig, seed: int, min_test: int) -> pa.Table:
+    """ITEMS rows of one block of features `keys` (sae_id, feature), read from features/
+    (a Ray task; no shuffle): each feature's held-out test examples (split.held_out_tests),
+    those with at least `min_test` of them, shown with negatives drawn from the block's
+    other features (`block_items`)."""
+    from baez_ray.schema import read_keyed
+    from baez_ray.stages.split import held_out_tests
+
+    tests = {}
+    for r in read_keyed(features_dir, keys, ["sae_id", "feature", "examples"]).to_pylist():
+        held = held_out_tests(r["examples"], cfg.test_examples)
+        if len(held) >= min_test:
+            tests[(r["sae_id"], r["feature"])] = [{"token_strs": e["token_strs"], "acts": e["acts"]} for e in held]
+    rows = block_items(tests, cfg, seed)
+    return pa.Table.from_pylist(rows, schema=ITEMS) if rows else ITEMS.empty_table()
+
+
+def sample_items(features_dir, keys: pa.Table, cfg: ScoreConfig, seed: int, min_test: int,
+                 block_features: int = BLOCK_FEATURES) -> tuple[pa.Table, list]:
+    """The items of the features `keys`, one Ray task per block (`block_items_table`),
+    started now: (the keys with their block (`feature_blocks`), the ObjectRef of each
+    block's ITEMS table)."""
+    from baez_ray.ray_pool import remote
+
+    blocks = feature_blocks(keys, block_features)
+    n_blocks = int(pc.max(blocks.column("block")).as_py()) + 1 if blocks.num_rows else 0
+    refs = [remote(block_items_table).remote(str(features_dir), blocks.filter(pc.equal(blocks.column("block"), b)).select(["sae_id", "feature"]),
+                                             cfg, seed, min_test) for b in range(n_blocks)]
+    return blocks, refs
+
+
+def label_prompts(batch: pa.Table, blocks, refs: list, cfg: ScoreConfig) -> pa.Table:
+    """A map_batches function: LABELS rows → the scorer prompt rows (SCORE_PROMPTS) of
+    those with a label whose feature is among `blocks` (the sample), on its items (the
+    ITEMS table of its block, `refs`)."""
+    import ray
+
+    blocks = resolved(blocks)
+    labelled = batch.filter(pc.is_valid(batch.column("label"))).select(["sae_id", "layer", "feature", "method", "label"])
+    labelled = labelled.join(blocks, ["sae_id", "feature"], join_type="inner")
+    items: dict[tuple[str, int], dict] = {}
+    for b in sorted(set(labelled.column("block").to_pylist())):
+        table = ray.get(refs[b])
+        for r in table.filter(pc.is_in(table.column("feature"), value_set=labelled.column("feature"))).to_pylist():
+            items[(r["sae_id"], r["feature"])] = r
+    subs = sorted((r for r in labelled.drop_columns(["block"]).to_pylist() if (r["sae_id"], r["feature"]) in items),
+                  key=lambda r: (r["method"], r["sae_id"], r["feature"]))
+    return prompt_rows(subs, items, cfg)
+
+
 # ---- subjects: what to score -----------------------------------------------------------------
 
 def subjects(labels: pa.Table, keys: pa.Table, cfg: ScoreConfig, seed: int) -> pa.Table:
@@ -243,11 +293,17 @@ def n_prompts(n_items: int, cfg: ScoreConfig) -> int:
 
 
 def _prompt_batch(batch: pa.Table, subs, cfg: ScoreConfig) -> pa.Table:
-    """Scorer prompt rows of an items batch: every subject × LLM benchmark; list benchmarks
+    """Scorer prompt rows of an items batch: every subject × LLM benchmark (`prompt_rows`)."""
+    subjects_, items = _subjects_of(batch, subs)
+    return prompt_rows(subjects_, items, cfg)
+
+
+def prompt_rows(subjects_: list[dict], items: dict[tuple[str, int], dict], cfg: ScoreConfig) -> pa.Table:
+    """Scorer prompt rows (SCORE_PROMPTS) of `subjects_` (sae_id, layer, feature, method,
+    label) on their features' `items`: every subject × LLM benchmark; list benchmarks
     `examples_per_prompt` excerpts a prompt, log-prob benchmarks one excerpt a prompt (a
     subject's rows one after another, so that their shared prefix, instructions + label,
     is computed once: the transformers backend's prefix runs, vLLM's prefix cache)."""
-    subjects_, items = _subjects_of(batch, subs)
     rows = []
     per = cfg.examples_per_prompt
     # benchmark by benchmark: the backend's batches then share their system prompt, which
@@ -335,8 +391,9 @@ def _list_score(rs: list[dict]) -> dict:
 
 def _score_group(group: pa.Table) -> pa.Table:
     """The final rows of one (sae_id, feature, method, benchmark) → its SCORES row."""
-    rs = group.select(["sae_id", "layer", "feature", "method", "benchmark", "label", "request_id", "truth", "acts", "value",
-                       "input_tokens", "output_tokens", "cost_usd"]).to_pylist()
+    cols = ["sae_id", "layer", "feature", "method", "benchmark", "label", "request_id", "truth", "value", "input_tokens",
+            "output_tokens", "cost_usd"] + (["acts"] if "acts" in group.column_names else [])  # simulation's true activations
+    rs = group.select(cols).to_pylist()
     bench = rs[0]["benchmark"]
     logprob = bench in LOGPROB_VERSIONS
     for r in rs:
@@ -348,7 +405,24 @@ def _score_group(group: pa.Table) -> pa.Table:
     return schema.conform(pa.Table.from_pylist([row]), schema.SCORES)
 
 
-def _round_counts(batch: pa.Table) -> pa.Table:
+def scores_of(final: pa.Table) -> pa.Table:
+    """Final scorer rows of complete (sae_id, feature, method, benchmark) groups → their
+    SCORES rows (a pyarrow group-by of row indices; no shuffle)."""
+    if final.num_rows == 0:
+        return schema.empty(schema.SCORES)
+    keys = ["sae_id", "feature", "method", "benchmark"]
+    idx = final.select(keys).append_column("_row", pa.array(np.arange(final.num_rows), pa.int64()))
+    groups = idx.group_by(keys).aggregate([("_row", "list")]).column("_row_list").to_pylist()
+    return pa.concat_tables([_score_group(final.take(pa.array(g, pa.int64()))) for g in groups])
+
+
+def _scores_of_parts(*parts: pa.Table) -> pa.Table:
+    """A Ray task: `scores_of` the final scorer rows of materialized blocks."""
+    return scores_of(pa.concat_tables([p for p in parts if p.num_rows], promote_options="default")) if any(p.num_rows for p in parts) \
+        else schema.empty(schema.SCORES)
+
+
+def round_counts(batch: pa.Table) -> pa.Table:
     """One row of counts of a batch of final scorer rows (for the manifest)."""
     total = lambda c: pc.sum(batch.column(c)).as_py() or 0  # noqa: E731
     return pa.table({"prompts": [batch.num_rows], "failed_prompts": [int(pc.sum(pc.is_null(batch.column("value"))).as_py() or 0)],
@@ -467,12 +541,11 @@ def _llm_scores(pending, total: int, scorer: LLMConfig, cfg: ScoreConfig, info: 
     """Every scorer prompt row through the ask-until-parsed rounds → SCORES rows; the
     rounds' counts added to `info`."""
     done = score_rounds(pending, scorer, cfg.max_retries, total=total, parsers=PARSERS)
-    counts = gather(done.map_batches(_round_counts, batch_format="pyarrow"))
+    counts = gather(done.map_batches(round_counts, batch_format="pyarrow"))
     for k in list(info):
         if k in counts.column_names:
             info[k] = type(info[k])(pc.sum(counts.column(k)).as_py() or 0)
-    by = done.groupby(["sae_id", "feature", "method", "benchmark"], num_partitions=min(MAX_PARTITIONS, max(1, total // 4096)))
-    return gather(by.map_groups(_score_group, batch_format="pyarrow"))
+    return metrics(done, total)
 
 
 def _embedded_scores(tests, keys: pa.Table, items, subs: pa.Table, subs_ref, cfg: ScoreConfig, seed: int, threads: int,
@@ -498,20 +571,24 @@ def _embedded_scores(tests, keys: pa.Table, items, subs: pa.Table, subs_ref, cfg
 
 
 def score_labels(tests, keys: pa.Table, labels: pa.Table, cfg: ScoreConfig, scorer: LLMConfig, seed: int = 0,
-                 negatives_table: pa.Table | None = None, threads: int = 2,
-                 block_features: int = BLOCK_FEATURES, model=None, saes=(), steering_dir=None) -> tuple[pa.Table, dict]:
+                 negatives_table: pa.Table | None = None, threads: int = 2, block_features: int = BLOCK_FEATURES,
+                 items=None, subs: pa.Table | None = None, model=None, saes=(), steering_dir=None) -> tuple[pa.Table, dict]:
     """Score every label of the features `keys` (a table with sae_id, feature) with each
     benchmark of `cfg`, plus the random-label control. `tests`: a Ray Dataset of rows
     (sae_id, feature, examples: the feature's test examples; rows of other features are
     ignored; with pos_tokens and pos_values for logit_embedding); `negatives_table`: rows
-    (sae_id, feature, examples) of given negatives (`negatives = corpus`); `model` and
-    `saes` (config.ModelConfig, SAEConfig list): the base model the intervention
-    benchmarks steer, and the SAEs whose decoder rows they steer along; `steering_dir`: where the steered continuations are written. Returns the
-    SCORES table and counts for the manifest."""
+    (sae_id, feature, examples) of given negatives (`negatives = corpus`). `items`: a Dataset
+    of ITEMS rows built already (`tests` then unused but by logit_embedding); `subs`: the
+    subjects to score (default: `subjects(labels, keys, ...)`); `model` and `saes`
+    (config.ModelConfig, SAEConfig list): the base model the intervention benchmarks steer
+    and the SAEs whose decoder rows they steer along; `steering_dir`: where the steered
+    continuations are written. Returns the SCORES table and counts for the manifest."""
     import ray
 
-    subs = subjects(labels, keys, cfg, seed)
-    items = items_dataset(tests, keys, cfg, seed, negatives_table, block_features).materialize()  # read twice: LLM and embedding
+    subs = subjects(labels, keys, cfg, seed) if subs is None else subs
+    if items is None:
+        items = items_dataset(tests, keys, cfg, seed, negatives_table, block_features)
+    items = items.materialize()  # read twice: LLM and embedding
     per_key, total = _prompt_counts(items, subs, cfg)
     subs_ref = ray.put(subs)
     parts, info = [], {"features": len(per_key), "subjects": subs.num_rows, "prompts": total, "failed_prompts": 0, "retried_prompts": 0,
@@ -531,3 +608,20 @@ def score_labels(tests, keys: pa.Table, labels: pa.Table, cfg: ScoreConfig, scor
     table = pa.concat_tables([schema.empty(schema.SCORES)] + [schema.conform(p, schema.SCORES) for p in parts if p.num_rows])
     table = table.sort_by([("sae_id", "ascending"), ("feature", "ascending"), ("method", "ascending"), ("benchmark", "ascending")])
     return table, info
+
+
+TASK_METRICS_MAX = 200_000  # scorer prompts whose metrics one Ray task computes (more: a groupby over the cluster)
+
+
+def metrics(done, total: int) -> pa.Table:
+    """SCORES rows of the final scorer rows `done` (a materialized Dataset of `total`
+    prompts): up to TASK_METRICS_MAX in one Ray task over its blocks (no shuffle), beyond
+    that a groupby by (sae_id, feature, method, benchmark)."""
+    import ray
+
+    from baez_ray.ray_pool import remote
+
+    if total <= TASK_METRICS_MAX:
+        return ray.get(remote(_scores_of_parts).remote(*done.to_arrow_refs()))
+    by = done.groupby(["sae_id", "feature", "method", "benchmark"], num_partitions=min(MAX_PARTITIONS, max(1, total // 4096)))
+    return gather(by.map_groups(_score_group, batch_format="pyarrow"))

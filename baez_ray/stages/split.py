@@ -155,10 +155,7 @@ def _held_out(batch: pa.Table, keys, test_n: int, counts_only: bool) -> pa.Table
     keys = resolved(keys)
     idx = pa.table({"sae_id": batch.column("sae_id"), "feature": batch.column("feature"), "_row": pa.array(range(batch.num_rows), pa.int64())})
     hit = idx.join(keys.select(["sae_id", "feature"]), ["sae_id", "feature"], join_type="inner").sort_by("_row")
-    tests = []
-    for exs in batch.column("examples").take(hit.column("_row")).to_pylist():
-        n_top = sum(1 for e in exs if e["kind"] == "top")
-        tests.append([{**e, "residual": None} for e in split_examples(exs, "deciles", train_n=n_top, test_n=test_n)[1]])
+    tests = [held_out_tests(exs, test_n) for exs in batch.column("examples").take(hit.column("_row")).to_pylist()]
     out = {"sae_id": hit.column("sae_id"), "feature": hit.column("feature")}
     if counts_only:
         return pa.table({**out, "n_test": pa.array([len(t) for t in tests], pa.int32())})
@@ -171,15 +168,23 @@ def held_out_sample(labels: pa.Table, features_dir: Path, test_n: int, min_test:
     per SAE) among those with `min_test` of the `test_n` held-out examples (`_held_out`), counted
     in the workers: the driver reads only (sae_id, feature, n_test). Returns (their keys: a
     table (sae_id, feature) in key order, counts)."""
+    labelled = labels.filter(pc.is_valid(labels.column("label"))).select(["sae_id", "feature"])
+    return sample_held_out(labelled, features_dir, test_n, min_test, sample, seed)
+
+
+def sample_held_out(candidates: pa.Table, features_dir: Path, test_n: int, min_test: int, sample: int | None,
+                    seed: int) -> tuple[pa.Table, dict]:
+    """A seeded sample of `sample` features per SAE (None: all) among the `candidates`
+    (sae_id, feature) with `min_test` of the `test_n` held-out examples, counted in the
+    workers. Returns (their keys in key order, counts)."""
     import ray
 
     from baez_ray.ray_pool import gather
 
-    labelled = labels.filter(pc.is_valid(labels.column("label"))).select(["sae_id", "feature"])
-    labelled = labelled.group_by(["sae_id", "feature"]).aggregate([])
+    candidates = candidates.select(["sae_id", "feature"]).group_by(["sae_id", "feature"]).aggregate([])
     feats = ray.data.read_parquet(str(features_dir)).select_columns(["sae_id", "feature", "examples"])
     n_test = gather(feats.map_batches(_held_out, batch_format="pyarrow",
-                                      fn_kwargs={"keys": ray.put(labelled), "test_n": test_n, "counts_only": True}),
+                                      fn_kwargs={"keys": ray.put(candidates), "test_n": test_n, "counts_only": True}),
                     like=pa.schema([("sae_id", pa.string()), ("feature", pa.int64()), ("n_test", pa.int32())]))
     ok = pc.greater_equal(n_test.column("n_test"), min_test)
     # a feature that fired in few contexts has all of them among its top examples
@@ -187,6 +192,13 @@ def held_out_sample(labels: pa.Table, features_dir: Path, test_n: int, min_test:
     eligible = n_test.filter(ok).select(["sae_id", "feature"]).sort_by([("sae_id", "ascending"), ("feature", "ascending")])
     keys = eligible.take(pa.array(sample_per_sae(eligible.column("sae_id").to_pylist(), sample, seed), pa.int64()))
     return keys, {"labelled_features_too_few_test_examples": too_few, "eligible": eligible.num_rows}
+
+
+def held_out_tests(examples: list[dict], test_n: int) -> list[dict]:
+    """A feature's held-out test examples (its decile samples that are not among its top
+    examples; `test_n` of them), without residual vectors."""
+    n_top = sum(1 for e in examples if e["kind"] == "top")
+    return [{**e, "residual": None} for e in split_examples(examples, "deciles", train_n=n_top, test_n=test_n)[1]]
 
 
 def held_out_examples(features_dir: Path, keys: pa.Table, test_n: int):

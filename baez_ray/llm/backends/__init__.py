@@ -27,14 +27,25 @@ log-softmax of the raw logits of each generated step) or the server's log-probs 
 `top_logprobs=min(k, 20)`). The simulation benchmark reads its expected activations from
 them. Backends without log-probs (anthropic) leave `token_logprobs` null and answer the
 row as text, so that the caller falls back to the answer's own text.
+
+Ask until parsed, in the backend: the API backends (openai; anthropic in messages mode:
+`asks_in_backend`) take `generate(ds, cfg, until=Until(...))` and ask each row again, in
+the actor that holds it, until `until.parse` reads its answer (at most `max_retries` more
+tries, each with the conversation `until.retry_messages` builds): a retry waits for no
+other row (llm.rounds sends the local engines' retries in rounds instead). Such a row
+comes back with `value`, `problem`, `tries`, its last try's `messages`, and the tokens and
+cost of all its tries (`ask_until`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import re
+from dataclasses import dataclass
 from importlib import import_module
+from typing import Awaitable, Callable
 
 import pyarrow as pa
 from pydantic import SecretStr
@@ -82,9 +93,99 @@ def token_logprobs_of(row: dict) -> int:
     return int(k) if k else 0
 
 
-def generate(ds, cfg: LLMConfig):
-    """Prompt rows → prompt rows with answers (a lazy Ray Dataset)."""
-    return import_module(_MODULES[cfg.backend]).generate(ds, cfg)
+def generate(ds, cfg: LLMConfig, until: "Until | None" = None):
+    """Prompt rows → prompt rows with answers (a lazy Ray Dataset); with `until` (only where
+    `asks_in_backend(cfg)`), each row asked until its answer parses."""
+    if until is None:
+        return import_module(_MODULES[cfg.backend]).generate(ds, cfg)
+    if not asks_in_backend(cfg):
+        raise ValueError(f"the {cfg.backend} backend does not retry unparsed answers itself (llm.rounds sends its retries in rounds)")
+    return import_module(_MODULES[cfg.backend]).generate(ds, cfg, until=until)
+
+
+def prestart(cfg: LLMConfig) -> bool:
+    """Start, without waiting, the actors that `generate(…, cfg)` will use, where they are
+    kept for the job (the API backends, inside `ray_pool.kept_pools()`): they start while
+    the job reads and plans. False where nothing was started."""
+    start = getattr(import_module(_MODULES[cfg.backend]), "prestart", None)
+    return bool(start and start(cfg))
+
+
+def asks_in_backend(cfg: LLMConfig) -> bool:
+    """Whether `generate` takes `until` for this LLM: the API backends that answer row by
+    row (openai; anthropic's Messages API, not its Message Batches)."""
+    return cfg.backend == "openai" or (cfg.backend == "anthropic" and cfg.mode == "messages")
+
+
+BATCHES_PER_ACTOR = 16  # the most batches one API actor holds at once
+
+
+def batches_in_flight(cfg: LLMConfig) -> int:
+    """Batches an API actor holds at once: enough rows queued behind its window of
+    `max_concurrency` that a batch's return (and the wait for the next one) never empties
+    it: twice the window, plus one batch."""
+    return max(2, min(BATCHES_PER_ACTOR, math.ceil(2 * cfg.max_concurrency / cfg.batch_size) + 1))
+
+
+# ---- ask until parsed, inside an API backend's actor ----------------------------------------
+
+@dataclass(frozen=True)
+class Until:
+    """What an API backend needs to ask a row until its answer parses (built by llm.rounds).
+    `parse(row, attempt) -> (value, problem)` reads a row with its answer fields (value None:
+    unreadable, `problem` says why); `retry_messages(row, problem, attempt)` is the next
+    try's conversation; `retryable(row)` (None: every row) whether a row is asked again."""
+
+    parse: Callable[[dict, int], tuple]
+    retry_messages: Callable[[dict, str, int], list]
+    max_retries: int
+    value_type: pa.DataType
+    retryable: Callable[[dict], bool] | None = None
+
+
+# request row -> (answer, input tokens, output tokens, error, p_yes[, token_logprobs])
+AskOnce = Callable[[dict], Awaitable[tuple]]
+
+
+async def ask_until(ask_once: AskOnce, row: dict, until: Until | None) -> dict:
+    """One row's answer fields (answer, input_tokens, output_tokens, error, p_yes,
+    token_logprobs: null where `ask_once` gives none); with `until`, asked again while it
+    does not parse, with value, problem, tries, messages (the last try's) and the tokens of
+    all its tries."""
+    answer, n_in, n_out, err, p, *toks = await ask_once(row)
+    out = {"answer": answer, "input_tokens": n_in, "output_tokens": n_out, "error": err, "p_yes": p,
+           "token_logprobs": toks[0] if toks else None}
+    if until is None:
+        return out
+    attempt = 0
+    while True:
+        seen = {**row, **out}
+        value, problem = (None, err) if err else until.parse(seen, attempt)
+        final = attempt == until.max_retries or (until.retryable is not None and not until.retryable(seen))
+        if value is not None or err or final:
+            return {**out, "value": value, "problem": problem, "tries": attempt + 1, "messages": row["messages"]}
+        row = {**row, "messages": until.retry_messages(seen, problem, attempt)}
+        attempt += 1
+        answer, n_in, n_out, err, p, *toks = await ask_once(row)
+        await asyncio.to_thread(progress.tick, 1)  # a try after the first: the driver's bar counts it too
+        out = {"answer": answer, "input_tokens": out["input_tokens"] + n_in, "output_tokens": out["output_tokens"] + n_out,
+               "error": err, "p_yes": p, "token_logprobs": toks[0] if toks else None}
+
+
+def with_results(batch: pa.Table, results: list[dict], cfg: LLMConfig, until: Until | None) -> pa.Table:
+    """A batch of prompt rows + the `ask_until` results of its rows (in row order)."""
+    col = lambda k: [r[k] for r in results]  # noqa: E731
+    out = with_answers(batch, col("answer"), col("input_tokens"), col("output_tokens"), col("error"), cfg, p_yes=col("p_yes"),
+                       token_logprobs=col("token_logprobs"))
+    if until is None:
+        return out
+    out = out.set_column(out.schema.get_field_index("messages"), "messages", pa.array(col("messages"), out.schema.field("messages").type))
+    for name, values, typ in (("value", col("value"), until.value_type), ("problem", col("problem"), pa.string()),
+                              ("tries", col("tries"), pa.int32())):
+        if name in out.column_names:
+            out = out.drop_columns([name])
+        out = out.append_column(name, pa.array(values, typ))
+    return out
 
 
 def cost(cfg: LLMConfig, input_tokens: int, output_tokens: int, batch: bool = False) -> float:

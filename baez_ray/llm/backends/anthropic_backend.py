@@ -1,9 +1,14 @@
 """Anthropic (Claude) through the official SDK, in two modes.
 
-`mode: messages` (default): an actor pool over the prompt rows; each actor sends a batch's
-requests through one `anthropic.Anthropic` client with at most `max_concurrency` requests
-in flight. The SDK retries 408/409/429/5xx/529 and connection errors `max_retries` times,
-honouring `retry-after` / `retry-after-ms` (otherwise exponential backoff 0.5 s .. 8 s).
+`mode: messages` (default): an actor pool over the prompt rows; each actor (async) holds
+several batches at once (`backends.batches_in_flight`) and sends every row of them through
+one `anthropic.AsyncAnthropic` client, with one window of at most `max_concurrency`
+requests in flight shared by those batches: a batch that waits for its slowest request
+does not leave the window empty (as the openai backend; defaults: config.API_DEFAULTS).
+With `until` each row is asked until its answer parses (backends.ask_until). The SDK
+retries 408/409/429/5xx/529 and connection errors `max_retries` times, honouring
+`retry-after` / `retry-after-ms` (otherwise exponential backoff 0.5 s .. 8 s); a request
+keeps its slot while the SDK waits to retry it.
 A request that still fails gets `answer = null` and an `error` ("Type: message") on its
 row only; the label job commits such rows with their error and retries only them when the
 same command is run again. An actor that dies mid-batch (OOM kill, lost node) is restarted
@@ -31,16 +36,17 @@ log-prob benchmarks with an anthropic scorer are refused when they are validated
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 from pydantic import SecretStr
 
-from baez_ray.llm.backends import cut_at_stop, error_text, logprob_targets, read_api_key, scrub, with_answers
+from baez_ray.llm.backends import (Until, ask_until, batches_in_flight, cut_at_stop, error_text, logprob_targets, read_api_key, scrub,
+                                   with_answers, with_results)
 from baez_ray.config import LLMConfig
 
 log = logging.getLogger(__name__)
@@ -94,40 +100,50 @@ def parse_message(msg, stops: list[str] | None) -> tuple[str, int, int]:
     return cut_at_stop(text, stops), n_in, n_out
 
 
-def make_client(cfg: LLMConfig, key: SecretStr):
+def make_client(cfg: LLMConfig, key: SecretStr, asynchronous: bool = False):
     import anthropic
 
-    return anthropic.Anthropic(api_key=key.get_secret_value(), base_url=cfg.base_url,
-                               max_retries=cfg.max_retries, timeout=cfg.timeout_s)
+    cls = anthropic.AsyncAnthropic if asynchronous else anthropic.Anthropic
+    return cls(api_key=key.get_secret_value(), base_url=cfg.base_url, max_retries=cfg.max_retries, timeout=cfg.timeout_s)
 
 
 class AnthropicCaller:
-    """Ray Data actor: one SDK client, at most `max_concurrency` requests in flight."""
+    """Ray Data actor (async): one SDK async client and one window of `max_concurrency`
+    requests in flight, shared by every batch the actor holds."""
 
     def __init__(self, cfg: dict, key: SecretStr):
         self.cfg = LLMConfig(**cfg)
         self._key = key
-        self.client = make_client(self.cfg, key)
-        self.pool = ThreadPoolExecutor(max_workers=self.cfg.max_concurrency, thread_name_prefix="anthropic")
+        self._loop = None  # the event loop the client and the window belong to (the actor's)
 
-    def _one(self, row: dict) -> tuple[str | None, int, int, str | None]:
+    def _opened(self):
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._client = make_client(self.cfg, self._key, asynchronous=True)
+            self._slots = asyncio.Semaphore(self.cfg.max_concurrency)
+            self._loop = loop
+        return self._client, self._slots
+
+    async def ask_once(self, row: dict) -> tuple[str | None, int, int, str | None, float | None]:
         try:
             params = request_params(row, self.cfg)
             # temperature as a body field: the SDK's typed `create` does not take it here
             temperature = params.pop("temperature")
-            msg = self.client.messages.create(**params, extra_body={"temperature": temperature})
+            client, slots = self._opened()
+            async with slots:
+                msg = await client.messages.create(**params, extra_body={"temperature": temperature})
             text, n_in, n_out = parse_message(msg, row["stop"])
-            return text, n_in, n_out, None
+            return text, n_in, n_out, None, None
         except Exception as e:  # after the SDK's retries: recorded on this row only
             err = error_text(e, self._key)
             log.warning("anthropic request %s failed: %s", row.get("request_id"), err)
-            return None, 0, 0, err
+            return None, 0, 0, err, None
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = _request_rows(batch)
-        results = list(self.pool.map(self._one, rows))
-        answers, n_in, n_out, errors = (list(c) for c in zip(*results)) if results else ([], [], [], [])
-        return with_answers(batch, answers, n_in, n_out, errors, self.cfg)
+    async def __call__(self, batch: pa.Table, until: Until | None = None) -> pa.Table:
+        rows = batch.to_pylist() if until is not None else _request_rows(batch)
+        results = await asyncio.gather(*(ask_until(self.ask_once, r, until) for r in rows))
+        # off the event loop: the first progress tick looks its actor up (a blocking call)
+        return await asyncio.to_thread(with_results, batch, list(results), self.cfg, until)
 
 
 # ---- Message Batches ------------------------------------------------------------------
@@ -272,12 +288,24 @@ def generate_batches(ds, cfg: LLMConfig, key: SecretStr):
     return ray.data.from_arrow(tables)
 
 
-def generate(ds, cfg: LLMConfig):
+def _pool(cfg: LLMConfig, key: SecretStr) -> dict:
+    """The actor pool of `cfg` (messages mode): what `generate` and `prestart` give ray_pool.
+    An actor that dies mid-batch is restarted and the batch retried (fault_tolerant)."""
+    return {"cls": AnthropicCaller, "kwargs": {"cfg": cfg.model_dump(), "key": key}, "size": cfg.num_actors, "num_cpus": ACTOR_CPUS,
+            "fault_tolerant": True}
+
+
+def generate(ds, cfg: LLMConfig, until: Until | None = None):
     from baez_ray.ray_pool import actor_map
 
     key = api_key(cfg)  # on the driver, before anything runs: fails early and clearly
     if cfg.mode == "batches":
         return generate_batches(ds, cfg, key)
-    # an actor that dies mid-batch is restarted and the batch retried
-    return actor_map(ds, AnthropicCaller, {"cfg": cfg.model_dump(), "key": key}, size=cfg.num_actors, num_cpus=ACTOR_CPUS,
-                     batch_size=cfg.batch_size, fault_tolerant=True, keep=True)
+    return actor_map(ds, **_pool(cfg, key), batch_size=cfg.batch_size, keep=True, in_flight=batches_in_flight(cfg),
+                     fn_kwargs={"until": until} if until is not None else None)
+
+
+def prestart(cfg: LLMConfig) -> bool:
+    from baez_ray.ray_pool import start_kept
+
+    return cfg.mode == "messages" and start_kept(**_pool(cfg, api_key(cfg)))

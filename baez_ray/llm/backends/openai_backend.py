@@ -1,16 +1,30 @@
 """Any OpenAI-compatible chat-completions endpoint (a vLLM or SGLang server, OpenRouter,
-OpenAI itself) over plain httpx, in a Ray actor pool.
+OpenAI itself) over httpx's async client, in a Ray actor pool.
+
+    prompt batches ─Ray Data (≤ batches_in_flight(cfg) per actor at once)─▶ OpenAICaller
+      one event loop per actor: every row of every batch it holds is a task; one
+      semaphore of `max_concurrency` slots per actor ─▶ POST {base_url}/chat/completions
+
+The window is the actor's, not the batch's: while one batch waits for its slowest request,
+the rows of the next batches take the slots it frees, so the requests in flight stay at
+`max_concurrency` as long as rows remain (a batch returns as soon as its own rows are
+answered). Defaults (config.API_DEFAULTS): 128 requests in flight per actor, batches of
+64 rows, 4 batches held per actor.
 
 `base_url` is the API root including the version, e.g. `http://127.0.0.1:8000/v1` or
-`https://openrouter.ai/api/v1` (default `https://api.openai.com/v1`); requests go to
-`{base_url}/chat/completions` with `model`, `messages` (system messages stay in the list),
-`max_tokens`, `temperature` and `stop`. Each actor keeps at most `max_concurrency`
-requests in flight and retries 408/409/429/5xx, connection errors and timeouts up to
-`max_retries` times, waiting what `retry-after-ms` / `retry-after` (seconds or an HTTP
-date; capped at 120 s) asks, otherwise exponential backoff (0.5 s, 1 s, 2 s, .. 8 s, with
-jitter). A request that still fails gets `answer = null` and an `error` on its row only.
-Token counts come from `usage.prompt_tokens` / `usage.completion_tokens` (0 when the server
-sends no usage).
+`https://openrouter.ai/api/v1` (default `https://api.openai.com/v1`); requests carry
+`model`, `messages` (system messages stay in the list), `max_tokens`, `temperature` and
+`stop`. Retries: 408/409/429/5xx, connection errors and timeouts up to `max_retries` times,
+waiting what `retry-after-ms` / `retry-after` (seconds or an HTTP date; capped at 120 s)
+asks, otherwise exponential backoff (0.5 s, 1 s, 2 s, .. 8 s, with jitter); a request
+gives its slot back while it waits. A request that still fails gets `answer = null` and an
+`error` on its row only. Token counts come from `usage.prompt_tokens` /
+`usage.completion_tokens` (0 when the server sends no usage).
+
+`until` (backends.Until, from llm.rounds): the actor asks each row until its answer parses
+(the retry conversation built by `until.retry_messages`), so a retry never waits for a
+round of other rows; the row comes back with `value`, `problem`, `tries` and the tokens
+and cost of all its tries.
 
 Output constraint: a row with `constraint = "binary_list:N"` is sent with
 `response_format = {"type": "json_schema", "json_schema": {"name": "binary_list",
@@ -34,17 +48,17 @@ variable unset, requests go without a key (local servers); a variable named expl
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import logging
 import random
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 from pydantic import SecretStr
 
-from baez_ray.llm.backends import (TOP_LOGPROBS, cut_at_stop, error_text, logprob_targets, p_from_top, read_api_key, token_logprobs_of,
-                                   with_answers)
+from baez_ray.llm.backends import (TOP_LOGPROBS, Until, ask_until, batches_in_flight, cut_at_stop, error_text, logprob_targets,
+                                   p_from_top, read_api_key, token_logprobs_of, with_results)
 from baez_ray.config import LLMConfig
 
 log = logging.getLogger(__name__)
@@ -149,31 +163,42 @@ def answer_tokens(data: dict) -> list[dict] | None:
 
 
 class OpenAICaller:
-    """Ray Data actor: one httpx client, at most `max_concurrency` requests in flight."""
+    """Ray Data actor (async): one httpx async client and one window of `max_concurrency`
+    requests in flight, shared by every batch the actor holds."""
 
     def __init__(self, cfg: dict, key: SecretStr | None):
-        import httpx
-
         self.cfg = LLMConfig(**cfg)
         self._key = key
-        headers = {"content-type": "application/json"}
+        self.headers = {"content-type": "application/json"}
         if key is not None:
-            headers["authorization"] = f"Bearer {key.get_secret_value()}"
+            self.headers["authorization"] = f"Bearer {key.get_secret_value()}"
         self.url = (self.cfg.base_url or DEFAULT_BASE_URL).rstrip("/") + "/chat/completions"
-        n = self.cfg.max_concurrency
-        self.http = httpx.Client(headers=headers, timeout=self.cfg.timeout_s,
-                                 limits=httpx.Limits(max_connections=n, max_keepalive_connections=n))
-        self.pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="openai")
         self.structured = True  # send response_format for constrained rows until the server refuses it
+        self._loop = None  # the event loop the client and the window belong to (the actor's)
 
-    def post(self, body: dict) -> dict:
+    def _opened(self):
+        """The client and the window of the running event loop (made on first use)."""
         import httpx
 
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            n = self.cfg.max_concurrency
+            self._http = httpx.AsyncClient(headers=self.headers, timeout=self.cfg.timeout_s,
+                                           limits=httpx.Limits(max_connections=n, max_keepalive_connections=n))
+            self._slots = asyncio.Semaphore(n)
+            self._loop = loop
+        return self._http, self._slots
+
+    async def post(self, body: dict) -> dict:
+        import httpx
+
+        http, slots = self._opened()
         attempt = 0
         while True:
             headers = None
             try:
-                r = self.http.post(self.url, json=body)
+                async with slots:  # a slot only while the request is out: not while it waits to retry
+                    r = await http.post(self.url, json=body)
             except httpx.TransportError as e:  # connect / read errors and timeouts
                 if attempt >= self.cfg.max_retries:
                     raise
@@ -189,19 +214,19 @@ class OpenAICaller:
                 headers, why = r.headers, f"HTTP {r.status_code}"
             delay = backoff(attempt, headers)
             log.debug("openai backend: %s; retry %d/%d in %.2fs", why, attempt + 1, self.cfg.max_retries, delay)
-            time.sleep(delay)
+            await asyncio.sleep(delay)
             attempt += 1
 
-    def _one(self, row: dict) -> tuple[str | None, int, int, str | None, float | None, list | None]:
+    async def ask_once(self, row: dict) -> tuple[str | None, int, int, str | None, float | None, list | None]:
         try:
             body = request_body(row, self.cfg, self.structured)
             try:
-                data = self.post(body)
+                data = await self.post(body)
             except APIStatusError as e:
                 if e.status != 400 or "response_format" not in body:
                     raise
                 body.pop("response_format")
-                data = self.post(body)  # fine without it: this server does not take the schema
+                data = await self.post(body)  # fine without it: this server does not take the schema
                 if self.structured:
                     log.warning("openai backend: %s refused response_format (json_schema); relying on the prompt from now on", self.url)
                 self.structured = False
@@ -216,17 +241,26 @@ class OpenAICaller:
             log.warning("openai request %s failed: %s", row.get("request_id"), err)
             return None, 0, 0, err, None, None
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        cols = [c for c in _ROW_COLS if c in batch.column_names]
-        rows = batch.select(cols).to_pylist()
-        results = list(self.pool.map(self._one, rows))
-        answers, n_in, n_out, errors, p_yes, toks = (list(c) for c in zip(*results)) if results else ([], [], [], [], [], [])
-        return with_answers(batch, answers, n_in, n_out, errors, self.cfg, p_yes=p_yes, token_logprobs=toks)
+    async def __call__(self, batch: pa.Table, until: Until | None = None) -> pa.Table:
+        rows = batch.to_pylist() if until is not None else batch.select([c for c in _ROW_COLS if c in batch.column_names]).to_pylist()
+        results = await asyncio.gather(*(ask_until(self.ask_once, r, until) for r in rows))
+        # off the event loop: the first progress tick looks its actor up (a blocking call)
+        return await asyncio.to_thread(with_results, batch, list(results), self.cfg, until)
 
 
-def generate(ds, cfg: LLMConfig):
+def _pool(cfg: LLMConfig) -> dict:
+    """The actor pool of `cfg`: what `generate` and `prestart` give ray_pool (one kept pool)."""
+    return {"cls": OpenAICaller, "kwargs": {"cfg": cfg.model_dump(), "key": api_key(cfg)}, "size": cfg.num_actors, "num_cpus": ACTOR_CPUS}
+
+
+def generate(ds, cfg: LLMConfig, until: Until | None = None):
     from baez_ray.ray_pool import actor_map
 
-    key = api_key(cfg)
-    return actor_map(ds, OpenAICaller, {"cfg": cfg.model_dump(), "key": key}, size=cfg.num_actors, num_cpus=ACTOR_CPUS,
-                     batch_size=cfg.batch_size, keep=True)
+    return actor_map(ds, **_pool(cfg), batch_size=cfg.batch_size, keep=True, in_flight=batches_in_flight(cfg),
+                     fn_kwargs={"until": until} if until is not None else None)
+
+
+def prestart(cfg: LLMConfig) -> bool:
+    from baez_ray.ray_pool import start_kept
+
+    return start_kept(**_pool(cfg))
