@@ -308,7 +308,13 @@ class AVRunConfig(Section):
     device: Literal["cpu", "cuda"] = Field("cpu", description="where the AV runs")
     engine: Literal["transformers", "vllm"] = Field(
         "transformers", description="transformers: generate(inputs_embeds); vllm: vllm.LLM(enable_prompt_embeds=True) in the actor (GPU)")
-    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vllm engine: extra vllm.LLM arguments (gpu_memory_utilization, max_model_len, ...)")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description=(
+        "vllm engine: extra vllm.LLM arguments (gpu_memory_utilization, max_model_len, ...); transformers engine: "
+        "cache (prefix: the template's KV computed once, the default | static: HF's static cache, compiled on CUDA | dynamic: plain generate)"))
+    max_new_tokens: int | None = Field(None, ge=1, description=(
+        "cap on each explanation's length in tokens (null: the sidecar's max_new_tokens); the AV's stop string ends most explanations first"))
+    dedup_window: int = Field(8, ge=0, description=(
+        "a feature's top examples whose last N tokens up to the top token are the same are verbalized once (0: every example)"))
     nla_direct_shorten: bool = Field(False, description="nla_direct: the explainer condenses the AV's text into a short label")
 
 
@@ -384,7 +390,9 @@ class LabelConfig(Section):
     # method names are checked against the registry (baez_ray.methods) when the job is loaded
     tier1: str = Field("token_freq", description="a tier-1 method: token_freq | small_llm")
     tier2: str = Field("eleuther_acts_top5", description="a tier-2 method: eleuther_acts_topK | np_max_act | np_max_act_logits")
-    tier3: str = Field("baez", description="the draft label of tier-3 features (needs av_sidecar): baez | baez_last | nla_direct (also the sae section)")
+    tier3: str = Field("baez", description=(
+        "the draft label of tier-3 features (needs av_sidecar): baez | baez_kN | baez_last | baez_last_kN | nla_direct (also the sae "
+        "section); docs/tier3-price.md prices each"))
     explainer: LLMConfig = Field(description="the LLM that writes labels (tier 2, the baez draft of tier 3; small_llm when that is not set)")
     small_llm: LLMConfig | None = Field(None, description="the small LLM of tier1: small_llm; null: the explainer")
     av_sidecar: str | None = Field(None, description="AV sidecar YAML; tier 3 then gets AV explanations and a baez draft label")
@@ -416,11 +424,41 @@ class LabelConfig(Section):
         return self.method or self.tier2
 
 
+class VerdictConfig(Section):
+    """The routing verdict of a benchmark (SPEC §4, "the protocol is itself measured"): per
+    tier, the method the protocol assigns against the frontier method on the same features
+    and excerpts, their LLM tokens and dollars per feature, and the projected cost of
+    routing a dictionary against labelling all of it with the frontier method."""
+
+    tier1: str = Field("token_freq", description="the method the protocol assigns to tier-1 features (as label.tier1)")
+    tier2: str = Field("eleuther_acts_top5", description="the method the protocol assigns to tier-2 features (as label.tier2)")
+    tier3: str = Field("baez", description="the draft the protocol attaches to tier-3 features (as label.tier3)")
+    frontier: str | None = Field(None, description="the frontier method every tier is compared with; null: the tier-2 method")
+    min_features: int = Field(
+        10, ge=3, description="a tier with fewer features scored by both methods gets 'too few features' instead of a verdict")
+    shares_from: str | None = Field(
+        None, description="the tier shares to project onto: a label run directory (or its manifest.json), read from its route "
+                          "stage; null: the benchmark's own routing (its pool with stratify: tier, else its sample)")
+    dictionary_features: int | None = Field(
+        None, ge=1, description="project the cost onto this many live features (e.g. 262144); null: those of shares_from, "
+                                "else the benchmark's eligible features")
+    price: Price | None = Field(
+        None, description="the price of the dollars per feature and of the projection (e.g. the frontier API you would use); "
+                          "null: benchmark.explainer.price")
+
+
 class BenchmarkConfig(Section):
     """The `benchmark` job (SPEC §5): sample features, label them with each method from
     their train examples, score each label on the test examples."""
 
-    n_features: int = Field(40, ge=2, description="features sampled per SAE")
+    n_features: int = Field(40, ge=2, description="features sampled per SAE (per tier and SAE with stratify: tier)")
+    stratify: Literal["none", "tier"] = Field(
+        "none", description="none: sample n_features of the eligible features; tier: route a seeded pool of the eligible features "
+                            "on their train examples and sample n_features per tier (SPEC §4: the protocol's own test)")
+    stratify_max_routed: int = Field(
+        4096, ge=1, description="stratify: tier routes the eligible features of each SAE in a seeded order, in rounds of doubling "
+                                "size, until every tier has n_features or this many are routed; a tier still short gets what there is")
+    verdict: VerdictConfig = Field(VerdictConfig(), description="the routing verdict that opens the report")
     min_examples: int = Field(15, ge=2, description="sample only features with at least this many activating examples")
     split: Literal["top", "deciles", "random"] = Field("top", description="how train and test examples are chosen")
     train_examples: int = Field(5, ge=1, description="train examples (top ranks 1..N for top/deciles)")

@@ -203,7 +203,8 @@ def chance(benchmark: str) -> float:
 
 def aggregate(scores, seed: int = 0):
     """Scores table (schema.SCORES, pyarrow or pandas) → one row per (method, benchmark):
-    n features, headline metric with mean and 95% bootstrap CI, every metric's mean, the
+    n features (`n_features`: rows; `n_scored`: those whose headline metric is defined,
+    the n of the mean), headline metric with mean and 95% bootstrap CI, every metric's mean, the
     failure rate (examples in failed batches / examples shown), the share of negative gaps
     (embedding), and the random-label control's mean beside each method."""
     import pandas as pd
@@ -216,6 +217,7 @@ def aggregate(scores, seed: int = 0):
         shown = int(g["n_shown"].sum())
         row = {
             "method": method, "benchmark": bench, "n_features": int(len(g)), "metric": metric,
+            "n_scored": int(np.isfinite(g[metric].to_numpy(dtype=np.float64, na_value=np.nan)).sum()),
             "mean": mean, "ci_low": lo, "ci_high": hi,
             "failure_rate": float(g["n_failed"].sum() / shown) if shown else NAN,
         }

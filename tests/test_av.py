@@ -78,8 +78,28 @@ def test_generation_from_embeds_and_from_a_layer(tmp_path, verbalizer):
     p = write(tmp_path, inject_layer=5, injection_scale="auto")
     deep = Verbalizer(load_sidecar(p), "cpu", str(p))
     assert len(deep.explain(np.ones((1, deep.d_model), np.float32))) == 1
+    # the template's KV computed once (the default): the plain generate call's tokens, the
+    # vector written into the residual stream at the marker, scaled by the whole prompt's rows
+    x = np.random.default_rng(1).normal(size=(3, deep.d_model)).astype(np.float32)
+    assert deep.explain(x) == deep.explain(x, cache="dynamic") and deep.gen._prefix is not None
     with pytest.raises(ValueError, match=r"vectors of shape \(1, 7\)"):
         verbalizer.explain(np.ones((1, 7), np.float32))
+
+
+def test_tuned_engine_gives_the_plain_generate_tokens(verbalizer):
+    """Greedy, at the input embeddings: the template's KV computed once (cache: prefix, the
+    default) and HF's static cache give the texts of the plain generate call; the cap on
+    new tokens holds and the generated tokens are counted."""
+    x = np.random.default_rng(2).normal(size=(3, verbalizer.d_model)).astype(np.float32)
+    plain = verbalizer.explain(x, cache="dynamic")
+    counted = [verbalizer.generated_tokens]
+    assert verbalizer.explain(x) == plain and verbalizer.gen._prefix is not None
+    counted.append(verbalizer.generated_tokens)
+    assert verbalizer.explain(x, cache="static") == plain
+    counted.append(verbalizer.generated_tokens)
+    assert 0 < counted[1] - counted[0] == counted[2] - counted[1] <= 3 * SIDECAR["max_new_tokens"]
+    short = verbalizer.explain(x, max_new_tokens=2)
+    assert verbalizer.generated_tokens - counted[2] == 3 * 2 and all(p.startswith(s) for s, p in zip(short, plain))
 
 
 @pytest.mark.parametrize(
@@ -133,8 +153,10 @@ def test_engine_choice(tmp_path):
     # checked before vllm is imported: the main venv needs no vllm to get this error
     with pytest.raises(ValueError, match="injects at the input embeddings only"):
         make_verbalizer(sc, "vllm")
-    with pytest.raises(ValueError, match="engine_kwargs are for the vllm engine"):
+    with pytest.raises(ValueError, match=r"takes only engine_kwargs cache .* \(got \['max_model_len'\]\)"):
         make_verbalizer(sc, "transformers", engine_kwargs={"max_model_len": 64})
+    with pytest.raises(ValueError, match="unknown AV cache mode 'paged'"):
+        make_verbalizer(sc, "transformers", engine_kwargs={"cache": "paged"})
 
 
 def gemma_tokenizer():

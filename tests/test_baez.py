@@ -40,7 +40,8 @@ def test_baez_labels_every_feature_with_its_evidence(ray_local, tiny_gemma, rand
     }))
     features = ray_local.data.read_parquet(str(tmp_path / "run" / "features"))
     llm = LLMConfig(backend="transformers", model="pypi:smollm2-135m", batch_size=4)
-    labels = label_baez(features, str(sidecar), llm, n_examples=3, max_retries=1, av=AVRunConfig(num_cpus=0.5), max_tokens=40).to_pylist()
+    every = AVRunConfig(num_cpus=0.5, dedup_window=0)  # every example verbalized, near-duplicates too
+    labels = label_baez(features, str(sidecar), llm, n_examples=3, max_retries=1, av=every, max_tokens=40).to_pylist()
     n_features = pq.read_table(tmp_path / "run" / "features").num_rows
     assert sorted(r["feature"] for r in labels) == list(range(n_features)) == [0, 1, 2]
     for r in labels:
@@ -51,6 +52,13 @@ def test_baez_labels_every_feature_with_its_evidence(ray_local, tiny_gemma, rand
         assert r["evidence_scores"][0] == 10 and all(1 <= s <= 10 for s in r["evidence_scores"])
         assert r["evidence_scores"] == sorted(r["evidence_scores"], reverse=True)
     assert sum(r["label"] is not None for r in labels) >= 2
+    # baez_k2 through the registry: two explanations whatever n_examples says; rows carry its name
+    from baez_ray import methods
+
+    ctx = methods.LabelContext(name="baez_k2", explainer=llm, max_retries=1, n_examples=3, av_sidecar=str(sidecar), av=every)
+    k2 = methods.label("baez_k2", features, ctx).to_pylist()
+    assert sorted(r["feature"] for r in k2) == [0, 1, 2] and {r["method"] for r in k2} == {"baez_k2"}
+    assert all(r["n_examples"] == 2 and len(r["evidence"]) == 2 for r in k2 if r["evidence"] is not None)
 
 
 def tiny_self_sidecar(tiny_gemma, path, name="tiny-self"):

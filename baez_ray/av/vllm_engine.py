@@ -71,22 +71,28 @@ class VLLMVerbalizer:
         self.pos, self.d_model = self.prompt.pos, self.prompt.d_model
         self.args = engine_args(sidecar, path, len(self.ids), device, engine_kwargs)
         self.llm = LLM(**self.args)
+        self.generated_tokens = 0  # over every call: the bench's tokens/s
 
     def embeds(self, vectors: torch.Tensor) -> torch.Tensor:
         return self.prompt.embeds(vectors)
 
-    def sampling_params(self, seed: int, temperature: float | None = None):
+    def sampling_params(self, seed: int, temperature: float | None = None, max_new_tokens: int | None = None):
         from vllm import SamplingParams
 
         temp = self.sc.temperature if temperature is None else temperature
-        return SamplingParams(temperature=temp, top_p=self.sc.top_p, top_k=self.sc.top_k, max_tokens=self.sc.max_new_tokens,
-                              stop=[self.sc.stop] if self.sc.stop else None, seed=seed, skip_special_tokens=True)
+        return SamplingParams(temperature=temp, top_p=self.sc.top_p, top_k=self.sc.top_k,
+                              max_tokens=max_new_tokens or self.sc.max_new_tokens, stop=[self.sc.stop] if self.sc.stop else None,
+                              seed=seed, skip_special_tokens=True)
 
     @torch.inference_mode()
-    def explain(self, vectors: np.ndarray | torch.Tensor, seed: int = 0, temperature: float | None = None) -> list[str]:
-        """One explanation per vector (the text inside the explanation tags)."""
+    def explain(self, vectors: np.ndarray | torch.Tensor, seed: int = 0, temperature: float | None = None,
+                max_new_tokens: int | None = None) -> list[str]:
+        """One explanation per vector (the text inside the explanation tags), of at most
+        `max_new_tokens` tokens (None: the sidecar's)."""
         v = torch.as_tensor(np.asarray(vectors), dtype=torch.float32)
         self.prompt.check(v, self.source)
         embeds = self.embeds(v)
-        outs = self.llm.generate([{"prompt_embeds": e.contiguous()} for e in embeds], self.sampling_params(seed, temperature), use_tqdm=False)
+        params = self.sampling_params(seed, temperature, max_new_tokens)
+        outs = self.llm.generate([{"prompt_embeds": e.contiguous()} for e in embeds], params, use_tqdm=False)
+        self.generated_tokens += sum(len(o.outputs[0].token_ids) for o in outs)
         return [parse_explanation(o.outputs[0].text, self.sc.open_tag, self.sc.stop) for o in outs]

@@ -3,11 +3,14 @@
     features (collected here, or `features:`) ─▶ sample N features with ≥ M examples
       ─▶ split: train/ (what labellers read) and test/ (what scorers read), disjoint
       ─▶ route train/ (kinds for token_freq; tier shares for the report)
+    (or, with stratify: tier, ─▶ stratify: route a seeded pool of the eligible features on
+     their train examples → routes/, sample N per tier → train/, test/)
       ─▶ label train/ with every method (one stage per method; resume skips finished ones)
       ─▶ score every label on test/ with every benchmark + the random-label control (the
          intervention benchmarks' steered continuations in steering/)
       ─▶ summary (mean and 95% CI per method × benchmark), split-half reliability per
-         benchmark × method, paired comparisons of the methods ─▶ report/index.html
+         benchmark × method, paired comparisons of the methods, each pooled and per tier
+         (and kind within tier 1); the routing verdict (verdict.py) ─▶ report/index.html
 """
 
 from __future__ import annotations
@@ -74,16 +77,19 @@ def run_job(spec: JobSpec, run: Run) -> None:
     b = spec.benchmark
     features_dir = features_source(spec, run)
     train_dir, test_dir, labels_dir = run.table_dir("train"), run.table_dir("test"), run.table_dir("labels")
-    if not run.completed("split"):
-        with run.stage("split") as info:
-            train, test, counts = sample_and_split(features_dir, b.n_features, b.min_examples, b.split, b.train_examples,
-                                                   b.score.test_examples, spec.seed)
-            write_table(train, train_dir)
-            write_table(test, test_dir)
-            info.update(counts)
-    if not run.completed("route"):
-        with run.stage("route") as info:
-            info.update(route(train_dir, run.table_dir("routes"), spec.route))
+    if b.stratify == "tier":
+        stratify_stage(spec, run, features_dir)
+    else:
+        if not run.completed("split"):
+            with run.stage("split") as info:
+                train, test, counts = sample_and_split(features_dir, b.n_features, b.min_examples, b.split, b.train_examples,
+                                                       b.score.test_examples, spec.seed)
+                write_table(train, train_dir)
+                write_table(test, test_dir)
+                info.update(counts)
+        if not run.completed("route"):
+            with run.stage("route") as info:
+                info.update(route(train_dir, run.table_dir("routes"), spec.route))
     labels_dir.mkdir(exist_ok=True)
     for method in b.methods:
         if not run.completed(f"label:{method}"):
@@ -98,6 +104,26 @@ def run_job(spec: JobSpec, run: Run) -> None:
 
         info["path"] = str(write_benchmark_report(run.dir))
     log(f"report: {run.dir / 'report' / 'index.html'}")
+
+
+def stratify_stage(spec: JobSpec, run: Run, features_dir: Path) -> None:
+    """`benchmark.stratify: tier`: a seeded pool of the eligible features routed on their
+    train examples → routes/, then n_features per tier and SAE → train/, test/
+    (stages/stratify.py)."""
+    from baez_ray.stages.stratify import stratified_sample
+
+    b = spec.benchmark
+    if run.completed("stratify"):
+        return
+    with run.stage("stratify") as info:
+        train, test, routes, counts = stratified_sample(features_dir, b.n_features, b.min_examples, b.split, b.train_examples,
+                                                        b.score.test_examples, spec.seed, spec.route, b.stratify_max_routed)
+        write_table(routes, run.table_dir("routes"))
+        write_table(train, run.table_dir("train"))
+        write_table(test, run.table_dir("test"))
+        info.update(counts)
+        for line in counts["short"]:
+            log(f"[stratify] {line}")
 
 
 def summarise(run: Run) -> None:
@@ -116,4 +142,18 @@ def summarise(run: Run) -> None:
     run.manifest["summary"] = summary.round(4).to_dict(orient="records")
     for name, df in (("reliability", reliability), ("comparisons", comparisons)):  # NaN → null, numpy bools → JSON
         run.manifest[name] = json.loads(df.round(4).to_json(orient="records"))
+    summarise_tiers(run, scores.to_pandas(), reliability)
     run.save()
+
+
+def summarise_tiers(run: Run, scores, reliability) -> None:
+    """summary_by_tier.parquet, reliability_by_tier.parquet, comparisons_by_tier.parquet (the
+    statistics per stratum: pooled, tier 1, its kinds, tier 2, tier 3) and verdict.parquet
+    (the routing verdict, also in the manifest); verdict.py documents them."""
+    from baez_ray.verdict import run_tables
+
+    tables = run_tables(run.dir, run.manifest, scores=scores, reliability=reliability, seed=run.spec.seed)
+    for name, df in tables.items():
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), run.dir / f"{name}.parquet")
+    if "verdict" in tables:
+        run.manifest["verdict"] = json.loads(tables["verdict"].round(6).to_json(orient="records"))

@@ -1,5 +1,7 @@
 """`baez` and `baez_last` (SPEC §2): an LLM reads the AV's explanations of a feature's top
-examples instead of the examples themselves.
+examples instead of the examples themselves. `baez_kN` / `baez_last_kN` read N explanations
+(the plain names: the job's `av_examples`, a benchmark's train examples); near-duplicate
+examples are verbalized and shown once (`av.dedup_window`).
 
     features ─top examples' residual vectors─▶ AV actor pool ─▶ explanations
       ─▶ one prompt per feature: each explanation (baez_last: its last paragraph) with the
@@ -51,15 +53,17 @@ def _prompt_rows(expl: pa.Table, method: str, last_only: bool, max_tokens: int) 
 
 
 def label_baez(features, sidecar_path: str, llm, last_only: bool = False, n_examples: int = 10,
-               max_retries: int = 2, av: AVRunConfig = AVRunConfig(), max_tokens: int | None = None) -> pa.Table:
+               max_retries: int = 2, av: AVRunConfig = AVRunConfig(), max_tokens: int | None = None,
+               method: str | None = None) -> pa.Table:
     """`baez` (`baez_last`: only the last paragraph of each explanation) of every feature
-    of `features` (a Ray Dataset of FEATURES rows). The explainer's answers are at most
-    `max_tokens` tokens (None: `llm.max_tokens`, else 200)."""
+    of `features` (a Ray Dataset of FEATURES rows), from its top `n_examples` examples. The
+    explainer's answers are at most `max_tokens` tokens (None: `llm.max_tokens`, else 200);
+    `method`: the name its rows carry (default baez / baez_last)."""
     import ray
 
     max_tokens = max_tokens or llm.max_tokens or 200
 
-    method = "baez_last" if last_only else "baez"
+    method = method or ("baez_last" if last_only else "baez")
     expl = verbalize(features, sidecar_path, n_examples, av)
     rows = _prompt_rows(expl, method, last_only, max_tokens)
     labels = (label_rounds(ray.data.from_arrow(rows_table(rows, LABEL_ROW_TYPES)), method, prompts.ELEUTHER_MARKER,
@@ -89,3 +93,21 @@ def baez(features, ctx: LabelContext) -> pa.Table:
 def baez_last(features, ctx: LabelContext) -> pa.Table:
     """As baez, with only the last paragraph of each AV explanation (the one about the final token)."""
     return label_baez(features, ctx.av_sidecar, ctx.explainer, True, ctx.n_examples, ctx.max_retries, ctx.av)
+
+
+def explanations_of(ctx: LabelContext) -> int:
+    """N of a `baez_kN` / `baez_last_kN` name; the context's `n_examples` for the plain names."""
+    k = ctx.name.rsplit("_k", 1)[1] if "_k" in ctx.name else ""
+    return int(k) if k.isdigit() else ctx.n_examples
+
+
+@register(r"baez_k(\d+)", tiers=(3,), needs=("explainer", "av_sidecar"), shown="baez_kN")
+def baez_k(features, ctx: LabelContext) -> pa.Table:
+    """As baez, from N explanations (baez_k3: the top 3 examples), whatever av_examples says."""
+    return label_baez(features, ctx.av_sidecar, ctx.explainer, False, explanations_of(ctx), ctx.max_retries, ctx.av, method=ctx.name)
+
+
+@register(r"baez_last_k(\d+)", tiers=(3,), needs=("explainer", "av_sidecar"), shown="baez_last_kN")
+def baez_last_k(features, ctx: LabelContext) -> pa.Table:
+    """As baez_last, from N explanations."""
+    return label_baez(features, ctx.av_sidecar, ctx.explainer, True, explanations_of(ctx), ctx.max_retries, ctx.av, method=ctx.name)

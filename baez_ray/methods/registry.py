@@ -172,4 +172,9 @@ def check_job_methods(spec: JobSpec) -> list[tuple[str, str]]:
                 out.append((f"benchmark.methods.{i}", problem))
         if len(set(b.methods)) != len(b.methods):
             out.append(("benchmark.methods", "a method is listed twice"))
+        for key in ("tier1", "tier2", "tier3", "frontier"):  # the routing verdict's methods (benchmarked or not)
+            name = getattr(b.verdict, key)
+            problem = _problem(name, None) if name else None
+            if problem:
+                out.append((f"benchmark.verdict.{key}", problem))
     return out

@@ -36,9 +36,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from baez_ray import benchmarks
-from baez_ray.metrics import ALPHA, CONTROL, EXACT_MAX, HEADLINE, N_PERM, RELIABILITY_MIN, aggregate, chance
+from baez_ray.metrics import ALPHA, CHANCE, CONTROL, EXACT_MAX, HEADLINE, N_PERM, RELIABILITY_MIN, aggregate, chance
 from baez_ray.report.by_kind import by_kind_section
-from baez_ray.report.html import duplicates, label_shared, pyplot, render_page, save_figure, section
+from baez_ray.report.html import (
+    bar_legend, draw_bars, duplicates, label_shared, method_colors, n_col, pyplot, render_page, save_figure, section,
+)
 
 BENCH_ORDER = tuple(benchmarks.names())  # the registry's order
 PER_FEATURE_ROWS = 1000  # rows of the per-feature table shown (all are in scores/)
@@ -49,33 +51,46 @@ def _methods(summary) -> list[str]:
     return ms + (["random_label"] if "random_label" in set(summary["method"]) else [])
 
 
-def scores_chart(summary, path: Path) -> Path:
+def scores_figure(summary):
+    """(figure, hollow): grouped bars, methods × benchmarks, of the headline metric with its
+    95% CI; a mean over fewer than 3 features hollow with its n (html.draw_bars); `hollow`
+    lists those as (method, benchmark, n)."""
     plt = pyplot()
     benches = [b for b in BENCH_ORDER if b in set(summary["benchmark"])]
     methods = _methods(summary)
+    colors = method_colors(methods)
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(benches) * max(1, len(methods)) / 2), 4))
     width = 0.8 / max(1, len(methods))
     x = np.arange(len(benches))
-    colors = plt.get_cmap("tab10")
+    hollow = []
     for j, m in enumerate(methods):
         sub = summary[summary["method"] == m].set_index("benchmark")
-        mean = [sub["mean"].get(b, np.nan) for b in benches]
-        lo = [sub["ci_low"].get(b, np.nan) for b in benches]
-        hi = [sub["ci_high"].get(b, np.nan) for b in benches]
-        err = np.array([[mu - l if np.isfinite(mu) else 0 for mu, l in zip(mean, lo)], [h - mu if np.isfinite(mu) else 0 for mu, h in zip(mean, hi)]])
-        ax.bar(x + (j - (len(methods) - 1) / 2) * width, mean, width, yerr=err, capsize=3, label=m,
-               color="#999999" if m == "random_label" else colors(j), hatch="//" if m == "random_label" else None)
-    for i, b in enumerate(benches):  # each benchmark's own chance level
-        ax.hlines(chance(b), i - 0.45, i + 0.45, color="black", linestyle="--", linewidth=1, label="chance" if i == 0 else None)
+        col = lambda c: [float(sub[c].get(b, np.nan)) for b in benches]  # noqa: E731
+        ns = [int(sub[n_col(sub)].get(b, 0)) for b in benches]
+        drawn = draw_bars(ax, x + (j - (len(methods) - 1) / 2) * width, col("mean"), col("ci_low"), col("ci_high"), ns, width,
+                          colors[m], hatch="//" if m == CONTROL else None)
+        hollow += [(m, benches[i], ns[i]) for i in drawn]
+    for i, b in enumerate(benches):  # each benchmark's own chance level (simulation's correlation: 0)
+        ax.hlines(chance(b), i - 0.45, i + 0.45, color="black", linestyle="--", linewidth=1)
     ax.set_xticks(x, [f"{b}\n({HEADLINE[b].replace('_', ' ')}{', output side' if benchmarks.side(b) == 'output' else ''})" for b in benches])
-    ax.set_ylim(min(0.0, float(np.nanmin(summary["ci_low"].to_numpy(dtype=float), initial=0.0)) - 0.05), 1)  # a correlation can be < 0
+    ax.set_ylim(min(0.0, float(np.nanmin(summary["ci_low"].to_numpy(dtype=float), initial=0.0)) - 0.05), 1.05)  # a correlation can be < 0
     ax.set_ylabel("score (mean, 95% CI)")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    bar_legend(ax, [(m, colors[m], "//" if m == CONTROL else None) for m in methods], chance=CHANCE, fontsize=8,
+               loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("Label scores by method and benchmark")
-    return save_figure(fig, path)
+    return fig, hollow
 
 
-def gap_chart(scores, path: Path, seed: int = 0) -> Path | None:
+def scores_chart(summary, path: Path) -> list[tuple]:
+    """scores_figure saved as PNG at `path`; the hollow bars (method, benchmark, n)."""
+    fig, hollow = scores_figure(summary)
+    save_figure(fig, path)
+    return hollow
+
+
+def gap_chart(scores, path: Path, seed: int = 0) -> list[tuple] | None:
+    """The embedding gap per method with its 95% CI (0 = chance), hollow where fewer than 3
+    features; None without embedding scores, else the hollow bars (method, 'gap', n)."""
     from baez_ray.metrics import bootstrap_ci
 
     emb = scores[scores["benchmark"] == "embedding"]
@@ -83,17 +98,21 @@ def gap_chart(scores, path: Path, seed: int = 0) -> Path | None:
         return None
     plt = pyplot()
     methods = _methods(emb)
-    stats = [bootstrap_ci(emb[emb["method"] == m]["gap"].tolist(), seed=seed) for m in methods]
+    colors = method_colors(methods)
     fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(methods)), 3.2))
-    mean = [s[0] for s in stats]
-    err = np.array([[s[0] - s[1] for s in stats], [s[2] - s[0] for s in stats]])
-    ax.bar(range(len(methods)), mean, yerr=np.nan_to_num(err), capsize=3,
-           color=["#999999" if m == "random_label" else "#4c72b0" for m in methods])
+    hollow = []
+    for j, m in enumerate(methods):
+        gaps = emb[emb["method"] == m]["gap"].astype(float)
+        mean, lo, hi = bootstrap_ci(gaps.tolist(), seed=seed)
+        n = int(np.isfinite(gaps).sum())
+        if draw_bars(ax, [j], [mean], [lo], [hi], [n], 0.8, colors[m] if m == CONTROL else "#4c72b0"):
+            hollow.append((m, "gap", n))
     ax.axhline(0, color="black", linewidth=1)
     ax.set_xticks(range(len(methods)), methods, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("cos(label, pos) − cos(label, neg)")
-    ax.set_title("Embedding gap (mean, 95% CI)")
-    return save_figure(fig, path)
+    ax.set_title("Embedding gap (mean, 95% CI; hollow: fewer than 3 features)")
+    save_figure(fig, path)
+    return hollow
 
 
 def summary_rows(summary) -> list[dict]:
@@ -225,11 +244,12 @@ def scoring_section(run_dir: Path, out: Path, seed: int = 0, verdict: bool = Tru
         return section("no_scores")
     reliability, comparisons = statistics(run_dir, scores, seed)
     summary = aggregate(scores, seed=seed)
-    scores_chart(summary, out / "scores_by_method.png")
+    hollow = scores_chart(summary, out / "scores_by_method.png")
     gap = gap_chart(scores, out / "embedding_gap.png", seed=seed)
     table = per_feature_frame(scores, failed)
     ctx = {"verdict": verdict_section(comparisons, reliability) if verdict else "", "gap": gap is not None,
            "by_kind": by_kind_section(run_dir, scores, out, seed),
+           "hollow": hollow + (gap or []),
            "failed": int(scores["n_failed"].sum()), "shown": int(scores["n_shown"].sum()), "summary": summary_rows(summary),
            "reliability": reliability_section(reliability), "benches": [b for b in BENCH_ORDER if b in set(scores["benchmark"])],
            "features": per_feature_rows(scores, failed, PER_FEATURE_ROWS, frame=table), "n_features": len(table),
@@ -286,7 +306,16 @@ def run_facts(manifest: dict) -> list[tuple[str, str]]:
     b = spec["benchmark"]
     score = b.get("score") or {}
     split = st.get("split", {})
-    facts = [("features", f"{split.get('sampled', '?')} sampled of {split.get('eligible', '?')} with ≥ {split.get('min_examples', '?')} activating examples"),
+    if "stratify" in st:
+        split = st["stratify"]
+        per_tier = ", ".join(f"tier {t} {split.get(f'sampled_tier{t}', '?')}" for t in (1, 2, 3))
+        sampled = (f"{split.get('sampled', '?')} sampled, up to {split.get('per_tier', '?')} per tier and SAE ({per_tier}), from "
+                   f"{split.get('routed', 0):,} routed on their train examples of the {split.get('eligible', 0):,} with "
+                   f"≥ {split.get('min_examples', '?')} activating examples")
+        sampled += "".join(f"; {line}" for line in split.get("short", []))
+    else:
+        sampled = f"{split.get('sampled', '?')} sampled of {split.get('eligible', '?')} with ≥ {split.get('min_examples', '?')} activating examples"
+    facts = [("features", sampled),
              ("split", f"{split.get('split')} (train {b.get('train_examples')}, test {score.get('test_examples')} examples; disjoint)"),
              ("scorer", str((score.get("scorer") or b["explainer"])["model"]))]
     for m in b["methods"]:
@@ -317,6 +346,19 @@ def distant_section(run_dir: Path, spec: dict, labels: pa.Table) -> dict | None:
     return {"a": compare[0], "b": compare[1], "pairs": [{**p, "examples": train.get((p["sae_id"], p["feature"]), [])} for p in pairs]}
 
 
+def tier_sections(run_dir: Path, manifest: dict, out: Path, scores, reliability, seed: int) -> tuple:
+    """(routing verdict, statistics per tier) of a benchmark run (report/verdict.py); ''
+    for a run without routes."""
+    from baez_ray.config import VerdictConfig
+    from baez_ray.report.verdict import routing_verdict_section, tiers_section, verdict_tables
+
+    tables = verdict_tables(run_dir, manifest, scores=scores, reliability=reliability, seed=seed)
+    if not tables:
+        return "", ""
+    cfg = VerdictConfig.model_validate(manifest["spec"]["benchmark"].get("verdict") or {})
+    return routing_verdict_section(tables["verdict"], manifest), tiers_section(tables, out, cfg.frontier or cfg.tier2)
+
+
 def write_benchmark_report(run_dir: str | Path) -> Path:
     from baez_ray.report.routing import read_routes, write_routing_report
 
@@ -327,19 +369,21 @@ def write_benchmark_report(run_dir: str | Path) -> Path:
     spec = manifest["spec"]
     seed = spec.get("seed", 0)
     labels = pq.read_table(run_dir / "labels", columns=["sae_id", "feature", "method", "label"])
-    verdict, scores = "", None
+    verdict, scores, routing_verdict, tiers = "", None, "", ""
     if (run_dir / "scores").exists():
         scores = read_scores(run_dir)
         if len(scores):
             reliability, comparisons = statistics(run_dir, scores, seed)
             verdict = verdict_section(comparisons, reliability)
+            routing_verdict, tiers = tier_sections(run_dir, manifest, out, scores, reliability, seed)
     routing = None
     if (run_dir / "routes").exists():
         taus = {k: spec["route"][k] for k in ("tau_in", "tau_out", "tau_cross")}
         routing = write_routing_report(read_routes(run_dir / "routes"), out, taus=taus)["html"]
     failed = labels.filter(pc.is_null(labels.column("label"))).select(["sae_id", "feature", "method"]).to_pandas()
-    # the page opens with the failures and the verdict, then the run's facts, then the scores behind it
+    # the page opens with the failures and the routing verdict, then the methods' verdict, the run's
+    # facts, the scores behind them, the statistics per tier
     return render_page("benchmark.html.j2", out / "index.html", name=manifest["name"], failures=failure_lines(labels, manifest),
-                       verdict=verdict, facts=run_facts(manifest), routing=routing,
+                       routing_verdict=routing_verdict, verdict=verdict, facts=run_facts(manifest), routing=routing, tiers=tiers,
                        scoring=scoring_section(run_dir, out, seed, verdict=False, failed=failed, scores=scores),
                        distant=distant_section(run_dir, spec, labels))

@@ -33,6 +33,19 @@ def pct(x) -> str:
     return fmt(x) if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.0%}"
 
 
+def count(x) -> str:
+    """A count or token figure with thousands separators, no decimals; '–' for a missing one."""
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:,.0f}"
+
+
+def usd(x) -> str:
+    """Dollars: cents above $1, three significant digits below (a price per feature); '–'
+    for a missing amount."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"${x:,.2f}" if abs(x) >= 1 or x == 0 else f"${x:.3g}"
+
+
 def highlight(tokens: list[str], acts: list[float], frac: float = 0.6) -> Markup:
     """Tokens as HTML, those at >= frac × the example's max in <mark>."""
     peak = max(acts) if acts else 0.0
@@ -40,11 +53,17 @@ def highlight(tokens: list[str], acts: list[float], frac: float = 0.6) -> Markup
                            for t, a in zip(tokens, acts))
 
 
+def breakable(name) -> Markup:
+    """A method or benchmark name that may wrap after its underscores (eleuther_acts_top5),
+    so that a narrow column does not push a table past the page."""
+    return Markup(str(escape(name)).replace("_", "_<wbr>"))
+
+
 @functools.cache
 def environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.PackageLoader("baez_ray.report", "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(fmt=fmt, pct=pct, highlight=highlight)
+    env.filters.update(fmt=fmt, pct=pct, highlight=highlight, name=breakable, count=count, usd=usd)
     return env
 
 
@@ -109,3 +128,50 @@ def save_figure(fig, path: str | Path) -> Path:
     fig.savefig(path, dpi=DPI)
     pyplot().close(fig)
     return path
+
+
+SMALL_N = 3  # a mean over fewer features is drawn hollow, its n written above it
+
+
+def draw_bars(ax, x, means, lows, highs, ns, width: float, color, hatch: str | None = None) -> list[int]:
+    """Bars of `means` at `x` with their 95% CI (`lows`, `highs`) as error bars; a mean
+    over fewer than SMALL_N features (`ns`) is drawn hollow (its outline only), without an
+    error bar (a CI of one or two values says nothing), and its n is written above it.
+    Returns the indices drawn hollow. A NaN mean draws nothing."""
+    hollow = []
+    for i, (xi, m, lo, hi, n) in enumerate(zip(x, means, lows, highs, ns)):
+        if m is None or not math.isfinite(m):
+            continue
+        small = n < SMALL_N
+        err = None if small or not (math.isfinite(lo) and math.isfinite(hi)) else [[max(0.0, m - lo)], [max(0.0, hi - m)]]
+        ax.bar(xi, m, width, yerr=err, capsize=3, facecolor="none" if small else color, edgecolor=color,
+               linewidth=1.6 if small else 0.0, hatch=hatch)
+        if small:
+            hollow.append(i)
+            ax.annotate(f"n={n}", (xi, m), xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=7, rotation=90)
+    return hollow
+
+
+def bar_legend(ax, entries: list[tuple[str, object, str | None]], chance: float | None = None, **kw) -> None:
+    """A legend of filled patches (label, color, hatch), whatever the first bar looked
+    like, the hollow bar's meaning, and the chance line when there is one."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles = [Patch(facecolor=c, edgecolor=c, hatch=h, label=lab) for lab, c, h in entries]
+    handles.append(Patch(facecolor="none", edgecolor="#555555", linewidth=1.6, label=f"fewer than {SMALL_N} features"))
+    if chance is not None:
+        handles.append(Line2D([], [], color="black", linestyle="--", linewidth=1, label="chance"))
+    ax.legend(handles=handles, **kw)
+
+
+def method_colors(methods: list[str], control: str = "random_label") -> dict[str, tuple | str]:
+    """A color per method (tab10 in the order given), the random-label control grey."""
+    cmap = pyplot().get_cmap("tab10")
+    return {m: "#999999" if m == control else cmap(j % 10) for j, m in enumerate(methods)}
+
+
+def n_col(summary) -> str:
+    """A summary's count of the features behind each mean (`n_scored`; `n_features` in
+    summaries written before it)."""
+    return "n_scored" if "n_scored" in summary else "n_features"

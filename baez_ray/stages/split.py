@@ -113,13 +113,10 @@ def _n_distinct(batch: pa.Table) -> pa.Table:
     return pa.table({"sae_id": batch.column("sae_id"), "feature": batch.column("feature"), "n_distinct": pa.array(n, pa.int32())})
 
 
-def sample_and_split(features_dir: Path, n_features: int, min_examples: int, how: str, train_n: int, test_n: int,
-                     seed: int) -> tuple[pa.Table, pa.Table, dict]:
-    """(train table, test table, counts): `n_features` features per SAE with at least
-    `min_examples` distinct activating examples, sampled with `seed` (`sample_per_sae`, over
-    the eligible features in (sae_id, feature) order), their examples split into train and
-    test. The examples are counted in the workers: the driver reads (sae_id, feature,
-    n_distinct), then the sampled features only."""
+def eligible_features(features_dir: Path, min_examples: int) -> tuple[pa.Table, int]:
+    """((sae_id, feature) of the features with at least `min_examples` (≥ 2) distinct
+    activating examples, in (sae_id, feature) order; the bound used). The examples are
+    counted in the workers: the driver reads (sae_id, feature, n_distinct)."""
     import ray
 
     from baez_ray.ray_pool import gather
@@ -131,9 +128,13 @@ def sample_and_split(features_dir: Path, n_features: int, min_examples: int, how
     if eligible.num_rows < 2:
         raise ValueError(f"{features_dir}: only {eligible.num_rows} features have >= {need} activating examples; "
                          "collect over more tokens or lower benchmark.min_examples")
-    eligible = eligible.select(["sae_id", "feature"]).sort_by([("sae_id", "ascending"), ("feature", "ascending")])
-    chosen = eligible.take(pa.array(sample_per_sae(eligible.column("sae_id").to_pylist(), n_features, seed), pa.int64()))
-    table = schema.read_keyed(features_dir, chosen)
+    return eligible.select(["sae_id", "feature"]).sort_by([("sae_id", "ascending"), ("feature", "ascending")]), need
+
+
+def split_features(table: pa.Table, how: str, train_n: int, test_n: int, seed: int) -> tuple[pa.Table, pa.Table]:
+    """FEATURES rows → (train table, test table), in (sae_id, feature) order: each
+    feature's examples split by `split_examples` (seeded per feature by `feature_seed`),
+    the train examples re-ranked as its top examples (`as_top`)."""
     rows = sorted(table.to_pylist(), key=lambda r: (r["sae_id"], r["feature"]))
     train_rows, test_rows = [], []
     for r in rows:
@@ -142,7 +143,20 @@ def sample_and_split(features_dir: Path, n_features: int, min_examples: int, how
         test_rows.append({**r, "examples": test})
     train_t = schema.conform(pa.Table.from_pylist(train_rows, schema=table.schema), schema.FEATURES)
     test_t = schema.conform(pa.Table.from_pylist(test_rows, schema=table.schema), schema.FEATURES)
-    return train_t, test_t, {"eligible": eligible.num_rows, "sampled": len(rows), "min_examples": need, "split": how}
+    return train_t, test_t
+
+
+def sample_and_split(features_dir: Path, n_features: int, min_examples: int, how: str, train_n: int, test_n: int,
+                     seed: int) -> tuple[pa.Table, pa.Table, dict]:
+    """(train table, test table, counts): `n_features` features per SAE with at least
+    `min_examples` distinct activating examples, sampled with `seed` (`sample_per_sae`, over
+    the eligible features in (sae_id, feature) order), their examples split into train and
+    test (`split_features`). The driver reads (sae_id, feature, n_distinct), then the
+    sampled features only."""
+    eligible, need = eligible_features(features_dir, min_examples)
+    chosen = eligible.take(pa.array(sample_per_sae(eligible.column("sae_id").to_pylist(), n_features, seed), pa.int64()))
+    train_t, test_t = split_features(schema.read_keyed(features_dir, chosen), how, train_n, test_n, seed)
+    return train_t, test_t, {"eligible": eligible.num_rows, "sampled": train_t.num_rows, "min_examples": need, "split": how}
 
 
 def _held_out(batch: pa.Table, keys, test_n: int, counts_only: bool) -> pa.Table:
