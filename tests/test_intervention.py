@@ -112,7 +112,7 @@ class WordScorer:
         self.requests: list[dict] = []
 
     def completion(self, body: dict) -> dict:
-        user = body["messages"][-1]["content"]
+        user = next(m["content"] for m in body["messages"] if m["role"] == "user")  # the first: a retry appends its own
         word = re.search(r"^Label: (.*)$", user, re.M).group(1).strip().lower()
         a, b = (re.search(rf"^Continuation {i}: (.*)$", user, re.M).group(1).lower() for i in (1, 2))
         p = 0.9 if word in a and word not in b else 0.1 if word in b and word not in a else 0.5

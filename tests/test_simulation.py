@@ -188,7 +188,7 @@ class SimulationServer:
         return [0.0] * len(tokens)
 
     def completion(self, body: dict) -> dict:
-        user = body["messages"][-1]["content"]
+        user = next(m["content"] for m in body["messages"] if m["role"] == "user")  # the first: a retry appends its own
         label = re.search(r"^Label: (.*)$", user, re.M).group(1).strip()
         tokens = [json.loads(m) for m in re.findall(r"^\d+: (\".*\")$", user, re.M)]
         vals = self.values(label, tokens, user)

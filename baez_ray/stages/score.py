@@ -412,7 +412,8 @@ def scores_of(final: pa.Table) -> pa.Table:
         return schema.empty(schema.SCORES)
     keys = ["sae_id", "feature", "method", "benchmark"]
     idx = final.select(keys).append_column("_row", pa.array(np.arange(final.num_rows), pa.int64()))
-    groups = idx.group_by(keys).aggregate([("_row", "list")]).column("_row_list").to_pylist()
+    # one thread: acero's hash_list over several threads can fail ("thread index N is out of range")
+    groups = idx.group_by(keys, use_threads=False).aggregate([("_row", "list")]).column("_row_list").to_pylist()
     return pa.concat_tables([_score_group(final.take(pa.array(g, pa.int64()))) for g in groups])
 
 
