@@ -158,6 +158,18 @@ class CollectConfig(Section):
         return self.keep_residual is True or (isinstance(self.keep_residual, list) and layer in self.keep_residual)
 
 
+class ResidualsConfig(Section):
+    """The residuals stage (stages/residuals.py): the base model (the job's `model` section:
+    its actors' num_gpus, num_cpus, resources and dtype) reads each example an AV method
+    needs, cut right after its top token, and keeps the layer-L residual there."""
+
+    batch_size: int = Field(16, ge=1, description="examples per forward pass (examples are sorted by length first, so little padding)")
+    num_actors: int = Field(1, ge=1, description="base-model actors (each takes the job's model.num_gpus / num_cpus / resources)")
+    shard_features: int = Field(256, ge=1, description="resume: features per committed part of residuals/ (a rerun skips committed parts)")
+    prepend_bos: bool = Field(True, description="a window that does not start with BOS (an export's) gets one before it, as every "
+                                                "context the model read in collect did")
+
+
 class IngestSource(Section):
     """One Neuronpedia export folder, optionally kept to one modelId / source id."""
 
@@ -396,6 +408,9 @@ class LabelConfig(Section):
     explainer: LLMConfig = Field(description="the LLM that writes labels (tier 2, the baez draft of tier 3; small_llm when that is not set)")
     small_llm: LLMConfig | None = Field(None, description="the small LLM of tier1: small_llm; null: the explainer")
     av_sidecar: str | None = Field(None, description="AV sidecar YAML; tier 3 then gets AV explanations and a baez draft label")
+    av_sidecars: dict[int, str] = Field(
+        default_factory=dict, description="an AV per layer: {layer: sidecar YAML} (each sidecar's extraction_layer is its key), "
+                                          "beside or instead of av_sidecar; tier-3 features of an SAE at a layer with an AV get a draft")
     av_examples: int = Field(10, ge=1, description="top examples the AV verbalizes per tier-3 feature")
     av: AVRunConfig = Field(AVRunConfig(), description="where the AV runs")
     max_retries: int = Field(2, ge=0, description="further tries of a label whose answer cannot be parsed")
@@ -470,6 +485,9 @@ class BenchmarkConfig(Section):
     explainer: LLMConfig = Field(description="the LLM that writes every method's labels")
     max_retries: int = Field(2, ge=0, description="further tries of a label whose answer cannot be parsed")
     av_sidecar: str | None = Field(None, description="AV sidecar for baez / baez_last / nla_direct")
+    av_sidecars: dict[int, str] = Field(
+        default_factory=dict, description="an AV per layer: {layer: sidecar YAML} (each sidecar's extraction_layer is its key), "
+                                          "beside or instead of av_sidecar")
     av: AVRunConfig = Field(AVRunConfig(), description="where the AV runs")
     score: ScoreConfig = Field(ScoreConfig(), description="how the labels are scored")
 
@@ -480,13 +498,17 @@ class JobSpec(Section):
     seed: int = Field(0, description="seeds every sample, split and shuffle of the run")
     out: str = Field("runs", description="where run directories go")
     ray: RayConfig = Field(RayConfig(), description="the Ray cluster to start or join")
-    model: ModelConfig | None = Field(None, description="the base model (collect, and label or benchmark without `features`)")
+    model: ModelConfig | None = Field(None, description="the base model (collect; label or benchmark without `features`; the residuals stage of AV methods)")
     sae: SAEConfig | None = Field(None, description="one SAE at model.layer; read back as `saes` (a list of one)")
     saes: list[SAEConfig] = Field(default_factory=list, description="SAEs, each with its layer, collected in one pass")
     corpus: CorpusConfig | None = Field(None, description="the text collect runs the model over")
     collect: CollectConfig = Field(CollectConfig(), description="what collect keeps per feature, and its actors")
-    ingest: IngestConfig | None = Field(None, description="the Neuronpedia export(s) of an ingest job")
-    features: str | None = Field(None, description="label: an existing features table (a collect or ingest run's features/)")
+    ingest: IngestConfig | None = Field(None, description="the Neuronpedia export(s) of an ingest job; in a label or benchmark job, "
+                                                         "its features, ingested from these exports in the same run (give `model` "
+                                                         "for the residuals stage of the AV methods)")
+    features: str | None = Field(None, description="label / benchmark: an existing features table (a collect or ingest run's features/)")
+    residuals: ResidualsConfig = Field(ResidualsConfig(), description="the residuals stage: the vectors the AV methods read, "
+                                                                      "computed with the base model (docs/residuals.md)")
     route: RouteConfig = Field(RouteConfig(), description="tier routing: windows, thresholds, the embedder")
     label: LabelConfig | None = Field(None, description="the label job: a method per tier, the LLMs, budgets, scoring of a sample")
     benchmark: BenchmarkConfig | None = Field(None, description="the benchmark job: methods compared on sampled features")
@@ -533,9 +555,11 @@ class JobSpec(Section):
         need = {
             "collect": ("model", "saes", "corpus"),
             "ingest": ("ingest",),
-            "label": ("label",) if self.features else ("label", "model", "saes", "corpus"),
-            "benchmark": ("benchmark",) if self.features else ("benchmark", "model", "saes", "corpus"),
+            "label": ("label",) if self.features or self.ingest else ("label", "model", "saes", "corpus"),
+            "benchmark": ("benchmark",) if self.features or self.ingest else ("benchmark", "model", "saes", "corpus"),
         }[self.job]
+        if self.job in ("label", "benchmark") and self.features and self.ingest is not None:
+            raise ValueError("give features (an existing features table) or ingest (exports ingested in this run), not both")
         missing = [s for s in need if getattr(self, s) in (None, [])]
         if missing:
             raise ValueError(f"job '{self.job}' needs section(s): {', '.join('sae (or saes)' if m == 'saes' else m for m in missing)}")

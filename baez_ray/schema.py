@@ -13,6 +13,8 @@ candidates  collect's intermediate rows, streamed from the base-model actors to 
 prompts     one row per LLM request (messages, sampling parameters, output constraint);
 answers     the same rows with the answer, token counts, cost and error (every backend).
 routes      one row per feature: correlation scores, tier, kind            (route stage)
+residuals   one row per example an AV method reads: the layer-L residual vector at its
+            top token, computed from its left context, or the error    (residuals stage)
 labels      one row per (feature, method): the label and its provenance    (label stage)
 scores      one row per (feature, method, benchmark): metrics and counts   (score stage)
 rejects     one row per input record that could not be used, with the reason.
@@ -154,6 +156,30 @@ ROUTES = pa.schema(
 NOT_ROUTED_TIER = 0  # a label job without routing (label.route: false): one method labels every feature
 NOT_ROUTED_KIND = "not_routed"
 
+# residuals stage: one row per (sae_id, feature, kind, rank) example of a features table that
+# an AV method reads; `source` says which left context the base model read: "context" (the
+# corpus context up to the top token, collect), "window" (the example's own window up to its
+# top token: an export's, or a collect's without its contexts table), "refused" (no residual:
+# `error` says why, e.g. a token string that maps to no single id)
+RESIDUALS = pa.schema(
+    [
+        pa.field("sae_id", pa.string(), nullable=False),  # the feature's SAE
+        pa.field("layer", pa.int32(), nullable=False),  # its layer: the block whose output is read
+        pa.field("feature", pa.int64(), nullable=False),  # its index within the SAE
+        pa.field("kind", pa.string(), nullable=False),  # the example's kind in the features table (top)
+        pa.field("rank", pa.int32(), nullable=False),  # the example's rank within its kind
+        pa.field("context_id", pa.int64()),  # its corpus context (collect); null for an export's
+        pa.field("position", pa.int32()),  # its top token's position in that context
+        pa.field("top_index", pa.int32(), nullable=False),  # its top token's position in its window
+        pa.field("source", pa.string(), nullable=False),  # context | window | refused
+        pa.field("n_tokens", pa.int32(), nullable=False),  # tokens the model read (BOS included); 0 when refused
+        pa.field("mapped", pa.bool_(), nullable=False),  # token ids mapped from the example's strings (ingest)
+        pa.field("residual", pa.list_(pa.float32())),  # the residual after block `layer` at the top token; null when refused
+        pa.field("error", pa.string()),  # why there is no residual (e.g. an unmappable token string); null on success
+    ],
+    metadata={"table": "residuals", "schema_version": SCHEMA_VERSION},
+)
+
 LABELS = pa.schema(
     [
         pa.field("sae_id", pa.string(), nullable=False),  # the feature's SAE
@@ -227,6 +253,7 @@ TABLES = {
     "prompts": PROMPTS,
     "answers": ANSWERS,
     "routes": ROUTES,
+    "residuals": RESIDUALS,
     "labels": LABELS,
     "scores": SCORES,
     "rejects": REJECTS,

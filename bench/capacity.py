@@ -371,9 +371,24 @@ def per_feature_costs(args, spec, results: dict, fig: Figures) -> dict:
     dup = duplicate_shares(trade, fig)
     policies = list(dict.fromkeys([*POLICIES, policy_name(lab)]))
     t3 = {p: tier3_cost(p, billed / rate, {"chars": int(mean * cpt)}, nla_short, dup, answer, retry, cpt) for p in policies}
+    res_s = residual_s(args, gpu, fig)
+    t3 = {p: t + Cost(gpu_s=int(p.rsplit("_k", 1)[1]) * res_s) if p.startswith("baez") else t for p, t in t3.items()}
     ex_chars = sum(len("".join(e["token_strs"])) for f in feats for e in f[:5]) / max(1, sum(len(f[:5]) for f in feats))
     return {"route_text": route_text, "route_top_n": args.route_top_n, "example_chars": ex_chars, "tier1": t1, "tier2": t2, "tier3": t3, "av_rate": rate, "av_tokens_billed": billed,
             "engine": lab.av.engine, "trade": trade, "gpu": gpu}
+
+
+def residual_s(args, gpu: dict | None, fig: Figures) -> float:
+    """GPU s of one residual vector from the residuals stage (the base model on an example's
+    left context, as far as the SAE's layer), at measure-gpu's forward rate; 0 with --residuals kept."""
+    if args.residuals == "kept":
+        return fig.assumed("residual_gpu_s", 0.0, "collect kept the residuals (--residuals kept)")
+    r = (gpu or {}).get("result", {})
+    if not r.get("forward_tokens_per_s"):
+        return fig.assumed("residual_gpu_s", 0.0, "no forward rate measured (measure-gpu): the residuals stage not counted")
+    fig.measured("residuals_gpu", r["forward_tokens_per_s"], f"{cite(gpu)}: forward_tokens_per_s × {args.residual_tokens} "
+                                                                f"left-context tokens per example (--residual-tokens)")
+    return args.residual_tokens / r["forward_tokens_per_s"]
 
 
 def policy_name(lab) -> str:
@@ -776,6 +791,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--retry-share", type=float, default=0.05, help="share of prompts sent again after a parse failure")
     ap.add_argument("--av-tokens", type=float, default=148.0, help="mean tokens of an AV explanation (NLA: ~148)")
     ap.add_argument("--av-tokens-per-s", type=float, help="AV generated tokens/s per GPU (default: from the results files)")
+    ap.add_argument("--residuals", choices=["stage", "kept"], default="stage",
+                    help="stage: the residuals stage computes tier 3's vectors; kept: collect.keep_residual stored them")
+    ap.add_argument("--residual-tokens", type=int, default=512,
+                    help="mean left-context tokens per residual (a collect's: about half its context; an export's: its window)")
     ap.add_argument("--small-llm-features-per-gpu-s", type=float, default=20.0, help="tier 1 small_llm: features per GPU-second")
     ap.add_argument("--mfu", type=float, default=0.4, help="collect: model FLOPs utilisation when no GPU measurement exists")
     ap.add_argument("--route-top-n", type=int, default=20, help="route.top_n")

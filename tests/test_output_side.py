@@ -74,11 +74,14 @@ def test_np_max_act_logits_prompt_shows_examples_and_promoted_tokens():
     feats = with_promoted(synthetic_features()).slice(0, 2).to_pylist()
     feats[1]["pos_tokens"] = None
     rows = prompt_rows(schema.conform(pa.Table.from_pylist(feats), schema.FEATURES)).to_pylist()
-    assert [r["n_examples"] for r in rows] == [10, 10] and NP_LOGITS_VERSION == "np_max_act_logits/v1"
+    assert [r["n_examples"] for r in rows] == [10, 10] and NP_LOGITS_VERSION == "np_max_act_logits/v2"
     user0, user1 = rows[0]["messages"][1]["content"], rows[1]["messages"][1]["content"]
     assert "Example 10: top token 'alpha'" in user0
     assert user0.endswith("Top promoted tokens: ' alpha', 'Alpha', ' alphas', 'ALPHA', ' alpha-like'")
     assert user1.endswith("Top promoted tokens: (none known)")
+    feats[1]["pos_tokens"] = ["▁beta", "<bos>", "Ġbetas"]  # an export's vocabulary pieces, shown as text
+    rows = prompt_rows(schema.conform(pa.Table.from_pylist(feats), schema.FEATURES)).to_pylist()
+    assert rows[1]["messages"][1]["content"].endswith("Top promoted tokens: ' beta', ' betas'")
     assert "Explanation: <label>" in rows[0]["messages"][0]["content"]
 
 
@@ -156,7 +159,7 @@ def test_benchmark_job_scores_both_sides_and_reports_by_kind(both_sides_run):
     labels = pq.read_table(d / "labels").to_pandas()
     np_labels = labels[labels["method"] == "np_max_act_logits"]
     assert len(np_labels) == 8 and all(lab == WORDS[f] for f, lab in zip(np_labels["feature"], np_labels["label"]))
-    assert set(np_labels["prompt_version"]) == {"np_max_act_logits/v1"}
+    assert set(np_labels["prompt_version"]) == {"np_max_act_logits/v2"}
     scores = pq.read_table(d / "scores").to_pandas()
     assert len(scores) == 8 * 3 * 3 and set(scores["benchmark"]) == {"detection", "embedding", "logit_embedding"}
     # logit_embedding: the feature's 5 promoted tokens and 5 of other features', both halves, no LLM
@@ -216,3 +219,26 @@ def test_label_report_shows_the_by_kind_table(tmp_path):
         ("cross", "eleuther_acts_top5"), ("cross", "random_label"), ("obscure", "baez"), ("obscure", "random_label")]
     data = json.loads((d / "report" / "by_kind.json").read_text())
     assert len(data["sentences"]) == 4 and data["sentences"][2].startswith("cross features: eleuther_acts_top5 passes")
+
+
+@pytest.mark.slow
+def test_label_job_scores_logit_embedding_on_its_sample(ray_local, scorer_server, tmp_path):
+    """A label job's score sample gets the output side too: the held-out rows carry the
+    features' promoted tokens to logit_embedding (the score stage's finish, no LLM)."""
+    from baez_ray.config import validate
+    from baez_ray.jobs import execute
+    from baez_ray.rundir import write_table
+
+    feats = with_promoted(synthetic_features()).to_pylist()
+    for r in feats:  # decile samples of their own: held-out examples
+        r["examples"] = [{**e, "context_id": e["context_id"] + 10**6} if e["kind"] == "sample" else e for e in r["examples"]]
+    write_table(schema.conform(pa.Table.from_pylist(feats), schema.FEATURES), tmp_path / "features", rows_per_file=4)
+    execute(validate({"job": "label", "name": "logit", "seed": 1, "features": str(tmp_path / "features"),
+                      "label": {"route": False, "method": "eleuther_acts_top5", "explainer": scorer_cfg(scorer_server), "max_retries": 1,
+                                "score": {"benchmarks": ["logit_embedding"], "test_examples": 5, "min_test_examples": 2,
+                                          "logit_tokens": 5}}}), tmp_path / "run")
+    scores = pq.read_table(tmp_path / "run" / "scores").to_pandas()
+    assert set(scores["benchmark"]) == {"logit_embedding"} and len(scores) == 12 * 2
+    assert (scores["n_shown"] == 10).all() and (scores["input_tokens"] == 0).all()
+    own = scores[scores["method"] == "eleuther_acts_top5"]
+    assert own["auroc"].mean() > scores[scores["method"] == "random_label"]["auroc"].mean() + 0.3

@@ -172,3 +172,19 @@ def test_real_scale_default_is_priced(capacity):
 
     spec = validate(read_yaml_mapping(ROOT / "jobs" / "gemma27b_l41_label.yaml", "job"), "job")
     assert capacity.policy_name(spec.label) in capacity.POLICIES
+
+
+def test_capacity_counts_the_residuals_stage(capacity, results):
+    """baez_kN's GPU time adds the residuals stage: N forwards of --residual-tokens left-context
+    tokens at measure-gpu's forward rate (cited); none with --residuals kept."""
+    folder, job = results
+    results_file(folder, "capacity_measure_gpu", "h200", ("2026-11-26", {
+        "device": "NVIDIA H200", "collect_full_state_tokens_per_s": 10000.0, "av_generated_tokens_per_s": 500.0, "av_batch": 64,
+        "embedder_texts_per_s": 50000.0, "embedder_tokens": 24, "forward_tokens_per_s": 12800.0}))
+    args = ["--results", str(folder), "--job", str(job), "--residual-tokens", "256"]
+    p = capacity.plan(capacity.parser().parse_args(args))
+    assert p["per_feature"]["baez_k10_gpu_s"] == pytest.approx(10 * 0.8 * 148 / 1000 + 10 * 256 / 12800, rel=0.01)
+    assert p["per_feature"]["nla_direct_gpu_s"] == pytest.approx(148 / 1000, rel=0.01)
+    assert "forward_tokens_per_s" in p["sources"]["residuals_gpu"]
+    kept = capacity.plan(capacity.parser().parse_args(args + ["--residuals", "kept"]))
+    assert kept["per_feature"]["baez_k10_gpu_s"] == pytest.approx(10 * 0.8 * 148 / 1000, rel=0.01)

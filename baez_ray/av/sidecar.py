@@ -99,3 +99,21 @@ def resolve_av_path(sc: Sidecar) -> str:
 
         path = snapshot_download(path)
     return path
+
+
+def sidecars_by_layer(single: str | None, per_layer: dict[int, str], section: str) -> dict[int, str]:
+    """{layer: sidecar path} of a job section's AVs: each of `per_layer` (`av_sidecars`,
+    whose key must be the sidecar's extraction layer) and `single` (`av_sidecar`) at its
+    extraction layer. ConfigError naming the key on a mismatch or two AVs for one layer."""
+    out: dict[int, str] = {}
+    for layer, path in sorted(per_layer.items()):
+        got = load_sidecar(path).extraction_layer
+        if got != layer:
+            raise ConfigError(f"{section}.av_sidecars.{layer}: {path} reads layer-{got} vectors (its extraction_layer), not layer {layer}")
+        out[layer] = str(path)
+    if single:
+        layer = load_sidecar(single).extraction_layer
+        if out.get(layer, single) != single:
+            raise ConfigError(f"{section}.av_sidecar: {single} reads layer {layer}, for which {section}.av_sidecars gives {out[layer]}")
+        out[layer] = str(single)
+    return out

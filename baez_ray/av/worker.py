@@ -1,6 +1,7 @@
 """The AV in Ray: the actor that holds an engine (`AVWorker`), the pool that runs it over
 rows with a `vector` column (`verbalize_vectors`), and the explanations of features' top
-examples (`verbalize`: the residual at each top token, kept by collect).
+examples (`verbalize`: the residual at each top token, kept by collect or computed by the
+residuals stage, `stages/residuals.py`, into the residuals table).
 
     rows (…, vector) ─actor pool (AVWorker: transformers or vLLM engine)─▶
         rows (…, explanation, verbalizer, av_engine, av_error)
@@ -110,45 +111,89 @@ def distinct_examples(examples: list[dict], window: int) -> list[tuple[dict, int
     return [(e, n) for e, n in kept]
 
 
-def top_example_vectors(n_examples: int, layer: int | None = None, dedup_window: int = 0):
-    """A map_batches function: FEATURES rows → one row per distinct top example (of the
-    top `n_examples`; near-duplicates by `distinct_examples(dedup_window)` are one row,
-    `same` counts them): the vector the AV reads (the residual at the top token, kept by
-    collect) and its 1-10 activation score. `layer`: only features of SAEs at that layer
-    (the AV's extraction layer)."""
+def av_examples(examples: list[dict], n: int) -> list[dict]:
+    """The examples an AV method reads of one feature: its first `n` top examples (in the
+    table's order: by rank). The residuals stage computes vectors for exactly these."""
+    return [e for e in examples if e["kind"] == "top"][:n]
+
+
+NO_VECTOR = "no residual vector at the top token: the residuals stage computed none for this example (and collect kept none)"
+VECTOR_ROWS = pa.schema([pa.field("sae_id", pa.string()), pa.field("layer", pa.int32()), pa.field("feature", pa.int64()),
+                         pa.field("rank", pa.int32()), pa.field("same", pa.int64()), pa.field("score", pa.int64()), pa.field("vector", pa.list_(pa.float32())),
+                         pa.field("vector_error", pa.string())])
+
+
+def top_example_vectors(n_examples: int, layer: int | None = None, dedup_window: int = 0, residuals_dir: str | None = None):
+    """A map_batches function: FEATURES rows → one row per distinct example the AV reads
+    (`av_examples`; near-duplicates by `distinct_examples(dedup_window)` are one row, `same`
+    counts them): its vector (the residual at the top token: the one collect kept, else the
+    residuals table's row of the same (sae_id, feature, kind, rank)), or, when there is
+    none, `vector_error` saying why; and its 1-10 activation score. `layer`: only features
+    of SAEs at that layer (the AV's extraction layer)."""
 
     def build(batch: pa.Table) -> pa.Table:
         rows = []
         for f in batch.select(["sae_id", "layer", "feature", "max_activation", "examples"]).to_pylist():
             if layer is not None and f["layer"] != layer:
                 continue
-            top = [e for e in f["examples"] if e["kind"] == "top"][:n_examples]
-            for e, same in distinct_examples(top, dedup_window):
+            for e, same in distinct_examples(av_examples(f["examples"], n_examples), dedup_window):
                 rows.append({
-                    "sae_id": f["sae_id"], "layer": f["layer"], "feature": f["feature"], "rank": e["rank"], "same": same,
+                    "sae_id": f["sae_id"], "layer": f["layer"], "feature": f["feature"], "kind": e["kind"], "rank": e["rank"], "same": same,
                     "score": max(1, min(10, math.ceil(10 * e["value"] / f["max_activation"]))) if f["max_activation"] > 0 else 1,
-                    "vector": e["residual"],
+                    "vector": e["residual"], "vector_error": None,
                 })
-        return pa.Table.from_pylist(rows) if rows else pa.table({
-            "sae_id": pa.array([], pa.string()), "layer": pa.array([], pa.int32()), "feature": pa.array([], pa.int64()),
-            "rank": pa.array([], pa.int32()), "same": pa.array([], pa.int64()), "score": pa.array([], pa.int64()),
-            "vector": pa.array([], pa.list_(pa.float32()))})
+        fill_vectors(rows, residuals_dir)
+        return pa.Table.from_pylist([{k: r[k] for k in VECTOR_ROWS.names} for r in rows], schema=VECTOR_ROWS)
 
     return build
 
 
-def verbalize(features, sidecar_path: str, n_examples: int = 10, run: AVRunConfig = AVRunConfig()) -> pa.Table:
+def fill_vectors(rows: list[dict], residuals_dir: str | None) -> None:
+    """Give the rows without a vector the residuals table's vector (or its error), read
+    for their features only (`schema.read_keyed`: the table's row groups are sorted by key)."""
+    from pathlib import Path
+
+    from baez_ray import schema
+
+    need = [r for r in rows if r["vector"] is None]
+    found: dict[tuple, dict] = {}
+    if need and residuals_dir and any(Path(residuals_dir).glob("*.parquet")):
+        keys = schema.key_table(sorted({(r["sae_id"], r["feature"]) for r in need}))
+        table = schema.read_keyed(residuals_dir, keys, columns=["sae_id", "feature", "kind", "rank", "residual", "error"])
+        found = {(t["sae_id"], t["feature"], t["kind"], t["rank"]): t for t in table.to_pylist()}
+    for r in need:
+        hit = found.get((r["sae_id"], r["feature"], r["kind"], r["rank"]))
+        if hit is None:
+            r["vector_error"] = NO_VECTOR
+        elif hit["residual"] is None:
+            r["vector_error"] = hit["error"] or NO_VECTOR
+        else:
+            r["vector"] = hit["residual"]
+
+
+def verbalize(features, sidecar_path: str, n_examples: int = 10, run: AVRunConfig = AVRunConfig(),
+              residuals_dir: str | None = None) -> pa.Table:
     """AV explanations of each feature's top examples, near-duplicates once (`run.dedup_window`):
-    rows (feature, rank, same, score, explanation, verbalizer, av_engine, av_error).
-    Examples need the residual vector (collect with keep_residual) of the AV's extraction
-    layer: features of SAEs at other layers get none."""
+    rows (sae_id, layer, feature, rank, same, score, explanation, verbalizer, av_engine,
+    av_error), one per distinct example the AV reads of the features of SAEs at the AV's
+    extraction layer (features at other layers get none).
+    Each example's vector is the residual collect kept, else the residuals table's
+    (`residuals_dir`); an example without one gets its row with `av_error` saying why."""
     from baez_ray.ray_pool import gather
 
     layer = load_sidecar(sidecar_path).extraction_layer
-    rows = features.map_batches(top_example_vectors(n_examples, layer, run.dedup_window), batch_format="pyarrow")
-    rows = rows.filter(lambda r: r["vector"] is not None)
-    at_most = features.count() * n_examples  # features with fewer top examples (or no residuals) send fewer
+    rows = features.map_batches(top_example_vectors(n_examples, layer, run.dedup_window, residuals_dir), batch_format="pyarrow").materialize()
+    with_vector = rows.filter(lambda r: r["vector"] is not None).drop_columns(["vector_error"])
+    without = gather(rows.filter(lambda r: r["vector"] is None).drop_columns(["vector"]))
+    at_most = features.count() * n_examples  # features with fewer top examples (or at other layers) send fewer
     with progress.bar("av", total=at_most, unit="example") as bar:
-        out = gather(verbalize_vectors(rows, sidecar_path, run).drop_columns(["vector"]))
+        out = gather(verbalize_vectors(with_vector, sidecar_path, run).drop_columns(["vector"]))
         bar.add_total(out.num_rows - at_most)  # the examples there were
+    if without.num_rows:
+        n = without.num_rows
+        failed = pa.table({"sae_id": without.column("sae_id"), "layer": without.column("layer"), "feature": without.column("feature"),
+                           "rank": without.column("rank"), "same": without.column("same"), "score": without.column("score"), "explanation": pa.nulls(n, pa.string()),
+                           "verbalizer": pa.nulls(n, pa.string()), "av_engine": pa.array([run.engine] * n),
+                           "av_error": without.column("vector_error")})
+        out = pa.concat_tables([out, failed], promote_options="default") if out.num_rows else failed
     return out

@@ -1,10 +1,12 @@
 """The `benchmark` job (SPEC §5): compare labelling methods the way a labelling study does.
 
-    features (collected here, or `features:`) ─▶ sample N features with ≥ M examples
+    features (collected here, `features:`, or ingested here: `ingest:`) ─▶ sample N features
+      with ≥ M examples
       ─▶ split: train/ (what labellers read) and test/ (what scorers read), disjoint
       ─▶ route train/ (kinds for token_freq; tier shares for the report)
     (or, with stratify: tier, ─▶ stratify: route a seeded pool of the eligible features on
      their train examples → routes/, sample N per tier → train/, test/)
+      ─▶ [residuals of train/'s examples at the layers an AV reads, when an AV method runs]
       ─▶ label train/ with every method (one stage per method; resume skips finished ones)
       ─▶ score every label on test/ with every benchmark + the random-label control (the
          intervention benchmarks' steered continuations in steering/)
@@ -36,7 +38,8 @@ def label_method(spec: JobSpec, run: Run, method: str, train_dir: Path, labels_d
     import ray
 
     labels = methods.label(method, ray.data.read_parquet(str(train_dir)),
-                           method_context(method, spec.benchmark, tuple(spec.saes), spec.route, run.table_dir("routes")))
+                           method_context(method, spec.benchmark, tuple(spec.saes), spec.route, run.table_dir("routes"),
+                                          run.table_dir("residuals")))
     labels = schema.conform(labels, schema.LABELS)
     tmp = labels_dir / f".{method}.parquet.tmp"
     pq.write_table(labels, tmp)
@@ -46,6 +49,25 @@ def label_method(spec: JobSpec, run: Run, method: str, train_dir: Path, labels_d
             "input_tokens": int(sum(labels.column("input_tokens").to_pylist())),
             "output_tokens": int(sum(labels.column("output_tokens").to_pylist())),
             "cost_usd": float(sum(labels.column("cost_usd").to_pylist()))}
+
+
+def train_needs_residuals(spec: JobSpec) -> bool:
+    """The residuals stage runs when an AV is configured and a method reads the vectors at
+    top examples (baez, baez_last)."""
+    b = spec.benchmark
+    return bool(b.av_sidecar or b.av_sidecars) and methods.needs_residuals(b.methods)
+
+
+def train_residuals(spec: JobSpec, run: Run, features_dir: Path, train_dir: Path) -> dict:
+    """The residuals of the sampled features' train examples (what the AV methods read),
+    at the layers an AV reads; a collected example reads its whole corpus context."""
+    from baez_ray.av.sidecar import sidecars_by_layer
+    from baez_ray.stages.residuals import contexts_of, for_av
+
+    b = spec.benchmark
+    keys = pq.read_table(train_dir, columns=["sae_id", "feature", "layer"])
+    return for_av(train_dir, keys, sidecars_by_layer(b.av_sidecar, b.av_sidecars, "benchmark"), b.train_examples,
+                  run.table_dir("residuals"), contexts_of(features_dir), spec.model, spec.residuals, run.attempt)
 
 
 def score_stage(spec: JobSpec, run: Run, labels_dir: Path, test_dir: Path) -> dict:
@@ -90,6 +112,9 @@ def run_job(spec: JobSpec, run: Run) -> None:
         if not run.completed("route"):
             with run.stage("route") as info:
                 info.update(route(train_dir, run.table_dir("routes"), spec.route))
+    if train_needs_residuals(spec) and not run.completed("residuals"):
+        with run.stage("residuals") as info:
+            info.update(train_residuals(spec, run, features_dir, train_dir))
     labels_dir.mkdir(exist_ok=True)
     for method in b.methods:
         if not run.completed(f"label:{method}"):

@@ -57,11 +57,16 @@ def features_report(run: Run, name: str) -> None:
 
 def features_source(spec: JobSpec, run: Run) -> Path:
     """The features table a label or benchmark job reads: `features:` when given, else
-    collected in this run (with the features page beside the job's report). Starts Ray."""
+    ingested in this run from the `ingest:` section's exports, else collected in this run
+    (with the features page beside the job's report). Starts Ray."""
     if spec.features:
         features_dir = Path(spec.features)
         if not any(features_dir.glob("*.parquet")):
             raise FileNotFoundError(f"features {features_dir}: no Parquet parts (run collect or ingest first)")
+    elif spec.ingest is not None:
+        from baez_ray.jobs.ingest import ingest_features
+
+        features_dir = ingest_features(spec, run)
     else:
         features_dir = collect_features(spec, run)
         features_report(run, "features.html")

@@ -1,7 +1,8 @@
 """The `label` job: features (collected here, or a features table given) → route → label
 each tier with its method → [score a sample] → labels table and report.
 
-    collect (or `features:`) ─▶ route ─▶ label (stages/label.py: tier 1 cheap, tier 2 the
+    collect (or `features:`, or `ingest:`) ─▶ route ─▶ [residuals of the tier-3 features an
+    AV drafts: stages/residuals.py] ─▶ label (stages/label.py: tier 1 cheap, tier 2 the
     frontier method, tier 3 flagged for a human with AV explanations and a draft)
     ─▶ [score: a seeded sample of the labels on held-out examples] ─▶ report
 
@@ -24,11 +25,13 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from baez_ray import methods
 from baez_ray.config import JobSpec
 from baez_ray.jobs.collect import features_source
 from baez_ray.ray_pool import remote
 from baez_ray.report.labels import write_label_report
 from baez_ray.rundir import Run, log, write_table
+from baez_ray.schema import NOT_ROUTED_TIER
 from baez_ray.stages.label import label_stage, select, start_llms
 from baez_ray.stages.label_scores import finish_scores, plan_scores
 from baez_ray.stages.route import not_routed, route
@@ -43,6 +46,9 @@ def run_job(spec: JobSpec, run: Run) -> None:
         with run.stage("route") as info:
             info.update((route if spec.label.route else not_routed)(features_dir, run.table_dir("routes"), spec.route))
     routes, keys, counts = select(pq.read_table(run.table_dir("routes")), spec.label)
+    if av_needs_residuals(spec) and not run.completed("residuals"):
+        with run.stage("residuals") as info:
+            info.update(av_residuals(spec, run, features_dir, routes, keys[av_tier(spec)]))
     scoring = spec.label.score is not None and not run.completed("score")
     plan = None
     if label_needs_rerun(run):
@@ -62,6 +68,34 @@ def run_job(spec: JobSpec, run: Run) -> None:
         # worker, not in the driver (a task of report.labels: its worker need not import torch)
         info["path"] = str(ray.get(remote(write_label_report).remote(str(run.dir))))
     log(f"report: {run.dir / 'report' / 'index.html'}")
+
+
+def av_tier(spec: JobSpec) -> int:
+    """The tier whose method may read an AV: tier 3, or every feature without routing."""
+    return 3 if spec.label.route else NOT_ROUTED_TIER
+
+
+def av_needs_residuals(spec: JobSpec) -> bool:
+    """The residuals stage runs when that tier has an AV and its method reads the vectors
+    at top examples (baez, baez_last; nla_direct reads decoder rows)."""
+    cfg = spec.label
+    name = cfg.tier3 if cfg.route else cfg.single_method
+    return bool(cfg.av_sidecar or cfg.av_sidecars) and methods.needs_residuals([name])
+
+
+def av_residuals(spec: JobSpec, run: Run, features_dir: Path, routes, todo: set) -> dict:
+    """The residuals of the features the AV will draft (tier 3 after routing and
+    max_per_tier), at the layers an AV reads: never the whole dictionary."""
+    from baez_ray.av.sidecar import sidecars_by_layer
+    from baez_ray.schema import key_table, rows_of
+    from baez_ray.stages.residuals import contexts_of, for_av
+
+    keys = routes.select(["sae_id", "feature", "layer"]).take(rows_of(routes, key_table(sorted(todo))))
+    layers = sidecars_by_layer(spec.label.av_sidecar, spec.label.av_sidecars, "label")
+    cfg = spec.label
+    n = methods.examples_read(cfg.tier3 if cfg.route else cfg.single_method, cfg.av_examples)  # baez_kN reads N
+    return for_av(features_dir, keys, layers, n, run.table_dir("residuals"), contexts_of(features_dir),
+                  spec.model, spec.residuals, run.attempt)
 
 
 def label_needs_rerun(run: Run) -> bool:

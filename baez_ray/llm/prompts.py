@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 # ---------------------------------------------------------------- eleuther_acts_topK
-ELEUTHER_VERSION = "eleuther_acts/v1"
+ELEUTHER_VERSION = "eleuther_acts/v2"  # v2: tokens as text (an export's pieces, no <bos>)
 ELEUTHER_MARKER = "[EXPLANATION]:"
 
 ELEUTHER_SYSTEM = """You study the features of a language model. A feature is a direction in the model's internal activations that is active on some tokens of some texts.
@@ -39,7 +39,7 @@ ELEUTHER_FEWSHOT = [
 ]
 
 # ---------------------------------------------------------------- np_max_act
-NP_VERSION = "np_max_act/v1"
+NP_VERSION = "np_max_act/v2"  # v2: tokens as text (an export's pieces, no <bos>)
 NP_MARKER = "Explanation:"
 
 NP_SYSTEM = """You label features of a language model. For each example you get the token where the feature is most active and the text around it. Give a label of 1 to 6 words that says what the feature responds to. Answer with one line:
@@ -48,16 +48,17 @@ Explanation: <label>"""
 # ---------------------------------------------------------------- np_max_act_logits
 # np_max_act's windows, plus the tokens the feature's decoder direction promotes most (the
 # logit lens: features' pos_tokens); same answer line.
-NP_LOGITS_VERSION = "np_max_act_logits/v1"
+NP_LOGITS_VERSION = "np_max_act_logits/v2"  # v2: tokens as text (np_max_act/v2's examples; an export's promoted pieces)
 
 NP_LOGITS_SYSTEM = """You label features of a language model. For each example you get the token where the feature is most active and the text around it. You also get the tokens the feature promotes most: the next tokens the model predicts more often when the feature is active. A feature may be about what it reads (the examples) or about what it makes the model say next (the promoted tokens), or both. Give a label of 1 to 6 words that says what the feature responds to or does. Answer with one line:
 Explanation: <label>"""
 
 
 def promoted_line(pos_tokens: list[str] | None, n: int = 10) -> str:
-    """The feature's top promoted tokens as one line of quoted texts (leading and trailing
-    whitespace of each token kept visible by the quotes), or a note that none are known."""
-    texts = [t for t in (pos_tokens or []) if t is not None and t.strip()][:n]
+    """The feature's top promoted tokens as one line of quoted texts (an export's vocabulary
+    pieces as text, `texts_of`; leading and trailing whitespace of each token kept visible by
+    the quotes), or a note that none are known."""
+    texts = [t for t in texts_of([t for t in (pos_tokens or []) if t is not None]) if t.strip()][:n]
     return "Top promoted tokens: " + (", ".join(repr(t) for t in texts) if texts else "(none known)")
 
 
@@ -108,7 +109,7 @@ def eleuther_user(examples: list[dict], mark_frac: float = 0.6) -> str:
     lines = []
     for i, ex in enumerate(examples, 1):
         peak = max(ex["acts"]) if ex["acts"] else 0.0
-        text = mark_tokens(ex["token_strs"], ex["acts"], mark_frac * peak)
+        text = mark_tokens(texts_of(ex["token_strs"]), ex["acts"], mark_frac * peak)
         lines.append(f"Example {i}: {one_line(text).strip()}")
     return "\n".join(lines)
 
@@ -125,14 +126,24 @@ def np_user(examples: list[dict], radius: int = 24) -> str:
     lines = []
     for i, ex in enumerate(examples, 1):
         t = ex["top_index"]
-        lo, hi = max(0, t - radius), min(len(ex["token_strs"]), t + radius + 1)
-        window = one_line("".join(ex["token_strs"][lo:hi])).strip()
-        lines.append(f"Example {i}: top token {ex['token_strs'][t].strip()!r} in: {window}")
+        toks = texts_of(ex["token_strs"])
+        lo, hi = max(0, t - radius), min(len(toks), t + radius + 1)
+        window = one_line("".join(toks[lo:hi])).strip()
+        lines.append(f"Example {i}: top token {toks[t].strip()!r} in: {window}")
     return "\n".join(lines)
 
 
 def np_messages(examples: list[dict]) -> list[dict]:
     return [{"role": "system", "content": NP_SYSTEM}, {"role": "user", "content": np_user(examples)}]
+
+
+def texts_of(token_strs: list[str]) -> list[str]:
+    """An example's tokens as the text they spell: an export's vocabulary pieces ('▁the',
+    'Ġthe') become ' the', special tokens ('<bos>') nothing (`models.windows.token_text`);
+    decoded strings (collect's) stay as they are."""
+    from baez_ray.models.windows import token_text
+
+    return [token_text(t) for t in token_strs]
 
 
 def one_line(text: str) -> str:

@@ -16,10 +16,10 @@ from __future__ import annotations
 import pkgutil
 from importlib import import_module
 
-from baez_ray.methods.registry import LabelContext, check_job_methods, get, known, label, label_rows, register
+from baez_ray.methods.registry import LabelContext, check_job_methods, examples_read, get, known, label, label_rows, needs_residuals, register
 
 for _m in pkgutil.iter_modules(__path__):
     if _m.name != "registry":
         import_module(f"{__name__}.{_m.name}")
 
-__all__ = ["LabelContext", "check_job_methods", "get", "known", "label", "label_rows", "register"]
+__all__ = ["LabelContext", "check_job_methods", "examples_read", "get", "known", "label", "label_rows", "needs_residuals", "register"]

@@ -20,7 +20,7 @@ from baez_ray.av.worker import verbalize_vectors
 from baez_ray.config import AVRunConfig, SAEConfig
 from baez_ray.llm import prompts
 from baez_ray.llm.rounds import label_rounds, rows_table
-from baez_ray.methods.av_explanations import other_layer
+from baez_ray.methods.av_explanations import as_layers, other_layer
 from baez_ray.methods.registry import LabelContext, register
 from baez_ray.ray_pool import actor_map, gather
 
@@ -118,5 +118,20 @@ def label_nla_direct(features, sidecar_path: str, saes: list[SAEConfig], llm=Non
 
 @register("nla_direct", tiers=(3,), needs=("av_sidecar", "sae"))
 def nla_direct(features, ctx: LabelContext) -> pa.Table:
-    """The AV reads the feature's SAE decoder row; its explanation is the label (one AV call per feature)."""
-    return label_nla_direct(features, ctx.av_sidecar, list(ctx.saes), ctx.explainer, max_retries=ctx.max_retries, av=ctx.av)
+    """The AV of the feature's layer reads its SAE decoder row; the explanation is the label
+    (one AV call per feature; a feature at a layer no AV reads gets its row with the reason)."""
+    by_layer = dict(ctx.av_sidecars) if ctx.av_sidecars else as_layers(ctx.av_sidecar)
+    if len(by_layer) == 1:
+        (path,) = by_layer.values()
+        return label_nla_direct(features, path, list(ctx.saes), ctx.explainer, max_retries=ctx.max_retries, av=ctx.av)
+    parts = [label_nla_direct(features.filter(lambda r, layer=layer: r["layer"] == layer), path, list(ctx.saes), ctx.explainer,
+                              max_retries=ctx.max_retries, av=ctx.av) for layer, path in by_layer.items()]
+    rest = gather(features.select_columns(["sae_id", "layer", "feature"]).filter(lambda r: r["layer"] not in by_layer))
+    if rest.num_rows:
+        n = rest.num_rows
+        parts.append(schema.conform(pa.table({
+            "sae_id": rest.column("sae_id"), "layer": rest.column("layer"), "feature": rest.column("feature"),
+            "method": pa.array(["nla_direct"] * n), "n_examples": pa.array([0] * n, pa.int32()), "input_tokens": pa.array([0] * n),
+            "output_tokens": pa.array([0] * n), "cost_usd": pa.array([0.0] * n), "tries": pa.array([0] * n, pa.int32()),
+            "error": pa.array([other_layer(x, list(by_layer)) for x in rest.column("layer").to_pylist()])}), schema.LABELS))
+    return pa.concat_tables([schema.conform(p, schema.LABELS) for p in parts])

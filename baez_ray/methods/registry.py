@@ -29,10 +29,12 @@ class LabelContext:
     max_retries: int = 2
     n_examples: int = 10  # examples an AV-based method verbalizes per feature
     av_sidecar: str | None = None
+    av_sidecars: tuple[tuple[int, str], ...] = ()  # (layer, sidecar path) of every AV the job has
     av: AVRunConfig = AVRunConfig()
     saes: tuple[SAEConfig, ...] = ()  # the job's SAEs: nla_direct reads their decoder rows
     route: RouteConfig = RouteConfig()  # token_freq counts over route.top_n examples and its windows
     routes_dir: Path | None = None  # the routes table (kinds) of these features
+    residuals_dir: Path | None = None  # the residuals table of these features (the residuals stage's)
     stream: bool = False  # the rows go on to be scored as they come: a method may return its Dataset unexecuted
 
 
@@ -40,6 +42,8 @@ NEEDS = {
     "explainer": "an LLM writes the label (the section's explainer; small_llm: label.small_llm when set)",
     "av_sidecar": "an activation verbalizer (av_sidecar / av_sidecars)",
     "sae": "the SAE's weights (the job's sae / saes section)",
+    "residuals": "the residual vector at each top example's top token (kept by collect, or the residuals stage's, "
+                 "which needs the job's model section)",
 }
 
 
@@ -122,6 +126,18 @@ def label_rows(name: str, features, ctx: LabelContext):
     return get(name).label(features, ctx)
 
 
+def needs_residuals(names) -> bool:
+    """Whether any of the methods `names` reads the residual vectors at top examples."""
+    return any("residuals" in get(n).needs for n in names)
+
+
+def examples_read(name: str, default: int) -> int:
+    """How many top examples the AV method `name` reads: N of `baez_kN` / `baez_last_kN`,
+    else `default` (the job's av_examples)."""
+    k = name.rsplit("_k", 1)[1] if "_k" in name else ""
+    return int(k) if k.isdigit() else default
+
+
 def _problem(name: str, tier: int | None) -> str | None:
     try:
         m = get(name)
@@ -138,10 +154,11 @@ def _missing_explainer(name: str, explainer) -> str | None:
     return None
 
 
-def _missing_input(name: str, section: str, av_sidecar: str | None, spec: JobSpec) -> str | None:
-    """What the method `name` reads that the job lacks: an AV, or the SAE's weights."""
-    if "av_sidecar" in get(name).needs and not av_sidecar:
-        return f"{name} needs {section}.av_sidecar (an activation verbalizer)"
+def _missing_input(name: str, section: str, av, spec: JobSpec) -> str | None:
+    """What the method `name` reads that the job lacks: an AV (`av`: the section's
+    av_sidecar or av_sidecars), or the SAE's weights."""
+    if "av_sidecar" in get(name).needs and not av:
+        return f"{name} needs {section}.av_sidecar or {section}.av_sidecars (an activation verbalizer)"
     if "sae" in get(name).needs and not spec.saes:
         return f"{name} reads the SAE's decoder rows: the job needs the sae (or saes) section"
     return None
@@ -153,7 +170,8 @@ def check_job_methods(spec: JobSpec) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     if spec.job == "label" and spec.label is not None and not spec.label.route:
         name = spec.label.single_method
-        problem = _problem(name, None) or _missing_explainer(name, spec.label.explainer) or _missing_input(name, "label", spec.label.av_sidecar, spec)
+        problem = _problem(name, None) or _missing_explainer(name, spec.label.explainer) or _missing_input(
+            name, "label", spec.label.av_sidecar or spec.label.av_sidecars, spec)
         if problem:
             out.append(("label.method" if spec.label.method else "label.tier2", problem))
     elif spec.job == "label" and spec.label is not None:
@@ -162,12 +180,14 @@ def check_job_methods(spec: JobSpec) -> list[tuple[str, str]]:
             problem = _problem(name, t) or _missing_explainer(name, spec.label.explainer)
             if problem:
                 out.append((f"label.tier{t}", problem))
-        if not out and spec.label.av_sidecar and "sae" in get(spec.label.tier3).needs and not spec.saes:
+        has_av = bool(spec.label.av_sidecar or spec.label.av_sidecars)
+        if not out and has_av and "sae" in get(spec.label.tier3).needs and not spec.saes:
             out.append(("label.tier3", f"{spec.label.tier3} reads the SAE's decoder rows: the job needs the sae (or saes) section"))
     if spec.job == "benchmark" and spec.benchmark is not None:
         b = spec.benchmark
         for i, name in enumerate(b.methods):
-            problem = _problem(name, None) or _missing_explainer(name, b.explainer) or _missing_input(name, "benchmark", b.av_sidecar, spec)
+            problem = _problem(name, None) or _missing_explainer(name, b.explainer) or _missing_input(
+                name, "benchmark", b.av_sidecar or b.av_sidecars, spec)
             if problem:
                 out.append((f"benchmark.methods.{i}", problem))
         if len(set(b.methods)) != len(b.methods):
@@ -177,4 +197,18 @@ def check_job_methods(spec: JobSpec) -> list[tuple[str, str]]:
             problem = _problem(name, None) if name else None
             if problem:
                 out.append((f"benchmark.verdict.{key}", problem))
-    return out
+    return out + _residuals_model(spec, out)
+
+
+def _residuals_model(spec: JobSpec, found: list) -> list[tuple[str, str]]:
+    """Features ingested in the job carry no residual vectors: an AV method that reads them
+    needs the base model (the residuals stage computes them)."""
+    section = spec.label if spec.job == "label" else spec.benchmark if spec.job == "benchmark" else None
+    if found or section is None or spec.ingest is None or spec.model is not None or not (section.av_sidecar or section.av_sidecars):
+        return []
+    names = ([section.tier3] if section.route else [section.single_method]) if spec.job == "label" else section.methods
+    reading = [n for n in names if "residuals" in get(n).needs]
+    if not reading:
+        return []
+    return [("model", f"{', '.join(reading)} read the residual vectors at top examples, which an export does not carry: the "
+                      "residuals stage computes them with the base model, so the job needs the model section")]

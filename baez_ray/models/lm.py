@@ -193,6 +193,7 @@ class ResidualReader:
         text_cfg = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
         self.d_model = text_cfg.hidden_size
         self._captured: dict[int, torch.Tensor] = {}
+        self._until: int | None = None
         for layer in self.read:
             self.layers[layer].register_forward_hook(self._hook(layer, stop=layer == self.read[-1]))
         # the forward never runs past the deepest hook: free the blocks above it (Gemma-3-27B
@@ -202,23 +203,27 @@ class ResidualReader:
     def _hook(self, layer: int, stop: bool):
         def hook(module, args, output):
             self._captured[layer] = output[0] if isinstance(output, tuple) else output
-            if stop:
+            if stop or layer == self._until:
                 raise _Stop
 
         return hook
 
     @torch.inference_mode()
-    def residuals(self, ids: torch.Tensor) -> dict[int, torch.Tensor]:
+    def residuals(self, ids: torch.Tensor, until: int | None = None) -> dict[int, torch.Tensor]:
         """[B, T] token ids → {layer: [B, T, d_model] residual stream after block `layer`}
-        for every layer read."""
-        self._captured = {}
+        for every layer read; with `until` (a layer read), only the layers up to it, and
+        the forward stops there."""
+        if until is not None and until not in self.read:
+            raise ValueError(f"until={until}: not a layer this reader reads ({self.read})")
+        self._captured, self._until = {}, until
         try:
             self.model(input_ids=ids.to(self.device), use_cache=False)
         except _Stop:
             pass
         out, self._captured = self._captured, {}
-        if len(out) != len(self.read):
-            raise RuntimeError(f"the hooks of layers {sorted(set(self.read) - set(out))} did not fire")
+        want = [layer for layer in self.read if until is None or layer <= until]
+        if len(out) != len(want):
+            raise RuntimeError(f"the hooks of layers {sorted(set(want) - set(out))} did not fire")
         return out
 
     def residual(self, ids: torch.Tensor) -> torch.Tensor:

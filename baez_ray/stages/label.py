@@ -147,27 +147,34 @@ def label_shard(cfg: LabelConfig, saes: tuple[SAEConfig, ...], route_cfg: RouteC
     `tier` and `kind` are filled when the workers write them, `LabelShards.commit_dataset`;
     `stream`: unexecuted where the method can, to be scored as they come)."""
     name = {NOT_ROUTED_TIER: cfg.single_method, 1: cfg.tier1, 2: cfg.tier2, 3: cfg.tier3}[t]
-    if t == 3 and not cfg.av_sidecar:
+    if t == 3 and not (cfg.av_sidecar or cfg.av_sidecars):
         log(f"[label] tier 3: {len(chunk)} features flagged for manual labelling (no AV configured)")
         return with_route(manual_rows(routes, chunk), routes)
     where = f" ({cfg.explainer.backend}:{cfg.explainer.model})" if t in (NOT_ROUTED_TIER, 2) and "explainer" in methods.get(name).needs else ""
     what = "flagged for manual labelling; AV explanations and a draft by " if t == 3 else "with "
     tier = "not routed" if t == NOT_ROUTED_TIER else f"tier {t}"
     log(f"[label] {tier}: {len(chunk)} features {what}{name}{where}")
-    ctx = replace(method_context(name, cfg, saes, route_cfg, routes_dir), stream=stream)
+    ctx = replace(method_context(name, cfg, saes, route_cfg, routes_dir, routes_dir.parent / "residuals"), stream=stream)
     labels = methods.label_rows(name, _subset(features_dir, chunk), ctx)
     return with_route(schema.conform(labels, schema.LABELS), routes) if isinstance(labels, pa.Table) else labels
 
 
 def method_context(name: str, section: LabelConfig | BenchmarkConfig, saes: tuple[SAEConfig, ...], route_cfg: RouteConfig,
-                   routes_dir: Path) -> methods.LabelContext:
+                   routes_dir: Path, residuals_dir: Path | None = None) -> methods.LabelContext:
     """What the method `name` reads besides the features, from the job's `label` or
     `benchmark` section: a label job's AV methods verbalize `av_examples` examples per
-    feature, a benchmark's every train example."""
+    feature, a benchmark's every train example; the AV of each layer (`av_sidecar`,
+    `av_sidecars`) and the residuals table of these features (the residuals stage's)."""
+    from baez_ray.av.sidecar import sidecars_by_layer
+
     label_job = isinstance(section, LabelConfig)
+    where = "label" if label_job else "benchmark"
+    by_layer = sidecars_by_layer(section.av_sidecar, section.av_sidecars, where) if (section.av_sidecar or section.av_sidecars) else {}
+    has = residuals_dir is not None and any(Path(residuals_dir).glob("*.parquet"))
     return methods.LabelContext(name=name, explainer=section.explainer, small_llm=section.small_llm if label_job else None,
                                 max_retries=section.max_retries, n_examples=section.av_examples if label_job else section.train_examples,
-                                av_sidecar=section.av_sidecar, av=section.av, saes=tuple(saes), route=route_cfg, routes_dir=routes_dir)
+                                av_sidecar=section.av_sidecar, av_sidecars=tuple(sorted(by_layer.items())), av=section.av,
+                                saes=tuple(saes), route=route_cfg, routes_dir=routes_dir, residuals_dir=residuals_dir if has else None)
 
 
 def manual_rows(routes: pa.Table, chunk: set[tuple[str, int]]) -> pa.Table:
