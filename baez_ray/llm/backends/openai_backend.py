@@ -1,5 +1,7 @@
 """Any OpenAI-compatible chat-completions endpoint (a vLLM or SGLang server, OpenRouter,
-OpenAI itself) over httpx's async client, in a Ray actor pool.
+OpenAI itself) over aiohttp's client, in a Ray actor pool. (Not httpx's: with more
+requests out than the server serves at once, its pool sent ~20 a second into a server of
+64 slots; aiohttp keeps them full: bench/peer_delphi_score.py.)
 
     prompt batches ─Ray Data (≤ batches_in_flight(cfg) per actor at once)─▶ OpenAICaller
       one event loop per actor: every row of every batch it holds is a task; one
@@ -50,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import logging
 import random
 import time
@@ -163,7 +166,7 @@ def answer_tokens(data: dict) -> list[dict] | None:
 
 
 class OpenAICaller:
-    """Ray Data actor (async): one httpx async client and one window of `max_concurrency`
+    """Ray Data actor (async): one aiohttp client session and one window of `max_concurrency`
     requests in flight, shared by every batch the actor holds."""
 
     def __init__(self, cfg: dict, key: SecretStr | None):
@@ -175,22 +178,23 @@ class OpenAICaller:
         self.url = (self.cfg.base_url or DEFAULT_BASE_URL).rstrip("/") + "/chat/completions"
         self.structured = True  # send response_format for constrained rows until the server refuses it
         self._loop = None  # the event loop the client and the window belong to (the actor's)
+        self._calls = 0  # batches being answered: the client is closed when the last one returns
 
     def _opened(self):
         """The client and the window of the running event loop (made on first use)."""
-        import httpx
+        import aiohttp
 
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             n = self.cfg.max_concurrency
-            self._http = httpx.AsyncClient(headers=self.headers, timeout=self.cfg.timeout_s,
-                                           limits=httpx.Limits(max_connections=n, max_keepalive_connections=n))
+            self._http = aiohttp.ClientSession(headers=self.headers, timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s),
+                                               connector=aiohttp.TCPConnector(limit=n, limit_per_host=n))
             self._slots = asyncio.Semaphore(n)
             self._loop = loop
         return self._http, self._slots
 
     async def post(self, body: dict) -> dict:
-        import httpx
+        import aiohttp
 
         http, slots = self._opened()
         attempt = 0
@@ -198,20 +202,21 @@ class OpenAICaller:
             headers = None
             try:
                 async with slots:  # a slot only while the request is out: not while it waits to retry
-                    r = await http.post(self.url, json=body)
-            except httpx.TransportError as e:  # connect / read errors and timeouts
+                    async with http.post(self.url, json=body) as r:
+                        status, text, headers = r.status, await r.text(), r.headers
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:  # connect / read errors and timeouts
                 if attempt >= self.cfg.max_retries:
                     raise
                 why = type(e).__name__
             else:
-                if r.status_code < 400:
-                    data = r.json()
+                if status < 400:
+                    data = json.loads(text)
                     if not data.get("choices") and data.get("error"):  # some proxies answer 200 + error
-                        raise APIStatusError(r.status_code, str(data["error"]))
+                        raise APIStatusError(status, str(data["error"]))
                     return data
-                if not (r.status_code in RETRY_STATUS or r.status_code >= 500) or attempt >= self.cfg.max_retries:
-                    raise APIStatusError(r.status_code, r.text)
-                headers, why = r.headers, f"HTTP {r.status_code}"
+                if not (status in RETRY_STATUS or status >= 500) or attempt >= self.cfg.max_retries:
+                    raise APIStatusError(status, text)
+                why = f"HTTP {status}"
             delay = backoff(attempt, headers)
             log.debug("openai backend: %s; retry %d/%d in %.2fs", why, attempt + 1, self.cfg.max_retries, delay)
             await asyncio.sleep(delay)
@@ -243,7 +248,14 @@ class OpenAICaller:
 
     async def __call__(self, batch: pa.Table, until: Until | None = None) -> pa.Table:
         rows = batch.to_pylist() if until is not None else batch.select([c for c in _ROW_COLS if c in batch.column_names]).to_pylist()
-        results = await asyncio.gather(*(ask_until(self.ask_once, r, until) for r in rows))
+        self._calls += 1
+        try:
+            results = await asyncio.gather(*(ask_until(self.ask_once, r, until) for r in rows))
+        finally:
+            self._calls -= 1
+            if not self._calls and self._loop is not None:  # idle: closed (the next batch opens another)
+                self._loop = None
+                await self._http.close()
         # off the event loop: the first progress tick looks its actor up (a blocking call)
         return await asyncio.to_thread(with_results, batch, list(results), self.cfg, until)
 
