@@ -379,6 +379,7 @@ def run_ours(work: Path, n: int, url: str) -> dict:
     t_launch = time.time()
     proc = subprocess.run([str(Path(sys.executable).parent / "baez-ray"), "run", str(job), "--out", str(out)], capture_output=True, text=True)
     t_exit = time.time()
+    (work / f"ours-{n}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode not in (0, 3):
         raise RuntimeError(f"baez-ray run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     manifest = json.loads((out / "manifest.json").read_text())
@@ -473,6 +474,7 @@ def main() -> None:
     ap.add_argument("--widen", type=int, default=32)
     ap.add_argument("--delphi-python", default=str(ROOT / ".venv-delphi" / "bin" / "python"))
     ap.add_argument("--sides", nargs="+", default=["ours", "delphi_widened", "delphi_default"])
+    ap.add_argument("--keep", default=None, help="keep each N's work (features, jobs, server logs, runs) under this folder")
     ap.add_argument("--record", action="store_true", help="write the run to bench/results/peer_delphi_score-<machine>.json")
     args = ap.parse_args()
 
@@ -481,7 +483,8 @@ def main() -> None:
     runs = []
     for n in args.n:
         with tempfile.TemporaryDirectory(prefix="peer_delphi_score-") as tmp:
-            work = Path(tmp)
+            work = Path(args.keep) / f"n{n}" if args.keep else Path(tmp)
+            work.mkdir(parents=True, exist_ok=True)
             table = features_table(n)
             write_table(table, work / "features")
             spec = job_spec(work / "features", "http://127.0.0.1:1")
@@ -501,12 +504,23 @@ def main() -> None:
 
 
 def record(result: dict, args) -> None:
-    sys.path.insert(0, str(HERE))
-    from record import append_run  # bench/record.py
+    """Append this run to bench/results/peer_delphi_score-cpu<cores>.json (the format of
+    docs/benchmarks.md, "Results files")."""
+    import datetime
 
     conditions = (f"one local server on 127.0.0.1: {args.latency} s a request, {args.slots} slots; ours: baez-ray run, openai backend "
                   f"at its defaults; delphi 0.1.3 at pipeline concurrency 1 (its default with this client) and {args.widen}")
-    path = append_run("peer_delphi_score", "bench/peer_delphi_score.py", result, conditions)
+    name = f"cpu{os.cpu_count()}"
+    path = HERE / "results" / f"peer_delphi_score-{name}.json"
+    data = json.loads(path.read_text()) if path.exists() else {
+        "bench": "peer_delphi_score", "machine": name, "script": "bench/peer_delphi_score.py", "runs": [],
+        "machine_description": f"the shared {os.cpu_count()}-core development machine (no GPU; figures move with its load)"}
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    data["runs"].append({"date": datetime.date.today().isoformat(), "commit": head or None,
+                         "command": " ".join(["python", "bench/peer_delphi_score.py", *sys.argv[1:]]), "conditions": conditions,
+                         "result": result, "target": "label+score no slower than delphi widened (N = 64, 256), >= 5x delphi default, "
+                                                     "<= 1.3x the server's bound at N = 1,024 with >= 80% of its slots busy; all complete"})
+    path.write_text(json.dumps(data, indent=1) + "\n")
     print(f"recorded in {path}", file=sys.stderr)
 
 

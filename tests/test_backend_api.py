@@ -458,7 +458,7 @@ def test_openai_connection_errors_become_row_errors(server, key_env, monkeypatch
                     max_retries=2, timeout_s=2)
     caller = OpenAICaller(cfg.model_dump(), api_key(cfg))
     out = asyncio.run(caller(prompt_table(rows()[:2]))).to_pylist()
-    assert all(o["answer"] is None and o["error"].startswith("ConnectError") for o in out)
+    assert all(o["answer"] is None and o["error"].startswith("ClientConnectorError") for o in out)
     assert all(KEY not in o["error"] for o in out)
 
 

@@ -11,7 +11,7 @@ embedder; routes/ says tier 0, kind not_routed) and `label.method` labels every 
 With `label.score`, the sample is planned when the label stage starts and, where the
 scorer allows (stages/label_scores.py), scored with the labels as they come; the score
 stage scores the rest (the random-label control, embeddings) and writes scores/. The API
-clients start before the features are read (`start_llms`).
+clients start as soon as Ray is up, before the features are routed (`start_llms`).
 
 Resume: each stage that finished is skipped; the label stage resumes inside itself from
 its committed shards, and runs again while rows that failed in the LLM backend remain
@@ -20,6 +20,7 @@ its committed shards, and runs again while rows that failed in the LLM backend r
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -39,8 +40,8 @@ from baez_ray.stages.route import not_routed, route
 def run_job(spec: JobSpec, run: Run) -> None:
     import ray
 
+    features_dir = features_source(spec, run)  # starts Ray (after a collect, when the job collects)
     start_llms(spec.label)
-    features_dir = features_source(spec, run)
     if not run.completed("route"):
         with run.stage("route") as info:
             info.update((route if spec.label.route else not_routed)(features_dir, run.table_dir("routes"), spec.route))
@@ -117,6 +118,9 @@ def score_sample(spec: JobSpec, run: Run, features_dir: Path, keys: dict[int, se
         key_list = list(zip(sample.column("sae_id").to_pylist(), sample.column("feature").to_pylist()))
         negatives = corpus_negatives_ref(run.table_dir("contexts"), spec.model, spec.saes, spec.corpus, spec.collect.window,
                                          spec.collect.batch_size, key_list, cfg.n_negatives, spec.seed)
-    scores, info = finish_scores(spec.label, spec.seed, run, features_dir, keys, plan, negatives=negatives)
+    steering = run.table_dir("steering")  # the intervention benchmarks' continuations
+    shutil.rmtree(steering, ignore_errors=True)
+    scores, info = finish_scores(spec.label, spec.seed, run, features_dir, keys, plan, negatives=negatives, model=spec.model,
+                                 saes=spec.saes, steering_dir=steering)
     info.update(parts=write_table(scores, run.table_dir("scores")), rows=scores.num_rows, **(plan.counts if plan is not None else {}))
     return info

@@ -82,8 +82,8 @@ def label_stage(cfg: LabelConfig, saes: tuple[SAEConfig, ...], route_cfg: RouteC
 
 
 def start_llms(cfg: LabelConfig) -> None:
-    """Start the API clients the stage will ask (explainer, small LLM, scorer) before the
-    job reads and routes: their actors are up when the first prompt is ready."""
+    """Start the API clients the stage will ask (explainer, small LLM, scorer) once Ray
+    is up, before the job routes: their actors are up when the first prompt is ready."""
     from baez_ray.llm.backends import MissingAPIKeyError, prestart
 
     for llm in {id(c): c for c in (cfg.explainer, cfg.small_llm, cfg.score.scorer if cfg.score else None) if c is not None}.values():

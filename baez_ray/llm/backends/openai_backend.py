@@ -1,5 +1,7 @@
 """Any OpenAI-compatible chat-completions endpoint (a vLLM or SGLang server, OpenRouter,
-OpenAI itself) over httpx's async client, in a Ray actor pool.
+OpenAI itself) over aiohttp's client, in a Ray actor pool. (Not httpx's: with more
+requests out than the server serves at once, its pool sent ~20 a second into a server of
+64 slots; aiohttp keeps them full: bench/peer_delphi_score.py.)
 
     prompt batches ─Ray Data (≤ batches_in_flight(cfg) per actor at once)─▶ OpenAICaller
       one event loop per actor: every row of every batch it holds is a task; one
@@ -31,7 +33,14 @@ Output constraint: a row with `constraint = "binary_list:N"` is sent with
 "schema": <array of exactly N integers 0/1>, "strict": false}}` (vLLM and most OpenRouter
 models enforce it). When a server answers 400 to that and the same request succeeds
 without it, the actor stops sending `response_format` and relies on the prompt and the
-parser, as the backends without structured outputs do.
+parser, as the backends without structured outputs do. `activation_lines:N` (simulation)
+is not sent: no JSON schema writes lines; the prompt and the parser hold the form.
+
+Log-probs: a `logprob:A,B` row is sent with `logprobs: true`, `top_logprobs: 20` and
+`max_tokens: 1` (`p_yes` from the first token); a row with `top_logprobs = k` with
+`logprobs: true`, `top_logprobs: min(k, 20)` and its own `max_tokens`, and every token of
+`choices[0].logprobs.content` becomes its `token_logprobs` (a server that sends none leaves
+them null).
 
 The API key is read only from the environment variable `api_key_env` (default
 `OPENAI_API_KEY`) and sent as `Authorization: Bearer`. It is optional: with the default
@@ -43,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import logging
 import random
 import time
@@ -51,7 +61,7 @@ import pyarrow as pa
 from pydantic import SecretStr
 
 from baez_ray.llm.backends import (TOP_LOGPROBS, Until, ask_until, batches_in_flight, cut_at_stop, error_text, logprob_targets,
-                                   p_from_top, read_api_key, with_results)
+                                   p_from_top, read_api_key, token_logprobs_of, with_results)
 from baez_ray.config import LLMConfig
 
 log = logging.getLogger(__name__)
@@ -63,7 +73,7 @@ RETRY_STATUS = {408, 409, 429}  # and every 5xx
 INITIAL_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 8.0
 MAX_RETRY_AFTER_S = 120.0
-_ROW_COLS = ["request_id", "messages", "max_tokens", "temperature", "stop", "constraint"]
+_ROW_COLS = ["request_id", "messages", "max_tokens", "temperature", "stop", "constraint", "top_logprobs"]
 
 
 class APIStatusError(RuntimeError):
@@ -128,6 +138,8 @@ def request_body(row: dict, cfg: LLMConfig, structured: bool = True) -> dict:
         body["response_format"] = binary_list_format(int(c.split(":", 1)[1]))
     if logprob_targets(c):
         body.update(logprobs=True, top_logprobs=TOP_LOGPROBS, max_tokens=1)
+    elif token_logprobs_of(row):
+        body.update(logprobs=True, top_logprobs=min(token_logprobs_of(row), TOP_LOGPROBS))
     return body
 
 
@@ -143,8 +155,18 @@ def first_token_p(data: dict, targets: tuple[str, str] | None) -> float | None:
     return p_from_top(top, targets)
 
 
+def answer_tokens(data: dict) -> list[dict] | None:
+    """`token_logprobs` (schema.TOKEN_LOGPROBS values) of a chat completion's
+    `choices[0].logprobs.content`; None when the server sent none."""
+    content = (data["choices"][0].get("logprobs") or {}).get("content")
+    if not content:
+        return None
+    return [{"token": t.get("token"), "logprob": t.get("logprob"),
+             "top": [{"token": c.get("token"), "logprob": c.get("logprob")} for c in t.get("top_logprobs") or []]} for t in content]
+
+
 class OpenAICaller:
-    """Ray Data actor (async): one httpx async client and one window of `max_concurrency`
+    """Ray Data actor (async): one aiohttp client session and one window of `max_concurrency`
     requests in flight, shared by every batch the actor holds."""
 
     def __init__(self, cfg: dict, key: SecretStr | None):
@@ -156,22 +178,23 @@ class OpenAICaller:
         self.url = (self.cfg.base_url or DEFAULT_BASE_URL).rstrip("/") + "/chat/completions"
         self.structured = True  # send response_format for constrained rows until the server refuses it
         self._loop = None  # the event loop the client and the window belong to (the actor's)
+        self._calls = 0  # batches being answered: the client is closed when the last one returns
 
     def _opened(self):
         """The client and the window of the running event loop (made on first use)."""
-        import httpx
+        import aiohttp
 
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             n = self.cfg.max_concurrency
-            self._http = httpx.AsyncClient(headers=self.headers, timeout=self.cfg.timeout_s,
-                                           limits=httpx.Limits(max_connections=n, max_keepalive_connections=n))
+            self._http = aiohttp.ClientSession(headers=self.headers, timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s),
+                                               connector=aiohttp.TCPConnector(limit=n, limit_per_host=n))
             self._slots = asyncio.Semaphore(n)
             self._loop = loop
         return self._http, self._slots
 
     async def post(self, body: dict) -> dict:
-        import httpx
+        import aiohttp
 
         http, slots = self._opened()
         attempt = 0
@@ -179,26 +202,27 @@ class OpenAICaller:
             headers = None
             try:
                 async with slots:  # a slot only while the request is out: not while it waits to retry
-                    r = await http.post(self.url, json=body)
-            except httpx.TransportError as e:  # connect / read errors and timeouts
+                    async with http.post(self.url, json=body) as r:
+                        status, text, headers = r.status, await r.text(), r.headers
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:  # connect / read errors and timeouts
                 if attempt >= self.cfg.max_retries:
                     raise
                 why = type(e).__name__
             else:
-                if r.status_code < 400:
-                    data = r.json()
+                if status < 400:
+                    data = json.loads(text)
                     if not data.get("choices") and data.get("error"):  # some proxies answer 200 + error
-                        raise APIStatusError(r.status_code, str(data["error"]))
+                        raise APIStatusError(status, str(data["error"]))
                     return data
-                if not (r.status_code in RETRY_STATUS or r.status_code >= 500) or attempt >= self.cfg.max_retries:
-                    raise APIStatusError(r.status_code, r.text)
-                headers, why = r.headers, f"HTTP {r.status_code}"
+                if not (status in RETRY_STATUS or status >= 500) or attempt >= self.cfg.max_retries:
+                    raise APIStatusError(status, text)
+                why = f"HTTP {status}"
             delay = backoff(attempt, headers)
             log.debug("openai backend: %s; retry %d/%d in %.2fs", why, attempt + 1, self.cfg.max_retries, delay)
             await asyncio.sleep(delay)
             attempt += 1
 
-    async def ask_once(self, row: dict) -> tuple[str | None, int, int, str | None, float | None]:
+    async def ask_once(self, row: dict) -> tuple[str | None, int, int, str | None, float | None, list | None]:
         try:
             body = request_body(row, self.cfg, self.structured)
             try:
@@ -215,15 +239,23 @@ class OpenAICaller:
             text = msg.get("content") or ""
             usage = data.get("usage") or {}
             p = first_token_p(data, logprob_targets(row.get("constraint")))
-            return cut_at_stop(text, row["stop"]), int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0), None, p
+            toks = answer_tokens(data) if token_logprobs_of(row) else None
+            return cut_at_stop(text, row["stop"]), int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0), None, p, toks
         except Exception as e:  # after the retries: recorded on this row only
             err = error_text(e, self._key)
             log.warning("openai request %s failed: %s", row.get("request_id"), err)
-            return None, 0, 0, err, None
+            return None, 0, 0, err, None, None
 
     async def __call__(self, batch: pa.Table, until: Until | None = None) -> pa.Table:
         rows = batch.to_pylist() if until is not None else batch.select([c for c in _ROW_COLS if c in batch.column_names]).to_pylist()
-        results = await asyncio.gather(*(ask_until(self.ask_once, r, until) for r in rows))
+        self._calls += 1
+        try:
+            results = await asyncio.gather(*(ask_until(self.ask_once, r, until) for r in rows))
+        finally:
+            self._calls -= 1
+            if not self._calls and self._loop is not None:  # idle: closed (the next batch opens another)
+                self._loop = None
+                await self._http.close()
         # off the event loop: the first progress tick looks its actor up (a blocking call)
         return await asyncio.to_thread(with_results, batch, list(results), self.cfg, until)
 
