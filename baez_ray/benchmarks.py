@@ -6,7 +6,12 @@
     embedding          input   auroc               0.5     sentence embedder: label vs excerpts
     detection_logprob  input   auroc               0.5     LLM log-probs: P("1") per excerpt
     fuzz_logprob       input   auroc               0.5     LLM log-probs: P("1") per highlighted excerpt
+    simulation         input   correlation         0       LLM: every token's activation predicted, 0-10 (log-probs
+                                                          where the backend gives them)
     logit_embedding    output  auroc               0.5     sentence embedder: label vs promoted tokens
+    intervention       output  balanced_accuracy   0.5     LLM: which of (steered, unsteered) continuations the label
+                                                          describes (steers the base model)
+    intervention_logprob output auroc              0.5     LLM log-probs: P("1") of that choice (steers the base model)
 
 `side` says what a benchmark tests a label against: *input* benchmarks show the scorer the
 contexts where the feature fires (what makes it fire), *output* benchmarks what the
@@ -37,6 +42,7 @@ class Benchmark:
     llm: bool  # needs a scorer LLM (prompts, tokens, cost)
     logprobs: bool = False  # needs a scorer backend that gives log-probs
     about: str = ""  # one line: what it measures
+    steers: bool = False  # steers the base model: needs the job's model and saes sections
 
 
 _BENCHMARKS: dict[str, Benchmark] = {}
@@ -76,5 +82,13 @@ register(Benchmark("detection_logprob", "input", "auroc", 0.5, llm=True, logprob
                    about="detection, one excerpt per prompt, scored by the scorer's P('1')"))
 register(Benchmark("fuzz_logprob", "input", "auroc", 0.5, llm=True, logprobs=True,
                    about="fuzz, one excerpt per prompt, scored by the scorer's P('1')"))
+register(Benchmark("simulation", "input", "correlation", 0.0, llm=True,
+                   about="from the label, the scorer predicts the feature's activation at every token of an excerpt; "
+                         "Pearson r with the true activations (stages/simulation.py)"))
 register(Benchmark("logit_embedding", "output", "auroc", 0.5, llm=False,
                    about="the label's embedding is closer to the feature's promoted tokens than to other features' promoted tokens"))
+register(Benchmark("intervention", "output", "balanced_accuracy", 0.5, llm=True, steers=True,
+                   about="the scorer tells which of a steered and an unsteered continuation the label describes "
+                         "(stages/intervention.py)"))
+register(Benchmark("intervention_logprob", "output", "auroc", 0.5, llm=True, logprobs=True, steers=True,
+                   about="intervention scored by the scorer's P('1') against P('2')"))

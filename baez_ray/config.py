@@ -338,6 +338,7 @@ class AVRunConfig(Section):
 
 
 LOGPROB_BENCHMARKS = tuple(b for b in benchmarks.names() if benchmarks.get(b).logprobs)  # need a scorer that gives log-probs
+STEERING_BENCHMARKS = tuple(b for b in benchmarks.names() if benchmarks.get(b).steers)  # need the model and saes sections
 NO_LOGPROB_BACKENDS = ("anthropic",)
 
 
@@ -351,13 +352,16 @@ def _known_benchmarks(names: list[str]) -> list[str]:
 
 class ScoreConfig(Section):
     """Scoring of labels (SPEC §3): the benchmarks of baez_ray/benchmarks.py (input side:
-    detection, fuzz, embedding, detection_logprob, fuzz_logprob; output side:
-    logit_embedding), and the random-label control."""
+    detection, fuzz, embedding, detection_logprob, fuzz_logprob, simulation; output side:
+    logit_embedding, intervention, intervention_logprob), and the random-label control
+    (docs/output-scoring.md: what simulation and intervention measure, their costs and defaults)."""
 
     benchmarks: Annotated[list[str], AfterValidator(_known_benchmarks)] = Field(
         default_factory=lambda: ["detection", "fuzz", "embedding"],
         description="the benchmarks run on every label (baez_ray/benchmarks.py): detection, fuzz, embedding, detection_logprob, "
-                    "fuzz_logprob (these two need a scorer that gives log-probs, not anthropic), logit_embedding")
+                    "fuzz_logprob, intervention_logprob (these need a scorer that gives log-probs, not anthropic), simulation, "
+                    "logit_embedding, intervention (intervention and intervention_logprob steer the base model: they need the "
+                    "model and saes sections)")
     scorer: LLMConfig | None = Field(None, description="the LLM that scores; null: the job's explainer")
     test_examples: int = Field(10, ge=1, description="positives per feature (test examples)")
     negatives: Literal["other_features", "corpus"] = Field(
@@ -369,6 +373,19 @@ class ScoreConfig(Section):
     control_method: str | None = Field(None, description="whose labels the control borrows; null: the first method")
     max_retries: int = Field(2, ge=0, description="further tries of a prompt whose answer cannot be parsed")
     embedder: str | None = Field(None, description="sentence-transformers path or id; null: the packaged all-MiniLM-L6-v2")
+    simulation_excerpts: int | None = Field(
+        None, ge=1, description="simulation: simulate the first N positives and the first N negatives of each feature's excerpts "
+                                "(null: all, test_examples + n_negatives); one scorer call of ~8 answer tokens per excerpt token each")
+    intervention_pairs: int = Field(
+        6, ge=1, le=16, description="intervention: neutral prompts per feature (llm/prompts.py NEUTRAL_PROMPTS, in a seeded order), "
+                                    "each one (steered, unsteered) pair and one scorer call per label")
+    intervention_tokens: int = Field(25, ge=1, le=256, description="intervention: new tokens per continuation (greedy; Gur-Arieh et al. 2025: 25)")
+    intervention_scale: float = Field(
+        0.2, gt=0, description="intervention: steering strength, a multiple of the mean residual norm at the SAE's layer over the "
+                               "prompts' tokens (0.2: a median KL of 0.3-0.5 on the demo SAE, between the targets of Gur-Arieh et al. "
+                               "2025, KL 0.25 and 0.5; docs/output-scoring.md)")
+    intervention_batch: int = Field(8, ge=1, description="intervention: features per steering call (× intervention_pairs rows per generate)")
+    intervention_actors: int = Field(1, ge=1, description="intervention: base-model actors that steer (each reserves the model section's CPUs/GPUs)")
     logit_tokens: int = Field(10, ge=1, description="logit_embedding: the feature's top promoted tokens shown (positives), and as "
                                                     "many promoted tokens of other features (negatives)")
 
@@ -557,6 +574,12 @@ class JobSpec(Section):
         if score is not None:
             section = "label" if self.job == "label" else "benchmark"
             _check_logprob_scorer(score, score.scorer or getattr(self, section).explainer, f"{section}.score")
+        if score is not None and any(b in STEERING_BENCHMARKS for b in score.benchmarks):
+            missing = [s for s in ("model", "saes") if getattr(self, s) in (None, [])]
+            if missing:
+                raise ValueError(f"score.benchmarks {', '.join(b for b in score.benchmarks if b in STEERING_BENCHMARKS)} steer the base "
+                                 f"model along the SAEs' decoder rows: the job needs section(s) "
+                                 f"{', '.join('sae (or saes)' if m == 'saes' else m for m in missing)}")
         if score is not None and score.negatives == "corpus":
             missing = [s for s in ("model", "saes", "corpus") if getattr(self, s) in (None, [])]
             if missing:

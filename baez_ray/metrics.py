@@ -1,5 +1,6 @@
-"""Scoring metrics (SPEC §3): binary metrics for detection and fuzz, gap and AUROC for
-embedding, the aggregation per method × benchmark with bootstrap confidence intervals, the
+"""Scoring metrics (SPEC §3): binary metrics for detection, fuzz and intervention, gap and
+AUROC for embedding, the correlation of simulated and true activations (simulation), the
+aggregation per method × benchmark with bootstrap confidence intervals, the
 split-half reliability of every benchmark and the paired comparison of methods.
 
 Conventions for degenerate inputs (documented, tested):
@@ -8,6 +9,11 @@ Conventions for degenerate inputs (documented, tested):
   F1 is NaN when precision or recall is NaN, 0 when both are 0.
 * a truth or prediction that is missing (None, NaN) or not 0/1 is an error (ValueError),
   never read as 0 or 1: a failed excerpt must be left out by the caller, and counted.
+* the simulation correlation (`simulation_correlation`) is Pearson's r of predicted and
+  true activations over all tokens of a feature's answered excerpts; NaN when the true
+  activations are constant (nothing to predict), 0 when the predictions are constant and
+  the truth is not (a scorer that predicts one value everywhere explains nothing: left
+  out as NaN, it would raise a method's mean by dropping its worst features).
 * AUROC is the Mann–Whitney probability that a random positive outranks a random negative
   (ties count one half); NaN without positives or negatives. A NaN score cannot be ranked:
   its row is dropped (`drop_nan` says how many; `embedding_metrics` reports `n_dropped`).
@@ -168,6 +174,21 @@ def bootstrap_ci(values: Iterable[float], n_boot: int = 2000, level: float = 0.9
     return m, float(lo), float(hi)
 
 
+def simulation_correlation(truth: Sequence[float], pred: Sequence[float]) -> float:
+    """Pearson r of predicted against true activations (see the module docstring for the
+    constant cases); ValueError when the lengths differ."""
+    t = np.asarray(truth, dtype=np.float64)
+    p = np.asarray(pred, dtype=np.float64)
+    if t.shape != p.shape:
+        raise ValueError(f"{t.size} true activations for {p.size} predictions")
+    if t.size < 2 or np.ptp(t) == 0:
+        return NAN
+    if np.ptp(p) == 0:
+        return 0.0
+    dt, dp = t - t.mean(), p - p.mean()
+    return float(np.clip((dt * dp).sum() / math.sqrt((dt * dt).sum() * (dp * dp).sum()), -1.0, 1.0))
+
+
 # the headline metric of each benchmark (the bar chart's y axis), its side (input: what
 # makes the feature fire; output: what it does), from the registry (benchmarks.py)
 HEADLINE = {b: benchmarks.get(b).headline for b in benchmarks.names()}
@@ -200,8 +221,8 @@ def aggregate(scores, seed: int = 0):
             "mean": mean, "ci_low": lo, "ci_high": hi,
             "failure_rate": float(g["n_failed"].sum() / shown) if shown else NAN,
         }
-        for m in ("balanced_accuracy", "accuracy", "precision", "recall", "f1", "gap", "auroc"):
-            vals = g[m].dropna()
+        for m in ("balanced_accuracy", "accuracy", "precision", "recall", "f1", "gap", "auroc", "correlation"):
+            vals = g[m].dropna() if m in g.columns else ()  # (a scores table written before the column)
             row[m] = float(vals.mean()) if len(vals) else NAN
         gaps = g["gap"].dropna()
         row["negative_gap_share"] = float((gaps < 0).mean()) if len(gaps) else NAN

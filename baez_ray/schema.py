@@ -101,6 +101,8 @@ CANDIDATES = pa.schema(
 # LLM requests: one row per prompt, in any stage's table (other columns pass through the
 # backend untouched). `constraint`: null, or "binary_list:N" (a JSON list of N 0/1 values;
 # backends with structured outputs enforce it, the others rely on the prompt and the parser).
+# `top_logprobs`: null, or k > 0: the row asks for the top-k log-probs of every token of its
+# answer (`token_logprobs`), where the backend gives them (transformers, vllm, openai).
 MESSAGE = pa.struct([pa.field("role", pa.string()), pa.field("content", pa.string())])
 PROMPTS = pa.schema(
     [
@@ -109,10 +111,16 @@ PROMPTS = pa.schema(
         pa.field("max_tokens", pa.int32(), nullable=False),  # longest answer
         pa.field("temperature", pa.float32(), nullable=False),  # sampling temperature (0: greedy)
         pa.field("stop", pa.list_(pa.string())),  # stop strings
-        pa.field("constraint", pa.string()),  # null | binary_list:N | logprob:A,B
+        pa.field("constraint", pa.string()),  # null | binary_list:N | activation_lines:N | choice:A,B | logprob:A,B
+        pa.field("top_logprobs", pa.int32()),  # null | k: the top-k log-probs of every answer token (token_logprobs)
     ],
     metadata={"table": "prompts", "schema_version": SCHEMA_VERSION},
 )
+# the answer token by token, each with the k most likely tokens at its place (a row's
+# `top_logprobs`); the token's own entry is always there, among `top` or not
+TOKEN_LOGPROB = pa.struct([pa.field("token", pa.string()), pa.field("logprob", pa.float64())])
+TOKEN_LOGPROBS = pa.list_(pa.struct([pa.field("token", pa.string()), pa.field("logprob", pa.float64()),
+                                     pa.field("top", pa.list_(TOKEN_LOGPROB))]))
 # what every backend adds to each prompt row
 ANSWER_FIELDS = [
     pa.field("answer", pa.string()),  # null when the request failed
@@ -125,6 +133,9 @@ ANSWER_FIELDS = [
     # a `logprob:A,B` row: P(A) / (P(A) + P(B)) for the first answer token, from the
     # scorer's log-probs; null on every other row and when neither token was among them
     pa.field("p_yes", pa.float64()),
+    # a row with `top_logprobs`: every answer token with its top-k (null elsewhere, and where
+    # the backend gives no log-probs: anthropic)
+    pa.field("token_logprobs", TOKEN_LOGPROBS),
 ]
 ANSWERS = pa.schema(list(PROMPTS) + ANSWER_FIELDS, metadata={"table": "answers", "schema_version": SCHEMA_VERSION})
 
@@ -200,7 +211,7 @@ SCORES = pa.schema(
         pa.field("layer", pa.int32(), nullable=False),
         pa.field("feature", pa.int64(), nullable=False),
         pa.field("method", pa.string(), nullable=False),  # or "random_label"
-        pa.field("benchmark", pa.string(), nullable=False),  # detection | fuzz | embedding
+        pa.field("benchmark", pa.string(), nullable=False),  # detection | fuzz | embedding | ... (metrics.HEADLINE)
         pa.field("label", pa.string()),
         pa.field("n_shown", pa.int32(), nullable=False),
         pa.field("n_failed", pa.int32(), nullable=False),  # examples in failed batches
@@ -211,7 +222,9 @@ SCORES = pa.schema(
         pa.field("f1", pa.float64()),
         pa.field("gap", pa.float64()),
         pa.field("auroc", pa.float64()),
-        # the headline metric (balanced accuracy; AUROC for embedding) on each half of the
+        # simulation: Pearson correlation of the predicted and the true activations
+        pa.field("correlation", pa.float64()),
+        # the headline metric (metrics.HEADLINE: balanced accuracy, AUROC, correlation) on each half of the
         # feature's excerpts (metrics.split_halves): split-half reliability
         pa.field("score_half_a", pa.float64()),
         pa.field("score_half_b", pa.float64()),

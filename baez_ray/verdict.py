@@ -307,8 +307,9 @@ def projection_words(row: dict) -> str:
     if not all(math.isfinite(c) for c in cost):
         return "no projection: a tier with a share has no label costs"
     saved = 1 - cost[0] / cost[1] if cost[1] else NAN
-    words = f"routing spends {cost[0]:,.0f} LLM tokens per feature against {cost[1]:,.0f} ({saved:.0%} saved)" if math.isfinite(saved) \
-        else f"routing spends {cost[0]:,.0f} LLM tokens per feature against {cost[1]:,.0f}"
+    words = f"routing spends {cost[0]:,.0f} LLM tokens per feature against {cost[1]:,.0f}"
+    if math.isfinite(saved):
+        words += f" ({saved:.0%} saved)" if saved >= 0 else f" ({-saved:.0%} more)"
     if row["status"] != "verdict":
         return f"{words}; score difference: {row['status']} ({row['note']})"
     lo, hi = row["ci_low"], row["ci_high"]

@@ -407,6 +407,19 @@ def labelling(c: dict, shares: tuple[float, float, float], policy: str) -> Cost:
     return route + c["tier1"] * s1 + c["tier2"] * s2 + c["tier3"][policy] * s3
 
 
+def rate_for_saving(c: dict, shares: tuple[float, float, float], policy: str, price: dict, saving: float) -> float | None:
+    """The AV's generated tokens/s per GPU at which `policy` reaches `saving` (the AV's GPU
+    time scales as 1 / rate, the rest stays): 0 when it needs no AV or already reaches it
+    at any rate above the plan's; None when the rest alone costs more than the target."""
+    with_ = labelling(c, shares, policy)
+    av = Cost(gpu_s=c["tier3"][policy].gpu_s * shares[2])
+    target = c["tier2"].usd(price) / saving
+    rest = with_.usd(price) - av.usd(price)
+    if av.gpu_s == 0:
+        return 0.0 if rest <= target else None
+    return round(c["av_rate"] * av.usd(price) / (target - rest), 1) if target > rest else None
+
+
 def shared_costs(args, spec, c: dict, n_live: float, price: dict, fig: Figures) -> dict:
     """Collect and scoring a sample: the same with routing or without."""
     rate = collect_rate(args, c["gpu"], fig)
@@ -447,7 +460,8 @@ def plan(args) -> dict:
         c["tier3"][default] = tier3_cost(default, c["tier3"]["nla_direct"].gpu_s, {"chars": int(args.av_tokens * args.chars_per_token)},
                                          None, {}, args.answer_tokens, args.retry_share, args.chars_per_token)
     without = c["tier2"] * n_live
-    policies = {p: {**totals(labelling(c, shares, p) * n_live, price, without), "quality": quality(c["trade"], p)} for p in c["tier3"]}
+    policies = {p: {**totals(labelling(c, shares, p) * n_live, price, without), "quality": quality(c["trade"], p),
+                    "av_tokens_per_s_for_3x": rate_for_saving(c, shares, p, price, 3.0)} for p in c["tier3"]}
     by_share = []
     for s3 in sorted({0.1, 0.3, 0.5, 0.7, 0.9, round(shares[2], 3)}):
         rest = (shares[0] + shares[1]) or 1.0
@@ -497,11 +511,13 @@ def print_plan(p: dict) -> None:
           f"{p['av_tokens_per_explanation']} tokens per explanation")
     print()
     wo = p["without_routing"]
-    print(f"{'tier-3 policy':32}{'GPU-h':>9}{'API $':>10}{'GPU $':>10}{'labelling $':>13}{'saving':>9}")
+    print(f"{'tier-3 policy':32}{'GPU-h':>9}{'API $':>10}{'GPU $':>10}{'labelling $':>13}{'saving':>9}{'AV tok/s for 3x':>17}")
     for name, r in p["policies"].items():
         mark = "  <- the job's" if name == p["tier3_default"] else ""
+        need = r["av_tokens_per_s_for_3x"]
+        need = "unreachable" if need is None else ("-" if need == 0 else f"{need:,.0f}")
         print(f"{name:32}{r['gpu_hours']:>9,.1f}{r['api_usd']:>10,.0f}{r['gpu_usd']:>10,.0f}{r['labelling_usd']:>13,.0f}"
-              f"{r['saving']:>8.2f}x{mark}")
+              f"{r['saving']:>8.2f}x{need:>17}{mark}")
     print(f"{'no routing (' + p['tier2'] + ')':32}{wo['gpu_hours']:>9,.1f}{wo['api_usd']:>10,.0f}{wo['gpu_usd']:>10,.0f}"
           f"{wo['labelling_usd']:>13,.0f}{1:>8.2f}x")
     print(f"routing saving with the job's tier-3 policy ({p['tier3_default']}): {p['saving_default']:.2f}x "

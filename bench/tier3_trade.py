@@ -125,7 +125,7 @@ def trade(run: Path, spec) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--job", default="jobs/benchmark_tier3.yaml")
-    ap.add_argument("--run", default=str(ROOT / "runs" / "bench-demo"), help="the run folder (the job runs there unless finished)")
+    ap.add_argument("--run", default=str(ROOT / "runs" / "bench-tier3"), help="the run folder (the job runs there unless finished)")
     ap.add_argument("--record", action="store_true", help="append the run to bench/results/tier3_trade-<machine>.json")
     args = ap.parse_args()
     from baez_ray.jobs import load_job

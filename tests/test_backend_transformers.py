@@ -45,8 +45,8 @@ def test_left_padded_batch_matches_single_prompt(cfg):
 
     chat = TransformersChat(cfg.model_dump())
     texts = [chat.prompt_text(r["messages"]) for r in rows()[:3]]
-    batched, _, _ = chat.generate(texts, [10, 10, 10], 0.0)
-    single, _, _ = chat.generate(texts[1:2], [10], 0.0)
+    batched, _, _, _ = chat.generate(texts, [10, 10, 10], 0.0)
+    single, _, _, _ = chat.generate(texts[1:2], [10], 0.0)
     assert batched[1] == single[0]
 
 

@@ -132,6 +132,11 @@ def test_capacity_plans_from_results_files_only(capacity, results):
     savings = [p["policies"][k]["saving"] for k in ("manual", "nla_direct", "baez_k3", "baez_k5", "baez_k10")]
     assert savings == sorted(savings, reverse=True)
     assert p["policies"]["nla_direct"]["quality"] == COMPARISONS and p["policies"]["baez_k3"]["quality"] == []
+    # the AV rate each policy needs for a 3x saving: at that rate the plan gives 3x
+    need = p["policies"]["nla_direct"]["av_tokens_per_s_for_3x"]
+    at = capacity.plan(capacity.parser().parse_args(["--results", str(folder), "--job", str(job), "--av-tokens-per-s", str(need)]))
+    assert at["policies"]["nla_direct"]["saving"] == pytest.approx(3.0, abs=0.01)
+    assert p["policies"]["manual"]["av_tokens_per_s_for_3x"] == 0.0
     shares = [r["tier3_share"] for r in p["by_tier3_share"]]
     assert 0.6 in shares and shares == sorted(shares)
     assert all(r["manual"] >= r["nla_direct"] for r in p["by_tier3_share"])

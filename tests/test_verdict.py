@@ -279,6 +279,27 @@ def test_projection_from_a_label_runs_shares_and_the_bounds(verdict_run, tmp_pat
     assert rows.loc[(3, "detection"), "status"] == "not benchmarked" and rows.loc[(3, "detection"), "note"] == "baez_last not among benchmark.methods"
 
 
+def test_a_dearer_route_and_an_unpriced_run_are_said_so(verdict_run):
+    """Shares all in tier 3 (baez: 1,600 tokens per feature against the frontier's 1,050):
+    the projection says routing spends 52% more, not '-52% saved'; with no price set the
+    table says why every dollar is $0."""
+    from baez_ray.metrics import reliability_table
+    from baez_ray.report.verdict import routing_verdict_section
+    from baez_ray.verdict import Shares, label_costs, routing_verdict, with_tiers
+
+    scores = pq.read_table(verdict_run / "scores").to_pandas()
+    routes = with_tiers(scores, routes_table())
+    costs = with_tiers(label_costs(labels_table(), Price()), routes_table())
+    v = routing_verdict(routes, reliability_table(scores), costs, VerdictConfig(), Shares((0, 0, 5), "hand-made"))
+    proj = v[v["scope"] == "routed dictionary"].set_index("benchmark")
+    assert "1,600 LLM tokens per feature against 1,050 (52% more)" in proj.loc["detection", "verdict"]
+    manifest = bench_manifest()
+    manifest["spec"]["benchmark"]["explainer"]["price"] = {}
+    page = " ".join(str(routing_verdict_section(v, manifest)).split())
+    assert "routing spends 52% more tokens than the frontier method everywhere" in page
+    assert "no price is set, so every dollar figure is $0" in page
+
+
 # ------------------------------------------------------------------ the report
 
 

@@ -8,7 +8,8 @@
      their train examples → routes/, sample N per tier → train/, test/)
       ─▶ [residuals of train/'s examples at the layers an AV reads, when an AV method runs]
       ─▶ label train/ with every method (one stage per method; resume skips finished ones)
-      ─▶ score every label on test/ with every benchmark + the random-label control
+      ─▶ score every label on test/ with every benchmark + the random-label control (the
+         intervention benchmarks' steered continuations in steering/)
       ─▶ summary (mean and 95% CI per method × benchmark), split-half reliability per
          benchmark × method, paired comparisons of the methods, each pooled and per tier
          (and kind within tier 1); the routing verdict (verdict.py) ─▶ report/index.html
@@ -17,6 +18,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -86,7 +88,10 @@ def score_stage(spec: JobSpec, run: Run, labels_dir: Path, test_dir: Path) -> di
         negatives = corpus_negatives_ref(run.table_dir("contexts"), spec.model, spec.saes, spec.corpus, spec.collect.window,
                                      spec.collect.batch_size, sorted(zip(keys.column("sae_id").to_pylist(), keys.column("feature").to_pylist())),
                                      sc.n_negatives, spec.seed)
-    scores, counts = score_labels(tests, keys, labels, sc, sc.scorer or b.explainer, seed=spec.seed, negatives_table=negatives)
+    steering = run.table_dir("steering")
+    shutil.rmtree(steering, ignore_errors=True)  # a rerun of the stage writes it anew
+    scores, counts = score_labels(tests, keys, labels, sc, sc.scorer or b.explainer, seed=spec.seed, negatives_table=negatives,
+                                  model=spec.model, saes=spec.saes, steering_dir=steering)
     return {**counts, "parts": write_table(scores, run.table_dir("scores")), "rows": scores.num_rows}
 
 

@@ -20,6 +20,7 @@ its committed shards, and runs again while rows that failed in the LLM backend r
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -117,6 +118,9 @@ def score_sample(spec: JobSpec, run: Run, features_dir: Path, keys: dict[int, se
         key_list = list(zip(sample.column("sae_id").to_pylist(), sample.column("feature").to_pylist()))
         negatives = corpus_negatives_ref(run.table_dir("contexts"), spec.model, spec.saes, spec.corpus, spec.collect.window,
                                          spec.collect.batch_size, key_list, cfg.n_negatives, spec.seed)
-    scores, info = finish_scores(spec.label, spec.seed, run, features_dir, keys, plan, negatives=negatives)
+    steering = run.table_dir("steering")  # the intervention benchmarks' continuations
+    shutil.rmtree(steering, ignore_errors=True)
+    scores, info = finish_scores(spec.label, spec.seed, run, features_dir, keys, plan, negatives=negatives, model=spec.model,
+                                 saes=spec.saes, steering_dir=steering)
     info.update(parts=write_table(scores, run.table_dir("scores")), rows=scores.num_rows, **(plan.counts if plan is not None else {}))
     return info

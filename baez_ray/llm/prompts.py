@@ -265,3 +265,103 @@ def logprob_messages(benchmark: str, label: str, text: str) -> list[dict]:
     system = {"detection_logprob": DETECTION_LOGPROB_SYSTEM, "fuzz_logprob": FUZZ_LOGPROB_SYSTEM}[benchmark]
     body = f"Label: {one_line(label).strip()}\n\nExcerpt: {one_line(text).strip()}\n\nAnswer 1 or 0."
     return [{"role": "system", "content": system}, {"role": "user", "content": body}]
+
+
+# ---------------------------------------------------------------- scoring: intervention
+# The base model is steered along a feature's decoder direction while it continues a
+# neutral prompt (stages/intervention.py); the scorer sees the label, the prompt and the
+# steered and unsteered continuations in a seeded random order, and names the steered one.
+# `intervention`: the answer is parsed (1 or 2); `intervention_logprob`: one answer token,
+# P("1") against P("2") from the log-probs (constraint `logprob:1,2`).
+INTERVENTION_VERSION = "intervention/v1"
+INTERVENTION_LOGPROB_VERSION = "intervention_logprob/v1"
+INTERVENTION_CONSTRAINT = "logprob:1,2"
+INTERVENTION_CHOICE = "choice:1,2"  # the parsed form: local backends admit only these two answers
+# the base model's prompts: openings with no topic of their own, so that what a steered
+# continuation is about comes from the feature; `score.intervention_pairs` of them are used,
+# in a seeded order (stages/intervention.py). Change the version when the list changes.
+NEUTRAL_PROMPTS_VERSION = "neutral/v1"
+NEUTRAL_PROMPTS = [
+    "I think", "We", "The reason is simple:", "Yesterday", "In my opinion,", "She said that", "Here is what happened:",
+    "It was", "One thing I know is", "They told me", "The best part is", "At first", "My friend asked",
+    "This is", "When I came home,", "There is",
+]
+
+INTERVENTION_SYSTEM = """You check labels of language-model features. A feature is a direction in the model's internal activations; its label says what it stands for.
+
+The model continued a short prompt twice: once unchanged, and once with the feature switched on strongly, which pushes the text towards what the feature stands for (words, topics or a style). You get the label, the prompt and the two continuations in random order.
+
+Decide which continuation was written with the feature switched on: the one that shows more of what the label describes. Judge the content, not the quality of the text.
+
+Answer with one digit and nothing else: 1 or 2."""
+
+
+def intervention_messages(label: str, prompt: str, first: str, second: str) -> list[dict]:
+    """An `intervention` / `intervention_logprob` prompt: label, prompt, the two continuations."""
+    body = (f"Label: {one_line(label).strip()}\n\nPrompt: {one_line(prompt).strip()}\n\n"
+            f"Continuation 1: {one_line(first).strip()}\nContinuation 2: {one_line(second).strip()}\n\nAnswer 1 or 2.")
+    return [{"role": "system", "content": INTERVENTION_SYSTEM}, {"role": "user", "content": body}]
+
+
+INTERVENTION_RETRY_TEMPLATE = "Your answer could not be read: {problem}. Answer with one digit, 1 or 2, and nothing else."
+_CHOICE = re.compile(r"(?<![\d.])([12])(?![\d.])")
+
+
+def parse_choice(answer: str | None) -> tuple[int | None, str | None]:
+    """The continuation an `intervention` answer names → (1 or 2, None): the first 1 or 2
+    that stands alone ('2', 'Continuation 1', '**2**'); (None, problem) without one."""
+    if not answer or not answer.strip():
+        return None, "the answer was empty"
+    m = _CHOICE.search(answer)
+    if m is None:
+        return None, "it names neither continuation 1 nor 2"
+    return int(m.group(1)), None
+
+
+# ---------------------------------------------------------------- scoring: simulation
+# Bills et al. (2023): the scorer predicts the feature's activation at every token of an
+# excerpt, 0-10, from the label alone, all tokens in one answer of `index: value` lines.
+SIMULATION_VERSION = "simulation/v1"
+
+SIMULATION_SYSTEM = """You simulate a feature of a language model. A feature is active on some tokens of some texts; its label says what it responds to.
+
+You get the label and a text excerpt cut into numbered tokens. For each token, predict how strongly the feature is active on it, from 0 (not active) to 10 (as active as it ever gets). The feature is silent (0) on most tokens of most texts.
+
+Answer with one line per token, in order, each `number: value` (for example `1: 0`), and nothing else."""
+
+
+def simulation_messages(label: str, tokens: list[str]) -> list[dict]:
+    """A `simulation` prompt: the label, the excerpt as text, then its tokens numbered from 1
+    (each as a JSON string, so that spaces and newlines are visible)."""
+    import json
+
+    listing = "\n".join(f"{i}: {json.dumps(t, ensure_ascii=False)}" for i, t in enumerate(tokens, 1))
+    body = (f"Label: {one_line(label).strip()}\n\nExcerpt: {one_line(''.join(tokens)).strip()}\n\nTokens:\n{listing}\n\n"
+            f"Answer with {len(tokens)} lines, `1: value` to `{len(tokens)}: value`.")
+    return [{"role": "system", "content": SIMULATION_SYSTEM}, {"role": "user", "content": body}]
+
+
+SIMULATION_RETRY_TEMPLATE = ("Your answer could not be read: {problem}. Answer with exactly {n} lines, `1: value` to `{n}: value`, "
+                             "each value a whole number from 0 to 10, and nothing else.")
+SIMULATION_LINE = re.compile(r"^[ \t>*`\-]*(\d+)[ \t*`]*[:=.)\t][ \t*`]*(\d+)", re.M)
+
+
+def parse_simulation(answer: str | None, n: int) -> tuple[list[int] | None, str | None]:
+    """The n predicted activations of a `simulation` answer (`index: value` lines, index 1..n,
+    each once; values 0-10) → (values in token order, None), or (None, problem)."""
+    if not answer or not answer.strip():
+        return None, "the answer was empty"
+    found: dict[int, int] = {}
+    for m in SIMULATION_LINE.finditer(answer):
+        i, v = int(m.group(1)), int(m.group(2))
+        if not 1 <= i <= n:
+            return None, f"it numbers a token {i}, but the excerpt has tokens 1 to {n}"
+        if i in found:
+            return None, f"it gives token {i} twice"
+        if v > 10:
+            return None, f"token {i} has value {v}, above 10"
+        found[i] = v
+    missing = [i for i in range(1, n + 1) if i not in found]
+    if missing:
+        return None, f"it has no value for token(s) {', '.join(map(str, missing[:5]))}{' ...' if len(missing) > 5 else ''}"
+    return [found[i] for i in range(1, n + 1)], None

@@ -19,7 +19,9 @@ rows that the label stage's workers write into a shard) and rows to ask again; t
 driver keeps counts.
 
 A prompt whose answer stays unreadable, or whose request failed in the backend (after the
-backend's own retries), ends with `value = None` and its `problem`: never dropped. A row
+backend's own retries), ends with `value = None` and its `problem`: never dropped. A row's
+`token_logprobs` (a simulation answer's top log-probs) are read by its parser and then
+emptied: the rounds keep values, not candidates. A row
 carries its tries and the tokens and cost of its earlier tries (`spent_*`) from round to
 round, so that its final row has the totals of all its tries. Log-prob scorer rows (one
 answer token, `p_yes`) are not retried: their probability does not change when asked
@@ -69,6 +71,8 @@ def _parse_batch(batch: pa.Table, parse, retry_messages, retryable, attempt: int
     spent = {c: batch.column(f"spent_{c}") if f"spent_{c}" in batch.column_names else None for c in SPENT}
     tries = batch.column("tries") if "tries" in batch.column_names else pa.array([0] * n, pa.int32())
     batch = batch.drop_columns([c for c in ROUND_COLUMNS if c in batch.column_names])
+    if "token_logprobs" in batch.column_names:  # read into `value` above; heavy (k candidates per answer token)
+        batch = batch.set_column(batch.schema.get_field_index("token_logprobs"), "token_logprobs", pa.nulls(n, schema.TOKEN_LOGPROBS))
     for c in SPENT:  # this try + the earlier ones
         if spent[c] is not None:
             batch = batch.set_column(batch.schema.get_field_index(c), c, pc.add(batch.column(c), spent[c]).cast(batch.schema.field(c).type))
@@ -209,10 +213,23 @@ def _score_retryable(row: dict) -> bool:
     return logprob_targets(row["constraint"]) is None
 
 
-def score_rounds(pending, llm, max_retries: int, total: int | None = None, lazy: bool = False):
+def score_rounds(pending, llm, max_retries: int, total: int | None = None, lazy: bool = False,
+                 parsers: dict[str, tuple[Callable, Callable]] | None = None):
     """Scorer prompt rows (a Ray Dataset, with `truth`: the 0/1 of each excerpt shown) → a
     Ray Dataset with one row per prompt: `value` (list<double>: the parsed 0/1 list; for a
     log-prob row `logprob:A,B`, [P(A)]; null when failed), `problem`, `tries` and totals
-    (`lazy`: unexecuted, `ask_until_parsed`)."""
-    return ask_until_parsed(pending, llm, _score_parse, _score_retry, max_retries, pa.list_(pa.float64()), what="score",
+    (`lazy`: unexecuted, `ask_until_parsed`). `parsers`: benchmark name → (parse(row,
+    attempt), retry_messages(row, problem, attempt)) for rows whose `benchmark` reads its
+    answer its own way (simulation, intervention)."""
+    parsers = parsers or {}
+
+    def parse(row: dict, attempt: int):
+        own = parsers.get(row.get("benchmark"))
+        return own[0](row, attempt) if own and not logprob_targets(row["constraint"]) else _score_parse(row, attempt)
+
+    def retry(row: dict, problem: str, attempt: int) -> list:
+        own = parsers.get(row.get("benchmark"))
+        return own[1](row, problem, attempt) if own else _score_retry(row, problem, attempt)
+
+    return ask_until_parsed(pending, llm, parse, retry, max_retries, pa.list_(pa.float64()), what="score",
                             retryable=_score_retryable, total=total, lazy=lazy)

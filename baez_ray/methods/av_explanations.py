@@ -95,15 +95,22 @@ def label_baez(features, sidecars, llm, last_only: bool = False, n_examples: int
 def _missing_rows(features, expl: pa.Table, have: set, method: str, by_layer: dict[int, str]) -> list[dict]:
     """LABELS rows of the features without a prompt: the reason each got no explanation."""
     errors: dict[tuple, str] = {}
+    empty: dict[tuple, int] = {}
     for r in expl.to_pylist() if expl.num_rows else []:
         if r["av_error"] and (r["sae_id"], r["feature"]) not in errors:
             errors[(r["sae_id"], r["feature"])] = r["av_error"]
+        elif not r["av_error"] and not r["explanation"]:
+            empty[(r["sae_id"], r["feature"])] = empty.get((r["sae_id"], r["feature"]), 0) + 1
 
     def why(k: dict) -> str:
         if k["layer"] not in by_layer:
             return other_layer(k["layer"], list(by_layer))
-        err = errors.get((k["sae_id"], k["feature"]))
-        return f"no AV explanation: {err}" if err else "no AV explanation: the feature has no top example"
+        key = (k["sae_id"], k["feature"])
+        if key in errors:
+            return f"no AV explanation: {errors[key]}"
+        if key in empty:
+            return f"no AV explanation: the AV's text was empty for each of its {empty[key]} examples"
+        return "no AV explanation: the feature has no top example"
 
     return [{"sae_id": k["sae_id"], "layer": k["layer"], "feature": k["feature"], "method": method, "label": None,
              "prompt_version": prompts.BAEZ_VERSION, "n_examples": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0,

@@ -1,9 +1,9 @@
 """Scoring report pieces (SPEC §3, §5) and the `benchmark` job's report.
 
 * `scores_chart`: grouped bars, methods × benchmarks, of each benchmark's headline metric
-  (balanced accuracy for detection and fuzz, AUROC for the others; each benchmark's chance
-  level from benchmarks.py, output-side ones marked), error bars the 95% bootstrap CI, the
-  random-label control among the methods;
+  (balanced accuracy for detection, fuzz and intervention, AUROC for the others,
+  simulation's correlation; each benchmark's chance level from benchmarks.py, output-side
+  ones marked), error bars the 95% bootstrap CI, the random-label control among the methods;
 * `gap_chart`: the embedding gap per method with its CI (0 = chance);
 * `verdict_section`: the paired comparisons (metrics.comparison_table): which method beats
   which, on which benchmark, by how much, Holm-corrected; the benchmark report opens with it;
@@ -70,10 +70,10 @@ def scores_figure(summary):
         drawn = draw_bars(ax, x + (j - (len(methods) - 1) / 2) * width, col("mean"), col("ci_low"), col("ci_high"), ns, width,
                           colors[m], hatch="//" if m == CONTROL else None)
         hollow += [(m, benches[i], ns[i]) for i in drawn]
-    for i, b in enumerate(benches):  # each benchmark's own chance level
+    for i, b in enumerate(benches):  # each benchmark's own chance level (simulation's correlation: 0)
         ax.hlines(chance(b), i - 0.45, i + 0.45, color="black", linestyle="--", linewidth=1)
     ax.set_xticks(x, [f"{b}\n({HEADLINE[b].replace('_', ' ')}{', output side' if benchmarks.side(b) == 'output' else ''})" for b in benches])
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(min(0.0, float(np.nanmin(summary["ci_low"].to_numpy(dtype=float), initial=0.0)) - 0.05), 1.05)  # a correlation can be < 0
     ax.set_ylabel("score (mean, 95% CI)")
     bar_legend(ax, [(m, colors[m], "//" if m == CONTROL else None) for m in methods], chance=CHANCE, fontsize=8,
                loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -159,7 +159,7 @@ def per_feature_rows(scores, failed=None, limit: int | None = None, frame=None) 
 
 
 SCORE_COLUMNS = ["sae_id", "feature", "method", "benchmark", "label", "n_shown", "n_failed", "balanced_accuracy", "accuracy",
-                 "precision", "recall", "f1", "gap", "auroc", "score_half_a", "score_half_b"]
+                 "precision", "recall", "f1", "gap", "auroc", "correlation", "score_half_a", "score_half_b"]
 
 
 def read_scores(run_dir: Path):
@@ -248,8 +248,8 @@ def scoring_section(run_dir: Path, out: Path, seed: int = 0, verdict: bool = Tru
     gap = gap_chart(scores, out / "embedding_gap.png", seed=seed)
     table = per_feature_frame(scores, failed)
     ctx = {"verdict": verdict_section(comparisons, reliability) if verdict else "", "gap": gap is not None,
-           "hollow": hollow + (gap or []),
            "by_kind": by_kind_section(run_dir, scores, out, seed),
+           "hollow": hollow + (gap or []),
            "failed": int(scores["n_failed"].sum()), "shown": int(scores["n_shown"].sum()), "summary": summary_rows(summary),
            "reliability": reliability_section(reliability), "benches": [b for b in BENCH_ORDER if b in set(scores["benchmark"])],
            "features": per_feature_rows(scores, failed, PER_FEATURE_ROWS, frame=table), "n_features": len(table),

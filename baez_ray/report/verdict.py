@@ -68,7 +68,7 @@ def routing_verdict_context(verdict, manifest: dict) -> dict:
                       "saved": saved, "rows": proj}
     return {"tiers": tiers, "projection": projection, "price": price.model_dump(), "priced_by": "benchmark.verdict.price" if cfg.price
             else "the explainer's price", "min_features": cfg.min_features, "reliability_min": RELIABILITY_MIN, "alpha": ALPHA,
-            "stage": manifest.get("stages", {}).get("stratify")}
+            "stage": manifest.get("stages", {}).get("stratify"), "unpriced": not (price.input_per_mtok or price.output_per_mtok)}
 
 
 def routing_verdict_section(verdict, manifest: dict):

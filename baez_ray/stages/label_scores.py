@@ -56,6 +56,12 @@ def llm_benchmarks(cfg: LabelScoreConfig) -> list[str]:
     return [b for b in cfg.benchmarks if b in LIST_BENCHMARKS or b in LOGPROB_VERSIONS]
 
 
+def unstreamed(cfg: LabelScoreConfig) -> list[str]:
+    """The LLM benchmarks the label shards do not stream (simulation, intervention,
+    intervention_logprob): scored after the labels, every subject at once."""
+    return [b for b in cfg.benchmarks if b not in llm_benchmarks(cfg) and b not in ("embedding", "logit_embedding")]
+
+
 def streams(cfg: LabelConfig) -> bool:
     """Whether the label shards score their sample as they label it (see the docstring)."""
     s = cfg.score
@@ -157,11 +163,13 @@ def _shard_scores(rows_dir: str, out: str) -> int:
 
 
 def finish_scores(cfg: LabelConfig, seed: int, run: Run, features_dir: Path, keys: dict[int, set],
-                  plan: ScorePlan | None = None, negatives=None) -> tuple[pa.Table, dict]:
+                  plan: ScorePlan | None = None, negatives=None, model=None, saes=(), steering_dir=None) -> tuple[pa.Table, dict]:
     """The score stage: the streamed SCORES of the sample's labels, and `score_labels` over
-    the rest: the random-label control, the embedding benchmark, and every label the shards
-    did not score (`negatives`: the corpus negatives of the sample, `negatives: corpus`).
-    Returns the SCORES table and the stage's counts."""
+    the rest: the random-label control, the embedding benchmarks, simulation and
+    intervention (never streamed: `model`, `saes` and `steering_dir` for the steering, see
+    score.score_labels), and every label the shards did not score (`negatives`: the corpus
+    negatives of the sample, `negatives: corpus`). Returns the SCORES table and the stage's
+    counts."""
     s = cfg.score
     sample = plan.keys if plan is not None else saved_sample(cfg, seed, run, features_dir, keys)
     labels = pq.read_table(run.table_dir("labels"), columns=["sae_id", "layer", "feature", "method", "label"])
@@ -172,17 +180,19 @@ def finish_scores(cfg: LabelConfig, seed: int, run: Run, features_dir: Path, key
     rest = subs.filter(pa.array([k not in done for k in zip(*(subs.column(c).to_pylist() for c in ("sae_id", "feature", "method")))], pa.bool_()))
     info = {k: counts.get(k, 0) for k in COUNTS}
     parts = [streamed]
-    todo = [(llm_benchmarks(s), rest)] + [([b], subs) for b in ("embedding", "logit_embedding") if b in s.benchmarks]
+    embedded = [([b], subs) for b in ("embedding", "logit_embedding") if b in s.benchmarks]
+    todo = [(llm_benchmarks(s), rest), (unstreamed(s), subs)] + embedded
     todo = [(b, t) for b, t in todo if b and t.num_rows]
     if todo:
         items, tests = _items(cfg, seed, features_dir, sample, plan)
         for benchmarks, subs_ in todo:
             its, tes = _logit_inputs(cfg, features_dir, sample) if benchmarks == ["logit_embedding"] else (items, tests)
             table, more = score_labels(tes, sample, labels, s.model_copy(update={"benchmarks": benchmarks}), scorer_of(cfg), seed=seed,
-                                       items=its, subs=subs_, negatives_table=negatives)
+                                       items=its, subs=subs_, negatives_table=negatives, model=model, saes=saes, steering_dir=steering_dir)
             parts.append(table)
             for k in COUNTS:
                 info[k] += more.get(k, 0)
+            info.update({k: v for k, v in more.items() if k.startswith("steer")})  # intervention: features steered, KL
     table = pa.concat_tables([schema.conform(p, schema.SCORES) for p in parts])
     table = table.sort_by([("sae_id", "ascending"), ("feature", "ascending"), ("method", "ascending"), ("benchmark", "ascending")])
     scored = table.select(["sae_id", "feature"]).group_by(["sae_id", "feature"]).aggregate([]).num_rows

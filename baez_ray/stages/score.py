@@ -1,5 +1,5 @@
 """Scoring labels (SPEC §3): detection, fuzz, embedding, the log-prob benchmarks,
-logit_embedding and the random-label control, as one streaming Ray Data pipeline. The driver holds the keys
+simulation, intervention, logit_embedding and the random-label control, as one streaming Ray Data pipeline. The driver holds the keys
 (sae_id, feature), the labels and counts; examples, prompts and answers stay in the
 workers and the object store.
 
@@ -9,8 +9,12 @@ workers and the object store.
          per feature, shared by every method: methods are compared on the same excerpts)
       ─map_batches (× the subjects of each feature: its labels + the random_label control)─▶
       prompt rows: detection / fuzz (examples_per_prompt excerpts each), detection_logprob /
-         fuzz_logprob (one excerpt each, a label's prompts one after another: shared prefix)
-      ─backend (llm.backends.generate)─▶ answers ─parse in workers─▶ 0/1 lists or [p_yes]
+         fuzz_logprob (one excerpt each, a label's prompts one after another: shared prefix),
+         simulation (one excerpt each, its tokens numbered: stages/simulation.py)
+    keys ─SteerWorker actors (the base model steered: stages/intervention.py)─▶ continuations
+      ─map_batches (× subjects)─▶ intervention / intervention_logprob prompt rows (one pair each)
+      ─all prompt rows: backend (llm.backends.generate)─▶ answers ─parse in workers─▶ 0/1
+         lists, [p_yes], [choice] or predicted activations (simulation: expected values)
                     ▲                                   │ unreadable
                     └── retry round over those rows only (llm.rounds.ask_until_parsed),
                         up to max_retries times
@@ -20,7 +24,7 @@ workers and the object store.
        promoted tokens + other features' of its block) × subjects ─EmbedScorer─▶ gap, AUROC
        (logit_embedding: the output side, benchmarks.py)
     ─▶ scores table (schema.SCORES), one row per (feature, method, benchmark), with the
-       headline metric also on each half of the excerpts (score_half_a/b: the split-half
+       headline metric (metrics.HEADLINE) also on each half of the excerpts (score_half_a/b: the split-half
        reliability of metrics.py, from the same answers and similarities, no extra call)
 
 Negatives (`negatives = other_features`, the default): the features to score, in
@@ -39,8 +43,9 @@ A prompt whose answer stays unreadable after the retries, or that failed in the 
 is a *failed batch*: its excerpts count in `n_failed` (and in `n_shown`), never silently
 dropped; the metrics use the answered excerpts. A log-prob prompt whose two tokens are
 both missing from the scorer's top log-probs is failed the same way (not retried: asking
-again gives the same probabilities). Positives are the feature's test examples (the
-caller splits: see stages/split.py).
+again gives the same probabilities). A feature that cannot be steered (its SAE is not
+among the job's) has its intervention pairs counted as failed. Positives are the
+feature's test examples (the caller splits: see stages/split.py).
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ from baez_ray.metrics import auroc, binary_metrics, embedding_metrics, half_scor
 from baez_ray.models.windows import token_text
 from baez_ray.ray_pool import actor_map, gather, resolved
 from baez_ray.rundir import log
+from baez_ray.stages import intervention, simulation
 from baez_ray.stages.logit_embedding import VERSION as LOGIT_EMBEDDING_VERSION
 from baez_ray.stages.logit_embedding import logit_items_dataset
 from baez_ray.stages.split import feature_seed
@@ -66,7 +72,12 @@ from baez_ray.stages.split import feature_seed
 RANDOM_LABEL = "random_label"
 EMBEDDING_VERSION = "embedding/v1"
 LIST_BENCHMARKS = ("detection", "fuzz")  # a list of 0/1 per prompt of examples_per_prompt excerpts
-LOGPROB_VERSIONS = {"detection_logprob": prompts.DETECTION_LOGPROB_VERSION, "fuzz_logprob": prompts.FUZZ_LOGPROB_VERSION}
+LOGPROB_VERSIONS = {"detection_logprob": prompts.DETECTION_LOGPROB_VERSION, "fuzz_logprob": prompts.FUZZ_LOGPROB_VERSION,
+                    "intervention_logprob": prompts.INTERVENTION_LOGPROB_VERSION}  # one answer token, P(A) against P(B)
+# one 0/1 answer per excerpt (or pair), scored by balanced accuracy
+LIST_VERSIONS = {"detection": prompts.DETECTION_VERSION, "fuzz": prompts.FUZZ_VERSION, "intervention": prompts.INTERVENTION_VERSION}
+# benchmarks whose answers are read their own way (llm.rounds.score_rounds `parsers`)
+PARSERS = {"simulation": (simulation.parse, simulation.retry), "intervention": (intervention.parse, intervention.retry)}
 BLOCK_FEATURES = 256  # features per block of the negatives draw (see the module docstring)
 MAX_PARTITIONS = 64  # of the two shuffles (items by block, answers by score row): about a partition per 4096 prompts
 # what the items need of an example (the rest, residual vectors included, is dropped early)
@@ -74,9 +85,12 @@ ITEM_EXAMPLE = pa.struct([pa.field("token_strs", pa.list_(pa.string())), pa.fiel
 # scorer prompt rows: schema.PROMPTS + what the metrics need (truth: the 0/1 of each excerpt shown)
 SCORE_PROMPTS = pa.schema(list(schema.PROMPTS) + [
     pa.field("sae_id", pa.string()), pa.field("layer", pa.int32()), pa.field("feature", pa.int64()), pa.field("method", pa.string()),
-    pa.field("benchmark", pa.string()), pa.field("label", pa.string()), pa.field("truth", pa.list_(pa.int8()))])
+    pa.field("benchmark", pa.string()), pa.field("label", pa.string()), pa.field("truth", pa.list_(pa.int8())),
+    pa.field("acts", pa.list_(pa.float32()))])  # simulation: the excerpt's true activations, 0-10
+# `excerpts`: with simulation, each excerpt's tokens and the feature's activations (0 on negatives)
 ITEMS = pa.schema([pa.field("sae_id", pa.string()), pa.field("feature", pa.int64()), pa.field("plain", pa.list_(pa.string())),
-                   pa.field("fuzz", pa.list_(pa.string())), pa.field("truth", pa.list_(pa.int8()))])
+                   pa.field("fuzz", pa.list_(pa.string())), pa.field("truth", pa.list_(pa.int8())),
+                   pa.field("excerpts", pa.list_(ITEM_EXAMPLE))])
 
 
 def example_text(ex: dict) -> str:
@@ -147,8 +161,10 @@ def block_items(tests: dict[tuple[str, int], list[dict]], cfg: ScoreConfig, seed
         examples = list(pos) + list(neg)
         truth = [1] * len(pos) + [0] * len(neg)
         order = rng.permutation(len(examples))
+        sim = "simulation" in cfg.benchmarks
         out.append({"sae_id": key[0], "feature": key[1], "plain": [example_text(examples[i]) for i in order],
-                    "fuzz": [fuzz_text(examples[i], marks[i]) for i in order], "truth": [truth[i] for i in order]})
+                    "fuzz": [fuzz_text(examples[i], marks[i]) for i in order], "truth": [truth[i] for i in order],
+                    "excerpts": [simulation.excerpt(examples[i], own=truth[i] == 1 or negatives is not None) for i in order] if sim else []})
     return out
 
 
@@ -270,8 +286,10 @@ def _subjects_of(batch: pa.Table, subs) -> tuple[list[dict], dict]:
 
 def n_prompts(n_items: int, cfg: ScoreConfig) -> int:
     """Scorer prompts of one subject with `n_items` excerpts."""
-    per = cfg.examples_per_prompt
-    return sum(math.ceil(n_items / per) if b in LIST_BENCHMARKS else n_items if b in LOGPROB_VERSIONS else 0 for b in cfg.benchmarks)
+    per, cap = cfg.examples_per_prompt, cfg.simulation_excerpts
+    sim = n_items if cap is None else min(n_items, 2 * cap)  # (at most: the caps are per kind)
+    return sum(math.ceil(n_items / per) if b in LIST_BENCHMARKS else n_items if b in ("detection_logprob", "fuzz_logprob")
+               else sim if b == "simulation" else 0 for b in cfg.benchmarks)
 
 
 def _prompt_batch(batch: pa.Table, subs, cfg: ScoreConfig) -> pa.Table:
@@ -290,7 +308,7 @@ def prompt_rows(subjects_: list[dict], items: dict[tuple[str, int], dict], cfg: 
     per = cfg.examples_per_prompt
     # benchmark by benchmark: the backend's batches then share their system prompt, which
     # the transformers backend runs once per batch and vLLM caches as a prefix
-    for bench in [b for b in cfg.benchmarks if b in LIST_BENCHMARKS or b in LOGPROB_VERSIONS]:
+    for bench in [b for b in cfg.benchmarks if b in LIST_BENCHMARKS or b in ("detection_logprob", "fuzz_logprob")]:
         for s in subjects_:
             it = items[(s["sae_id"], s["feature"])]
             texts = it["plain"] if bench in ("detection", "detection_logprob") else it["fuzz"]
@@ -307,6 +325,23 @@ def prompt_rows(subjects_: list[dict], items: dict[tuple[str, int], dict], cfg: 
                     rows.append({**common, "request_id": f"{s['sae_id']}|{s['feature']}|{s['method']}|{bench}|{i}",
                                  "messages": prompts.logprob_messages(bench, s["label"], text), "max_tokens": 1,
                                  "constraint": prompts.LOGPROB_CONSTRAINT, "truth": [truth]})
+    if "simulation" in cfg.benchmarks:
+        for s in subjects_:
+            rows += simulation.prompt_rows(items[(s["sae_id"], s["feature"])], [s], cfg)
+    return pa.Table.from_pylist(rows, schema=SCORE_PROMPTS)
+
+
+def _intervention_batch(batch: pa.Table, subs, cfg: ScoreConfig, seed: int) -> pa.Table:
+    """Scorer prompt rows of a batch of intervention.CONTINUATIONS rows (those without an
+    error): every subject of the feature × intervention benchmark × pair."""
+    conts = [c for c in batch.to_pylist() if c["error"] is None]
+    if not conts:
+        return SCORE_PROMPTS.empty_table()
+    subjects_, _ = _subjects_of(pa.table({"sae_id": [c["sae_id"] for c in conts], "feature": pa.array([c["feature"] for c in conts], pa.int64())}), subs)
+    rows = []
+    for c in conts:
+        mine = [s for s in subjects_ if (s["sae_id"], s["feature"]) == (c["sae_id"], c["feature"])]
+        rows += intervention.prompt_rows(c, mine, cfg, seed)
     return pa.Table.from_pylist(rows, schema=SCORE_PROMPTS)
 
 
@@ -351,19 +386,22 @@ def _list_score(rs: list[dict]) -> dict:
     m = binary_metrics(truth, pred) if truth else {k: None for k in ("balanced_accuracy", "accuracy", "precision", "recall", "f1")}
     return {"n_shown": sum(len(r["truth"]) for r in rs), "n_failed": sum(len(r["truth"]) for r in rs if r["pred"] is None),
             **{k: (None if v is None or math.isnan(v) else v) for k, v in m.items()}, **_halves(rs),
-            "prompt_version": prompts.DETECTION_VERSION if rs[0]["benchmark"] == "detection" else prompts.FUZZ_VERSION}
+            "prompt_version": LIST_VERSIONS[rs[0]["benchmark"]]}
 
 
 def _score_group(group: pa.Table) -> pa.Table:
     """The final rows of one (sae_id, feature, method, benchmark) → its SCORES row."""
-    rs = group.select(["sae_id", "layer", "feature", "method", "benchmark", "label", "request_id", "truth", "value",
-                       "input_tokens", "output_tokens", "cost_usd"]).to_pylist()
-    logprob = rs[0]["benchmark"] in LOGPROB_VERSIONS
+    cols = ["sae_id", "layer", "feature", "method", "benchmark", "label", "request_id", "truth", "value", "input_tokens",
+            "output_tokens", "cost_usd"] + (["acts"] if "acts" in group.column_names else [])  # simulation's true activations
+    rs = group.select(cols).to_pylist()
+    bench = rs[0]["benchmark"]
+    logprob = bench in LOGPROB_VERSIONS
     for r in rs:
         v = r.pop("value")
-        r["pred"] = None if v is None else v[0] if logprob else [int(x) for x in v]
+        r["pred"] = None if v is None else v if bench == "simulation" else v[0] if logprob else [int(x) for x in v]
     head = {k: rs[0][k] for k in ("sae_id", "layer", "feature", "method", "benchmark", "label")}
-    row = {**head, **(_logprob_score(rs) if logprob else _list_score(rs)), **_spent(rs)}
+    metrics = simulation.score_row(rs) if bench == "simulation" else _logprob_score(rs) if logprob else _list_score(rs)
+    row = {**head, **metrics, **_spent(rs)}
     return schema.conform(pa.Table.from_pylist([row]), schema.SCORES)
 
 
@@ -374,7 +412,8 @@ def scores_of(final: pa.Table) -> pa.Table:
         return schema.empty(schema.SCORES)
     keys = ["sae_id", "feature", "method", "benchmark"]
     idx = final.select(keys).append_column("_row", pa.array(np.arange(final.num_rows), pa.int64()))
-    groups = idx.group_by(keys).aggregate([("_row", "list")]).column("_row_list").to_pylist()
+    # one thread: acero's hash_list over several threads can fail ("thread index N is out of range")
+    groups = idx.group_by(keys, use_threads=False).aggregate([("_row", "list")]).column("_row_list").to_pylist()
     return pa.concat_tables([_score_group(final.take(pa.array(g, pa.int64()))) for g in groups])
 
 
@@ -453,42 +492,70 @@ def _embedding_scores(batch: pa.Table, benchmark: str = "embedding", version: st
     return schema.conform(out, schema.SCORES)
 
 
+# ---- intervention: the steered continuations ------------------------------------------------
+
+def _failed_rows(failed: pa.Table, subs: pa.Table, cfg: ScoreConfig) -> pa.Table:
+    """SCORES rows of the subjects of features that could not be steered (`failed`: rows
+    sae_id, feature, error): every pair of each intervention benchmark counted as failed."""
+    bad = set(zip(failed.column("sae_id").to_pylist(), failed.column("feature").to_pylist()))
+    rows = [{**s, "benchmark": b, "n_shown": cfg.intervention_pairs, "n_failed": cfg.intervention_pairs,
+             "prompt_version": intervention.VERSIONS[b], "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}
+            for s in subs.to_pylist() if (s["sae_id"], s["feature"]) in bad for b in cfg.benchmarks if b in intervention.BENCHMARKS]
+    return schema.conform(pa.Table.from_pylist(rows), schema.SCORES) if rows else schema.empty(schema.SCORES)
+
+
+def _steered(keys: pa.Table, subs: pa.Table, subs_ref, cfg: ScoreConfig, model, saes, seed: int, steering_dir) -> tuple:
+    """The intervention part of the stage: the continuations of every feature (written to
+    `steering_dir` when given, by the workers), their scorer prompt rows (a Dataset), the
+    SCORES rows of the features that could not be steered, the prompts' number and counts."""
+    conts = intervention.continuations(keys, model, saes, cfg, seed).materialize()
+    if steering_dir is not None:
+        conts.write_parquet(str(steering_dir))
+    state = gather(conts.select_columns(["sae_id", "feature", "kl", "error"]))
+    ok = state.filter(pc.is_null(state.column("error")))
+    failed = state.filter(pc.is_valid(state.column("error")))
+    kl = ok.column("kl").to_numpy(zero_copy_only=False) if ok.num_rows else np.zeros(0)
+    n_benches = sum(b in intervention.BENCHMARKS for b in cfg.benchmarks)
+    good = set(zip(ok.column("sae_id").to_pylist(), ok.column("feature").to_pylist())) if ok.num_rows else set()
+    n_subjects = sum((s, f) in good for s, f in zip(subs.column("sae_id").to_pylist(), subs.column("feature").to_pylist()))
+    pending = conts.map_batches(_intervention_batch, batch_format="pyarrow", fn_kwargs={"subs": subs_ref, "cfg": cfg, "seed": seed})
+    info = {"steered_features": ok.num_rows, "steering_failed_features": failed.num_rows,
+            "steering_kl_median": float(np.median(kl)) if kl.size else None}
+    if failed.num_rows:
+        log(f"[score] intervention: {failed.num_rows} features could not be steered (first: {failed.column('error')[0].as_py()})")
+    return pending, _failed_rows(failed, subs, cfg), n_subjects * n_benches * cfg.intervention_pairs, info
+
+
 # ---- the stage ---------------------------------------------------------------------------------
 
-def score_labels(tests, keys: pa.Table, labels: pa.Table, cfg: ScoreConfig, scorer: LLMConfig, seed: int = 0,
-                 negatives_table: pa.Table | None = None, threads: int = 2, block_features: int = BLOCK_FEATURES,
-                 items=None, subs: pa.Table | None = None) -> tuple[pa.Table, dict]:
-    """Score every label of the features `keys` (a table with sae_id, feature) with each
-    benchmark of `cfg`, plus the random-label control. `tests`: a Ray Dataset of rows
-    (sae_id, feature, examples: the feature's test examples; rows of other features are
-    ignored; with pos_tokens and pos_values for logit_embedding); `negatives_table`: rows
-    (sae_id, feature, examples) of given negatives (`negatives = corpus`). `items`: a Dataset
-    of ITEMS rows built already (`tests` then unused but by logit_embedding); `subs`: the
-    subjects to score (default: `subjects(labels, keys, ...)`).
-    Returns the SCORES table and counts for the manifest."""
-    import ray
-
-    subs = subjects(labels, keys, cfg, seed) if subs is None else subs
-    if items is None:
-        items = items_dataset(tests, keys, cfg, seed, negatives_table, block_features)
-    items = items.materialize()  # read twice: LLM and embedding
+def _prompt_counts(items, subs: pa.Table, cfg: ScoreConfig) -> tuple[dict, int]:
+    """Items per feature, and the scorer prompts of the benchmarks read from the items."""
     n_items = gather(items.map_batches(lambda b: pa.table({"sae_id": b.column("sae_id"), "feature": b.column("feature"),
                                                            "n_items": pc.list_value_length(b.column("truth"))}), batch_format="pyarrow"))
     per_key = dict(zip(zip(n_items.column("sae_id").to_pylist(), n_items.column("feature").to_pylist()), n_items.column("n_items").to_pylist())) \
         if n_items.num_rows else {}
     total = sum(n_prompts(per_key.get((s, f), 0), cfg) for s, f in zip(subs.column("sae_id").to_pylist(), subs.column("feature").to_pylist()))
-    log(f"[score] {len(per_key)} features, {subs.num_rows} labels (incl. control), {total} scorer prompts ({scorer.backend}:{scorer.model})")
-    subs_ref = ray.put(subs)
-    parts, info = [], {"features": len(per_key), "subjects": subs.num_rows, "prompts": total, "failed_prompts": 0, "retried_prompts": 0,
-                       "scorer_input_tokens": 0, "scorer_output_tokens": 0, "scorer_cost_usd": 0.0}
-    if total:
-        pending = items.map_batches(_prompt_batch, batch_format="pyarrow", fn_kwargs={"subs": subs_ref, "cfg": cfg})
-        done = score_rounds(pending, scorer, cfg.max_retries, total=total)
-        counts = gather(done.map_batches(round_counts, batch_format="pyarrow"))
-        for k in info:
-            if k in counts.column_names:
-                info[k] = type(info[k])(pc.sum(counts.column(k)).as_py() or 0)
-        parts.append(metrics(done, total))
+    return per_key, total
+
+
+def _llm_scores(pending, total: int, scorer: LLMConfig, cfg: ScoreConfig, info: dict) -> pa.Table:
+    """Every scorer prompt row through the ask-until-parsed rounds → SCORES rows; the
+    rounds' counts added to `info`."""
+    done = score_rounds(pending, scorer, cfg.max_retries, total=total, parsers=PARSERS)
+    counts = gather(done.map_batches(round_counts, batch_format="pyarrow"))
+    for k in list(info):
+        if k in counts.column_names:
+            info[k] = type(info[k])(pc.sum(counts.column(k)).as_py() or 0)
+    return metrics(done, total)
+
+
+def _embedded_scores(tests, keys: pa.Table, items, subs: pa.Table, subs_ref, cfg: ScoreConfig, seed: int, threads: int,
+                     block_features: int) -> list[pa.Table]:
+    """SCORES rows of the sentence-embedding benchmarks: embedding (the label against the
+    excerpts) and logit_embedding (against the promoted tokens: stages/logit_embedding.py)."""
+    import ray
+
+    parts = []
     embedded = {"embedding": ("plain", items, EMBEDDING_VERSION)}
     if "logit_embedding" in cfg.benchmarks and subs.num_rows:
         n_blocks = max(1, math.ceil(keys.num_rows / block_features))
@@ -501,6 +568,44 @@ def score_labels(tests, keys: pa.Table, labels: pa.Table, cfg: ScoreConfig, scor
                 emb = actor_map(rows, EmbedScorer, {"embedder": cfg.embedder, "threads": threads}, num_cpus=0.5, batch_size=256, keep=True)
                 parts.append(gather(emb.map_batches(_embedding_scores, batch_format="pyarrow",
                                                     fn_kwargs={"benchmark": bench, "version": version})))
+    return parts
+
+
+def score_labels(tests, keys: pa.Table, labels: pa.Table, cfg: ScoreConfig, scorer: LLMConfig, seed: int = 0,
+                 negatives_table: pa.Table | None = None, threads: int = 2, block_features: int = BLOCK_FEATURES,
+                 items=None, subs: pa.Table | None = None, model=None, saes=(), steering_dir=None) -> tuple[pa.Table, dict]:
+    """Score every label of the features `keys` (a table with sae_id, feature) with each
+    benchmark of `cfg`, plus the random-label control. `tests`: a Ray Dataset of rows
+    (sae_id, feature, examples: the feature's test examples; rows of other features are
+    ignored; with pos_tokens and pos_values for logit_embedding); `negatives_table`: rows
+    (sae_id, feature, examples) of given negatives (`negatives = corpus`). `items`: a Dataset
+    of ITEMS rows built already (`tests` then unused but by logit_embedding); `subs`: the
+    subjects to score (default: `subjects(labels, keys, ...)`); `model` and `saes`
+    (config.ModelConfig, SAEConfig list): the base model the intervention benchmarks steer
+    and the SAEs whose decoder rows they steer along; `steering_dir`: where the steered
+    continuations are written. Returns the SCORES table and counts for the manifest."""
+    import ray
+
+    subs = subjects(labels, keys, cfg, seed) if subs is None else subs
+    if items is None:
+        items = items_dataset(tests, keys, cfg, seed, negatives_table, block_features)
+    items = items.materialize()  # read twice: LLM and embedding
+    per_key, total = _prompt_counts(items, subs, cfg)
+    subs_ref = ray.put(subs)
+    parts, info = [], {"features": len(per_key), "subjects": subs.num_rows, "prompts": total, "failed_prompts": 0, "retried_prompts": 0,
+                       "scorer_input_tokens": 0, "scorer_output_tokens": 0, "scorer_cost_usd": 0.0}
+    pending = items.map_batches(_prompt_batch, batch_format="pyarrow", fn_kwargs={"subs": subs_ref, "cfg": cfg}) if total else None
+    if any(b in intervention.BENCHMARKS for b in cfg.benchmarks) and subs.num_rows:
+        steered, failed, n_steered, steer_info = _steered(keys, subs, subs_ref, cfg, model, list(saes), seed, steering_dir)
+        parts.append(failed)
+        info.update(steer_info)
+        if n_steered:
+            pending, total = (steered if pending is None else pending.union(steered)), total + n_steered
+    info["prompts"] = total
+    log(f"[score] {len(per_key)} features, {subs.num_rows} labels (incl. control), {total} scorer prompts ({scorer.backend}:{scorer.model})")
+    if total:
+        parts.append(_llm_scores(pending, total, scorer, cfg, info))
+    parts += _embedded_scores(tests, keys, items, subs, subs_ref, cfg, seed, threads, block_features)
     table = pa.concat_tables([schema.empty(schema.SCORES)] + [schema.conform(p, schema.SCORES) for p in parts if p.num_rows])
     table = table.sort_by([("sae_id", "ascending"), ("feature", "ascending"), ("method", "ascending"), ("benchmark", "ascending")])
     return table, info

@@ -70,6 +70,12 @@ def logprob_rows() -> list[dict]:
     return rows
 
 
+def token_logprob_rows() -> list[dict]:
+    """A simulation prompt asking for the top 5 log-probs of every answer token."""
+    return [{"request_id": "t0", "messages": prompts.simulation_messages("cats", [" The", " cat", " sat"]), "max_tokens": 12,
+             "temperature": 0.0, "stop": None, "constraint": None, "top_logprobs": 5, "feature": 400, "n": 0}]
+
+
 @pytest.fixture(scope="module")
 def cfg():
     return LLMConfig(backend="vllm", model=MODEL, batch_size=4, num_cpus=1, device="cpu",
@@ -78,7 +84,7 @@ def cfg():
 
 @pytest.fixture(scope="module")
 def answers(ray_local, cfg):
-    ds = ray_local.data.from_arrow(prompt_table(binary_rows() + chat_rows() + logprob_rows()))
+    ds = ray_local.data.from_arrow(prompt_table(binary_rows() + chat_rows() + logprob_rows() + token_logprob_rows()))
     # the backend module's own `generate` (what `backends.generate` dispatches to), with a
     # short max_model_len so that one prompt overflows it
     out = generate(ds, cfg, engine_overrides={"max_model_len": MAX_MODEL_LEN}).to_pandas()
@@ -95,9 +101,10 @@ def test_regex_admits_exactly_n_bits():
 
 
 def test_rows_and_columns(answers, cfg):
-    assert len(answers) == len(binary_rows()) + len(chat_rows()) + len(logprob_rows())
+    every = binary_rows() + chat_rows() + logprob_rows() + token_logprob_rows()
+    assert len(answers) == len(every)
     assert set(schema.ANSWERS.names) <= set(answers.columns)
-    ids = {r["request_id"]: r["feature"] for r in binary_rows() + chat_rows() + logprob_rows()}
+    ids = {r["request_id"]: r["feature"] for r in every}
     assert {k: answers.loc[k, "feature"] for k in ids} == ids  # passthrough column kept, per row
     assert set(answers["backend"]) == {"vllm"} and set(answers["model"]) == {MODEL}
     ok = answers[answers["error"].isna()]
@@ -139,7 +146,7 @@ def test_plain_chat(answers, hf_chat):
 def test_greedy_matches_transformers(answers, hf_chat, rid):
     """Greedy vLLM text equals the transformers backend's greedy text (same model, fp32)."""
     r = next(r for r in chat_rows() if r["request_id"] == rid)
-    text, _, n_out = hf_chat.generate([hf_chat.prompt_text(r["messages"])], [r["max_tokens"]], 0.0)
+    text, _, n_out, _ = hf_chat.generate([hf_chat.prompt_text(r["messages"])], [r["max_tokens"]], 0.0)
     assert answers.loc[rid, "answer"] == text[0]
     assert answers.loc[rid, "output_tokens"] == n_out[0]
 
@@ -161,3 +168,17 @@ def test_logprob_rows_match_the_transformers_softmax(answers, hf_chat):
         assert a["output_tokens"] == 1 and a["input_tokens"] == n
         assert a["p_yes"] == pytest.approx(want, abs=1e-3)
     assert answers.loc[[r["request_id"] for r in binary_rows() + chat_rows()], "p_yes"].isna().all()
+
+
+def test_token_logprobs_match_the_transformers_backend(answers, hf_chat):
+    """A `top_logprobs` row: every answer token with its log-prob and top 5, as the
+    transformers backend reads them from its logits (same greedy tokens; log-probs within
+    1e-3); the other rows have none."""
+    r = token_logprob_rows()[0]
+    text, _, _, toks = hf_chat.generate([hf_chat.prompt_text(r["messages"])], [r["max_tokens"]], 0.0, None, 5)
+    got = answers.loc["t0", "token_logprobs"]
+    assert answers.loc["t0", "answer"] == text[0] and len(got) == len(toks[0])
+    for g, want in zip(got, toks[0]):
+        assert g["token"] == want["token"] and g["logprob"] == pytest.approx(want["logprob"], abs=1e-3)
+        assert [c["token"] for c in g["top"]][:5] == [c["token"] for c in want["top"]]
+    assert answers.loc[[x["request_id"] for x in binary_rows() + chat_rows()], "token_logprobs"].isna().all()

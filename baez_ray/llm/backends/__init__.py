@@ -19,6 +19,15 @@ the text of the token the model put first. Where neither A nor B is among the to
 probability is taken as the smallest listed one (an upper bound). Backends without
 log-probs (anthropic) answer such a row with an error. Every other row has `p_yes` null.
 
+Token log-probs: a row with `top_logprobs = k` (k > 0) is generated as usual and also gets
+`token_logprobs`: for every token of its answer, the token's text and log-prob and the k
+most likely tokens at its place (text, log-prob), from the model's logits (transformers:
+log-softmax of the raw logits of each generated step) or the server's log-probs (vllm:
+`SamplingParams(logprobs=k)`, the entry of the sampled token included; openai: `logprobs`,
+`top_logprobs=min(k, 20)`). The simulation benchmark reads its expected activations from
+them. Backends without log-probs (anthropic) leave `token_logprobs` null and answer the
+row as text, so that the caller falls back to the answer's own text.
+
 Ask until parsed, in the backend: the API backends (openai; anthropic in messages mode:
 `asks_in_backend`) take `generate(ds, cfg, until=Until(...))` and ask each row again, in
 the actor that holds it, until `until.parse` reads its answer (at most `max_retries` more
@@ -78,6 +87,12 @@ def p_from_top(top: dict[str, float], targets: tuple[str, str]) -> float | None:
     return a / (a + b)
 
 
+def token_logprobs_of(row: dict) -> int:
+    """The k of a row's `top_logprobs` (0: the row does not ask)."""
+    k = row.get("top_logprobs")
+    return int(k) if k else 0
+
+
 def generate(ds, cfg: LLMConfig, until: "Until | None" = None):
     """Prompt rows → prompt rows with answers (a lazy Ray Dataset); with `until` (only where
     `asks_in_backend(cfg)`), each row asked until its answer parses."""
@@ -128,15 +143,18 @@ class Until:
     retryable: Callable[[dict], bool] | None = None
 
 
-AskOnce = Callable[[dict], Awaitable[tuple]]  # request row -> (answer, input tokens, output tokens, error, p_yes)
+# request row -> (answer, input tokens, output tokens, error, p_yes[, token_logprobs])
+AskOnce = Callable[[dict], Awaitable[tuple]]
 
 
 async def ask_until(ask_once: AskOnce, row: dict, until: Until | None) -> dict:
-    """One row's answer fields (answer, input_tokens, output_tokens, error, p_yes); with
-    `until`, asked again while it does not parse, with value, problem, tries, messages
-    (the last try's) and the tokens of all its tries."""
-    answer, n_in, n_out, err, p = await ask_once(row)
-    out = {"answer": answer, "input_tokens": n_in, "output_tokens": n_out, "error": err, "p_yes": p}
+    """One row's answer fields (answer, input_tokens, output_tokens, error, p_yes,
+    token_logprobs: null where `ask_once` gives none); with `until`, asked again while it
+    does not parse, with value, problem, tries, messages (the last try's) and the tokens of
+    all its tries."""
+    answer, n_in, n_out, err, p, *toks = await ask_once(row)
+    out = {"answer": answer, "input_tokens": n_in, "output_tokens": n_out, "error": err, "p_yes": p,
+           "token_logprobs": toks[0] if toks else None}
     if until is None:
         return out
     attempt = 0
@@ -148,16 +166,17 @@ async def ask_until(ask_once: AskOnce, row: dict, until: Until | None) -> dict:
             return {**out, "value": value, "problem": problem, "tries": attempt + 1, "messages": row["messages"]}
         row = {**row, "messages": until.retry_messages(seen, problem, attempt)}
         attempt += 1
-        answer, n_in, n_out, err, p = await ask_once(row)
+        answer, n_in, n_out, err, p, *toks = await ask_once(row)
         await asyncio.to_thread(progress.tick, 1)  # a try after the first: the driver's bar counts it too
         out = {"answer": answer, "input_tokens": out["input_tokens"] + n_in, "output_tokens": out["output_tokens"] + n_out,
-               "error": err, "p_yes": p}
+               "error": err, "p_yes": p, "token_logprobs": toks[0] if toks else None}
 
 
 def with_results(batch: pa.Table, results: list[dict], cfg: LLMConfig, until: Until | None) -> pa.Table:
     """A batch of prompt rows + the `ask_until` results of its rows (in row order)."""
     col = lambda k: [r[k] for r in results]  # noqa: E731
-    out = with_answers(batch, col("answer"), col("input_tokens"), col("output_tokens"), col("error"), cfg, p_yes=col("p_yes"))
+    out = with_answers(batch, col("answer"), col("input_tokens"), col("output_tokens"), col("error"), cfg, p_yes=col("p_yes"),
+                       token_logprobs=col("token_logprobs"))
     if until is None:
         return out
     out = out.set_column(out.schema.get_field_index("messages"), "messages", pa.array(col("messages"), out.schema.field("messages").type))
@@ -176,8 +195,9 @@ def cost(cfg: LLMConfig, input_tokens: int, output_tokens: int, batch: bool = Fa
 
 def with_answers(batch: pa.Table, answers: list[str | None], in_tok: list[int], out_tok: list[int],
                  errors: list[str | None], cfg: LLMConfig, batch_mode: bool = False,
-                 p_yes: list[float | None] | None = None) -> pa.Table:
-    """Append the ANSWER_FIELDS columns to a batch of prompt rows (`p_yes`: log-prob rows)."""
+                 p_yes: list[float | None] | None = None, token_logprobs: list[list[dict] | None] | None = None) -> pa.Table:
+    """Append the ANSWER_FIELDS columns to a batch of prompt rows (`p_yes`: log-prob rows;
+    `token_logprobs`: rows with `top_logprobs`, schema.TOKEN_LOGPROBS values)."""
     n = batch.num_rows
     cols = {
         "answer": pa.array(answers, pa.string()),
@@ -188,6 +208,7 @@ def with_answers(batch: pa.Table, answers: list[str | None], in_tok: list[int], 
         "backend": pa.array([cfg.backend] * n, pa.string()),
         "model": pa.array([cfg.model] * n, pa.string()),
         "p_yes": pa.array(p_yes if p_yes is not None else [None] * n, pa.float64()),
+        "token_logprobs": pa.array(token_logprobs if token_logprobs is not None else [None] * n, schema.TOKEN_LOGPROBS),
     }
     for f in schema.ANSWER_FIELDS:
         if f.name in batch.column_names:

@@ -33,7 +33,14 @@ Output constraint: a row with `constraint = "binary_list:N"` is sent with
 "schema": <array of exactly N integers 0/1>, "strict": false}}` (vLLM and most OpenRouter
 models enforce it). When a server answers 400 to that and the same request succeeds
 without it, the actor stops sending `response_format` and relies on the prompt and the
-parser, as the backends without structured outputs do.
+parser, as the backends without structured outputs do. `activation_lines:N` (simulation)
+is not sent: no JSON schema writes lines; the prompt and the parser hold the form.
+
+Log-probs: a `logprob:A,B` row is sent with `logprobs: true`, `top_logprobs: 20` and
+`max_tokens: 1` (`p_yes` from the first token); a row with `top_logprobs = k` with
+`logprobs: true`, `top_logprobs: min(k, 20)` and its own `max_tokens`, and every token of
+`choices[0].logprobs.content` becomes its `token_logprobs` (a server that sends none leaves
+them null).
 
 The API key is read only from the environment variable `api_key_env` (default
 `OPENAI_API_KEY`) and sent as `Authorization: Bearer`. It is optional: with the default
@@ -56,7 +63,7 @@ from pydantic import SecretStr
 from baez_ray import progress
 from baez_ray.llm import journal
 from baez_ray.llm.backends import (TOP_LOGPROBS, Until, ask_until, batches_in_flight, cut_at_stop, error_text, logprob_targets,
-                                   p_from_top, read_api_key, with_results)
+                                   p_from_top, read_api_key, token_logprobs_of, with_results)
 from baez_ray.config import LLMConfig
 
 log = logging.getLogger(__name__)
@@ -68,7 +75,7 @@ RETRY_STATUS = {408, 409, 429}  # and every 5xx
 INITIAL_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 8.0
 MAX_RETRY_AFTER_S = 120.0
-_ROW_COLS = ["request_id", "messages", "max_tokens", "temperature", "stop", "constraint"]
+_ROW_COLS = ["request_id", "messages", "max_tokens", "temperature", "stop", "constraint", "top_logprobs"]
 
 
 class APIStatusError(RuntimeError):
@@ -133,6 +140,8 @@ def request_body(row: dict, cfg: LLMConfig, structured: bool = True) -> dict:
         body["response_format"] = binary_list_format(int(c.split(":", 1)[1]))
     if logprob_targets(c):
         body.update(logprobs=True, top_logprobs=TOP_LOGPROBS, max_tokens=1)
+    elif token_logprobs_of(row):
+        body.update(logprobs=True, top_logprobs=min(token_logprobs_of(row), TOP_LOGPROBS))
     return body
 
 
@@ -146,6 +155,16 @@ def first_token_p(data: dict, targets: tuple[str, str] | None) -> float | None:
     top = {t.get("token"): t.get("logprob") for t in content[0].get("top_logprobs") or []}
     top.setdefault(content[0].get("token"), content[0].get("logprob"))
     return p_from_top(top, targets)
+
+
+def answer_tokens(data: dict) -> list[dict] | None:
+    """`token_logprobs` (schema.TOKEN_LOGPROBS values) of a chat completion's
+    `choices[0].logprobs.content`; None when the server sent none."""
+    content = (data["choices"][0].get("logprobs") or {}).get("content")
+    if not content:
+        return None
+    return [{"token": t.get("token"), "logprob": t.get("logprob"),
+             "top": [{"token": c.get("token"), "logprob": c.get("logprob")} for c in t.get("top_logprobs") or []]} for t in content]
 
 
 class OpenAICaller:
@@ -206,7 +225,7 @@ class OpenAICaller:
             await asyncio.sleep(delay)
             attempt += 1
 
-    async def ask_once(self, row: dict) -> tuple[str | None, int, int, str | None, float | None]:
+    async def ask_once(self, row: dict) -> tuple[str | None, int, int, str | None, float | None, list | None]:
         try:
             body = request_body(row, self.cfg, self.structured)
             try:
@@ -223,11 +242,12 @@ class OpenAICaller:
             text = msg.get("content") or ""
             usage = data.get("usage") or {}
             p = first_token_p(data, logprob_targets(row.get("constraint")))
-            return cut_at_stop(text, row["stop"]), int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0), None, p
+            toks = answer_tokens(data) if token_logprobs_of(row) else None
+            return cut_at_stop(text, row["stop"]), int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0), None, p, toks
         except Exception as e:  # after the retries: recorded on this row only
             err = error_text(e, self._key)
             log.warning("openai request %s failed: %s", row.get("request_id"), err)
-            return None, 0, 0, err, None
+            return None, 0, 0, err, None, None
 
     async def __call__(self, batch: pa.Table, until: Until | None = None) -> pa.Table:
         rows = batch.to_pylist() if until is not None else batch.select([c for c in _ROW_COLS if c in batch.column_names]).to_pylist()

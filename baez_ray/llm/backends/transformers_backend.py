@@ -5,7 +5,15 @@ Log-prob rows (`constraint: logprob:A,B`) are not generated: one forward pass of
 prompts gives the next-token logits, and `p_yes` = softmax over the logits of the tokens A
 and B (each must be one token). Consecutive rows that share more than the call's common
 prefix (a scorer's instructions + label, one feature after another) run as one batch over
-that longer prefix's KV cache, so each feature's prefix is computed once."""
+that longer prefix's KV cache, so each feature's prefix is computed once.
+
+Output constraints: `binary_list:N`, `activation_lines:N` (the simulation's `i: v` lines)
+and `choice:A,B` (intervention: one of two single tokens) are enforced token by token
+(`prefix_allowed_tokens_fn`).
+
+Rows with `top_logprobs = k` are generated as the others and also get `token_logprobs`:
+each kept answer token with its log-prob and the k most likely tokens at its place, from
+the log-softmax of that step's raw logits (before any output constraint)."""
 
 from __future__ import annotations
 
@@ -18,7 +26,7 @@ import pyarrow as pa
 import torch
 
 from baez_ray import progress
-from baez_ray.llm.backends import cut_at_stop, logprob_targets, with_answers
+from baez_ray.llm.backends import cut_at_stop, logprob_targets, token_logprobs_of, with_answers
 from baez_ray.config import LLMConfig
 
 
@@ -87,6 +95,55 @@ class TransformersChat:
             if pos == 2 * n:
                 return [ids["]"]]
             return end
+
+        return allowed
+
+    def constraint_fn(self, constraint: str | None, prompt_len: int, max_new: int):
+        """(`prefix_allowed_tokens_fn` of an output constraint or None, the answer's longest
+        length under it): `binary_list:N`, `activation_lines:N`, `choice:A,B` (one of the
+        single tokens A, B, then the end of the turn)."""
+        m = re.fullmatch(r"(binary_list|activation_lines):(\d+)|choice:([^,]+),([^,]+)", constraint or "")
+        if constraint and not m:
+            raise ValueError(f"unknown output constraint {constraint!r} (known: binary_list:N, activation_lines:N, choice:A,B)")
+        if not m:
+            return None, max_new
+        if m.group(1) == "binary_list":
+            return self.binary_list_fn(int(m.group(2)), prompt_len), 2 * int(m.group(2)) + 2
+        if m.group(1) == "activation_lines":
+            return self.activation_lines_fn(int(m.group(2)), prompt_len), max_new
+        ids, end = [self._token_id(m.group(3)), self._token_id(m.group(4))], sorted(self.eos)
+        return (lambda batch_id, input_ids: ids if input_ids.shape[-1] == prompt_len else end), 2
+
+    def activation_lines_fn(self, n: int, prompt_len: int):
+        """`prefix_allowed_tokens_fn` of the `activation_lines:N` constraint (simulation):
+        the answer is exactly `1: v` … `N: v`, one line each, v a whole number 0-10, then
+        the end of the turn. The line's `i: ` is forced token by token (the first token of
+        what is still missing); the model chooses only the values (a digit; after a 1, a 0
+        to make 10 or the line's end). None when the tokenizer has no single token for a
+        digit or the newline."""
+        digits = [self.tok.encode(str(d), add_special_tokens=False) for d in range(10)]
+        newline = self.tok.encode("\n", add_special_tokens=False)
+        if any(len(d) != 1 for d in digits) or len(newline) != 1:
+            return None
+        digit_ids, nl, end = [d[0] for d in digits], newline[0], sorted(self.eos)
+
+        def allowed(batch_id: int, input_ids: torch.Tensor) -> list[int]:
+            text = self.tok.decode(input_ids[prompt_len:].tolist(), skip_special_tokens=True)
+            lines = text.split("\n")
+            i, cur = len(lines), lines[-1]
+            head = f"{i}: "
+            value = cur[len(head):]
+            on_form = head.startswith(cur) if len(cur) < len(head) else cur.startswith(head) and (value == "" or value.isdigit())
+            if i > n or not on_form:
+                return end  # (off the form, which the tokenizer's decoding can cause: end; the parser then says why)
+            if len(cur) < len(head):
+                return self.tok.encode(head[len(cur):], add_special_tokens=False)[:1]
+            if value == "":
+                return digit_ids
+            nxt = nl if i < n else None
+            if value == "1":
+                return [digit_ids[0]] + ([nxt] if nxt is not None else end)
+            return [nxt] if nxt is not None else end
 
         return allowed
 
@@ -199,64 +256,78 @@ class TransformersChat:
                 p[i], top[i] = pair[j], self.tok.decode([best[j]])
         return p, top, [len(x) for x in ids]
 
+    def _step_logprobs(self, steps: list[torch.Tensor], row: int, kept: list[int], k: int) -> list[dict]:
+        """schema.TOKEN_LOGPROBS of one generated row: for each kept token, its log-prob and
+        the top k at its step (`steps`: the raw logits of every step, [B, V] each)."""
+        out = []
+        for j, t in enumerate(kept):
+            lp = torch.log_softmax(steps[j][row].float(), dim=-1)
+            vals, ids = lp.topk(k)
+            out.append({"token": self.tok.decode([t]), "logprob": float(lp[t]),
+                        "top": [{"token": self.tok.decode([i]), "logprob": float(v)} for v, i in zip(vals.tolist(), ids.tolist())]})
+        return out
+
     @torch.inference_mode()
-    def generate(self, texts: list[str], max_tokens: list[int], temperature: float, constraint: str | None = None) -> tuple[list[str], list[int], list[int]]:
+    def generate(self, texts: list[str], max_tokens: list[int], temperature: float, constraint: str | None = None,
+                 top_logprobs: int = 0) -> tuple[list[str], list[int], list[int], list[list[dict] | None]]:
         enc, n_in = self._inputs(texts)
         width = enc["input_ids"].shape[1]
         kw = dict(do_sample=temperature > 0, temperature=temperature) if temperature > 0 else dict(do_sample=False)
         max_new = max(max_tokens)
-        m = re.fullmatch(r"binary_list:(\d+)", constraint or "")
-        if constraint and not m:
-            raise ValueError(f"unknown output constraint {constraint!r} (known: binary_list:N)")
-        fn = self.binary_list_fn(int(m.group(1)), width) if m else None
+        fn, cap = self.constraint_fn(constraint, width, max_new)
         if fn is not None:
             kw["prefix_allowed_tokens_fn"] = fn
-            max_new = min(max_new, 2 * int(m.group(1)) + 2)
+            max_new = min(max_new, cap)
+        if top_logprobs:
+            kw.update(output_logits=True, return_dict_in_generate=True)
         out = self.model.generate(
             **enc, max_new_tokens=max_new, pad_token_id=self.tok.pad_token_id,
             eos_token_id=sorted(self.eos), top_p=None, top_k=None, **kw,
         )
-        gen = out[:, width:].tolist()
-        answers, n_out = [], []
-        for row, limit in zip(gen, max_tokens):
+        seqs = out.sequences if top_logprobs else out
+        gen = seqs[:, width:].tolist()
+        answers, n_out, toks = [], [], []
+        for b, (row, limit) in enumerate(zip(gen, max_tokens)):
             row = row[:limit]
             cut = next((i for i, t in enumerate(row) if t in self.eos), None)
             kept = row if cut is None else row[: cut + 1]
             n_out.append(len(kept))
             answers.append(self.tok.decode(kept, skip_special_tokens=True))
-        return answers, n_in, n_out
+            toks.append(self._step_logprobs(out.logits, b, kept, top_logprobs) if top_logprobs else None)
+        return answers, n_in, n_out, toks
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        cols = ["messages", "max_tokens", "temperature", "stop"] + (["constraint"] if "constraint" in batch.column_names else [])
+        cols = ["messages", "max_tokens", "temperature", "stop"] + [c for c in ("constraint", "top_logprobs") if c in batch.column_names]
         rows = batch.select(cols).to_pylist()
         n = len(rows)
         if n and "request_id" in batch.column_names:  # (begun again elsewhere after a lost node: the driver's bar says so)
             rid = batch.column("request_id")
             progress.started(f"prompts {rid[0].as_py()} .. {rid[-1].as_py()}", n)
         answers: list[str | None] = [None] * n
-        n_in, n_out, errors, p_yes = [0] * n, [0] * n, [None] * n, [None] * n
-        # one generate call per sampling temperature and output constraint (a stage's
-        # prompts usually share both)
+        n_in, n_out, errors, p_yes, toks = [0] * n, [0] * n, [None] * n, [None] * n, [None] * n
+        # one generate call per sampling temperature, output constraint and top log-probs
+        # (a stage's prompts usually share all three)
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(rows):
-            groups.setdefault((round(float(r["temperature"]), 6), r.get("constraint")), []).append(i)
-        for (temp, constraint), idx in groups.items():
+            groups.setdefault((round(float(r["temperature"]), 6), r.get("constraint"), token_logprobs_of(r)), []).append(i)
+        for (temp, constraint, k), idx in groups.items():
             targets = logprob_targets(constraint)
             try:
                 texts = [self.prompt_text(rows[i]["messages"]) for i in idx]
+                tl = [None] * len(idx)
                 if targets:
                     p, a, ti = self.next_token_p(texts, targets)
                     to = [1] * len(idx)
                 else:
                     p = [None] * len(idx)
-                    a, ti, to = self.generate(texts, [int(rows[i]["max_tokens"]) for i in idx], temp, constraint)
+                    a, ti, to, tl = self.generate(texts, [int(rows[i]["max_tokens"]) for i in idx], temp, constraint, k)
             except Exception as e:  # recorded on the rows it touched, never dropped
                 for i in idx:
                     errors[i] = f"{type(e).__name__}: {e}"
                 continue
             for j, i in enumerate(idx):
-                answers[i], n_in[i], n_out[i], p_yes[i] = cut_at_stop(a[j], rows[i]["stop"]), ti[j], to[j], p[j]
-        return with_answers(batch, answers, n_in, n_out, errors, self.cfg, p_yes=p_yes)
+                answers[i], n_in[i], n_out[i], p_yes[i], toks[i] = cut_at_stop(a[j], rows[i]["stop"]), ti[j], to[j], p[j], tl[j]
+        return with_answers(batch, answers, n_in, n_out, errors, self.cfg, p_yes=p_yes, token_logprobs=toks)
 
 
 def generate(ds, cfg: LLMConfig):

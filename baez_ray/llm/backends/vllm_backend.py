@@ -10,13 +10,20 @@
   own column names (`request_id`, `prompt`, `model`, `params`, ...).
 * preprocess: `max_tokens`, `temperature`, `stop` and the output `constraint` become vLLM
   `SamplingParams`. A `binary_list:N` constraint becomes a structured-outputs regex that
-  admits exactly a JSON list of N 0/1 integers (`[0, 1, 1]`). A `logprob:A,B` constraint
+  admits exactly a JSON list of N 0/1 integers (`[0, 1, 1]`); `activation_lines:N`
+  (simulation) one that admits exactly the lines `1: v` … `N: v`, v in 0-10; `choice:A,B`
+  (intervention) one that admits either string. A `logprob:A,B` constraint
   (one token, `p_yes`) asks for `logprobs=TOP_LOGPROBS` and `max_tokens=1`; the Prompter
   looks up the token ids of A and B (one token each: a tokenizer that splits one stops
   the run with an error naming them: a setup error, not a row's), and `p_yes`
   comes from the first generated token's top log-probs (`p_from_top`, by token id).
   vLLM's automatic prefix caching runs a feature's shared prefix (instructions + label)
   once: the score stage sends each feature's excerpts one after another.
+  A row with `top_logprobs = k` asks for `logprobs=k`; Ray Data LLM hands back, for every
+  generated token, a mapping token id → {logprob, rank, decoded_token} that holds the
+  sampled token too, and `generated_tokens`: postprocess turns them into the row's
+  `token_logprobs` (carried as a JSON string, '' for other rows, so that every block has
+  the same column type).
 * Ray Data LLM's chat-template, tokenize and detokenize stages are off. Chat template and
   tokenize: Ray 2.60 cannot concatenate two of their output blocks when a nested struct
   (`sampling_params.structured_outputs`) is a struct in one and all-null in the other, which
@@ -39,13 +46,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 
 import pyarrow as pa
 
-from baez_ray.llm.backends import TOP_LOGPROBS, cut_at_stop, logprob_targets, p_from_top, with_answers
+from baez_ray.llm.backends import TOP_LOGPROBS, cut_at_stop, logprob_targets, p_from_top, token_logprobs_of, with_answers
 from baez_ray.config import LLMConfig
 
 ROW = "__baez_row"  # the packed input row
@@ -59,14 +67,23 @@ def binary_list_regex(n: int) -> str:
     return r"\[\]" if n == 0 else r"\[[01](, [01]){%d}\]" % (n - 1)
 
 
+def activation_lines_regex(n: int) -> str:
+    """A regex that matches exactly the lines `1: v` … `n: v`, v a whole number 0-10."""
+    return "\n".join(f"{i}: (10|[0-9])" for i in range(1, n + 1))
+
+
 def structured_outputs(constraint: str | None) -> dict | None:
     """Our output constraint as vLLM `StructuredOutputsParams` kwargs (None: unconstrained)."""
     if not constraint or logprob_targets(constraint):
         return None
-    m = re.fullmatch(r"binary_list:(\d+)", constraint.strip())
+    c = re.fullmatch(r"choice:([^,]+),([^,]+)", constraint.strip())
+    if c is not None:
+        return {"regex": f"({re.escape(c.group(1))}|{re.escape(c.group(2))})"}  # a regex like the others: one struct type in every block
+    m = re.fullmatch(r"(binary_list|activation_lines):(\d+)", constraint.strip())
     if m is None:
-        raise ValueError(f"unknown output constraint {constraint!r} (known: binary_list:N, logprob:A,B)")
-    return {"regex": binary_list_regex(int(m.group(1)))}
+        raise ValueError(f"unknown output constraint {constraint!r} (known: binary_list:N, activation_lines:N, choice:A,B, logprob:A,B)")
+    n = int(m.group(2))
+    return {"regex": binary_list_regex(n) if m.group(1) == "binary_list" else activation_lines_regex(n)}
 
 
 def _ipc(table: pa.Table) -> bytes:
@@ -118,7 +135,7 @@ class Prompter:
             "tokenized_prompt": pa.array(ids, pa.list_(pa.int32())),
             "__baez_targets": pa.array([self.target_ids(c) for c in constraints], pa.string()),
         }
-        for name in ("max_tokens", "temperature", "stop", "constraint"):
+        for name in ("max_tokens", "temperature", "stop", "constraint", "top_logprobs"):
             cols[name] = batch[name] if name in batch.column_names else pa.nulls(n)
         return pa.table(cols)
 
@@ -142,7 +159,7 @@ def _preprocess(row: dict) -> dict:
     # pickled, and a block without them as Arrow; the two cannot be concatenated, so a
     # dataset mixing log-prob rows and other rows failed. Asking on every row keeps every
     # block the same kind.
-    params["logprobs"] = 1
+    params["logprobs"] = max(1, token_logprobs_of(row))
     if logprob_targets(row.get("constraint")):
         params.update(logprobs=TOP_LOGPROBS, max_tokens=1)
     return {"tokenized_prompt": _tolist(row["tokenized_prompt"]), "sampling_params": params}
@@ -165,12 +182,35 @@ def first_token_p(logprobs, targets: str | None) -> float | None:
     return p_from_top(top, (str(int(targets[0])), str(int(targets[1]))))
 
 
+def answer_tokens(logprobs, generated: list[int] | None) -> list[dict] | None:
+    """schema.TOKEN_LOGPROBS values from Ray Data LLM's `logprobs` (per generated token,
+    token id → {logprob, rank, decoded_token}; ids may arrive as strings, the mapping as
+    key/value pairs) and `generated_tokens`: each token's own entry, and the entries sorted
+    by log-prob as its top."""
+    logprobs, generated = _tolist(logprobs), _tolist(generated)
+    if not logprobs or len(logprobs) < len(generated):
+        return None
+    out = []
+    for tid, step in zip(generated, logprobs):
+        items = step.items() if isinstance(step, dict) else (tuple(kv) for kv in step or [])
+        top = {int(t): info for t, info in items if isinstance(info, dict)}
+        own = top.get(int(tid))
+        if own is None:
+            return None
+        entries = sorted(top.values(), key=lambda i: -float(i.get("logprob", -math.inf)))
+        out.append({"token": own.get("decoded_token"), "logprob": float(own["logprob"]),
+                    "top": [{"token": i.get("decoded_token"), "logprob": float(i["logprob"])} for i in entries]})
+    return out
+
+
 def _postprocess(row: dict) -> dict:
     p = first_token_p(row.get("logprobs"), row.get("__baez_targets"))
+    toks = answer_tokens(row.get("logprobs"), row.get("generated_tokens")) if token_logprobs_of(row) else None
     return {ROW: row[ROW], "__baez_text": row["generated_text"], "__baez_in": int(row["num_input_tokens"]),
             "__baez_out": int(row["num_generated_tokens"]),
             # NaN, not None: a batch of plain rows must not turn the column's type to null
-            "__baez_p": math.nan if p is None else p}
+            "__baez_p": math.nan if p is None else p,
+            "__baez_toks": "" if toks is None else json.dumps(toks)}
 
 
 def _unpack(batch: pa.Table, cfg: dict) -> pa.Table:
@@ -181,7 +221,7 @@ def _unpack(batch: pa.Table, cfg: dict) -> pa.Table:
     col = lambda name, default=None: d.get(name) or [default] * n  # noqa: E731
     orig = pa.concat_tables([_unipc(b) for b in d[ROW]], promote_options="permissive")
     stops = orig["stop"].to_pylist() if "stop" in orig.column_names else [None] * n
-    answers, n_in, n_out, errors, p_yes = [], [], [], [], []
+    answers, n_in, n_out, errors, p_yes, toks = [], [], [], [], [], []
     for i, (text, err) in enumerate(zip(col("__baez_text"), col(_ERR))):
         if err or text is None:  # failed in the engine: no answer, the error recorded
             answers.append(None)
@@ -189,6 +229,7 @@ def _unpack(batch: pa.Table, cfg: dict) -> pa.Table:
             n_in.append(0)
             n_out.append(0)
             p_yes.append(None)
+            toks.append(None)
             continue
         answers.append(cut_at_stop(text, stops[i]))  # vLLM cuts there already; the contract, exactly
         errors.append(None)
@@ -196,7 +237,9 @@ def _unpack(batch: pa.Table, cfg: dict) -> pa.Table:
         n_out.append(int(col("__baez_out", 0)[i]))
         p = col("__baez_p", math.nan)[i]
         p_yes.append(None if p is None or math.isnan(p) else float(p))
-    return with_answers(orig, answers, n_in, n_out, errors, cfg, p_yes=p_yes)
+        blob = col("__baez_toks", "")[i]
+        toks.append(json.loads(blob) if blob else None)
+    return with_answers(orig, answers, n_in, n_out, errors, cfg, p_yes=p_yes, token_logprobs=toks)
 
 
 def _gpus(cfg: LLMConfig) -> float:
