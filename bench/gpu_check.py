@@ -381,7 +381,8 @@ def collect_case(name: str, model_dir: Path, args, F: int, T: int, collect_kw: d
             srows += sum(1 for k in out.column("kind").to_pylist() if k != "count")
         res["saturated_tokens_per_s"] = round(n_tok / max(time.perf_counter() - t, 1e-9), 1)
         res["saturated_candidate_rows"] = srows
-    del w, sae, state
+    w = sae = None  # the worker and the SAE freed before the next case (the closures above hold their cells)
+    state.clear()
     gpu_reset(dev)
     log(f"{name}: collect {res['collect_tokens_per_s']:,.0f} tok/s, bound {res['bound_tokens_per_s']:,.0f}, "
         f"forward {res['forward_tokens_per_s']:,.0f}, ratio {res['ratio_collect_to_bound']}, L0 {res['sae_l0_seen']}, "

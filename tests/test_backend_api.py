@@ -517,7 +517,7 @@ def test_retry_after_parsing():
 
 
 class Window:
-    """A chat-completions server whose answers take a variable time (100-370 ms, by the
+    """A chat-completions server whose answers take a variable time (300-930 ms, by the
     prompt); it records the requests in flight after every arrival and every answer."""
 
     def __init__(self, total: int):
@@ -541,7 +541,7 @@ class Window:
                     window.arrived += 1
                     window.in_flight += 1
                     window.events.append(("arrive", window.in_flight, window.arrived))
-                time.sleep(0.1 + 0.03 * (sum(map(ord, content)) % 10))
+                time.sleep(0.3 + 0.07 * (sum(map(ord, content)) % 10))  # long beside a block's hand-over on a busy machine
                 data = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": f"answer to {content}"}}],
                                    "usage": {"prompt_tokens": 10, "completion_tokens": 3}}).encode()
                 with window.lock:  # counted out before the answer leaves: the client cannot send the next one earlier
@@ -562,7 +562,7 @@ class Window:
 
 @pytest.mark.parametrize("kept", [False, True], ids=["ray-data-pool", "kept-pool"])
 def test_openai_window_stays_full_across_batches(ray_local, kept):
-    """Many small batches through one actor with a window of 6 against answers of 100-370 ms:
+    """Many small batches through one actor with a window of 6 against answers of 300-930 ms:
     the requests in flight never drop to 0 while requests remain (no batch waits for the
     one before, nor for its own slowest row), never exceed the window, and every row is
     answered once."""

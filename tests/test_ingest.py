@@ -269,6 +269,7 @@ def test_same_table_for_any_chunking(ray_local, export, tmp_path, monkeypatch):
     root, exp = export
     monkeypatch.setattr(ingest, "CHUNK_ROWS", 2)
     monkeypatch.setattr(ingest, "PARTITION_BYTES", 1024)
+    monkeypatch.setattr(ingest, "FEATURES_PER_FILE", 1)  # each partition's rows in their own part
     run = run_ingest(root, tmp_path / "run")
     assert len(list((run.dir / "features").glob("*.parquet"))) > 1  # several partitions written
     got = sorted(read_table(run.dir, "features").to_pylist(), key=lambda r: (r["sae_id"], r["feature"]))

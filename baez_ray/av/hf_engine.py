@@ -7,7 +7,8 @@ What a call does not redo (`Generation`): the prompt's rows before the marker ar
 same for every vector (the vector enters at the marker row, or at the marker position of
 a deeper layer, and attention is causal), so their KV cache is computed once and copied
 into each call (`cache: prefix`, the default); the stop-string criterion (which walks the
-whole vocabulary) is built once, not per call. `cache: static` hands the batch to HF's
+whole vocabulary) is built once, not per call. The first generated token is never one
+whose text begins with the stop string (an AV that would stop at once writes something). `cache: static` hands the batch to HF's
 static KV cache instead (which `generate` compiles on CUDA); `cache: dynamic` is the plain
 `generate` call, the reference the others are tested and benchmarked against (greedy: the
 same tokens).
@@ -34,11 +35,12 @@ class Generation:
     vectors in, generated token ids out (`[N, new]`, padded with `pad_id`)."""
 
     def __init__(self, model, prompt: PromptEmbeddings, sc: Sidecar, pad_id: int, stopping=None,
-                 cache: CacheMode = "prefix", layers=None):
+                 cache: CacheMode = "prefix", layers=None, stop_led: list[int] | None = None):
         if cache not in CACHE_MODES:
             raise ValueError(f"unknown AV cache mode {cache!r} (known: {', '.join(CACHE_MODES)})")
         self.model, self.prompt, self.sc, self.pad_id = model, prompt, sc, pad_id
         self.stopping, self.cache, self.layers = stopping, cache, layers
+        self.stop_led = stop_led or None  # token ids banned at the first generated position
         # the cache's keyword: `cache` in newer transformers, `past_key_values` before
         self.cache_kw = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
         self._prefix = self._prefix_rows = None
@@ -103,10 +105,20 @@ class Generation:
             return self.model.generate(
                 inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device),
                 max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, stopping_criteria=self.stopping,
-                pad_token_id=self.pad_id, **kwargs)
+                pad_token_id=self.pad_id, begin_suppress_tokens=self.stop_led, **kwargs)
         finally:
             if hook is not None:
                 hook.remove()
+
+
+def stop_led_ids(tok, stop: str) -> list[int]:
+    """The vocabulary's tokens whose text begins with `stop`: generated first, they would
+    end the explanation before it starts (the demo's self-verbalizer stops at a newline
+    and, on some vectors, would write one first)."""
+    if not stop:
+        return []
+    pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
+    return [i for i, p in enumerate(pieces) if p is not None and tok.convert_tokens_to_string([p]).startswith(stop)]
 
 
 class Verbalizer:
@@ -138,7 +150,8 @@ class Verbalizer:
                     if stop_ids and self.tok.unk_token_id not in stop_ids else None)
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
         layers = decoder_layers(self.model) if sidecar.inject_layer > 0 else None
-        self.gen = Generation(self.model, self.prompt, sidecar, self.pad_id, stopping, cache, layers)
+        self.gen = Generation(self.model, self.prompt, sidecar, self.pad_id, stopping, cache, layers,
+                              stop_led=stop_led_ids(self.tok, sidecar.stop))
         self.generated_tokens = 0  # over every call: the bench's tokens/s
 
     def prompt_ids(self) -> list[int]:
