@@ -106,14 +106,16 @@ def test_an_av_writes_something_before_its_stop_string(tmp_path, verbalizer):
     """An AV whose greedy first token would be its stop string (the demo's self-verbalizer
     on some vectors: a newline) writes another token first, on every cache mode."""
     x = torch.as_tensor(np.random.default_rng(4).normal(size=(1, verbalizer.d_model)).astype(np.float32))
-    first = int(verbalizer.gen.run(x, 0, 0.0, 1)[0, 0])
+    with torch.inference_mode():  # as explain() runs the engine
+        first = int(verbalizer.gen.run(x, 0, 0.0, 1)[0, 0])
     stop = verbalizer.tok.decode([first])
     assert stop.strip(), stop  # a visible piece, so that the ban below is the only change
     p = write(tmp_path, stop=stop)
     vb = Verbalizer(load_sidecar(p), "cpu", str(p))
     assert first in vb.gen.stop_led
     for mode in ("prefix", "dynamic"):
-        out = vb.gen.run(x, 0, 0.0, 3, cache=mode)[0]
+        with torch.inference_mode():
+            out = vb.gen.run(x, 0, 0.0, 3, cache=mode)[0]
         assert int(out[0]) not in vb.gen.stop_led and int(out[0]) != vb.pad_id
 
 
