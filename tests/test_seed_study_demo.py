@@ -23,13 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_seed_study_demo_runs_from_its_export(ray_local, scorer_server, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the job's paths (export, sidecars) are relative to the repository
     spec = load_job(ROOT / "jobs" / "seed_study_demo.yaml", [
-        "benchmark.n_features=1", f"benchmark.explainer={json.dumps(scorer_cfg(scorer_server))}", "benchmark.av.num_cpus=1",
+        "benchmark.n_features=2", f"benchmark.explainer={json.dumps(scorer_cfg(scorer_server))}", "benchmark.av.num_cpus=1",
         "model.num_cpus=1"])
     run = execute(spec, tmp_path / "run")
     st = run.manifest["stages"]
     assert st["ingest"]["rejected"] == 0 and st["ingest"]["features_written"] > 0
     train = pq.read_table(tmp_path / "run" / "train", columns=["sae_id", "feature"])
-    n = train.num_rows  # stratify: tier, 1 per tier and SAE where the tier has them
+    n = train.num_rows  # stratify: tier, 2 per tier and SAE where the tier has them
     res = st["residuals"]
     assert res["features"] == n and res["refused"] == 0 and res["from_window"] == res["mapped"] == res["rows"] == 5 * n
     labels = pq.read_table(tmp_path / "run" / "labels" / "baez.parquet").to_pylist()
