@@ -40,6 +40,25 @@ def serve_local(handler):
         httpd.server_close()
 
 
+class RecordingServer:
+    """A fake chat-completions server that keeps every request body and answers it with
+    the subclass's `completion(body)`; `handler()` is its class for `serve_local`."""
+
+    def __init__(self):
+        import threading
+
+        self.lock = threading.Lock()
+        self.requests: list[dict] = []
+
+    def handler(self):
+        def respond(body: dict) -> dict:
+            with self.lock:
+                self.requests.append(body)
+            return self.completion(body)
+
+        return json_handler(respond)
+
+
 def json_handler(respond):
     """A BaseHTTPRequestHandler class whose POSTs answer `respond(json body)` as JSON (200)."""
     import json

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import re
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from baez_ray import schema
 from baez_ray.config import ConfigError, LLMConfig, ModelConfig, SAEConfig, ScoreConfig, validate
 from baez_ray.llm import prompts
 from baez_ray.stages import intervention
-from conftest import json_handler, serve_local
+from conftest import RecordingServer, serve_local
 
 DEMO_SAE = Path(__file__).resolve().parents[1] / "assets" / "sae" / "gemma-3-270m-l12-res-4k"
 
@@ -102,14 +101,10 @@ def test_steering_adds_scale_times_mean_residual_norm_along_the_unit_decoder_row
 FEATURES = [1141, 3326]
 
 
-class WordScorer:
+class WordScorer(RecordingServer):
     """An OpenAI-compatible scorer that reads only the label's word: it answers the
     continuation that contains it (case-insensitive), "1" when both or neither do;
     log-prob rows get P("1") = 0.9 / 0.1 / 0.5 in those cases."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.requests: list[dict] = []
 
     def completion(self, body: dict) -> dict:
         user = next(m["content"] for m in body["messages"] if m["role"] == "user")  # the first: a retry appends its own
@@ -122,14 +117,6 @@ class WordScorer:
             msg["logprobs"] = {"content": [{"token": msg["message"]["content"], "logprob": -0.1, "bytes": None, "top_logprobs": top}]}
         return {"id": "c", "object": "chat.completion", "created": 0, "model": body["model"], "choices": [msg],
                 "usage": {"prompt_tokens": 90, "completion_tokens": 1}}
-
-    def handler(self):
-        def respond(body: dict) -> dict:
-            with self.lock:
-                self.requests.append(body)
-            return self.completion(body)
-
-        return json_handler(respond)
 
 
 def promoted_tokens(features: list[int]) -> list[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import threading
 
 import pyarrow as pa
 import pytest
@@ -19,7 +18,7 @@ from baez_ray import schema
 from baez_ray.config import ConfigError, LLMConfig, ScoreConfig, validate
 from baez_ray.llm import prompts
 from baez_ray.llm.backends import logprob_targets, p_from_top, prompt_table
-from conftest import json_handler, serve_local
+from conftest import RecordingServer, serve_local
 from helpers import WORDS, as_dataset, synthetic_features
 
 # ------------------------------------------------------------------ pure parts
@@ -117,14 +116,10 @@ def test_transformers_logprob_is_the_softmax_of_the_two_tokens():
 # ------------------------------------------------------------------ a deterministic log-prob server
 
 
-class LogprobScorer:
+class LogprobScorer(RecordingServer):
     """An OpenAI-compatible chat server that answers log-prob requests like a reader of
     labels: P("1") = 0.9 when the label's word is in the excerpt (detection) or inside
     << >> (fuzz), else 0.1. Labels with 'lambda' get top log-probs without "1" or "0"."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.requests: list[dict] = []
 
     def completion(self, body: dict) -> dict:
         system, user = body["messages"][0]["content"], body["messages"][-1]["content"]
@@ -141,14 +136,6 @@ class LogprobScorer:
                              "logprobs": {"content": [{"token": first, "logprob": max(t[1] for t in top), "bytes": None,
                                                        "top_logprobs": [{"token": t, "logprob": lp, "bytes": None} for t, lp in top]}]}}],
                 "usage": {"prompt_tokens": 80, "completion_tokens": 1, "total_tokens": 81}}
-
-    def handler(self):
-        def respond(body: dict) -> dict:
-            with self.lock:
-                self.requests.append(body)
-            return self.completion(body)
-
-        return json_handler(respond)
 
 
 def test_named_token_label_beats_control_on_logprobs(ray_local):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import threading
 import zlib
 
 import numpy as np
@@ -23,7 +22,7 @@ from baez_ray.config import LLMConfig, ScoreConfig
 from baez_ray.llm import prompts
 from baez_ray.metrics import simulation_correlation
 from baez_ray.stages import simulation
-from conftest import json_handler, serve_local
+from conftest import RecordingServer, serve_local
 from helpers import WORDS, as_dataset, synthetic_features
 
 # ------------------------------------------------------------------ pure parts
@@ -167,7 +166,7 @@ def test_vllm_backend_reads_every_answer_tokens_logprobs():
 # ------------------------------------------------------------------ the score stage against a local server
 
 
-class SimulationServer:
+class SimulationServer(RecordingServer):
     """An OpenAI-compatible chat server for simulation prompts. `oracle`: where the excerpt
     holds the label's word, the true activations of that excerpt (looked up by its tokens),
     else 0, each value v written as round(v) with log-probs that put P(floor v) = 1 − frac,
@@ -176,8 +175,7 @@ class SimulationServer:
 
     def __init__(self, mode: str, truth: dict[tuple, list[float]]):
         self.mode, self.truth = mode, truth
-        self.lock = threading.Lock()
-        self.requests: list[dict] = []
+        super().__init__()
 
     def values(self, label: str, tokens: list[str], user: str) -> list[float]:
         if self.mode == "random":
@@ -205,14 +203,6 @@ class SimulationServer:
                                             "top_logprobs": [{"token": c, "logprob": lp, "bytes": None} for c, lp in top]} for t, top in toks]}
         return {"id": "c1", "object": "chat.completion", "created": 0, "model": body["model"], "choices": [msg],
                 "usage": {"prompt_tokens": 100, "completion_tokens": 4 * len(vals)}}
-
-    def handler(self):
-        def respond(body: dict) -> dict:
-            with self.lock:
-                self.requests.append(body)
-            return self.completion(body)
-
-        return json_handler(respond)
 
 
 def _simulate(mode: str, cap: int = 4):
