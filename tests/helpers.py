@@ -215,3 +215,26 @@ def tiny_chat_model(path: Path) -> Path:
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(path)
     return path
+
+
+def guard_driver(monkeypatch, forbidden: set[str]) -> None:
+    """From here on, a Parquet read in this process must name its columns, none of them in
+    `forbidden`, and no Ray Data batch holding one of them may reach it: the driver keeps
+    counters, never examples, prompts, answers or vectors."""
+    import pyarrow.parquet as pq
+    import ray
+
+    real_read, real_iter = pq.read_table, ray.data.Dataset.iter_batches
+
+    def read_table(source, *args, columns=None, **kwargs):
+        assert columns is not None and not set(columns) & forbidden, f"the driver read {columns or 'every column'} of {source}"
+        return real_read(source, *args, columns=columns, **kwargs)
+
+    def iter_batches(self, *args, **kwargs):
+        for b in real_iter(self, *args, **kwargs):
+            names = set(b.column_names if isinstance(b, pa.Table) else b.keys() if isinstance(b, dict) else b.columns)
+            assert not names & forbidden, f"a batch with {sorted(names & forbidden)} reached the driver"
+            yield b
+
+    monkeypatch.setattr(pq, "read_table", read_table)
+    monkeypatch.setattr(ray.data.Dataset, "iter_batches", iter_batches)

@@ -25,6 +25,7 @@ from baez_ray.models.tokens import TokenMap, TokenRefused
 from baez_ray.rundir import write_table
 from baez_ray.stages.residuals import for_av
 from conftest import build_random_sae, build_tiny_gemma, make_text
+from helpers import guard_driver
 
 LAYERS = {"l0": 0, "l2": 2}  # SAE id → layer (a 3-layer model: the forward stops early for l0)
 N_EXAMPLES = 3
@@ -277,30 +278,16 @@ def test_driver_holds_counters_not_vectors(ray_local, tmp_path, monkeypatch):
     import threading
     import tracemalloc
 
-    import ray
-
     from baez_ray.ray_pool import kept_pools
 
     big = build_tiny_gemma(tmp_path / "model", hidden=1024, layers=2)
     forbidden = {"examples", "residual", "input_ids", "token_strs"}
-    real_read, real_iter = pq.read_table, ray.data.Dataset.iter_batches
-
-    def read_table(source, *args, columns=None, **kwargs):
-        assert columns is not None and not set(columns) & forbidden, f"the driver read {columns or 'every column'} of {source}"
-        return real_read(source, *args, columns=columns, **kwargs)
-
-    def iter_batches(self, *args, **kwargs):
-        for b in real_iter(self, *args, **kwargs):
-            names = set(b.column_names if isinstance(b, pa.Table) else b.keys() if isinstance(b, dict) else b.columns)
-            assert not names & forbidden, f"a batch with {sorted(names & forbidden)} reached the driver"
-            yield b
+    guard_driver(monkeypatch, forbidden)
 
     peaks = {}
     for n in (100, 400):
         write_table(synthetic_features(n), tmp_path / f"f{n}", rows_per_file=128)
-        keys = real_read(tmp_path / f"f{n}", columns=["sae_id", "feature", "layer"])
-        monkeypatch.setattr(pq, "read_table", read_table)
-        monkeypatch.setattr(ray.data.Dataset, "iter_batches", iter_batches)
+        keys = pq.read_table(tmp_path / f"f{n}", columns=["sae_id", "feature", "layer"])
         stop, peak = threading.Event(), [0]
         tracemalloc.start()
         base = tracemalloc.get_traced_memory()[0] + pa.total_allocated_bytes()

@@ -20,7 +20,7 @@ from baez_ray.config import LLMConfig, ScoreConfig
 from baez_ray.metrics import aggregate, auroc, binary_metrics, bootstrap_ci, embedding_metrics
 from baez_ray.llm.prompts import parse_binary_list
 from baez_ray.stages.split import identity, split_examples
-from helpers import FILLER, WORDS, Scorer, as_dataset, scorer_cfg, synthetic_features  # noqa: F401
+from helpers import FILLER, WORDS, Scorer, as_dataset, guard_driver, scorer_cfg, synthetic_features  # noqa: F401
 
 # ------------------------------------------------------------------ metrics
 
@@ -173,20 +173,7 @@ def test_driver_never_holds_examples_prompts_or_answers(ray_local, scorer_server
         [{"sae_id": "syn", "layer": 3, "feature": f, "method": "exact", "label": w, "n_examples": 5, "input_tokens": 0,
           "output_tokens": 0, "cost_usd": 0.0, "tries": 1} for f, w in enumerate(WORDS)]), schema.LABELS)
     forbidden = {"examples", "messages", "answer", "plain", "fuzz", "texts", "truth", "value", "token_strs"}
-    real_read, real_iter = pq.read_table, ray.data.Dataset.iter_batches
-
-    def read_table(source, *args, columns=None, **kwargs):
-        assert columns is not None and not set(columns) & forbidden, f"the driver read {columns or 'every column'} of {source}"
-        return real_read(source, *args, columns=columns, **kwargs)
-
-    def iter_batches(self, *args, **kwargs):
-        for b in real_iter(self, *args, **kwargs):
-            names = set(b.column_names if isinstance(b, pa.Table) else b.keys() if isinstance(b, dict) else b.columns)
-            assert not names & forbidden, f"a batch with {sorted(names & forbidden)} reached the driver"
-            yield b
-
-    monkeypatch.setattr(pq, "read_table", read_table)
-    monkeypatch.setattr(ray.data.Dataset, "iter_batches", iter_batches)
+    guard_driver(monkeypatch, forbidden)
     with pytest.raises(AssertionError, match="the driver read"):  # the guards bite
         pq.read_table(tmp_path / "features")
     with pytest.raises(AssertionError, match="reached the driver"):
